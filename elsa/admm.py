@@ -1,0 +1,291 @@
+"""ELSA's ADMM around any base optimiser (scaled dual form).
+
+    x-update:  a base-optimiser step on f(x) + (lambda/2)||x - z + u||^2
+    z-update:  z <- Proj_S(x + u)          every ``interval`` steps
+    u-update:  u <- u + x - z              right after the z-update
+
+The x-update's penalty enters in one of two ways (ELSA.md):
+
+* ``coupled`` (the paper's): lambda * (x - z + u) is added to the gradient after clipping and
+  before the base step, so the base optimiser (Adam) normalises it together with the loss
+  gradient.
+* ``decoupled``: after the base step, x <- x - rho (x - z + u), the exact proximal step of the
+  penalty (rho = eta*lambda / (1 + eta*lambda)), independent of the gradient's scale, as AdamW
+  takes weight decay out of Adam.
+
+z and u are optimiser state: they are kept as local shards in their storage format (ELSA-L)
+and enter ``state_dict()`` beside Adam's moments under ``admm_z_*`` / ``admm_u_*``, so
+checkpoints (torch.distributed.checkpoint included) carry them. They are held apart from
+``base.state`` at run time because torch's Adam initialises a parameter only while its state is
+empty. Scalars (step, current
+lambda and rho) live in the param groups so that ``state_dict`` carries them too.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+
+from elsa.distributed import all_reduce_sum, like_param, local, shard_group
+from elsa.moments import second_moment
+from elsa.projection import fisher_score, magnitude_score, project_mask
+from elsa.schedules import dual_rescale_factor, schedule_value
+from elsa.states import StoredTensor
+from elsa.targets import Target
+
+_ENTRY_KEYS = ("q", "scale", "bits")
+
+
+@dataclass
+class PenaltySchedule:
+    """A penalty value over the run: ``schedule_value(kind, start, end, t, total)``."""
+
+    start: float
+    end: float | None = None
+    kind: str = "constant"
+
+    def at(self, step: int, total: int) -> float:
+        return schedule_value(self.kind, self.start, self.end, step, total)
+
+
+@dataclass
+class ADMMSettings:
+    """What the ADMM wrapper needs from the run's config (see :class:`elsa.config.PruneConfig`)."""
+
+    total_steps: int
+    lmda: PenaltySchedule = field(default_factory=lambda: PenaltySchedule(2e-3))
+    interval: int = 32
+    projection: str = "fisher"  # or "magnitude"
+    penalty: str = "coupled"  # or "decoupled"
+    rho: PenaltySchedule | None = None  # decoupled only; None: rho = lr*lmda / (1 + lr*lmda)
+    z_dtype: str = "fp32"
+    u_dtype: str = "fp32"
+    z_sparse: bool = False
+
+    @classmethod
+    def from_config(cls, cfg) -> "ADMMSettings":
+        rho = PenaltySchedule(cfg.rho, cfg.rho_final, cfg.rho_schedule) if cfg.rho is not None else None
+        return cls(
+            total_steps=cfg.steps,
+            lmda=PenaltySchedule(cfg.lmda, cfg.lmda_final, cfg.lmda_schedule),
+            interval=cfg.interval,
+            projection=cfg.projection,
+            penalty=cfg.penalty,
+            rho=rho,
+            z_dtype=cfg.z_dtype,
+            u_dtype=cfg.u_dtype,
+            z_sparse=cfg.z_sparse,
+        )
+
+
+class ADMM(torch.optim.Optimizer):
+    """Wraps ``base`` (sharing its param groups and state) and adds the ADMM updates.
+
+    Use like any optimiser: ``loss.backward(); clip_grad_norm_(...); admm.step()``.
+    Targets must be found on the model as the optimiser sees it (after FSDP sharding).
+    """
+
+    def __init__(self, base: torch.optim.Optimizer, targets: list[Target], settings: ADMMSettings):
+        if settings.interval < 1:
+            raise ValueError(f"interval={settings.interval} must be >= 1")
+        if settings.penalty not in ("coupled", "decoupled"):
+            raise ValueError(f"penalty={settings.penalty!r}: choose 'coupled' or 'decoupled'")
+        self.base = base
+        self.settings = settings
+        self.targets = targets
+        self._z = StoredTensor(settings.z_dtype, sparse=settings.z_sparse)
+        self._u = StoredTensor(settings.u_dtype)
+        super().__init__(base.param_groups, base.defaults)  # same group dicts as base
+        self.state = base.state
+        self._admm: dict[torch.Tensor, dict[str, torch.Tensor]] = {t.param: {} for t in targets}
+        self._group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        missing = [t.name for t in targets if id(t.param) not in self._group_of]
+        if missing:
+            raise ValueError(f"targets not handed to the base optimiser: {missing[:3]} (build targets after sharding)")
+        self._shard_groups = {id(t.param): shard_group(t.param) for t in targets}
+        self.last_metrics: dict[str, float] = {}
+        self._set_scalars(step=0, lmda=settings.lmda.at(0, settings.total_steps), rho=self._rho_at(0))
+        for target in targets:  # z0 = Proj(x0) by magnitude (no curvature yet), u0 = 0
+            x = local(target.param).detach().float()
+            z0 = x * self._mask(target, x, use_fisher=False)
+            self._store(target, "z", z0)
+            self._store(target, "u", torch.zeros_like(x))
+
+    # --- scalars kept in the param groups (so state_dict carries them) ---
+    @property
+    def admm_step(self) -> int:
+        return int(self.param_groups[0]["admm_step"])
+
+    @property
+    def lmda(self) -> float:
+        return float(self.param_groups[0]["admm_lmda"])
+
+    @property
+    def rho(self) -> float | None:
+        return self.param_groups[0]["admm_rho"]
+
+    def _set_scalars(self, **values) -> None:
+        for group in self.param_groups:
+            for key, value in values.items():
+                group[f"admm_{key}"] = value
+
+    def _rho_at(self, step: int) -> float | None:
+        rho = self.settings.rho
+        return None if rho is None else rho.at(step, self.settings.total_steps)
+
+    # --- the method, as in the paper ---
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One x-update (base step with the penalty); every ``interval`` steps the z/u-updates."""
+        if self.settings.penalty == "coupled" and self.lmda > 0:
+            for target in self.targets:  # grad += lambda (x - z + u), after clipping
+                if target.param.grad is not None:
+                    local(target.param.grad).add_(self._residual_plus_dual(target), alpha=self.lmda)
+        loss = self.base.step(closure)
+        if self.settings.penalty == "decoupled":
+            for target in self.targets:  # x <- x - rho (x - z + u)
+                rho = self._decoupled_rho(target)
+                if rho > 0:
+                    local(target.param).sub_(self._residual_plus_dual(target).to(target.param.dtype), alpha=rho)
+        step = self.admm_step + 1
+        self._set_scalars(step=step)
+        if (step - 1) % self.settings.interval == 0:  # after steps 1, 1 + interval, ... as the authors
+            self.update_split()
+        self._advance_penalty(step)
+        return loss
+
+    @torch.no_grad()
+    def update_split(self) -> dict[str, float]:
+        """z <- Proj(x + u); u <- u + x - z. Returns the primal residual and mask change."""
+        sums = torch.zeros(4, dtype=torch.float64)  # ||x - z||^2, ||x||^2, mask flips, entries
+        for target in self.targets:
+            x = local(target.param).detach().float()
+            u = self._load(target, "u", x)
+            z_prev_mask = self._load(target, "z", x) != 0
+            w = x + u
+            z = w * self._mask(target, w, use_fisher=self.settings.projection == "fisher")
+            z = self._store(target, "z", z)  # z as stored (quantised), used consistently below
+            self._store(target, "u", u + x - z)
+            sums += torch.tensor([
+                float((x - z).pow(2).sum()), float(x.pow(2).sum()),
+                float(((z != 0) != z_prev_mask).sum()), float(x.numel()),
+            ], dtype=torch.float64)
+        sums = self._reduce(sums)
+        self.last_metrics = {
+            "primal_residual": (sums[0] / sums[1].clamp(min=1e-30)).sqrt().item(),
+            "mask_change": (sums[2] / sums[3].clamp(min=1)).item(),
+        }
+        return self.last_metrics
+
+    @torch.no_grad()
+    def final_projection(self) -> None:
+        """Make x itself exactly sparse, ranked by the same metric as the z-update (on x)."""
+        for target, mask in zip(self.targets, self.final_masks()):
+            local(target.param).mul_(mask)
+
+    @torch.no_grad()
+    def final_masks(self) -> list[torch.Tensor]:
+        """The masks the final projection would apply now (local shards)."""
+        fisher = self.settings.projection == "fisher"
+        return [self._mask(t, local(t.param).detach().float(), use_fisher=fisher) for t in self.targets]
+
+    @contextlib.contextmanager
+    def projected(self):
+        """Temporarily replace x by its final projection (to measure the sparse model)."""
+        saved = [local(t.param).detach().clone() for t in self.targets]
+        try:
+            self.final_projection()
+            yield
+        finally:
+            with torch.no_grad():
+                for target, x in zip(self.targets, saved):
+                    local(target.param).copy_(x)
+
+    # --- pieces ---
+    def _residual_plus_dual(self, target: Target) -> torch.Tensor:
+        x = local(target.param).detach().float()
+        return x - self._load(target, "z", x) + self._load(target, "u", x)
+
+    def _decoupled_rho(self, target: Target) -> float:
+        if self.rho is not None:
+            return self.rho
+        eta_lmda = self._group_of[id(target.param)]["lr"] * self.lmda
+        return eta_lmda / (1.0 + eta_lmda)
+
+    def _mask(self, target: Target, w: torch.Tensor, use_fisher: bool) -> torch.Tensor:
+        v = second_moment(self.base, target.param, self._beta2(target)) if use_fisher else None
+        score = fisher_score(w, v) if v is not None else magnitude_score(w)
+        return project_mask(score, target.keep, target.nm, target.input_dim, self._shard_groups[id(target.param)])
+
+    def _beta2(self, target: Target) -> float:
+        return self._group_of[id(target.param)].get("betas", (0.9, 0.999))[1]
+
+    def _advance_penalty(self, step: int) -> None:
+        total = self.settings.total_steps
+        old, new = self.lmda, self.settings.lmda.at(step, total)
+        if new != old:
+            factor = dual_rescale_factor(old, new)  # keeps lambda * u invariant, O(1): the scale
+            if factor != 1.0:
+                for target in self.targets:
+                    self._admm[target.param]["admm_u_scale"].mul_(factor)
+        self._set_scalars(lmda=new, rho=self._rho_at(step))
+
+    def _reduce(self, sums: torch.Tensor) -> torch.Tensor:
+        groups = {id(g): g for g in self._shard_groups.values() if g is not None}
+        for group in groups.values():
+            all_reduce_sum(sums, group)
+        return sums
+
+    def _codec(self, name: str) -> StoredTensor:
+        return self._z if name == "z" else self._u
+
+    def _store(self, target: Target, name: str, value: torch.Tensor) -> torch.Tensor:
+        """Encode ``value`` into the state; returns the value as stored (decoded)."""
+        codec = self._codec(name)
+        entry = codec.encode(value, self._shard_groups[id(target.param)])
+        state = self._admm[target.param]
+        for key in _ENTRY_KEYS:
+            state.pop(f"admm_{name}_{key}", None)
+        state.update({f"admm_{name}_{key}": tensor for key, tensor in entry.items()})
+        return codec.decode(entry, value)
+
+    def _entry(self, target: Target, name: str) -> dict[str, torch.Tensor]:
+        state = self._admm[target.param]
+        return {key: state[f"admm_{name}_{key}"] for key in _ENTRY_KEYS if f"admm_{name}_{key}" in state}
+
+    def _load(self, target: Target, name: str, like: torch.Tensor) -> torch.Tensor:
+        return self._codec(name).decode(self._entry(target, name), like)
+
+    # --- checkpointing ---
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        """The base optimiser's state dict; z and u dense, shard-shaped (DTensors under FSDP)."""
+        state_dict = self.base.state_dict()
+        index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        for target in self.targets:
+            saved = state_dict["state"].setdefault(index[id(target.param)], {})
+            x = local(target.param)
+            for name in ("z", "u"):
+                dense = self._codec(name).densify(self._entry(target, name), x)
+                saved[f"admm_{name}_q"] = like_param(dense["q"], target.param)
+                saved[f"admm_{name}_scale"] = dense["scale"]
+        return state_dict
+
+    def load_state_dict(self, state_dict) -> None:
+        self.base.load_state_dict(state_dict)
+        self.param_groups = self.base.param_groups  # base rebuilt its group dicts
+        self.state = self.base.state
+        self._group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        for target in self.targets:  # out of the base's state, back to local shards in their format
+            state = self.state[target.param]
+            x = local(target.param)
+            self._admm[target.param] = {}
+            for name in ("z", "u"):
+                entry = {key: local(state.pop(f"admm_{name}_{key}")) for key in ("q", "scale")}
+                compact = self._codec(name).compact(entry, x)
+                self._admm[target.param].update({f"admm_{name}_{key}": t for key, t in compact.items()})
+            if not state:
+                del self.state[target.param]  # no base state yet: let the base initialise it

@@ -1,0 +1,220 @@
+"""The one typed, validated configuration of a pruning run.
+
+Every knob of a run lives here, flat, so that a YAML file, command-line overrides and a Ray Tune
+search space all address the same names (``lr``, ``lmda``, ``lmda_schedule``...). Validation
+happens once, up front, with messages that name the field and the fix: a run must never fail
+after an hour of work because of a typo in its config.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from elsa.schedules import SCHEDULES
+from elsa.states import FORMATS
+
+METHODS = ("elsa", "magnitude", "wanda", "sparsegpt")
+OPTIMIZERS = ("adam", "adamw", "sgd", "adam8bit")
+ADAM_FAMILY = ("adam", "adamw", "adam8bit")
+_NM = re.compile(r"^(\d+):(\d+)$")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and how to fix it."""
+
+
+def parse_pattern(pattern: str) -> tuple[int, int] | None:
+    """``"unstructured"`` -> None, ``"2:4"`` -> (2, 4)."""
+    if pattern == "unstructured":
+        return None
+    match = _NM.match(pattern)
+    if not match:
+        raise ConfigError(f"pattern={pattern!r} is not 'unstructured' or 'N:M' (e.g. '2:4', '4:8')")
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 0 < n < m:
+        raise ConfigError(f"pattern={pattern!r}: need 0 < N < M")
+    return n, m
+
+
+class PruneConfig(BaseModel):
+    """All settings of one pruning run (defaults: a small CPU run of the bundled SmolLM2)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+    # what to prune
+    model: str = "smollm2-135m"
+    method: Literal["elsa", "magnitude", "wanda", "sparsegpt"] = "elsa"
+    sparsity: float | None = None
+    pattern: str = "unstructured"
+    sparsity_map: str | None = None  # JSON/YAML file {weight name or glob: sparsity}
+
+    # ADMM (ELSA.md): x-, z-, u-updates and the penalty
+    lmda: float = 2e-3
+    lmda_final: float | None = None
+    lmda_schedule: str = "constant"
+    interval: int = 32
+    projection: Literal["magnitude", "fisher"] = "fisher"
+    penalty: Literal["coupled", "decoupled"] = "coupled"
+    rho: float | None = None  # decoupled pull per step; None: derived from lr*lmda/(1+lr*lmda)
+    rho_final: float | None = None
+    rho_schedule: str = "constant"
+    z_dtype: str = "fp32"
+    u_dtype: str = "fp32"
+    z_sparse: bool = False
+
+    # base optimiser and the x-update loop
+    optimizer: Literal["adam", "adamw", "sgd", "adam8bit"] = "adam"
+    lr: float = 1e-4
+    lr_schedule: Literal["linear", "constant"] = "linear"
+    warmup_steps: int = 0
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    steps: int = 64
+    batch_size: int = 2
+    grad_accum: int = 1
+    seqlen: int = 256
+
+    # data and evaluation
+    data: str = "enwiki-sample"
+    calib_blocks: int = 128  # one-shot baselines: calibration blocks of seqlen
+    val_blocks: int = 8  # held-out calibration-text blocks for the projected validation loss
+    eval_interval: int = 32
+    eval_datasets: list[str] = Field(default_factory=lambda: ["wikitext2-bundled"])
+    eval_seqlen: int | None = None  # default: seqlen
+    eval_max_windows: int | None = 32
+    lm_eval_tasks: list[str] = Field(default_factory=list)
+    lm_eval_limit: int | None = None
+    seed: int = 0
+
+    # running
+    log_interval: int = 1
+    checkpoint_interval: int = 0  # 0: only at the end
+    bf16: bool = False  # bf16 autocast for the forward/backward (GPU); master weights stay fp32
+    preset: str | None = None
+
+    @field_validator("sparsity")
+    @classmethod
+    def _sparsity_in_range(cls, value: float | None) -> float | None:
+        if value is not None and not 0.0 < value < 1.0:
+            raise ValueError(f"sparsity={value} must be strictly between 0 and 1 (e.g. 0.7 for 70%)")
+        return value
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern_known(cls, value: str) -> str:
+        parse_pattern(value)
+        return value
+
+    @field_validator("lmda_schedule", "rho_schedule")
+    @classmethod
+    def _schedule_known(cls, value: str) -> str:
+        if value not in SCHEDULES:
+            raise ValueError(f"schedule {value!r} is unknown; choose one of {', '.join(SCHEDULES)}")
+        return value
+
+    @field_validator("z_dtype", "u_dtype")
+    @classmethod
+    def _dtype_known(cls, value: str) -> str:
+        if value not in FORMATS:
+            raise ValueError(f"state dtype {value!r} is unknown; choose one of {', '.join(FORMATS)}")
+        return value
+
+    @field_validator("interval", "steps", "batch_size", "grad_accum", "seqlen", "log_interval", "eval_interval")
+    @classmethod
+    def _at_least_one(cls, value: int, info) -> int:
+        if value < 1:
+            raise ValueError(f"{info.field_name}={value} must be >= 1")
+        return value
+
+    @field_validator("lr")
+    @classmethod
+    def _lr_positive(cls, value: float) -> float:
+        if not value > 0:
+            raise ValueError(f"lr={value} must be > 0")
+        return value
+
+    @field_validator("lmda", "lmda_final")
+    @classmethod
+    def _lmda_nonnegative(cls, value: float | None) -> float | None:
+        if value is not None and not value >= 0:
+            raise ValueError(f"lambda={value} must be >= 0")
+        return value
+
+    @field_validator("rho", "rho_final")
+    @classmethod
+    def _rho_in_unit_interval(cls, value: float | None) -> float | None:
+        if value is not None and not 0.0 < value < 1.0:
+            raise ValueError(f"rho={value} must be strictly between 0 and 1 (the fraction of x - z + u removed per step)")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PruneConfig":
+        nm = parse_pattern(self.pattern)
+        if nm is not None:
+            implied = 1.0 - nm[0] / nm[1]
+            if self.sparsity is None:
+                object.__setattr__(self, "sparsity", implied)
+            elif abs(self.sparsity - implied) > 1e-9:
+                raise ValueError(
+                    f"pattern={self.pattern} fixes sparsity at {implied:g}, but sparsity={self.sparsity:g}: "
+                    f"drop --sparsity, or use --pattern unstructured for {self.sparsity:g}"
+                )
+        elif self.sparsity is None and self.sparsity_map is None:
+            raise ValueError("sparsity is required (e.g. --sparsity 0.7) unless a sparsity_map is given")
+        if self.projection == "fisher" and self.method == "elsa" and self.optimizer not in ADAM_FAMILY:
+            raise ValueError(
+                f"projection=fisher needs Adam's second moment, but optimizer={self.optimizer}: "
+                "use --optimizer adam/adamw/adam8bit or --projection magnitude"
+            )
+        for prefix in ("lmda", "rho"):
+            kind, start, end = getattr(self, f"{prefix}_schedule"), getattr(self, prefix), getattr(self, f"{prefix}_final")
+            if kind != "constant" and end is None:
+                raise ValueError(f"{prefix}_schedule={kind} needs {prefix}_final (the value at the last step)")
+            if kind == "exponential" and start is not None and (start <= 0 or (end or 0) <= 0):
+                raise ValueError(f"{prefix}_schedule=exponential needs {prefix} > 0 and {prefix}_final > 0")
+        if self.rho_schedule != "constant" and self.rho is None:
+            raise ValueError("rho_schedule needs a starting rho (or use a constant derived rho)")
+        if self.warmup_steps >= self.steps and self.warmup_steps > 0:
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be < steps={self.steps}")
+        return self
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        return parse_pattern(self.pattern)
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for item in err.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "config"
+        message = item["msg"].removeprefix("Value error, ")
+        lines.append(f"{where}: {message}")
+    return "invalid config: " + "; ".join(lines)
+
+
+def make_config(*layers: dict[str, Any] | None) -> PruneConfig:
+    """Merge dictionaries (later wins, ``None`` values skipped) and validate once."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        if layer:
+            merged.update({k: v for k, v in layer.items() if v is not None})
+    try:
+        return PruneConfig(**merged)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err)) from None
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML (or JSON) config file into a flat dictionary."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of field: value")
+    return data

@@ -1,0 +1,489 @@
+"""Text sources, calibration blocks and evaluation windows.
+
+Why this shape: calibration and evaluation must be reproducible (same seed, same blocks) and the
+evaluation text must follow the published protocols, or perplexities are not comparable with the
+paper. The machines this is built on cannot reach the hub, so bundled text (``enwiki-sample`` for
+calibration/validation, ``wikitext2-bundled`` for evaluation only) and local files are first-class
+sources, and a hub source that cannot be had fails within seconds with a hint.
+
+Sources (``source`` argument):
+
+- ``enwiki-sample``: 105 bundled Wikipedia articles; ``train``/``validation`` split by article
+  (about 10% for validation, fixed seed, so every process sees the same split).
+- ``wikitext2-bundled``: bundled WikiText-2 raw test rows (only ``test``), evaluation only.
+- ``wikitext2``: hub ``wikitext``/``wikitext-2-raw-v1``, rows joined with blank lines; eval only.
+- ``c4``: hub ``allenai/c4`` English, the first train / validation shard (as SparseGPT does).
+- a local path: ``.txt``/``.raw`` text, ``.jsonl``/``.json`` with a ``text`` field (optionally
+  ``.gz``), ``.parquet``, a ``datasets.save_to_disk`` directory, or a directory of such files
+  (e.g. a hub snapshot; files whose names mention the split are chosen).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import json
+import random
+import re
+from collections import OrderedDict
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .models import hub_reachable
+
+CORPORA = Path(__file__).resolve().parent / "corpora"
+EVAL_ONLY = frozenset({"wikitext2", "wikitext2-bundled"})
+BUNDLED = ("enwiki-sample", "wikitext2-bundled")
+HUB = ("wikitext2", "c4")
+SOURCES = BUNDLED + HUB
+# SHA-256 of the unpacked WikiText-2 raw test text held in elsa/corpora and shared/data: the same
+# text under another path is refused for calibration too.
+WIKITEXT2_TEST_SHA256 = "bbf94c53a05abe9ee670d3b6343608095822c85e26de37c70b24fc571964574a"
+
+ENWIKI_SPLIT_SEED = 0
+ENWIKI_VALIDATION_FRACTION = 0.1
+_ARTICLE_TITLE = re.compile(r"^ = [^=].* = $", re.MULTILINE)
+
+C4_SHARDS = {
+    "train": "en/c4-train.00000-of-01024.json.gz",
+    "validation": "en/c4-validation.00000-of-00008.json.gz",
+}
+# SparseGPT / Wanda C4 evaluation: the first 1100 validation documents joined by a space,
+# the first 256 windows of the model's sequence length.
+C4_EVAL_DOCS, C4_EVAL_WINDOWS = 1100, 256
+
+_TEXT_SUFFIXES = (".txt", ".raw")
+_JSON_SUFFIXES = (".jsonl", ".json")
+_LOCAL_SUFFIXES = _TEXT_SUFFIXES + _JSON_SUFFIXES + (".parquet", ".arrow")
+_KNOWN_SPLITS = ("train", "validation", "valid", "val", "test")
+_TOKEN_CACHE_SIZE = 8
+
+
+class DataNotAvailableError(ValueError):
+    """A data source cannot be read here (hub out of reach and no cached copy, or missing file)."""
+
+
+# --------------------------------------------------------------------------------------------
+# bundled text
+
+
+def _read_gz_text(path: Path) -> str:
+    with gzip.open(path, "rt", encoding="utf-8", newline="") as handle:
+        return handle.read()
+
+
+def split_articles(text: str) -> list[str]:
+    """Cut text at ``' = Title = '`` lines (level-1 headings); each piece starts with its title."""
+    starts = [m.start() for m in _ARTICLE_TITLE.finditer(text)]
+    if not starts or starts[0] != 0:
+        starts = [0] + starts
+    return [text[a:b] for a, b in zip(starts, starts[1:] + [len(text)]) if text[a:b].strip()]
+
+
+def enwiki_split_indices(n_articles: int) -> dict[str, list[int]]:
+    """Which articles are train and which validation: a fixed seeded shuffle, ~10% validation."""
+    order = list(range(n_articles))
+    random.Random(ENWIKI_SPLIT_SEED).shuffle(order)
+    n_val = max(1, round(n_articles * ENWIKI_VALIDATION_FRACTION))
+    return {"validation": sorted(order[:n_val]), "train": sorted(order[n_val:])}
+
+
+@lru_cache(maxsize=1)
+def _enwiki_articles() -> tuple[str, ...]:
+    return tuple(split_articles(_read_gz_text(CORPORA / "enwiki-sample.txt.gz")))
+
+
+def _check_split(source: str, split: str, allowed: tuple[str, ...]) -> None:
+    if split not in allowed:
+        raise ValueError(
+            f"source {source!r} has no split {split!r}; available: {', '.join(allowed)}"
+        )
+
+
+def _enwiki_text(split: str) -> str:
+    _check_split("enwiki-sample", split, ("train", "validation"))
+    articles = _enwiki_articles()
+    chosen = enwiki_split_indices(len(articles))[split]
+    return "".join(articles[i] for i in chosen)
+
+
+def _wikitext2_bundled_text(split: str) -> str:
+    """Rows keep their line ending as the hub's rows do, then are joined with a blank line."""
+    _check_split("wikitext2-bundled", split, ("test",))
+    rows = _read_gz_text(CORPORA / "wikitext2-test.raw.gz").splitlines(keepends=True)
+    return "\n\n".join(rows)
+
+
+# --------------------------------------------------------------------------------------------
+# hub text
+
+
+@contextlib.contextmanager
+def _datasets_offline(offline: bool) -> Iterator[None]:
+    """Make ``datasets`` use only its cache, even if its offline flag was read at import time."""
+    if not offline:
+        yield
+        return
+    import datasets.config
+    import huggingface_hub.constants as hub_constants
+
+    saved = (datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE)
+    datasets.config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved
+
+
+def _hub_rows(source: str, path: str, split: str, **kwargs) -> list[str]:
+    """The ``text`` column of a hub dataset split, from the cache when the hub is out of reach."""
+    import datasets
+
+    offline = not hub_reachable()
+    try:
+        with _datasets_offline(offline):
+            dataset = datasets.load_dataset(path, split=split, **kwargs)
+    except Exception as error:  # datasets raises many types for "not there"; all mean the same
+        reason = "the hub cannot be reached and it is not cached" if offline else str(error)
+        raise DataNotAvailableError(
+            f"data source {source!r} (hub dataset {path!r}, split {split!r}) is not available: "
+            f"{reason}. Point at a local copy instead (e.g. --data /path/to/file.txt, a .jsonl "
+            "or .parquet file or a save_to_disk directory) or use the bundled 'enwiki-sample' "
+            "(calibration) / 'wikitext2-bundled' (evaluation)."
+        ) from error
+    return list(dataset["text"])
+
+
+def _wikitext2_rows(split: str) -> list[str]:
+    _check_split("wikitext2", split, ("train", "validation", "test"))
+    return _hub_rows("wikitext2", "wikitext", split, name="wikitext-2-raw-v1")
+
+
+def _c4_rows(split: str) -> list[str]:
+    _check_split("c4", split, tuple(C4_SHARDS))
+    return _hub_rows(
+        "c4", "allenai/c4", split, data_files={split: C4_SHARDS[split]}, verification_mode="no_checks"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# local files
+
+
+def _open_text(path: Path):
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8", newline="")
+    return open(path, encoding="utf-8", newline="")
+
+
+def _base_suffix(path: Path) -> str:
+    """``.jsonl`` for ``x.jsonl.gz`` as for ``x.jsonl``."""
+    suffixes = path.suffixes
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes = suffixes[:-1]
+    return suffixes[-1].lower() if suffixes else ""
+
+
+def _text_field(record, path: Path) -> str:
+    if not isinstance(record, dict) or "text" not in record:
+        raise ValueError(f"{path}: every record must be an object with a 'text' field")
+    return str(record["text"])
+
+
+def _json_rows(path: Path) -> list[str]:
+    with _open_text(path) as handle:
+        content = handle.read()
+    try:
+        whole = json.loads(content)
+    except json.JSONDecodeError:
+        whole = None
+    if isinstance(whole, list):
+        return [_text_field(r, path) for r in whole]
+    if isinstance(whole, dict) and isinstance(whole.get("text"), list):
+        return [str(t) for t in whole["text"]]
+    if isinstance(whole, dict):
+        return [_text_field(whole, path)]
+    return [_text_field(json.loads(line), path) for line in content.splitlines() if line.strip()]
+
+
+def _table_rows(path: Path) -> list[str]:
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+    else:  # .arrow as written by datasets (an IPC stream)
+        import pyarrow as pa
+
+        with pa.memory_map(str(path)) as source:
+            table = pa.ipc.open_stream(source).read_all()
+    if "text" not in table.column_names:
+        raise ValueError(f"{path} has no 'text' column (columns: {', '.join(table.column_names)})")
+    return [str(t) for t in table.column("text").to_pylist()]
+
+
+def _file_rows(path: Path) -> list[str]:
+    suffix = _base_suffix(path)
+    if suffix in _TEXT_SUFFIXES:
+        with _open_text(path) as handle:
+            return [handle.read()]
+    if suffix in _JSON_SUFFIXES:
+        return _json_rows(path)
+    if suffix in (".parquet", ".arrow"):
+        return _table_rows(path)
+    raise ValueError(
+        f"unsupported data file {str(path)!r}; use .txt/.raw, .jsonl/.json (with a 'text' field, "
+        "optionally .gz), .parquet or a datasets.save_to_disk directory"
+    )
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
+def _saved_dataset_rows(path: Path, split: str | None) -> list[str]:
+    import datasets
+
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        if split is None:
+            split = next(iter(loaded)) if len(loaded) == 1 else None
+        if split not in loaded:
+            raise ValueError(
+                f"{path} holds splits {', '.join(loaded)}; split {split!r} is not among them"
+            )
+        loaded = loaded[split]
+    if "text" not in loaded.column_names:
+        raise ValueError(f"{path} has no 'text' column (columns: {', '.join(loaded.column_names)})")
+    return [str(t) for t in loaded["text"]]
+
+
+def _split_of(path: Path, root: Path) -> str | None:
+    """The split a file's relative path names (``test-00000.parquet`` -> ``test``), if any."""
+    words = re.split(r"[^a-z]+", str(path.relative_to(root)).lower())
+    found = [s for s in _KNOWN_SPLITS if s in words]
+    aliases = {"valid": "validation", "val": "validation"}
+    return aliases.get(found[0], found[0]) if found else None
+
+
+def _directory_rows(path: Path, split: str | None) -> list[str]:
+    files = sorted(
+        p for p in path.rglob("*") if p.is_file() and _base_suffix(p) in _LOCAL_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
+    if not files:
+        raise DataNotAvailableError(f"directory {str(path)!r} holds no readable data files")
+    by_split = {p: _split_of(p, path) for p in files}
+    named = {s for s in by_split.values() if s}
+    if named:
+        if split is None or split not in named:
+            raise ValueError(
+                f"directory {str(path)!r} holds splits {', '.join(sorted(named))}; "
+                f"choose one of them (got split {split!r})"
+            )
+        files = [p for p in files if by_split[p] == split]
+    return [row for p in files for row in _file_rows(p)]
+
+
+def _local_rows(path: Path, split: str | None) -> list[str]:
+    if path.is_dir():
+        if _is_saved_dataset(path):
+            return _saved_dataset_rows(path, split)
+        return _directory_rows(path, split)
+    return _file_rows(path)  # a single file is the whole text, whatever the split
+
+
+def _looks_like_path(source: str) -> bool:
+    return Path(source).expanduser().exists() or "/" in source or "\\" in source or (
+        _base_suffix(Path(source)) in _LOCAL_SUFFIXES
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# public: text
+
+
+def default_split(source: str) -> str | None:
+    """The split evaluation uses when none is named."""
+    return {"enwiki-sample": "validation", "wikitext2": "test", "wikitext2-bundled": "test",
+            "c4": "validation"}.get(source)
+
+
+def load_text(source: str, split: str) -> str:
+    """The whole text of ``source``/``split`` as one string (rows joined with a blank line)."""
+    if source == "enwiki-sample":
+        return _enwiki_text(split)
+    if source == "wikitext2-bundled":
+        return _wikitext2_bundled_text(split)
+    if source == "wikitext2":
+        return "\n\n".join(_wikitext2_rows(split))
+    if source == "c4":
+        return "\n\n".join(_c4_rows(split))
+    path = Path(source).expanduser()
+    if path.exists():
+        return "\n\n".join(_local_rows(path, split))
+    if _looks_like_path(source):
+        raise DataNotAvailableError(
+            f"data file or directory {source!r} does not exist (and it is not one of the known "
+            f"sources {', '.join(SOURCES)})"
+        )
+    raise ValueError(
+        f"unknown data source {source!r}; use one of {', '.join(SOURCES)} or a path to a local "
+        ".txt/.jsonl/.parquet file or directory"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# tokenisation, cached
+
+
+def _tokenizer_key(tokenizer) -> str:
+    """Identifies a tokenizer by what it does, not by object identity (vocab/merges hash)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        blob = backend.to_str()
+    else:
+        blob = json.dumps(sorted(tokenizer.get_vocab().items()))
+    digest = hashlib.sha1(blob.encode("utf-8")).hexdigest()[:16]
+    return f"{getattr(tokenizer, 'name_or_path', '')}:{digest}"
+
+
+def _source_key(source: str) -> str:
+    path = Path(source).expanduser()
+    if source in SOURCES or not path.exists():
+        return source
+    stats = [(str(p), p.stat().st_mtime_ns, p.stat().st_size)
+             for p in ([path] if path.is_file() else sorted(path.rglob("*"))) if p.is_file()]
+    return f"{path.resolve()}:{hashlib.sha1(repr(stats).encode()).hexdigest()[:16]}"
+
+
+_TOKEN_CACHE: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+# (source key, split) pairs whose text turned out to be the WikiText-2 test text (under whatever name)
+_EVALUATION_TEXT: set[tuple[str, str]] = set()
+
+
+def tokenize_text(tokenizer, text: str) -> torch.Tensor:
+    """The 1-D token ids of ``text``, tokenised in one call as the standard protocol does."""
+    ids = tokenizer(text, verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _cached_tokens(tokenizer, key: tuple, make_text) -> torch.Tensor:
+    full_key = (_tokenizer_key(tokenizer),) + key
+    if full_key in _TOKEN_CACHE:
+        _TOKEN_CACHE.move_to_end(full_key)
+        return _TOKEN_CACHE[full_key]
+    tokens = tokenize_text(tokenizer, make_text())
+    _TOKEN_CACHE[full_key] = tokens
+    while len(_TOKEN_CACHE) > _TOKEN_CACHE_SIZE:
+        _TOKEN_CACHE.popitem(last=False)
+    return tokens
+
+
+def clear_token_cache() -> None:
+    """Forget cached tokenisations (tests, or to free memory)."""
+    _TOKEN_CACHE.clear()
+    _EVALUATION_TEXT.clear()
+
+
+def source_tokens(tokenizer, source: str, split: str) -> torch.Tensor:
+    """Token ids of ``load_text(source, split)``, cached per (tokenizer, source, split).
+
+    While the text is at hand, note whether it is the WikiText-2 test text under another name,
+    so that calibration can refuse it even from a local copy.
+    """
+    key = _source_key(source)
+
+    def make_text() -> str:
+        text = load_text(source, split)
+        if hashlib.sha256(text.encode("utf-8")).hexdigest() == WIKITEXT2_TEST_SHA256:
+            _EVALUATION_TEXT.add((key, split))
+        return text
+
+    return _cached_tokens(tokenizer, (key, split), make_text)
+
+
+# --------------------------------------------------------------------------------------------
+# public: blocks and windows
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+_CALIBRATION_HINT = "calibrate on 'enwiki-sample', 'c4' or a local file of other text"
+
+
+def _refuse_evaluation_source(source: str) -> None:
+    if source in EVAL_ONLY:
+        raise ValueError(
+            f"data source {source!r} is evaluation-only (WikiText-2 is the paper's test text) and "
+            f"must never be used for calibration, training or tuning; {_CALIBRATION_HINT}"
+        )
+
+
+def calibration_blocks(
+    tokenizer, source: str, n_blocks: int, seqlen: int, seed: int, split: str = "train"
+) -> torch.Tensor:
+    """``n_blocks`` random windows of ``seqlen`` tokens from ``source``, reproducible by ``seed``.
+
+    The text is tokenised once (cached in memory); window starts are drawn uniformly with a
+    ``torch.Generator`` seeded by ``seed``, so the same seed gives the same blocks on every
+    machine. Returns a LongTensor of shape ``[n_blocks, seqlen]``.
+    """
+    _check_positive(n_blocks=n_blocks, seqlen=seqlen)
+    _refuse_evaluation_source(source)
+    tokens = source_tokens(tokenizer, source, split)
+    if (_source_key(source), split) in _EVALUATION_TEXT:
+        raise ValueError(
+            f"{source!r} holds the WikiText-2 test text, which is evaluation-only; "
+            f"{_CALIBRATION_HINT}"
+        )
+    if tokens.numel() < seqlen + 1:
+        raise ValueError(
+            f"source {source!r} split {split!r} has {tokens.numel()} tokens, fewer than "
+            f"seqlen + 1 = {seqlen + 1}; use more text or a shorter seqlen"
+        )
+    generator = torch.Generator().manual_seed(int(seed))
+    starts = torch.randint(0, tokens.numel() - seqlen + 1, (n_blocks,), generator=generator)
+    return tokens[starts[:, None] + torch.arange(seqlen)]
+
+
+def eval_windows(
+    tokenizer,
+    source: str,
+    seqlen: int,
+    max_windows: int | None = None,
+    split: str | None = None,
+) -> torch.Tensor:
+    """Non-overlapping windows of ``seqlen`` tokens over the whole joined, once-tokenised text.
+
+    For ``c4`` the SparseGPT/Wanda protocol: the first 1100 validation documents joined by a
+    space, at most the first 256 windows. A trailing partial window is dropped.
+    Returns a LongTensor ``[n_windows, seqlen]``.
+    """
+    _check_positive(seqlen=seqlen)
+    if max_windows is not None:
+        _check_positive(max_windows=max_windows)
+    split = split or default_split(source)
+    if source == "c4" and split == "validation":
+        tokens = _cached_tokens(
+            tokenizer, ("c4-eval", split), lambda: " ".join(_c4_rows(split)[:C4_EVAL_DOCS])
+        )
+        max_windows = min(max_windows or C4_EVAL_WINDOWS, C4_EVAL_WINDOWS)
+    else:
+        tokens = source_tokens(tokenizer, source, split)
+    n_windows = tokens.numel() // seqlen
+    if max_windows is not None:
+        n_windows = min(n_windows, max_windows)
+    if n_windows == 0:
+        raise ValueError(
+            f"source {source!r} split {split!r} has {tokens.numel()} tokens, fewer than one "
+            f"window of seqlen {seqlen}"
+        )
+    return tokens[: n_windows * seqlen].view(n_windows, seqlen).clone()

@@ -1,0 +1,111 @@
+"""Sparsity projections: which entries of a matrix survive.
+
+One function family, ``(score, pattern) -> mask``, where the score is |x| (Euclidean
+projection) or v * x^2 (objective-aware: the norm induced by Adam's diagonal Fisher estimate).
+
+Unstructured masks keep exactly ``keep`` entries per matrix. Ties are broken
+deterministically: among equal scores the lower flat index wins. The threshold is found by a
+radix select over the float bit patterns (non-negative floats order like their int32 bits), a
+256-bin histogram per byte, so a matrix sharded row-wise over ranks (FSDP2's ``Shard(0)``)
+needs only four all-reduced histograms and one all-gathered tie count, never the whole
+matrix on one rank, and gives bit-for-bit the mask a single process gives.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def magnitude_score(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().float().abs()
+
+
+def fisher_score(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """v * x^2: the diagonal-Fisher-weighted magnitude (v = Adam's second moment)."""
+    x = x.detach().float()
+    return v.float() * x * x
+
+
+def _as_bits(score: torch.Tensor) -> torch.Tensor:
+    if torch.isnan(score).any():
+        raise ValueError("projection score contains NaN: the weights or the optimiser state diverged")
+    # + 0.0 turns -0.0 into +0.0, whose bit pattern orders correctly
+    return (score.float().reshape(-1) + 0.0).clamp_(min=0.0).view(torch.int32)
+
+
+def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
+    if group is not None:
+        dist.all_reduce(t, group=group)
+    return t
+
+
+def topk_mask(score: torch.Tensor, keep: int, group=None) -> torch.Tensor:
+    """Boolean mask keeping exactly the ``keep`` largest scores of the whole matrix.
+
+    ``score`` is this rank's row-block of the matrix (ranks of ``group`` hold consecutive
+    blocks in rank order); with ``group=None`` it is the whole matrix.
+    """
+    bits = _as_bits(score)
+    total = torch.tensor([bits.numel()], dtype=torch.int64)
+    total = int(_all_reduce(total, group))
+    if not 0 <= keep <= total:
+        raise ValueError(f"keep={keep} outside [0, {total}]")
+    if keep == 0:
+        return torch.zeros_like(score, dtype=torch.bool)
+    if keep == total:
+        return torch.ones_like(score, dtype=torch.bool)
+
+    prefix = 0  # bits of the keep-th largest score, found one byte at a time from the top
+    remaining = keep  # how many of the candidates sharing ``prefix`` still need keeping
+    candidates = bits
+    for shift in (24, 16, 8, 0):
+        byte = (candidates >> shift) & 0xFF
+        hist = torch.bincount(byte.to(torch.int64), minlength=256)
+        hist = _all_reduce(hist, group)
+        from_top = hist.flip(0).cumsum(0)  # from_top[j]: candidates whose byte >= 255 - j
+        j = int(torch.searchsorted(from_top, torch.tensor([remaining]), right=False))
+        chosen = 255 - j
+        remaining -= int(from_top[j] - hist[chosen])
+        prefix |= chosen << shift
+        candidates = candidates[byte == chosen]
+
+    threshold = torch.tensor(prefix, dtype=torch.int32)
+    mask = bits > threshold
+    ties = bits == threshold
+    # ``remaining`` ties are kept, lowest global index first
+    local_ties = int(ties.sum())
+    before = 0
+    if group is not None:
+        counts = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(counts, torch.tensor([local_ties], dtype=torch.int64), group=group)
+        before = int(sum(int(c) for c in counts[: dist.get_rank(group)]))
+    take = min(max(remaining - before, 0), local_ties)
+    if take:
+        mask[ties.nonzero().squeeze(1)[:take]] = True
+    return mask.view(score.shape)
+
+
+def nm_mask(score: torch.Tensor, n: int, m: int, input_dim: int = 1) -> torch.Tensor:
+    """Keep the ``n`` largest of every ``m`` consecutive entries along the input dimension.
+
+    Rows are complete on every rank under FSDP's row sharding of nn.Linear, so no
+    communication is needed. Ties: the lower index wins (stable sort).
+    """
+    s = score if input_dim == 1 else score.t()
+    if s.shape[-1] % m:
+        raise ValueError(f"input dimension {s.shape[-1]} is not a multiple of M={m}")
+    groups = s.reshape(s.shape[0], -1, m)
+    order = torch.sort(groups, dim=-1, descending=True, stable=True).indices
+    mask = torch.zeros_like(groups, dtype=torch.bool)
+    mask.scatter_(-1, order[..., :n], True)
+    mask = mask.reshape(s.shape)
+    return mask if input_dim == 1 else mask.t()
+
+
+def project_mask(score: torch.Tensor, keep: int, nm: tuple[int, int] | None, input_dim: int, group=None) -> torch.Tensor:
+    """The mask of one matrix for its pattern (unstructured top-k or N:M)."""
+    if nm is not None:
+        if input_dim == 0 and group is not None:
+            raise NotImplementedError("N:M on a row-sharded Conv1D (input dim 0) would cut groups across ranks")
+        return nm_mask(score, nm[0], nm[1], input_dim)
+    return topk_mask(score, keep, group)
