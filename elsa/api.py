@@ -1,0 +1,53 @@
+"""The single-process entry points: prune a model, evaluate it.
+
+Used by notebooks, tests, the benchmark and (piece by piece) the Ray worker::
+
+    from elsa import PruneConfig, prune_model
+    result = prune_model(PruneConfig(model="smollm2-135m", sparsity=0.7, steps=100))
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from elsa.config import PruneConfig
+from elsa.data import calibration_blocks, eval_windows
+from elsa.loop import build_targets
+from elsa.methods import get_method
+from elsa.models import load_model, load_tokenizer
+from elsa.perplexity import perplexity
+from elsa.targets import verify_sparsity
+
+
+@dataclass
+class PruneResult:
+    model: torch.nn.Module
+    tokenizer: object
+    report: dict  # per-matrix sparsity (elsa.targets.sparsity_report)
+    summary: dict  # the method's numbers (wall time, history...)
+    wall_s: float
+    metrics: dict = field(default_factory=dict)  # evaluation results, when asked for
+
+
+def prune_model(cfg: PruneConfig, model=None, tokenizer=None, log=None) -> PruneResult:
+    """Prune ``model`` (loaded from ``cfg.model`` when not given) in place; verify sparsity."""
+    model = model if model is not None else load_model(cfg.model)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
+    method = get_method(cfg.method)
+    calib = calibration_blocks(tokenizer, cfg.data, cfg.calib_blocks, cfg.seqlen, cfg.seed) if method.one_shot else None
+    started = time.perf_counter()
+    summary = method.run(model, tokenizer, cfg, calib, log or (lambda metrics, step: None))
+    wall = time.perf_counter() - started
+    report = verify_sparsity(build_targets(model, cfg))
+    return PruneResult(model, tokenizer, report, summary, wall)
+
+
+def evaluate_perplexity(model, tokenizer, datasets: list[str], seqlen: int, max_windows: int | None = None) -> dict[str, float]:
+    """``{"ppl_<dataset>": value}`` with the standard protocol (non-overlapping windows)."""
+    results = {}
+    for name in datasets:
+        windows = eval_windows(tokenizer, name, seqlen, max_windows=max_windows)
+        results[f"ppl_{name}"] = perplexity(model, windows)
+    return results

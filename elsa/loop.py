@@ -1,0 +1,192 @@
+"""The x-update loop: base optimiser, LR schedule, batches, and the step itself.
+
+One loop serves the single-process API, notebooks and the Ray Train worker: the worker only
+adds FSDP sharding, a rank's slice of each batch, and reporting/checkpoint hooks. A step is:
+forward/backward over ``grad_accum`` micro-batches, clip, ``admm.step()`` (which adds the
+penalty, steps the base optimiser and, every ``interval`` steps, updates z and u), LR step.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from elsa.admm import ADMM, ADMMSettings
+from elsa.config import PruneConfig
+from elsa.data import calibration_blocks
+from elsa.perplexity import mean_nll
+from elsa.targets import Target, find_targets, load_sparsity_map
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN/inf; the message says at which step and what to change."""
+
+
+def build_base_optimizer(params, cfg: PruneConfig) -> torch.optim.Optimizer:
+    """The base optimiser of the x-update (Adam by default, as the paper)."""
+    params = [p for p in params if p.requires_grad]
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam8bit":
+        return _adam8bit(params, cfg)
+    raise ValueError(f"optimizer {cfg.optimizer!r} is unknown")
+
+
+def _adam8bit(params, cfg: PruneConfig) -> torch.optim.Optimizer:
+    """8-bit Adam: bitsandbytes on plain tensors, torchao's AdamW8bit on FSDP2 DTensors.
+
+    bitsandbytes' Adam8bit refuses DTensor parameters ("mixed torch.Tensor and DTensor"), so
+    sharded runs use torchao, whose 8-bit states are DTensor-aware.
+    """
+    from elsa.distributed import is_dtensor
+
+    if any(is_dtensor(p) for p in params):
+        from torchao.optim import AdamW8bit
+
+        return AdamW8bit(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    import bitsandbytes as bnb
+
+    return bnb.optim.Adam8bit(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(cfg: PruneConfig) -> Callable[[int], float]:
+    """Linear warm-up, then linear decay to 0 at ``steps`` (or constant)."""
+
+    def factor(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        return max(0.0, (cfg.steps - step) / max(cfg.steps - cfg.warmup_steps, 1))
+
+    return factor
+
+
+def build_targets(model: torch.nn.Module, cfg: PruneConfig) -> list[Target]:
+    smap = load_sparsity_map(cfg.sparsity_map) if cfg.sparsity_map else None
+    return find_targets(model, cfg.sparsity, cfg.nm, smap)
+
+
+def build_admm(model: torch.nn.Module, cfg: PruneConfig) -> tuple[ADMM, torch.optim.lr_scheduler.LambdaLR]:
+    """Targets, base optimiser, ADMM wrapper and LR schedule for ``model`` (after sharding)."""
+    targets = build_targets(model, cfg)
+    admm = ADMM(build_base_optimizer(model.parameters(), cfg), targets, ADMMSettings.from_config(cfg))
+    return admm, torch.optim.lr_scheduler.LambdaLR(admm, lr_factor(cfg))
+
+
+@dataclass
+class BatchSampler:
+    """Training batches drawn reproducibly from (seed, step, micro-step) alone.
+
+    So a resumed run sees exactly the batches it would have seen, and with ``world`` ranks
+    each takes its contiguous slice of the same global batch: results do not depend on the
+    number of workers.
+    """
+
+    tokenizer: object
+    cfg: PruneConfig
+    rank: int = 0
+    world: int = 1
+
+    def __post_init__(self):
+        if self.cfg.batch_size % self.world:
+            raise ValueError(f"batch_size={self.cfg.batch_size} must be a multiple of the {self.world} workers")
+
+    def __call__(self, step: int, micro: int) -> torch.Tensor:
+        seed = (self.cfg.seed * 1_000_003 + step * 1009 + micro) % (2**31 - 1)
+        blocks = calibration_blocks(self.tokenizer, self.cfg.data, self.cfg.batch_size, self.cfg.seqlen, seed)
+        per_rank = self.cfg.batch_size // self.world
+        return blocks[self.rank * per_rank : (self.rank + 1) * per_rank]
+
+    def validation(self, rank_slice: bool = True) -> torch.Tensor:
+        """Held-out calibration text (never the evaluation sets) for the projected loss."""
+        blocks = calibration_blocks(self.tokenizer, self.cfg.data, self.cfg.val_blocks, self.cfg.seqlen, self.cfg.seed + 1, split="validation")
+        return blocks
+
+
+@dataclass
+class LoopHooks:
+    """What the caller wants to hear: metrics every ``log_interval`` steps, checkpoints."""
+
+    on_metrics: Callable[[dict, int], None] = lambda metrics, step: None
+    on_checkpoint: Callable[[int], None] | None = None
+    validation_loss: Callable[[], float] | None = None  # default: mean NLL of val blocks
+    history: list = field(default_factory=list)
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def train(
+    model: torch.nn.Module,
+    admm: ADMM,
+    scheduler,
+    batches: Callable[[int, int], torch.Tensor],
+    cfg: PruneConfig,
+    hooks: LoopHooks,
+    start_step: int = 0,
+    val_blocks: torch.Tensor | None = None,
+) -> list[dict]:
+    """Run steps ``start_step .. cfg.steps - 1``; returns the logged metrics."""
+    device = _device_of(model)
+    model.train()
+    for step in range(start_step, cfg.steps):
+        started = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        tokens = 0
+        for micro in range(cfg.grad_accum):
+            ids = batches(step, micro).to(device)
+            tokens += ids.numel()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                loss = model(input_ids=ids, labels=ids).loss / cfg.grad_accum
+            loss.backward()
+            loss_sum += loss.detach()
+        loss_value = float(loss_sum)
+        if not math.isfinite(loss_value):
+            admm.zero_grad()
+            raise NonFiniteLossError(
+                f"training loss is {loss_value} at step {step + 1} (lr={scheduler.get_last_lr()[0]:.3g}, "
+                f"lambda={admm.lmda:.3g}): lower --lr or --lmda; checkpoints written so far are kept"
+            )
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm else None
+        lr = scheduler.get_last_lr()[0]
+        updated = (admm.admm_step % cfg.interval) == 0  # the z/u-update runs inside this step
+        admm.step()
+        scheduler.step()
+        admm.zero_grad()
+        done = step + 1
+        metrics = {"train_loss": loss_value, "lr": lr, "lmda": admm.lmda, "tokens_per_s": tokens / (time.perf_counter() - started)}
+        if admm.rho is not None:
+            metrics["rho"] = admm.rho
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
+        if updated:
+            metrics.update(admm.last_metrics)
+        if done % cfg.eval_interval == 0 or done == cfg.steps:
+            metrics["val_loss_projected"] = _projected_validation(model, admm, hooks, val_blocks)
+        if done % cfg.log_interval == 0 or done == cfg.steps or "val_loss_projected" in metrics:
+            hooks.on_metrics(metrics, done)
+            hooks.history.append({"step": done, **metrics})
+        if hooks.on_checkpoint and cfg.checkpoint_interval and done % cfg.checkpoint_interval == 0 and done < cfg.steps:
+            hooks.on_checkpoint(done)
+    return hooks.history
+
+
+def _projected_validation(model, admm: ADMM, hooks: LoopHooks, val_blocks) -> float:
+    """Validation loss of the model as the final projection would leave it now."""
+    was_training = model.training
+    with admm.projected():
+        if hooks.validation_loss is not None:
+            value = hooks.validation_loss()
+        else:
+            value = mean_nll(model, val_blocks) if val_blocks is not None else float("nan")
+    model.train(was_training)
+    return value
