@@ -166,7 +166,11 @@ def _wikitext2_rows(split: str) -> list[str]:
 def _c4_rows(split: str) -> list[str]:
     _check_split("c4", split, tuple(C4_SHARDS))
     return _hub_rows(
-        "c4", "allenai/c4", split, data_files={split: C4_SHARDS[split]}, verification_mode="no_checks"
+        "c4",
+        "allenai/c4",
+        split,
+        data_files={split: C4_SHARDS[split]},
+        verification_mode="no_checks",
     )
 
 
@@ -312,7 +316,7 @@ def default_split(source: str) -> str | None:
             "c4": "validation"}.get(source)
 
 
-def load_text(source: str, split: str) -> str:
+def load_text(source: str, split: str | None) -> str:
     """The whole text of ``source``/``split`` as one string (rows joined with a blank line)."""
     if source == "enwiki-sample":
         return _enwiki_text(split)
@@ -361,7 +365,7 @@ def _source_key(source: str) -> str:
 
 
 _TOKEN_CACHE: OrderedDict[tuple, torch.Tensor] = OrderedDict()
-# (source key, split) pairs whose text turned out to be the WikiText-2 test text (under whatever name)
+# (source key, split) pairs whose text turned out to be the WikiText-2 test text, by any name
 _EVALUATION_TEXT: set[tuple[str, str]] = set()
 
 

@@ -74,5 +74,7 @@ def load_checkpoint(
     path = Path(checkpoint_dir)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {str(path)!r} does not exist")
-    model = load_model(str(path), dtype=dtype, device=device, attn_implementation=attn_implementation)
+    model = load_model(
+        str(path), dtype=dtype, device=device, attn_implementation=attn_implementation
+    )
     return model, load_tokenizer(str(path))

@@ -139,12 +139,16 @@ def find_targets(
     return targets
 
 
-def sparsity_report(targets: list[Target]) -> dict:
-    """Per-matrix zero counts against their targets, and the overall sparsity of the targets."""
+def sparsity_report(targets: list[Target], weights: dict[str, torch.Tensor] | None = None) -> dict:
+    """Per-matrix zero counts against their targets, and the overall sparsity of the targets.
+
+    ``weights`` (name -> full tensor) replaces the live parameters, e.g. a gathered state dict
+    on one rank; without it a sharded parameter is gathered (a collective: call on all ranks).
+    """
     rows = []
     zeros_total = numel_total = 0
     for target in targets:
-        weight = target.param.detach()
+        weight = weights[target.name] if weights is not None else target.param.detach()
         weight = weight.full_tensor() if hasattr(weight, "full_tensor") else weight
         zeros = int((weight == 0).sum())
         expected_zeros = target.numel - target.keep

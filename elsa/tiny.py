@@ -1,4 +1,4 @@
-"""Tiny models and a tiny tokenizer, built on this machine from configs, for tests and CI smoke runs.
+"""Tiny models and a tiny tokenizer, built here from configs, for tests and CI smoke runs.
 
 Why: the hub is out of reach here, and tests need real transformer architectures (the same module
 names, Conv1D in GPT-2, grouped-query attention, tied embeddings, soft-capping in Gemma-2) that run

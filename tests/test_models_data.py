@@ -52,7 +52,8 @@ def test_tiny_tokenizer_is_deterministic_and_round_trips(tok):
     assert time.perf_counter() - started < 5
     assert again.backend_tokenizer.to_str() == first
     assert len(tok) == tiny.TINY_VOCAB_SIZE
-    assert (tok.eos_token_id, tok.bos_token_id, tok.pad_token_id) == (tiny.EOS_ID, tiny.EOS_ID, tiny.PAD_ID)
+    specials = (tok.eos_token_id, tok.bos_token_id, tok.pad_token_id)
+    assert specials == (tiny.EOS_ID, tiny.EOS_ID, tiny.PAD_ID)
     encoded = tok(SENTENCE)["input_ids"]
     assert tok.decode(encoded) == SENTENCE
     assert len(encoded) < len(SENTENCE) / 2  # it learned merges, not just bytes
@@ -112,7 +113,8 @@ def test_resolve_paths_and_hub_ids(tmp_path):
     gguf.write_bytes(b"GGUF")
     assert resolve_model(str(gguf)) == models.ModelSource("gguf", str(tmp_path), "weights.gguf")
     assert resolve_model(str(tmp_path)) == models.ModelSource("local_dir", str(tmp_path))
-    assert resolve_model("meta-llama/Llama-2-7b-hf") == models.ModelSource("hub", "meta-llama/Llama-2-7b-hf")
+    hub_id = "meta-llama/Llama-2-7b-hf"
+    assert resolve_model(hub_id) == models.ModelSource("hub", hub_id)
     with pytest.raises(FileNotFoundError, match="missing.gguf"):
         resolve_model(str(tmp_path / "missing.gguf"))
 
@@ -139,7 +141,8 @@ def test_uncached_hub_model_offline_fails_fast(loader):
 
 def test_save_checkpoint_writes_safetensors_and_metadata(tok, ids, tmp_path):
     model = tiny.tiny_model("gpt2", len(tok), seed=3)
-    out = save_checkpoint(model, tok, tmp_path / "nested" / "ckpt", {"sparsity": 0.9, "path": tmp_path})
+    metadata = {"sparsity": 0.9, "path": tmp_path}
+    out = save_checkpoint(model, tok, tmp_path / "nested" / "ckpt", metadata)
     names = {p.name for p in out.iterdir()}
     assert "model.safetensors" in names and "config.json" in names and "tokenizer.json" in names
     assert not any(n.endswith((".bin", ".pt", ".pkl")) for n in names)
@@ -218,7 +221,8 @@ def test_smollm2_gguf_save_reload_and_perplexity(tmp_path):
     assert tokenizer.pad_token is not None
     out = save_checkpoint(model, tokenizer, tmp_path / "smollm2", {"source": "gguf"})
     reloaded, tokenizer2 = load_checkpoint(out)
-    input_ids = tokenizer("The quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids
+    text = "The quick brown fox jumps over the lazy dog."
+    input_ids = tokenizer(text, return_tensors="pt").input_ids
     assert torch.equal(_logits(reloaded, input_ids), _logits(model, input_ids))
     assert tokenizer2(SENTENCE)["input_ids"] == tokenizer(SENTENCE)["input_ids"]
     windows = eval_windows(tokenizer, "wikitext2-bundled", 256, max_windows=2)

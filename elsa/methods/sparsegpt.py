@@ -1,0 +1,148 @@
+"""SparseGPT (Frantar & Alistarh, 2023): prune and reconstruct each layer from its input Hessian.
+
+Why: a layer's output error for a weight change dW is ||dW X||^2 = tr(dW H dW^T) with H = X X^T
+(the inputs' second moment), the same for every output row. Optimal Brain Surgeon says that removing
+weight q of a row costs w_q^2 / [H^-1]_qq and is best compensated by moving the row's other
+weights along -w_q / [H^-1]_qq * H^-1[q, :]. SparseGPT makes this affordable for LLMs by removing
+weights column by column, left to right, and compensating only the columns not yet visited: the
+inverse Hessians of the shrinking column sets are then the rows of one upper Cholesky factor U
+of H^-1 (H^-1 = U^T U), shared by all rows. With w the current column and u = U[i, i:],
+
+    err = (w - q) / U_ii,    W[:, i:] -= err u,          q = w with its pruned entries zeroed,
+
+which sets column i to q and compensates the rest. Updates to columns beyond the current block of
+``blocksize`` columns are batched into one matrix product per block ("lazy batch" updates).
+
+Mask selection is adaptive: at the start of every column block (unstructured) or every group of M
+columns (N:M), the mask is chosen by the OBS saliency w^2 / U_ii^2 on the *already updated*
+weights. Unstructured: every block prunes its share of the matrix's pruned count (shares summing
+exactly, so each matrix keeps exactly ``keep`` entries). N:M: in every row, the M - N lowest
+saliencies of each group of M consecutive inputs.
+
+The Hessian is accumulated in fp32 over every calibration token, scaled by 2 / tokens (the scale
+only matters relative to the dampening: ``damp`` times the mean of its diagonal is added to the
+diagonal). Inputs that never fire (zero diagonal) get a unit diagonal so the factorisation exists;
+their weights, which do not affect the layer's output on the calibration data, compete for the
+mask by the same saliency as the others.
+"""
+from __future__ import annotations
+
+import torch
+
+from elsa.methods import register
+from elsa.methods.layerwise import apply_mask, method_targets, prune_layerwise, rows_view
+from elsa.projection import nm_mask, topk_mask
+from elsa.targets import Target
+
+
+class InputHessian:
+    """H = 2/n * sum over calibration tokens of x x^T, accumulated in fp32."""
+
+    def __init__(self, in_features: int, device: torch.device):
+        self.sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.float()
+        self.sum.addmm_(x.t(), x)
+        self.tokens += x.shape[0]
+
+    def matrix(self) -> torch.Tensor:
+        if self.tokens == 0:
+            raise RuntimeError("no calibration inputs reached this layer")
+        return self.sum * (2.0 / self.tokens)
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, damp: float, name: str = "layer") -> torch.Tensor:
+    """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1 (dead inputs get diagonal 1)."""
+    h = hessian.clone()
+    diag = h.diagonal()
+    diag[diag == 0] = 1.0
+    diag += damp * diag.mean()
+    lower, info = torch.linalg.cholesky_ex(h)
+    if int(info) != 0:
+        raise RuntimeError(
+            f"SparseGPT: the dampened input Hessian of {name} is not positive definite "
+            f"(damp={damp}); use a larger damp or more calibration samples"
+        )
+    inverse = torch.cholesky_inverse(lower)
+    upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+    if int(info) != 0:
+        raise RuntimeError(f"SparseGPT: the inverse Hessian of {name} lost positive definiteness; use a larger damp")
+    return upper
+
+
+def sparsegpt_prune(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    keep: int,
+    nm: tuple[int, int] | None = None,
+    blocksize: int = 128,
+    damp: float = 0.01,
+    name: str = "layer",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prune ``weight`` (out, in) against ``hessian`` (in, in); returns (new weight, keep mask).
+
+    Unstructured: exactly ``keep`` entries survive. N:M: ``keep`` is ignored and every group of
+    M consecutive inputs of a row keeps N entries.
+    """
+    w = weight.detach().float().clone()
+    rows, cols = w.shape
+    if hessian.shape != (cols, cols):
+        raise ValueError(f"{name}: Hessian shape {tuple(hessian.shape)} does not match {cols} inputs")
+    if nm is not None:
+        if cols % nm[1]:
+            raise ValueError(f"{name}: {cols} inputs is not a multiple of M={nm[1]}")
+        blocksize = max(nm[1], blocksize - blocksize % nm[1])  # groups never straddle two blocks
+    u = inverse_hessian_factor(hessian.to(w.device, torch.float32), damp, name)
+    mask = torch.zeros_like(w, dtype=torch.bool)
+    pruned_total = rows * cols - keep
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        block, u_block = w[:, i1:i2], u[i1:i2, i1:i2]
+        saliency_scale = u_block.diagonal().pow(2)[None, :]
+        errors = torch.zeros_like(block)
+        if nm is None:
+            share = pruned_total * i2 // cols - pruned_total * i1 // cols
+            block_mask = topk_mask(block.pow(2) / saliency_scale, block.numel() - share)
+        else:
+            block_mask = torch.zeros_like(block, dtype=torch.bool)
+        for i in range(i2 - i1):
+            if nm is not None and i % nm[1] == 0:
+                group = slice(i, i + nm[1])
+                block_mask[:, group] = nm_mask(block[:, group].pow(2) / saliency_scale[:, group], *nm)
+            column = block[:, i]
+            kept = column * block_mask[:, i]
+            err = (column - kept) / u_block[i, i]
+            block[:, i:] -= err[:, None] * u_block[i, i:][None, :]
+            block[:, i] = kept
+            errors[:, i] = err
+        mask[:, i1:i2] = block_mask
+        w[:, i2:] -= errors @ u[i1:i2, i2:]
+    return w * mask, mask
+
+
+@register("sparsegpt")
+class SparseGPT:
+    one_shot = True
+
+    def __init__(self, blocksize: int = 128, damp: float = 0.01):
+        if blocksize < 1 or not damp > 0:
+            raise ValueError(f"SparseGPT needs blocksize >= 1 and damp > 0, got {blocksize}, {damp}")
+        self.blocksize = blocksize
+        self.damp = damp
+
+    def run(self, model: torch.nn.Module, tokenizer, cfg, calib: torch.Tensor, log) -> dict:
+        targets = method_targets(model, cfg)
+
+        def make_stats(target: Target) -> InputHessian:
+            return InputHessian(rows_view(target.param, target).shape[1], target.param.device)
+
+        def prune(target: Target, stats: InputHessian) -> None:
+            new, mask = sparsegpt_prune(
+                rows_view(target.param, target), stats.matrix(), target.keep, target.nm,
+                self.blocksize, self.damp, target.name,
+            )
+            apply_mask(target, rows_view(mask, target), rows_view(new, target))
+
+        return prune_layerwise(model, calib, targets, make_stats, prune, log)

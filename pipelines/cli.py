@@ -1,0 +1,188 @@
+"""The ``elsa`` command line: prune, tune, eval, compare.
+
+Every field of :class:`elsa.config.PruneConfig` is an option of ``elsa prune`` (``--lmda-final``
+sets ``lmda_final``), generated from the config itself so none can be forgotten. Precedence:
+defaults < ``--config FILE`` < ``--preset`` < explicit flags. Errors print one line and exit
+non-zero; exit 0 means the checkpoint was written and its sparsity verified.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import typing
+
+from elsa.config import ConfigError, PruneConfig, load_yaml, make_config
+
+# options of the run rather than of the method (see pipelines.job.RunOptions)
+_RUN_OPTIONS = ("output", "workers", "gpu", "address", "storage_path", "tracking_uri", "experiment", "run_name", "no_eval", "max_failures", "cpus_per_worker")
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One option per PruneConfig field, typed from its annotation; default None (= unset)."""
+    group = parser.add_argument_group("method config (any field of PruneConfig)")
+    for name, info in PruneConfig.model_fields.items():
+        annotation = info.annotation
+        origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+        inner = [a for a in args if a is not type(None)] if args else [annotation]
+        kind = inner[0] if len(inner) == 1 else annotation
+        help_text = f"(default: {info.default!r})" if info.default is not None or info.default_factory is None else ""
+        if kind is bool:
+            group.add_argument(_option(name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif typing.get_origin(kind) is typing.Literal:
+            group.add_argument(_option(name), choices=list(typing.get_args(kind)), default=None, help=help_text)
+        elif typing.get_origin(kind) is list:
+            group.add_argument(_option(name), nargs="*", default=None, help=help_text)
+        elif typing.get_origin(kind) is tuple or origin is tuple:
+            group.add_argument(_option(name), nargs=2, type=float, default=None, help=help_text)
+        elif kind in (int, float, str):
+            group.add_argument(_option(name), type=kind, default=None, help=help_text)
+        else:
+            group.add_argument(_option(name), default=None, help=help_text)
+    group.add_argument("--state-dtypes", default=None, help="ELSA-L shorthand, e.g. 'u=bf16,z=fp8_e4m3,z_sparse'")
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("where and how to run")
+    group.add_argument("--config", help="YAML config file (flat PruneConfig fields)")
+    group.add_argument("--output", default="outputs/pruned", help="directory for the pruned Hugging Face checkpoint")
+    group.add_argument("--workers", type=int, default=1, help="Ray Train workers (FSDP2 when > 1)")
+    group.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL, bf16 compute)")
+    group.add_argument("--cpus-per-worker", type=float, default=None, help="CPUs each Ray Train worker asks for")
+    group.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else local)")
+    group.add_argument("--storage-path", default=None, help="Ray Train storage: a path or s3://, gs:// URI")
+    group.add_argument("--max-failures", type=int, default=0, help="worker-group restarts, each resuming from the last checkpoint")
+    group.add_argument("--tracking-uri", default=None, help="MLflow URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    group.add_argument("--experiment", default="elsa", help="MLflow experiment")
+    group.add_argument("--run-name", default=None)
+    group.add_argument("--no-eval", action="store_true", help="skip the downstream evaluation")
+
+
+def _state_dtypes(text: str | None) -> dict:
+    """'u=bf16,z=fp8_e4m3,z_sparse' -> {u_dtype: bf16, z_dtype: fp8_e4m3, z_sparse: True}."""
+    if not text:
+        return {}
+    out: dict = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        if part == "z_sparse":
+            out["z_sparse"] = True
+            continue
+        key, _, value = part.partition("=")
+        if key not in ("u", "z") or not value:
+            raise ConfigError(f"--state-dtypes part {part!r}: use u=DTYPE, z=DTYPE or z_sparse")
+        out[f"{key}_dtype"] = value
+    return out
+
+
+def build_config(args: argparse.Namespace) -> PruneConfig:
+    """defaults < --config < --preset < flags, validated once."""
+    file_layer = load_yaml(args.config) if args.config else {}
+    flags = {name: getattr(args, name) for name in PruneConfig.model_fields if getattr(args, name, None) is not None}
+    flags.update(_state_dtypes(args.state_dtypes))
+    if "betas" in flags:
+        flags["betas"] = tuple(flags["betas"])
+    preset = flags.get("preset") or file_layer.get("preset")
+    preset_layer = {}
+    if preset:
+        from tune.presets import PresetError, preset_overrides
+
+        model = flags.get("model") or file_layer.get("model") or PruneConfig.model_fields["model"].default
+        sparsity = flags.get("sparsity", file_layer.get("sparsity"))
+        try:
+            preset_layer = preset_overrides(preset, model, sparsity)
+        except PresetError as err:
+            raise ConfigError(str(err)) from None
+        flags["preset"] = preset_layer.pop("preset", preset)
+    return make_config(file_layer, preset_layer, flags)
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from pipelines.job import RunOptions, run_prune, summary_table
+
+    cfg = build_config(args)
+    options = RunOptions(**{name: getattr(args, name) for name in _RUN_OPTIONS})
+    result = run_prune(cfg, options)
+    print(summary_table(result))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from pipelines.reevaluate import reevaluate
+
+    print(reevaluate(args))
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from pipelines.compare import main as compare_main
+
+    compare_main(args.experiment, args.tracking_uri, args.out)
+    return 0
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from tune.cli import run_tune
+
+    return run_tune(args)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="elsa", description="Prune LLMs to extreme sparsity with ELSA (surrogate-free ADMM) on Ray.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    prune = commands.add_parser("prune", help="run one pruning job", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_config_options(prune)
+    _add_run_options(prune)
+    prune.set_defaults(handler=_cmd_prune)
+
+    evaluate = commands.add_parser("eval", help="re-evaluate a checkpoint directory or an MLflow run")
+    evaluate.add_argument("--run", required=True, help="checkpoint directory or MLflow run id")
+    evaluate.add_argument("--eval-datasets", nargs="*", default=["wikitext2-bundled"])
+    evaluate.add_argument("--eval-seqlen", type=int, default=256)
+    evaluate.add_argument("--eval-max-windows", type=int, default=32)
+    evaluate.add_argument("--lm-eval-tasks", nargs="*", default=[])
+    evaluate.add_argument("--lm-eval-limit", type=int, default=None)
+    evaluate.add_argument("--gpu", action="store_true")
+    evaluate.add_argument("--address", default=None)
+    evaluate.add_argument("--tracking-uri", default=None)
+    evaluate.set_defaults(handler=_cmd_eval)
+
+    compare = commands.add_parser("compare", help="table and plots of an MLflow experiment's runs")
+    compare.add_argument("--experiment", default="elsa")
+    compare.add_argument("--tracking-uri", default=None)
+    compare.add_argument("--out", default="outputs/compare")
+    compare.set_defaults(handler=_cmd_compare)
+
+    tune = commands.add_parser("tune", help="Ray Tune search over lr, lambda and schedules")
+    try:
+        from tune.cli import add_tune_arguments
+
+        add_tune_arguments(tune)
+    except ImportError:  # pragma: no cover - tune ships with the package
+        pass
+    tune.set_defaults(handler=_cmd_tune)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = make_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        print("elsa: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # one line for the user; the traceback is in the logs / MLflow tag
+        if os.environ.get("ELSA_DEBUG"):
+            raise
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"elsa: error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""Evaluation as downstream Ray tasks: perplexity per dataset and lm-eval zero-shot, in parallel.
+
+Each task loads the pruned checkpoint itself (so tasks can land on any node, each on a GPU
+where there is one) and returns ``{metric: value}``. A failing task is reported, not fatal:
+the checkpoint is already saved and logged when evaluation starts.
+"""
+from __future__ import annotations
+
+import ray
+
+
+@ray.remote
+def perplexity_task(checkpoint_dir: str, dataset: str, seqlen: int, max_windows: int | None) -> dict:
+    import torch
+
+    from elsa.api import evaluate_perplexity
+    from elsa.models import load_model, load_tokenizer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(checkpoint_dir, device=device)
+    tokenizer = load_tokenizer(checkpoint_dir)
+    return evaluate_perplexity(model, tokenizer, [dataset], seqlen, max_windows)
+
+
+@ray.remote
+def zero_shot_task(checkpoint_dir: str, tasks: list[str], limit: int | None) -> dict:
+    import torch
+
+    from pipelines.zero_shot import average_accuracy, run_zero_shot
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    results = run_zero_shot(checkpoint_dir, tasks, limit=limit, device=device)
+    metrics = {f"acc_{task}": r["acc"] for task, r in results.items()}
+    metrics["zero_shot_avg"] = average_accuracy(results)
+    return metrics
+
+
+def run_evaluation(checkpoint_dir: str, cfg, use_gpu: bool = False) -> tuple[dict, dict]:
+    """Launch every evaluation at once; returns (metrics, errors by evaluation name)."""
+    resources = {"num_gpus": 1} if use_gpu else {"num_cpus": 1}
+    seqlen = cfg.eval_seqlen or cfg.seqlen
+    pending = {
+        f"ppl_{name}": perplexity_task.options(**resources).remote(checkpoint_dir, name, seqlen, cfg.eval_max_windows)
+        for name in cfg.eval_datasets
+    }
+    if cfg.lm_eval_tasks:
+        pending["zero_shot"] = zero_shot_task.options(**resources).remote(checkpoint_dir, list(cfg.lm_eval_tasks), cfg.lm_eval_limit)
+    metrics, errors = {}, {}
+    for name, ref in pending.items():
+        try:
+            metrics.update(ray.get(ref))
+        except Exception as err:  # noqa: BLE001 - reported to the user and to MLflow
+            errors[name] = f"{type(err).__name__}: {str(err).splitlines()[-1] if str(err) else ''}"
+    return metrics, errors

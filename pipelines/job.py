@@ -1,0 +1,144 @@
+"""One ``elsa prune``: config -> MLflow run -> Ray Train (or a one-shot task) -> checkpoint -> eval.
+
+Order matters for the user: everything that can be wrong with the input is checked before Ray
+starts; the checkpoint is written and logged before evaluation begins, so a failing evaluation
+never costs the pruned model; the MLflow run is closed FAILED with the reason on any error.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from elsa.config import PruneConfig
+from pipelines import tracking
+
+
+@dataclass
+class RunOptions:
+    """How and where to run (not part of the method's config)."""
+
+    output: str = "outputs/pruned"
+    workers: int = 1
+    gpu: bool = False
+    address: str | None = None
+    storage_path: str | None = None
+    tracking_uri: str | None = None
+    experiment: str = tracking.DEFAULT_EXPERIMENT
+    run_name: str | None = None
+    no_eval: bool = False
+    max_failures: int = 0
+    cpus_per_worker: float | None = None
+    parent_run_id: str | None = None
+    extra_tags: dict = field(default_factory=dict)
+
+
+@dataclass
+class JobResult:
+    run_id: str
+    checkpoint_dir: str
+    metrics: dict
+    eval_errors: dict
+    wall_s: float
+
+
+def init_ray(address: str | None, num_cpus: int | None = None) -> None:
+    """Join ``address`` (or RAY_ADDRESS) when given, else start Ray locally."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"), "HF_DATASETS_OFFLINE": os.environ.get("HF_DATASETS_OFFLINE", "0")}}
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, runtime_env=env, log_to_driver=True)
+
+
+def run_prune(cfg: PruneConfig, options: RunOptions, echo=print) -> JobResult:
+    """The whole job; raises with a one-line reason on failure (the run is marked FAILED)."""
+    uri = tracking.resolve_tracking_uri(options.tracking_uri)
+    tracking.check_reachable(uri)
+    if options.workers < 1:
+        raise ValueError(f"--workers {options.workers} must be >= 1")
+    cfg_dict = cfg.model_dump(mode="json")
+    run_id = tracking.start_run(
+        uri, options.experiment, cfg_dict, run_name=options.run_name,
+        tags={"workers": str(options.workers), **options.extra_tags}, parent_run_id=options.parent_run_id,
+    )
+    echo(f"MLflow run {run_id} ({uri}, experiment {options.experiment!r})")
+    started = time.perf_counter()
+    try:
+        init_ray(options.address)
+        output = str(Path(options.output).resolve())
+        train_metrics = _prune(cfg, options, output, {"uri": uri, "run_id": run_id})
+        tracking.log_metrics(uri, run_id, train_metrics, cfg.steps)
+        _log_outputs(uri, run_id, output)
+        metrics, errors = {}, {}
+        if not options.no_eval:
+            from pipelines.evaluation import run_evaluation
+
+            echo("evaluating: " + ", ".join(cfg.eval_datasets + list(cfg.lm_eval_tasks)))
+            metrics, errors = run_evaluation(output, cfg, use_gpu=options.gpu)
+            tracking.log_metrics(uri, run_id, metrics)
+            if errors:
+                tracking.client(uri).set_tag(run_id, "eval_errors", json.dumps(errors)[:5000])
+        metrics = {**train_metrics, **metrics}
+        tracking.end_run(uri, run_id, "FINISHED")
+    except BaseException as err:
+        tracking.client(uri).set_tag(run_id, "error", f"{type(err).__name__}: {err}"[:5000])
+        tracking.end_run(uri, run_id, "FAILED" if not isinstance(err, KeyboardInterrupt) else "KILLED")
+        raise
+    return JobResult(run_id, output, metrics, errors, time.perf_counter() - started)
+
+
+def _prune(cfg: PruneConfig, options: RunOptions, output: str, tracking_info: dict) -> dict:
+    """ELSA trains under Ray Train; one-shot baselines run as one Ray task."""
+    if cfg.method == "elsa":
+        from pipelines.train_job import run_training
+
+        resources = {"CPU": options.cpus_per_worker} if options.cpus_per_worker else None
+        result = run_training(
+            cfg, output, tracking_info, workers=options.workers, use_gpu=options.gpu,
+            storage_path=options.storage_path, name=options.run_name or f"elsa-{tracking_info['run_id'][:8]}",
+            max_failures=options.max_failures, resources_per_worker=resources,
+        )
+        if result.error:
+            raise result.error
+        from pipelines.train_job import FINAL_METRICS_FILE
+
+        final = json.loads((Path(output) / FINAL_METRICS_FILE).read_text())
+        return {k: v for k, v in final.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    import ray
+
+    from pipelines.oneshot import oneshot_task
+
+    resources = {"num_gpus": 1} if options.gpu else {"num_cpus": 1}
+    return ray.get(oneshot_task.options(**resources).remote(cfg.model_dump(mode="json"), output, tracking_info))
+
+
+def _log_outputs(uri: str, run_id: str, output: str) -> None:
+    """Checkpoint, sparsity report and per-layer plot as artifacts of the run."""
+    from pipelines.plots import plot_layer_sparsity
+
+    out = Path(output)
+    report = json.loads((out / "sparsity_report.json").read_text())
+    plot = plot_layer_sparsity(report, out / "layer_sparsity.png")
+    mlflow_client = tracking.client(uri)
+    mlflow_client.log_artifacts(run_id, str(out), artifact_path="checkpoint")
+    mlflow_client.log_artifact(run_id, str(plot))
+    mlflow_client.log_artifact(run_id, str(out / "sparsity_report.json"))
+
+
+def summary_table(result: JobResult) -> str:
+    """What the user reads at the end: the numbers and where everything went."""
+    lines = [f"run id      {result.run_id}", f"checkpoint  {result.checkpoint_dir}", f"wall time   {result.wall_s:.1f} s"]
+    for key in sorted(result.metrics):
+        value = result.metrics[key]
+        lines.append(f"{key:<28}{value:.6g}" if isinstance(value, float) else f"{key:<28}{value}")
+    for key, error in result.eval_errors.items():
+        lines.append(f"{key:<28}FAILED: {error}")
+    return "\n".join(lines)

@@ -1,0 +1,27 @@
+"""One-shot, layer-wise baselines (magnitude, Wanda, SparseGPT) as one Ray task."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import ray
+
+
+@ray.remote
+def oneshot_task(cfg_dict: dict, output: str, tracking_info: dict | None) -> dict:
+    from elsa.api import prune_model
+    from elsa.config import PruneConfig
+    from elsa.export import save_checkpoint
+
+    cfg = PruneConfig(**cfg_dict)
+    log = None
+    if tracking_info:
+        from pipelines.tracking import RunLogger
+
+        log = RunLogger(tracking_info["uri"], tracking_info["run_id"])
+    result = prune_model(cfg, log=log)
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sparsity_report.json").write_text(json.dumps(result.report, indent=1))
+    save_checkpoint(result.model, result.tokenizer, out, metadata={"config": cfg.model_dump(mode="json"), "overall_sparsity": result.report["overall_sparsity"]})
+    return {"overall_sparsity": result.report["overall_sparsity"], "prune_s": result.wall_s}

@@ -1,0 +1,200 @@
+"""The Ray Train job: ``TorchTrainer`` workers run ELSA's loop on an FSDP2-sharded model.
+
+Each worker loads the model, shards it (``fully_shard`` per decoder block, then the root; bf16
+mixed precision on GPU, fp32 on CPU/gloo; no sharding with one worker), builds the ADMM
+optimiser on the shards, and runs :func:`elsa.loop.train` on its slice of every global batch.
+Checkpoints (model + base optimiser + z and u, via torch.distributed.checkpoint) go through
+``ray.train.report`` every ``checkpoint_interval`` steps; a restarted worker group resumes from
+the latest. At the end, rank 0 writes the consolidated Hugging Face checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from elsa.config import PruneConfig
+from elsa.export import save_checkpoint
+from elsa.loop import BatchSampler, LoopHooks, build_admm, lr_factor, train
+from elsa.models import load_model, load_tokenizer
+from elsa.perplexity import nll_sum
+from elsa.targets import decoder_blocks, sparsity_report
+
+STATE_FILE = "elsa_state.json"
+FINAL_METRICS_FILE = "final_metrics.json"
+
+
+def shard_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """FSDP2: one unit per decoder block, then the root (bf16 compute on GPU)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
+    _, blocks = decoder_blocks(model)
+    for block in blocks:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _validation_loss(model, blocks: torch.Tensor, rank: int, world: int):
+    """Mean NLL of the validation blocks, split over ranks and summed across them."""
+
+    def compute() -> float:
+        mine = blocks[rank::world]
+        total, count = nll_sum(model, mine) if len(mine) else (0.0, 0)
+        sums = torch.tensor([total, float(count)], dtype=torch.float64)
+        if _distributed():
+            dist.all_reduce(sums)
+        return float(sums[0] / max(sums[1], 1.0))
+
+    return compute
+
+
+def _save_state(model, admm, step: int, directory: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, admm)}
+    dcp.save(state, checkpoint_id=str(directory))
+    if not _distributed() or dist.get_rank() == 0:
+        (directory / STATE_FILE).write_text(json.dumps({"step": step}))
+
+
+def _load_state(model, admm, directory: Path) -> int:
+    """Restore model and optimiser (z, u, Adam) in place; returns the step to resume from."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    optim_state = get_optimizer_state_dict(model, admm)  # first: it initialises the base state
+    state = {"model": get_model_state_dict(model), "optim": optim_state}
+    dcp.load(state, checkpoint_id=str(directory))
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, admm, state["optim"])
+    return int(json.loads((directory / STATE_FILE).read_text())["step"])
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Entry point of every Ray Train worker. ``config``: {"cfg": dict, "output": str, "tracking": ...}."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    cfg = PruneConfig(**config["cfg"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
+    torch.manual_seed(cfg.seed)
+
+    model = load_model(cfg.model).to(device)
+    tokenizer = load_tokenizer(cfg.model)
+    if world > 1:
+        shard_model(model, device)
+    admm, scheduler = build_admm(model, cfg)
+    sampler = BatchSampler(tokenizer, cfg, rank=rank, world=world)
+    logger = _make_logger(config.get("tracking"), rank)
+
+    start = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            start = _load_state(model, admm, Path(directory))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(admm, lr_factor(cfg), last_epoch=start - 1)
+        logger({"resumed_from_step": start}, start)
+
+    def on_metrics(metrics: dict, step: int) -> None:
+        logger(metrics, step)
+        if "val_loss_projected" in metrics:  # what Tune's schedulers watch
+            ray.train.report({**metrics, "step": step})
+
+    def on_checkpoint(step: int) -> None:
+        with tempfile.TemporaryDirectory() as directory:
+            _save_state(model, admm, step, Path(directory))
+            ray.train.report({"step": step, "checkpoint_step": step}, checkpoint=Checkpoint.from_directory(directory))
+
+    hooks = LoopHooks(on_metrics=on_metrics, on_checkpoint=on_checkpoint, validation_loss=_validation_loss(model, sampler.validation(), rank, world))
+    started = time.perf_counter()
+    history = train(model, admm, scheduler, sampler, cfg, hooks, start_step=start)
+    train_seconds = time.perf_counter() - started
+    admm.final_projection()
+    final = _export(model, tokenizer, admm, cfg, config["output"], rank)
+    final.update(train_s=train_seconds, steps_run=cfg.steps - start)
+    if history:
+        final["final_val_loss_projected"] = next((h["val_loss_projected"] for h in reversed(history) if "val_loss_projected" in h), float("nan"))
+    logger({k: v for k, v in final.items() if isinstance(v, (int, float))}, cfg.steps)
+    if rank == 0:  # Result.metrics belong to the last checkpoint: the driver reads this file
+        (Path(config["output"]) / FINAL_METRICS_FILE).write_text(json.dumps(final, indent=1))
+    ray.train.report({**final, "step": cfg.steps})
+
+
+def _make_logger(tracking: dict | None, rank: int):
+    if rank != 0 or not tracking:
+        return lambda metrics, step: None
+    from pipelines.tracking import RunLogger
+
+    return RunLogger(tracking["uri"], tracking["run_id"])
+
+
+def _export(model, tokenizer, admm, cfg: PruneConfig, output: str, rank: int) -> dict:
+    """Gather the full model on rank 0, verify per-matrix sparsity, write the HF checkpoint."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    result: dict = {}
+    if rank == 0:
+        weights = {t.name: full[t.name] for t in admm.targets}
+        report = sparsity_report(admm.targets, weights)
+        out = Path(output)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "sparsity_report.json").write_text(json.dumps(report, indent=1))
+        if not report["all_ok"]:
+            bad = next(r for r in report["matrices"] if not r["ok"])
+            raise RuntimeError(f"sparsity check failed: {bad['name']} has {bad['zeros']} zeros, expected >= {bad['expected_zeros']}")
+        export_model = model if not _distributed() else _unsharded_copy(cfg, full)
+        save_checkpoint(export_model, tokenizer, out, metadata={"config": cfg.model_dump(mode="json"), "overall_sparsity": report["overall_sparsity"]})
+        result = {"overall_sparsity": report["overall_sparsity"], "checkpoint_dir": str(out)}
+    if _distributed():
+        dist.barrier()
+    return result
+
+
+def _unsharded_copy(cfg: PruneConfig, full: dict) -> torch.nn.Module:
+    """A plain model holding the gathered weights (FSDP's modules cannot be saved as HF)."""
+    model = load_model(cfg.model)
+    missing, unexpected = model.load_state_dict(full, strict=False)
+    tied = {name for name in missing if name.endswith("lm_head.weight")}
+    if unexpected or set(missing) - tied:
+        raise RuntimeError(f"gathered state does not fit the model: missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]}")
+    return model
+
+
+def run_training(cfg: PruneConfig, output: str, tracking: dict | None, workers: int = 1, use_gpu: bool = False, storage_path: str | None = None, name: str | None = None, max_failures: int = 0, resources_per_worker: dict | None = None):
+    """Run the TorchTrainer to completion; returns the ``ray.train.Result``."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "output": str(Path(output).resolve()), "tracking": tracking},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources_per_worker),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path or str(Path(os.environ.get("ELSA_STORAGE", "elsa-runs")).resolve()),
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    return trainer.fit()

@@ -1,0 +1,102 @@
+"""Presets: the paper's Table 5 and the best configurations found by searches.
+
+``elsa prune --preset paper`` takes the paper's lr / lambda / schedule for the nearest known
+model and sparsity; ``--preset FILE`` takes the entry of a preset file written by ``elsa tune``
+for the model and the nearest sparsity. Both are plain data (YAML) under version control.
+"""
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+# parameter counts of the paper's models, to pick the nearest one for another model
+_PAPER_SIZES = {
+    "facebook/opt-125m": 125e6,
+    "facebook/opt-1.3b": 1.3e9,
+    "google/gemma-2-2b": 2.6e9,
+    "meta-llama/Llama-3.2-3B": 3.2e9,
+    "meta-llama/Llama-2-7b-hf": 6.7e9,
+    "meta-llama/Llama-2-13b-hf": 13e9,
+    "google/gemma-2-27b": 27e9,
+}
+_KNOWN_SIZES = {"smollm2-135m": 135e6}
+
+
+class PresetError(ValueError):
+    """No preset entry fits; the message says which ones exist."""
+
+
+def paper_table() -> dict:
+    return yaml.safe_load(resources.files("tune").joinpath("presets/paper.yaml").read_text())
+
+
+def nearest_paper_model(model: str, n_params: float | None = None) -> str:
+    """The paper's model matching ``model`` by name, else the nearest by parameter count."""
+    lowered = model.lower()
+    for name in _PAPER_SIZES:
+        if name.lower() == lowered or name.split("/")[-1].lower() in lowered:
+            return name
+    size = n_params or _KNOWN_SIZES.get(lowered)
+    if size is None:
+        return "facebook/opt-125m"
+    return min(_PAPER_SIZES, key=lambda name: abs(_PAPER_SIZES[name] - size) / _PAPER_SIZES[name])
+
+
+def _nearest_key(keys, sparsity: float) -> float:
+    return min(keys, key=lambda s: (abs(float(s) - sparsity), -float(s)))
+
+
+def paper_preset(model: str, sparsity: float, n_params: float | None = None) -> dict:
+    """Config overrides from Table 5 (cosine schedules rise from lambda 0 to the table value)."""
+    table = paper_table()
+    name = nearest_paper_model(model, n_params)
+    entry = table["models"][name]
+    level = _nearest_key(entry["settings"], sparsity)
+    lr, lmda = entry["settings"][level]
+    overrides = dict(table["shared"])
+    overrides.update(entry.get("extra", {}))
+    overrides["lr"] = float(lr)
+    if entry["lmda_schedule"] == "constant":
+        overrides.update(lmda=float(lmda), lmda_schedule="constant")
+    else:
+        overrides.update(lmda=0.0, lmda_final=float(lmda), lmda_schedule=entry["lmda_schedule"])
+    overrides["betas"] = tuple(overrides["betas"])
+    overrides["preset"] = f"paper:{name}@{level}"
+    return overrides
+
+
+def write_preset_file(path: str | Path, entries: list[dict]) -> Path:
+    """Write ``[{model, sparsity, config: {...}, metric...}]`` as a preset file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump({"presets": entries}, sort_keys=False))
+    return path
+
+
+def file_preset(path: str | Path, model: str, sparsity: float | None) -> dict:
+    """The entry of a preset file for ``model`` at the nearest sparsity."""
+    path = Path(path)
+    if not path.is_file():
+        raise PresetError(f"preset {str(path)!r} is neither 'paper' nor an existing preset file")
+    entries = (yaml.safe_load(path.read_text()) or {}).get("presets") or []
+    mine = [e for e in entries if e.get("model") == model] or entries
+    if not mine:
+        raise PresetError(f"preset file {str(path)!r} holds no entries")
+    if sparsity is None:
+        chosen = mine[0]
+    else:
+        chosen = min(mine, key=lambda e: abs(float(e["sparsity"]) - sparsity))
+    overrides = dict(chosen["config"])
+    overrides["preset"] = f"{path.name}:{chosen.get('model')}@{chosen.get('sparsity')}"
+    return overrides
+
+
+def preset_overrides(preset: str, model: str, sparsity: float | None) -> dict:
+    """Resolve ``--preset`` (``paper`` or a file) into config overrides."""
+    if preset == "paper":
+        if sparsity is None:
+            raise PresetError("--preset paper needs --sparsity to choose the table row")
+        return paper_preset(model, sparsity)
+    return file_preset(preset, model, sparsity)
