@@ -89,6 +89,7 @@ class PruneConfig(BaseModel):
     eval_max_windows: int | None = 32
     lm_eval_tasks: list[str] = Field(default_factory=list)
     lm_eval_limit: int | None = None
+    lm_eval_include: str | None = None  # a directory of extra lm-eval task YAMLs
     seed: int = 0
 
     # running

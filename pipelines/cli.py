@@ -22,14 +22,20 @@ def _option(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _strip_optional(annotation):
+    """``X | None`` -> ``X``; anything else unchanged."""
+    args = typing.get_args(annotation)
+    if type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0] if len(rest) == 1 else annotation
+    return annotation
+
+
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
     """One option per PruneConfig field, typed from its annotation; default None (= unset)."""
     group = parser.add_argument_group("method config (any field of PruneConfig)")
     for name, info in PruneConfig.model_fields.items():
-        annotation = info.annotation
-        origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-        inner = [a for a in args if a is not type(None)] if args else [annotation]
-        kind = inner[0] if len(inner) == 1 else annotation
+        kind = _strip_optional(info.annotation)
         help_text = f"(default: {info.default!r})" if info.default is not None or info.default_factory is None else ""
         if kind is bool:
             group.add_argument(_option(name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
@@ -37,7 +43,7 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
             group.add_argument(_option(name), choices=list(typing.get_args(kind)), default=None, help=help_text)
         elif typing.get_origin(kind) is list:
             group.add_argument(_option(name), nargs="*", default=None, help=help_text)
-        elif typing.get_origin(kind) is tuple or origin is tuple:
+        elif typing.get_origin(kind) is tuple:
             group.add_argument(_option(name), nargs=2, type=float, default=None, help=help_text)
         elif kind in (int, float, str):
             group.add_argument(_option(name), type=kind, default=None, help=help_text)

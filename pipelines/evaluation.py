@@ -23,13 +23,13 @@ def perplexity_task(checkpoint_dir: str, dataset: str, seqlen: int, max_windows:
 
 
 @ray.remote
-def zero_shot_task(checkpoint_dir: str, tasks: list[str], limit: int | None) -> dict:
+def zero_shot_task(checkpoint_dir: str, tasks: list[str], limit: int | None, include_path: str | None = None) -> dict:
     import torch
 
     from pipelines.zero_shot import average_accuracy, run_zero_shot
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    results = run_zero_shot(checkpoint_dir, tasks, limit=limit, device=device)
+    results = run_zero_shot(checkpoint_dir, tasks, limit=limit, device=device, include_path=include_path)
     metrics = {f"acc_{task}": r["acc"] for task, r in results.items()}
     metrics["zero_shot_avg"] = average_accuracy(results)
     return metrics
@@ -44,7 +44,7 @@ def run_evaluation(checkpoint_dir: str, cfg, use_gpu: bool = False) -> tuple[dic
         for name in cfg.eval_datasets
     }
     if cfg.lm_eval_tasks:
-        pending["zero_shot"] = zero_shot_task.options(**resources).remote(checkpoint_dir, list(cfg.lm_eval_tasks), cfg.lm_eval_limit)
+        pending["zero_shot"] = zero_shot_task.options(**resources).remote(checkpoint_dir, list(cfg.lm_eval_tasks), cfg.lm_eval_limit, cfg.lm_eval_include)
     metrics, errors = {}, {}
     for name, ref in pending.items():
         try:

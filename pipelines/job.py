@@ -58,12 +58,25 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
         ray.init(num_cpus=num_cpus, runtime_env=env, log_to_driver=True)
 
 
-def run_prune(cfg: PruneConfig, options: RunOptions, echo=print) -> JobResult:
-    """The whole job; raises with a one-line reason on failure (the run is marked FAILED)."""
-    uri = tracking.resolve_tracking_uri(options.tracking_uri)
-    tracking.check_reachable(uri)
+def preflight(cfg: PruneConfig, options: RunOptions) -> str:
+    """Everything checkable before Ray starts: model name, data, tracking server, resources."""
+    from elsa.data import load_text
+    from elsa.models import resolve_model
+
     if options.workers < 1:
         raise ValueError(f"--workers {options.workers} must be >= 1")
+    if cfg.batch_size % options.workers:
+        raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of --workers {options.workers}")
+    resolve_model(cfg.model)
+    load_text(cfg.data, "train")  # offline and not cached: fails here, naming the dataset
+    uri = tracking.resolve_tracking_uri(options.tracking_uri)
+    tracking.check_reachable(uri)
+    return uri
+
+
+def run_prune(cfg: PruneConfig, options: RunOptions, echo=print) -> JobResult:
+    """The whole job; raises with a one-line reason on failure (the run is marked FAILED)."""
+    uri = preflight(cfg, options)
     cfg_dict = cfg.model_dump(mode="json")
     run_id = tracking.start_run(
         uri, options.experiment, cfg_dict, run_name=options.run_name,

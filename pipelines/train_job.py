@@ -123,6 +123,7 @@ def train_loop_per_worker(config: dict) -> None:
         with tempfile.TemporaryDirectory() as directory:
             _save_state(model, admm, step, Path(directory))
             ray.train.report({"step": step, "checkpoint_step": step}, checkpoint=Checkpoint.from_directory(directory))
+        _maybe_inject_failure(config.get("inject_failure"), step)
 
     hooks = LoopHooks(on_metrics=on_metrics, on_checkpoint=on_checkpoint, validation_loss=_validation_loss(model, sampler.validation(), rank, world))
     started = time.perf_counter()
@@ -137,6 +138,16 @@ def train_loop_per_worker(config: dict) -> None:
     if rank == 0:  # Result.metrics belong to the last checkpoint: the driver reads this file
         (Path(config["output"]) / FINAL_METRICS_FILE).write_text(json.dumps(final, indent=1))
     ray.train.report({**final, "step": cfg.steps})
+
+
+def _maybe_inject_failure(spec: dict | None, step: int) -> None:
+    """Fault injection for resume tests: fail once, right after the checkpoint of ``spec['step']``."""
+    if not spec or step != spec["step"]:
+        return
+    marker = Path(spec["marker"])
+    if not marker.exists():
+        marker.write_text(str(step))
+        raise RuntimeError(f"injected worker failure after the checkpoint of step {step}")
 
 
 def _make_logger(tracking: dict | None, rank: int):
@@ -180,14 +191,17 @@ def _unsharded_copy(cfg: PruneConfig, full: dict) -> torch.nn.Module:
     return model
 
 
-def run_training(cfg: PruneConfig, output: str, tracking: dict | None, workers: int = 1, use_gpu: bool = False, storage_path: str | None = None, name: str | None = None, max_failures: int = 0, resources_per_worker: dict | None = None):
-    """Run the TorchTrainer to completion; returns the ``ray.train.Result``."""
+def run_training(cfg: PruneConfig, output: str, tracking: dict | None, workers: int = 1, use_gpu: bool = False, storage_path: str | None = None, name: str | None = None, max_failures: int = 0, resources_per_worker: dict | None = None, extra: dict | None = None):
+    """Run the TorchTrainer to completion; returns the ``ray.train.Result``.
+
+    ``extra`` entries join the workers' config (e.g. ``inject_failure`` in tests).
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "output": str(Path(output).resolve()), "tracking": tracking},
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "output": str(Path(output).resolve()), "tracking": tracking, **(extra or {})},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources_per_worker),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(

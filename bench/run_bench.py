@@ -1,0 +1,147 @@
+"""The real-model benchmark: dense, magnitude, Wanda, SparseGPT and ELSA (both penalty modes).
+
+Same model, same calibration text (bundled enwiki sample), same evaluation windows (bundled
+WikiText-2 test, never used for calibration), sparsity 50-90%. Each cell runs in its own
+process (``bench/run_one.py``) so its wall time and peak memory are its own; each is an MLflow
+run of one experiment, so ``elsa compare --experiment bench`` shows the sweep. Results
+accumulate in ``results.json`` and a finished cell is skipped on a rerun (``--force`` redoes it).
+
+    python bench/run_bench.py --out bench/results
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = ("dense", "magnitude", "wanda", "sparsegpt", "elsa-coupled", "elsa-decoupled")
+
+
+def cell_config(method: str, sparsity: float, args) -> dict:
+    """PruneConfig fields of one cell; ELSA's come from the paper (coupled) or ELSA.md (decoupled)."""
+    base = {"model": args.model, "seqlen": args.seqlen, "seed": args.seed, "data": "enwiki-sample"}
+    if method in ("dense", "magnitude", "wanda", "sparsegpt"):
+        return {**base, "method": method, "sparsity": sparsity, "calib_blocks": args.calib_blocks}
+    elsa = {**base, "method": "elsa", "sparsity": sparsity, "steps": args.steps, "batch_size": args.batch_size,
+            "interval": args.interval, "eval_interval": args.eval_interval, "val_blocks": args.val_blocks, "projection": "fisher"}
+    if method == "elsa-coupled":
+        from tune.presets import paper_preset
+
+        paper = paper_preset(args.model, sparsity)
+        keep = ("lr", "lmda", "lmda_final", "lmda_schedule")
+        return {**elsa, **{k: paper[k] for k in keep if k in paper}, "penalty": "coupled"}
+    return {**elsa, "penalty": "decoupled", "lr": args.decoupled_lr, "rho": args.rho,
+            "rho_final": args.rho_final, "rho_schedule": args.rho_schedule, "lmda": 0.0}
+
+
+def run_cell(method: str, sparsity: float, args, uri: str, experiment: str) -> dict:
+    from pipelines import tracking
+
+    cfg = cell_config(method, sparsity, args)
+    penalty = cfg.get("penalty") if cfg["method"] == "elsa" else None
+    tags = {"bench": "1"}
+    params = {**cfg, "method": "elsa" if method.startswith("elsa") else method, "penalty": penalty, "sparsity": 0.0 if method == "dense" else sparsity}
+    run_id = tracking.start_run(uri, experiment, params, run_name=f"{method}-{sparsity}", tags=tags)
+    out = Path(args.out) / "cells" / f"{method}-{sparsity}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, str(REPO / "bench" / "run_one.py"), "--config", json.dumps(cfg),
+               "--eval-seqlen", str(args.eval_seqlen), "--eval-windows", str(args.eval_windows),
+               "--tracking", json.dumps({"uri": uri, "run_id": run_id}), "--out", str(out)]
+    started = time.perf_counter()
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    if proc.returncode != 0:
+        tracking.client(uri).set_tag(run_id, "error", proc.stderr[-4000:])
+        tracking.end_run(uri, run_id, "FAILED")
+        return {"method": method, "sparsity": sparsity, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+    record = json.loads(out.read_text())
+    record.update(method=method, sparsity=sparsity, penalty=penalty, total_s=time.perf_counter() - started, config=cfg, mlflow_run_id=run_id)
+    tracking.log_metrics(uri, run_id, {k: v for k, v in record.items() if k.startswith("ppl_") or k in ("prune_s", "peak_rss_mb")})
+    tracking.end_run(uri, run_id, "FINISHED")
+    return record
+
+
+def write_reports(results: list[dict], out_dir: Path, metric: str, args) -> None:
+    """results.json, results.md (table with ratios to dense) and ppl_vs_sparsity.png."""
+    from pipelines.compare import plot_ppl_vs_sparsity
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps({"command": " ".join(sys.argv), "settings": vars(args), "results": results}, indent=1))
+    ok = [r for r in results if "error" not in r]
+    dense = next((r[metric] for r in ok if r["method"] == "dense"), None)
+    rows = []
+    for r in ok:
+        if r["method"] == "dense":
+            continue
+        rows.append({"model": args.model, "method": r["method"].split("-")[0], "penalty": r.get("penalty"), "sparsity": r["sparsity"], "status": None, "metrics": {metric: r[metric]}})
+    if rows:
+        plot_ppl_vs_sparsity(rows, out_dir / "ppl_vs_sparsity.png", metric=metric)
+    lines = [f"# Benchmark: {args.model}", "", f"Command: `{' '.join(sys.argv)}`", "",
+             f"Perplexity: {metric.removeprefix('ppl_')}, {args.eval_windows} windows of {args.eval_seqlen} tokens"
+             + (f"; dense {dense:.2f}" if dense else ""), "",
+             "| method | sparsity | ppl | ppl / dense | prune time (s) | peak RSS (MB) |", "|---|---|---|---|---|---|"]
+    for r in sorted(ok, key=lambda r: (r["sparsity"], METHODS.index(r["method"]))):
+        ratio = f"{r[metric] / dense:.2f}" if dense else "-"
+        lines.append(f"| {r['method']} | {r['sparsity']:.1f} | {r[metric]:.2f} | {ratio} | {r['prune_s']:.0f} | {r['peak_rss_mb']:.0f} |")
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['method']} | {r['sparsity']:.1f} | FAILED: {r['error'][:80]} | | | |")
+    (out_dir / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.6, 0.7, 0.8, 0.9])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--seqlen", type=int, default=256)
+    parser.add_argument("--calib-blocks", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=64, help="ELSA steps per run")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--interval", type=int, default=32)
+    parser.add_argument("--eval-interval", type=int, default=32)
+    parser.add_argument("--val-blocks", type=int, default=4)
+    parser.add_argument("--decoupled-lr", type=float, default=5e-4)
+    parser.add_argument("--rho", type=float, default=0.03)
+    parser.add_argument("--rho-final", type=float, default=None)
+    parser.add_argument("--rho-schedule", default="constant")
+    parser.add_argument("--eval-seqlen", type=int, default=512)
+    parser.add_argument("--eval-windows", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--experiment", default="bench")
+    parser.add_argument("--tracking-uri", default=None)
+    parser.add_argument("--force", action="store_true", help="rerun cells already in results.json")
+    args = parser.parse_args(argv)
+
+    from pipelines import tracking
+
+    uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    tracking.check_reachable(uri)
+    out_dir = Path(args.out)
+    previous = out_dir / "results.json"
+    results = json.loads(previous.read_text())["results"] if previous.is_file() else []
+    metric = "ppl_wikitext2-bundled"
+    cells = [("dense", 0.0)] if "dense" in args.methods else []
+    cells += [(m, s) for s in args.sparsities for m in args.methods if m != "dense"]
+    for method, sparsity in cells:
+        done = [r for r in results if r["method"] == method and r["sparsity"] == sparsity and "error" not in r]
+        if done and not args.force:
+            continue
+        results = [r for r in results if not (r["method"] == method and r["sparsity"] == sparsity)]
+        print(f"[bench] {method} @ {sparsity:.1f} ...", flush=True)
+        record = run_cell(method, sparsity, args, uri, args.experiment)
+        results.append(record)
+        shown = f"ppl {record[metric]:.2f}, {record['prune_s']:.0f} s" if "error" not in record else f"FAILED: {record['error']}"
+        print(f"[bench] {method} @ {sparsity:.1f}: {shown}", flush=True)
+        write_reports(results, out_dir, metric, args)
+    write_reports(results, out_dir, metric, args)
+    print((out_dir / "results.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

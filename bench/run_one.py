@@ -1,0 +1,71 @@
+"""One benchmark cell: prune one model with one method at one sparsity, evaluate, print JSON.
+
+Run as its own process by ``bench/run_bench.py`` so that the wall time and the peak memory
+(``ru_maxrss``) belong to this method alone.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+
+import torch
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", required=True, help="PruneConfig fields as JSON; method 'dense' skips pruning")
+    parser.add_argument("--eval-datasets", nargs="+", default=["wikitext2-bundled"])
+    parser.add_argument("--eval-seqlen", type=int, default=512)
+    parser.add_argument("--eval-windows", type=int, default=32)
+    parser.add_argument("--tracking", default=None, help='JSON {"uri": ..., "run_id": ...} for step metrics')
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+
+    from elsa.api import evaluate_perplexity, prune_model
+    from elsa.config import make_config
+    from elsa.models import load_model, load_tokenizer
+
+    fields = json.loads(args.config)
+    dense = fields.get("method") == "dense"
+    if dense:
+        fields = {**fields, "method": "magnitude", "sparsity": fields.get("sparsity") or 0.5}
+    cfg = make_config(fields)
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_model(cfg.model), load_tokenizer(cfg.model)
+    log = None
+    if args.tracking:
+        from pipelines.tracking import RunLogger
+
+        tracking = json.loads(args.tracking)
+        log = RunLogger(tracking["uri"], tracking["run_id"])
+    started = time.perf_counter()
+    history: list = []
+    if not dense:
+        result = prune_model(cfg, model=model, tokenizer=tokenizer, log=log)
+        history = result.summary.get("history", [])
+        sparsity = result.report["overall_sparsity"]
+    else:
+        sparsity = 0.0
+    prune_s = time.perf_counter() - started
+    started = time.perf_counter()
+    ppl = evaluate_perplexity(model, tokenizer, args.eval_datasets, args.eval_seqlen, args.eval_windows)
+    record = {
+        "prune_s": prune_s,
+        "eval_s": time.perf_counter() - started,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "achieved_sparsity": sparsity,
+        **ppl,
+        "residual_curve": [(h["step"], h["primal_residual"]) for h in history if "primal_residual" in h],
+        "val_curve": [(h["step"], h["val_loss_projected"]) for h in history if "val_loss_projected" in h],
+        "final_train_loss": history[-1]["train_loss"] if history else None,
+    }
+    with open(args.out, "w") as handle:
+        json.dump(record, handle)
+    return record
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,411 @@
+"""Real local Ray clusters: autoscaling with Ray's fake multi-node provider, and `ray job submit`.
+
+Each test starts its own head with `ray start --head` in a new session, on free
+ports, with a fresh token (Ray token auth on, as on the cloud clusters) and its
+own temp dir, and talks to it only by explicit address. Teardown ends exactly
+the processes of that session, by pid: `ray stop` is not used because it signals
+every Ray process on the machine (with --force at once, without it after a
+grace period), which would take down other people's clusters too.
+
+The fake provider's workers are extra raylets on this machine. By default they
+join the head at <node ip>:6379; `provider.gcs_address` points them at the
+head's real port, so these tests never need (or collide on) port 6379.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+psutil = pytest.importorskip("psutil")
+pytest.importorskip("ray")
+
+pytestmark = [
+    pytest.mark.cluster,
+    pytest.mark.skipif(not hasattr(os, "getsid"), reason="needs POSIX sessions"),
+]
+
+REPO = Path(__file__).resolve().parents[1]
+FAKE_CONFIG = REPO / "clusters" / "fake_local.yaml"
+RAY_CLI = [sys.executable, "-m", "ray.scripts.scripts"]
+SCALE_UP_TIMEOUT_S = 180
+SCALE_DOWN_TIMEOUT_S = 120
+
+
+# --------------------------------------------------------------------------- helpers
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _node_ip() -> str:
+    import ray.util
+
+    return ray.util.get_node_ip_address()
+
+
+def _dashboard_deps_error() -> str | None:
+    import ray._private.utils as ray_utils
+
+    err = ray_utils.get_dashboard_dependency_error()
+    return None if err is None else f"{type(err).__name__}: {err}"
+
+
+class LocalRayHead:
+    """A `ray start --head` cluster owned by this test, ended by pid on exit."""
+
+    def __init__(self, *, num_cpus: int, autoscaling_config: dict | None = None,
+                 dashboard: bool = True):
+        self.num_cpus = num_cpus
+        self.autoscaling_config = autoscaling_config
+        self.dashboard = dashboard
+        self.root = Path(tempfile.mkdtemp(prefix="elsa-rc-", dir="/tmp"))  # short: socket paths
+        self.ip = _node_ip()
+        self.gcs_port = _free_port()
+        self.dashboard_port = _free_port()
+        self.address = f"{self.ip}:{self.gcs_port}"
+        self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
+        self.sid: int | None = None
+        self.leftover: list[str] = []
+        token = self.root / "auth_token"
+        token.write_text(secrets.token_hex(32))
+        token.chmod(0o600)
+        self.env = {k: v for k, v in os.environ.items()
+                    if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+        self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token),
+                        RAY_USAGE_STATS_ENABLED="0")
+
+    def __enter__(self) -> "LocalRayHead":
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _start(self) -> None:
+        cmd = RAY_CLI + [
+            "start", "--head", f"--port={self.gcs_port}", f"--num-cpus={self.num_cpus}",
+            "--num-gpus=0", f"--temp-dir={self.root / 'ray'}", "--disable-usage-stats",
+            "--object-store-memory=200000000",
+            f"--dashboard-agent-listen-port={_free_port()}",
+            f"--include-dashboard={'true' if self.dashboard else 'false'}",
+            "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+        ]
+        env = dict(self.env)
+        if self.autoscaling_config is not None:
+            cfg = self.root / "autoscaling.yaml"
+            cfg.write_text(yaml.safe_dump(self.autoscaling_config))
+            cmd.append(f"--autoscaling-config={cfg}")
+            env["RAY_FAKE_CLUSTER"] = "1"
+        log = self.root / "ray_start.log"
+        with open(log, "w") as out:
+            proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            self.sid = proc.pid  # the session leader's pid is the session id
+            rc = proc.wait(timeout=120)
+        if rc != 0:
+            raise RuntimeError(f"ray start failed ({rc}):\n{log.read_text()[-3000:]}")
+
+    def session_processes(self) -> list:
+        procs = []
+        for p in psutil.process_iter(["name"]):
+            try:
+                if os.getsid(p.pid) == self.sid:
+                    procs.append(p)
+            except (ProcessLookupError, PermissionError, psutil.Error):
+                pass
+        return procs
+
+    def stop(self) -> None:
+        """SIGTERM this cluster's processes (raylets, then the rest, GCS last), then SIGKILL."""
+        if self.sid is not None:
+            assert self.sid != os.getsid(0), "refusing to signal the test's own session"
+
+            def rank(p) -> int:
+                name = p.info.get("name") or ""
+                return 0 if "raylet" in name else 2 if "gcs_server" in name else 1
+
+            for bucket in (0, 1, 2):
+                procs = [p for p in self.session_processes() if rank(p) == bucket]
+                for p in procs:
+                    try:
+                        p.send_signal(signal.SIGTERM)
+                    except psutil.Error:
+                        pass
+                _, alive = psutil.wait_procs(procs, timeout=10)
+                for p in alive:
+                    try:
+                        p.kill()
+                    except psutil.Error:
+                        pass
+                psutil.wait_procs(alive, timeout=5)
+            deadline = time.time() + 10
+            while self.session_processes() and time.time() < deadline:
+                time.sleep(0.5)
+            self.leftover = [f"{p.pid} {p.info.get('name')}" for p in self.session_processes()]
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def wait_for_dashboard(self, timeout: float = 90) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=2)
+                return
+            except urllib.error.HTTPError:  # it answers (401 without the token): it is up
+                return
+            except OSError:
+                time.sleep(1)
+        raise TimeoutError(f"dashboard did not answer on {self.dashboard_url}")
+
+
+_POLLER = textwrap.dedent("""
+    import json, os, sys, time, ray
+    ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+    while not os.path.exists(sys.argv[2]):
+        alive = [n for n in ray.nodes() if n["Alive"]]
+        head = [n["NodeID"] for n in alive if "node:__internal_head__" in n["Resources"]]
+        workers = sorted(n["NodeID"] for n in alive if "node:__internal_head__" not in n["Resources"])
+        print(json.dumps({"t": time.time(), "head": head, "workers": workers}), flush=True)
+        time.sleep(1)
+""")
+
+
+class NodeTimeline:
+    """Samples the cluster's alive nodes once a second from a separate process."""
+
+    def __init__(self, head: LocalRayHead):
+        self.stop_file = head.root / "poller.stop"
+        self.samples: list[dict] = []
+        self.proc = subprocess.Popen([sys.executable, "-c", _POLLER, head.address, str(self.stop_file)],
+                                     env=head.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     text=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            try:
+                self.samples.append(json.loads(line))
+            except ValueError:
+                pass
+
+    def wait_for(self, predicate, timeout: float, what: str) -> dict:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.samples and predicate(self.samples[-1]):
+                return self.samples[-1]
+            if self.proc.poll() is not None:
+                raise RuntimeError("the node poller exited")
+            time.sleep(0.5)
+        raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.stop_file.touch()
+                self.proc.wait(timeout=15)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self._reader.join(timeout=5)
+
+    def render(self, t0: float, marks: dict[str, float]) -> str:
+        """One line per change of the alive-worker count (plus the marks), relative to t0."""
+        events = [(m - t0, f"-- {name}") for name, m in marks.items()]
+        last = None
+        for s in self.samples:
+            n = len(s["workers"])
+            if n != last:
+                events.append((s["t"] - t0, f"alive worker nodes: {n}"))
+                last = n
+        if self.samples:
+            events.append((self.samples[-1]["t"] - t0, f"alive worker nodes: {last} (last sample)"))
+        return "\n".join(f"  t={t:+7.1f}s  {text}" for t, text in sorted(events))
+
+
+# ------------------------------------------------------------------ the workload
+_TUNE_WORKLOAD = textwrap.dedent("""
+    import json, sys, time, ray
+    from ray import tune
+
+    def trial(config):
+        time.sleep(config["sleep_s"])
+        tune.report({"score": 2 * config["x"], "node_id": ray.get_runtime_context().get_node_id()})
+
+    ray.init(address=sys.argv[1], logging_level="ERROR")
+    tuner = tune.Tuner(
+        tune.with_resources(trial, {"CPU": 1, "trainer": 1}),
+        param_space={"x": tune.grid_search([1, 2]), "sleep_s": 5},
+        tune_config=tune.TuneConfig(metric="score", mode="max", max_concurrent_trials=2),
+        run_config=tune.RunConfig(name="fake-autoscale", storage_path=sys.argv[2], verbose=0),
+    )
+    results = tuner.fit()
+    out = [{"x": r.config["x"], "score": r.metrics.get("score"), "node_id": r.metrics.get("node_id"),
+            "error": repr(r.error) if r.error else None} for r in results]
+    print("RESULTS " + json.dumps(out), flush=True)
+""")
+
+
+def _run_workload(address: str, env: dict, workdir: Path) -> list[dict]:
+    """Work that needs {"trainer": 1}: a 2-trial Ray Tune run, each trial sleeping 5 s.
+
+    Returns one dict per trial: x, score (= 2x), node_id (where it ran), error.
+    Swap point: an `elsa tune ... --address <address> --trial-resources
+    '{"CPU": 1, "trainer": 1}' --storage-path <workdir>` subprocess can replace
+    the script below; keep the return shape (or adapt the assertions).
+    """
+    script = workdir / "workload.py"
+    script.write_text(_TUNE_WORKLOAD)
+    proc = subprocess.run([sys.executable, str(script), address, str(workdir / "tune")],
+                          env=env, cwd=workdir, capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
+    assert proc.returncode == 0 and lines, (
+        f"workload failed (rc={proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return json.loads(lines[-1][len("RESULTS "):])
+
+
+# --------------------------------------------------------------------------- tests
+@pytest.mark.slow
+def test_fake_cluster_scales_up_for_trainer_work_and_back_down(capsys):
+    """Head with 0 CPUs + a worker type offering `trainer` (min 0, max 2, 6 s idle timeout):
+    work asking for {"trainer": 1} must add worker nodes, finish on them, and the idle
+    workers must be removed afterwards."""
+    config = yaml.safe_load(FAKE_CONFIG.read_text())
+    t0 = time.time()
+    marks: dict[str, float] = {}
+    head = LocalRayHead(num_cpus=0, autoscaling_config=config)
+    # Point the fake workers at this head's port (they would dial <ip>:6379 otherwise).
+    config["provider"]["gcs_address"] = head.address
+    timeline = None
+    with head:
+        marks["head started"] = time.time()
+        try:
+            timeline = NodeTimeline(head)
+            first = timeline.wait_for(lambda s: True, 60, "the first node sample")
+            assert first["workers"] == [], f"workers alive before any work: {first}"
+            head_id = first["head"][0]
+
+            marks["work submitted"] = time.time()
+            results = _run_workload(head.address, head.env, head.root)
+            marks["work finished"] = time.time()
+            during = [s for s in timeline.samples
+                      if marks["work submitted"] <= s["t"] <= marks["work finished"]]
+            seen_workers = {w for s in during for w in s["workers"]}
+            max_alive = max((len(s["workers"]) for s in during), default=0)
+
+            timeline.wait_for(lambda s: s["workers"] == [], SCALE_DOWN_TIMEOUT_S,
+                              "the idle worker nodes to be removed")
+            marks["back to head only"] = time.time()
+        finally:
+            if timeline is not None:
+                timeline.close()
+                with capsys.disabled():
+                    print(f"\nnode timeline (fake autoscaling cluster, head {head.address}):")
+                    print(timeline.render(t0, marks))
+
+    assert head.leftover == [], f"processes left running: {head.leftover}"
+    assert max_alive >= 1, "no worker node was added while the work ran"
+    assert sorted((r["x"], r["score"]) for r in results) == [(1, 2), (2, 4)], results
+    assert all(r["error"] is None for r in results), results
+    for r in results:
+        assert r["node_id"] != head_id, f"a trial ran on the head: {r}"
+        assert r["node_id"] in seen_workers, f"a trial ran on a node the timeline never saw: {r}"
+    with capsys.disabled():
+        print(f"  max alive workers during the work: {max_alive}; "
+              f"scale-down took {marks['back to head only'] - marks['work finished']:.1f}s "
+              f"after the work finished")
+
+
+_JOB_SCRIPT = textwrap.dedent("""
+    import json, os, sys, ray
+    ray.init()  # the job supervisor sets RAY_ADDRESS
+
+    @ray.remote(num_cpus=1)
+    def where():
+        return ray.get_runtime_context().get_node_id()
+
+    out = {"cwd": os.getcwd(), "task_node": ray.get(where.remote()),
+           "cluster_cpus": ray.cluster_resources().get("CPU")}
+    with open(os.path.join(sys.argv[1], "marker.json"), "w") as f:
+        json.dump(out, f)
+    print("ELSA_JOB_OK " + json.dumps(out), flush=True)
+""")
+
+
+_JOB_QUERY = textwrap.dedent("""
+    import json, sys
+    from ray.job_submission import JobSubmissionClient
+    client = JobSubmissionClient(sys.argv[1])
+    print(json.dumps({"status": str(client.get_job_status(sys.argv[2]).value),
+                      "logs": client.get_job_logs(sys.argv[2])}))
+""")
+
+
+def _job_entrypoint(out_dir: Path) -> list[str]:
+    """The command `ray job submit` runs, relative to the shipped working dir.
+
+    Swap point: `["elsa", "prune", "--model", "<tiny model dir>", "--sparsity", "0.5",
+    "--steps", "2", "--output", str(out_dir), "--no-eval"]`, then assert on what
+    it writes under out_dir instead of marker.json.
+    """
+    return ["python", "job_script.py", str(out_dir)]
+
+
+def test_ray_job_submit_runs_a_shipped_working_dir():
+    if (err := _dashboard_deps_error()) is not None:
+        pytest.skip(f"`ray job submit` needs the dashboard (pip install 'ray[default]'): {err}")
+    work = Path(tempfile.mkdtemp(prefix="elsa-job-"))
+    (work / "wd").mkdir()
+    (work / "out").mkdir()
+    (work / "wd" / "job_script.py").write_text(_JOB_SCRIPT)
+    job_id = f"elsa-test-{secrets.token_hex(4)}"
+    try:
+        with LocalRayHead(num_cpus=1) as head:
+            head.wait_for_dashboard()
+            # Token auth is on: the job API refuses a request without the token.
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(f"{head.dashboard_url}/api/jobs/", timeout=10)
+            assert refused.value.code in (401, 403)
+            ray_job = RAY_CLI + ["job"]
+            t = time.time()
+            submit = subprocess.run(
+                ray_job + ["submit", "--address", head.dashboard_url, "--submission-id", job_id,
+                           "--working-dir", str(work / "wd"), "--"] + _job_entrypoint(work / "out"),
+                env=head.env, capture_output=True, text=True, timeout=300)
+            took = time.time() - t
+            query = subprocess.run([sys.executable, "-c", _JOB_QUERY, head.dashboard_url, job_id],
+                                   env=head.env, capture_output=True, text=True, timeout=60)
+        assert head.leftover == [], f"processes left running: {head.leftover}"
+        assert submit.returncode == 0, f"{submit.stdout[-2000:]}\n{submit.stderr[-3000:]}"
+        assert query.returncode == 0, query.stderr[-3000:]
+        info = json.loads(query.stdout.strip().splitlines()[-1])
+        assert info["status"] == "SUCCEEDED", info
+        assert "ELSA_JOB_OK" in info["logs"], info["logs"][-2000:]
+        marker = json.loads((work / "out" / "marker.json").read_text())
+        assert marker["cluster_cpus"] == 1.0
+        assert Path(marker["cwd"]).resolve() != (work / "wd").resolve(), "working dir was not shipped"
+        assert marker["task_node"], marker
+        print(f"\nray job submit -> SUCCEEDED in {took:.1f}s; job ran in {marker['cwd']}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,200 @@
+"""Reading runs back from a real sqlite MLflow store: the table, the figures and the errors."""
+
+from __future__ import annotations
+
+import time
+
+import mlflow
+import pytest
+from mlflow.entities import Metric, Param
+
+from pipelines.compare import (
+    collect_runs,
+    format_table,
+    main,
+    plot_metric_vs_step,
+    plot_ppl_vs_sparsity,
+    ppl_series,
+)
+
+PPL = "ppl_wikitext2-bundled"
+# (model, method, sparsity, penalty, status, metrics); the paper's OPT-125M numbers, mostly.
+RUNS = [
+    ("opt-125m", "elsa", 0.5, "coupled", "FINISHED", {PPL: 34.14, "ppl_c4": 31.52}),
+    ("opt-125m", "elsa", 0.7, "coupled", "FINISHED", {PPL: 49.57, "ppl_c4": 39.86}),
+    ("opt-125m", "elsa", 0.9, "coupled", "FINISHED", {PPL: 95.33}),
+    ("opt-125m", "elsa", 0.9, "decoupled", "FINISHED", {PPL: 88.5}),
+    ("opt-125m", "wanda", 0.5, "coupled", "FINISHED", {PPL: 38.93}),
+    ("opt-125m", "wanda", 0.7, "coupled", "FINISHED", {PPL: 351.8}),
+    ("opt-125m", "wanda", 0.7, "coupled", "FINISHED", {PPL: 420.0}),  # a worse repeat
+    ("opt-125m", "wanda", 0.9, "coupled", "FAILED", {PPL: 1.0}),  # failed: never plotted
+    (
+        "smollm2-135m",
+        "sparsegpt",
+        0.7,
+        "coupled",
+        "FINISHED",
+        {PPL: 239.2, "acc_arc_easy": 0.41, "acc_rte": 0.53, "zero_shot_avg": 0.47},
+    ),
+]
+
+
+def _log_runs(client, experiment_id: str) -> dict[int, str]:
+    now = int(time.time() * 1000)
+    ids = {}
+    for index, (model, method, sparsity, penalty, status, metrics) in enumerate(RUNS):
+        run = client.create_run(experiment_id, run_name=f"run{index}")
+        run_id = run.info.run_id
+        params = {
+            "model": model,
+            "method": method,
+            "sparsity": sparsity,
+            "pattern": "unstructured",
+            "penalty": penalty,
+            "lr": 1e-4,
+        }
+        logged = [Metric(key, value, now, 100) for key, value in metrics.items()]
+        logged.append(Metric("train_loss", 3.0, now, 100))  # not a compared metric
+        if method == "elsa":  # convergence histories, decaying geometrically
+            for step in range(0, 100, 10):
+                logged.append(Metric("primal_residual", 0.5 * 0.7 ** (step / 10), now, step))
+                logged.append(Metric("val_loss_projected", 6.0 - step / 50, now, step))
+        params = [Param(key, str(value)) for key, value in params.items()]
+        client.log_batch(run_id, metrics=logged, params=params)
+        client.set_terminated(run_id, status=status)
+        ids[index] = run_id
+    return ids
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A sqlite store holding RUNS in experiment ``paper`` (and an empty one); read-only after.
+
+    Built once per module: creating a sqlite store runs MLflow's schema migrations (seconds).
+    """
+    tmp_path = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # the default name, see the cwd test
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment_id = client.create_experiment(
+        "paper", artifact_location=(tmp_path / "artifacts").as_uri()
+    )
+    client.create_experiment("empty", artifact_location=(tmp_path / "artifacts2").as_uri())
+    ids = _log_runs(client, experiment_id)
+    return uri, ids
+
+
+def _assert_png(path, min_bytes: int = 8000) -> None:
+    """A real PNG with something drawn on it: not a blank canvas."""
+    import matplotlib.image
+
+    assert path.is_file()
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(data) > min_bytes
+    pixels = matplotlib.image.imread(path)[..., :3]
+    ink = (pixels < 0.9).any(axis=-1).mean()
+    assert ink > 0.02, f"{path} is almost blank ({ink:.3%} of pixels drawn)"
+
+
+def test_collect_runs_reads_params_and_metrics(store):
+    uri, ids = store
+    rows = {row["run_id"]: row for row in collect_runs("paper", uri)}
+    assert set(rows) == set(ids.values())
+    for index, (model, method, sparsity, penalty, status, metrics) in enumerate(RUNS):
+        row = rows[ids[index]]
+        assert (row["model"], row["method"], row["penalty"]) == (model, method, penalty)
+        assert row["sparsity"] == pytest.approx(sparsity)
+        assert row["pattern"] == "unstructured"
+        assert row["status"] == status
+        assert row["metrics"] == pytest.approx(metrics)  # train_loss and step metrics left out
+    assert collect_runs("empty", uri) == []
+
+
+def test_table_holds_values_sorted_by_model_method_sparsity(store):
+    uri, ids = store
+    rows = collect_runs("paper", uri)
+    table = format_table(rows)
+    lines = table.splitlines()
+    header, body = lines[0], lines[2:]
+    assert len(body) == len(RUNS)
+    params = ["model", "method", "sparsity", "pattern", "penalty", "status", "run"]
+    assert header.split()[:7] == params
+    # perplexities first, then accuracies, then the average
+    assert header.split()[7:] == ["ppl_c4", PPL, "acc_arc_easy", "acc_rte", "zero_shot_avg"]
+    for index, run_id in ids.items():
+        (line,) = [line for line in body if run_id[:8] in line]
+        assert f"{RUNS[index][4]}" in line
+        assert f"{RUNS[index][5][PPL]:.2f}" in line
+    order = [(line.split()[0], line.split()[1], float(line.split()[2])) for line in body]
+    assert order == sorted(order)
+    sparsegpt = next(line for line in body if "sparsegpt" in line)
+    assert "0.4100" in sparsegpt and "0.4700" in sparsegpt
+    wanda = next(line for line in body if "wanda" in line)
+    assert " - " in wanda  # no accuracies for this run
+    # fixed width: every metric column ends at the same offset as its header
+    end = header.index("zero_shot_avg") + len("zero_shot_avg")
+    assert all(len(line) == end for line in [header] + [b for b in body if "sparsegpt" in b])
+    assert format_table([]) == "(no runs)"
+
+
+def test_ppl_series_best_run_per_point_and_penalty_split(store):
+    uri, _ = store
+    series = ppl_series(collect_runs("paper", uri), PPL)
+    assert set(series) == {"opt-125m", "smollm2-135m"}
+    opt = series["opt-125m"]
+    assert set(opt) == {"elsa (coupled)", "elsa (decoupled)", "wanda"}
+    assert opt["elsa (coupled)"] == pytest.approx([(0.5, 34.14), (0.7, 49.57), (0.9, 95.33)])
+    assert opt["wanda"] == pytest.approx([(0.5, 38.93), (0.7, 351.8)])  # min of repeats, no FAILED
+    assert series["smollm2-135m"] == {"sparsegpt": [(0.7, pytest.approx(239.2))]}
+
+
+def test_plots_are_written(store, tmp_path):
+    uri, ids = store
+    rows = collect_runs("paper", uri)
+    png = plot_ppl_vs_sparsity(rows, tmp_path / "fig" / "ppl.png")
+    _assert_png(png)
+    elsa_runs = [ids[i] for i, run in enumerate(RUNS) if run[1] == "elsa"]
+    residual = plot_metric_vs_step(elsa_runs + [ids[4]], "primal_residual", tmp_path / "r.png", uri)
+    _assert_png(residual)
+    with pytest.raises(ValueError, match="ppl_c4"):
+        plot_ppl_vs_sparsity(rows, tmp_path / "none.png", metric="ppl_ptb")
+    with pytest.raises(ValueError, match="'primal_residual'"):
+        plot_metric_vs_step([ids[4]], "primal_residual", tmp_path / "none.png", uri)
+    assert not (tmp_path / "none.png").exists()
+
+
+def test_main_prints_table_and_writes_everything(store, tmp_path, capsys):
+    uri, ids = store
+    written = main("paper", uri, tmp_path / "out")
+    printed = capsys.readouterr().out
+    assert ids[0][:8] in printed and "49.57" in printed
+    assert set(written) == {
+        "table",
+        "rows",
+        f"{PPL}_vs_sparsity",
+        "ppl_c4_vs_sparsity",
+        "primal_residual_vs_step",
+        "val_loss_projected_vs_step",
+    }
+    assert written["table"].read_text().strip() == format_table(collect_runs("paper", uri))
+    for name, path in written.items():
+        if path.suffix == ".png":
+            _assert_png(path)
+
+
+def test_default_store_is_sqlite_in_cwd(store, tmp_path, monkeypatch):
+    uri, ids = store
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="mlflow.db"):
+        collect_runs("paper", None)
+    assert not (tmp_path / "mlflow.db").exists()  # reading must not create an empty store
+    monkeypatch.chdir(uri.removeprefix("sqlite:///").removesuffix("mlflow.db"))
+    rows = collect_runs("paper", None)
+    assert sorted(row["run_id"] for row in rows) == sorted(ids.values())
+
+
+def test_unknown_experiment_lists_existing(store):
+    uri, _ = store
+    with pytest.raises(ValueError, match="'nope'.*empty, paper"):
+        collect_runs("nope", uri)

@@ -1,0 +1,189 @@
+"""The Ray pipeline for real: TorchTrainer + FSDP2 on gloo, MLflow stores, downstream eval tasks.
+
+Every test here starts real components (a local Ray, sqlite MLflow stores, a real ``mlflow
+server`` on 127.0.0.1, lm-eval's harness) on a tiny Llama built locally.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from elsa.config import make_config
+from elsa.targets import find_targets, keep_count
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+BUDGET = ["--steps", "4", "--seqlen", "64", "--batch-size", "2", "--interval", "2", "--eval-interval", "2",
+          "--lr", "1e-3", "--val-blocks", "2", "--eval-seqlen", "64", "--eval-max-windows", "4"]
+
+
+def _cli(args: list[str]) -> int:
+    from pipelines.cli import main
+
+    return main(args)
+
+
+def _load(directory: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(directory)
+
+
+def _masks(model) -> dict[str, torch.Tensor]:
+    return {t.name: t.param.detach() != 0 for t in find_targets(model, 0.7)}
+
+
+def _assert_exact_sparsity(model, sparsity: float) -> None:
+    for target in find_targets(model, sparsity):
+        zeros = int((target.param == 0).sum())
+        assert zeros == target.numel - keep_count(target.numel, sparsity), target.name
+
+
+def _write_mc_task(directory: Path) -> Path:
+    """A local multiple-choice lm-eval task over a JSONL written here."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = [
+        {"question": "The capital of France is", "choices": [" Paris", " a dog", " blue"], "label": 0},
+        {"question": "Water is made of hydrogen and", "choices": [" oxygen", " music", " wood"], "label": 0},
+        {"question": "The sun rises in the", "choices": [" east", " spoon", " nine"], "label": 0},
+        {"question": "A week has seven", "choices": [" days", " cars", " rivers"], "label": 0},
+    ]
+    data = directory / "mc.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (directory / "elsa_local_mc.yaml").write_text(
+        "task: elsa_local_mc\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\n"
+        "output_type: multiple_choice\n"
+        "doc_to_text: '{{question}}'\n"
+        "doc_to_choice: '{{choices}}'\n"
+        "doc_to_target: label\n"
+        "metric_list:\n  - metric: acc\n"
+    )
+    return directory
+
+
+def test_prune_two_fsdp_workers_end_to_end(tmp_path, tiny_model_dir, ray_session, monkeypatch):
+    """2 gloo workers with FSDP2: exact sparsity, loadable checkpoint, MLflow run complete, eval metrics."""
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    tasks = _write_mc_task(tmp_path / "tasks")
+    out = tmp_path / "pruned"
+    code = _cli(["prune", "--model", str(tiny_model_dir), "--sparsity", "0.7", *BUDGET, "--workers", "2",
+                 "--cpus-per-worker", "0.5", "--output", str(out), "--experiment", "pipeline-test",
+                 "--lm-eval-tasks", "elsa_local_mc", "--lm-eval-include", str(tasks), "--checkpoint-interval", "2"])
+    assert code == 0
+    model = _load(out)
+    _assert_exact_sparsity(model, 0.7)
+    assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin"))
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("pipeline-test")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["sparsity"] == "0.7" and run.data.params["method"] == "elsa"
+    assert run.data.tags["git_commit"] and run.data.tags["workers"] == "2"
+    history = client.get_metric_history(run.info.run_id, "train_loss")
+    assert [m.step for m in history] == [1, 2, 3, 4]
+    assert client.get_metric_history(run.info.run_id, "primal_residual")
+    assert 1.0 < run.data.metrics["ppl_wikitext2-bundled"] < 1e6
+    assert 0.0 <= run.data.metrics["acc_elsa_local_mc"] <= 1.0
+    assert abs(run.data.metrics["overall_sparsity"] - 0.7) < 1e-3
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"checkpoint", "layer_sparsity.png", "sparsity_report.json"} <= artifacts
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
+    assert "checkpoint/model.safetensors" in logged
+
+
+def test_prune_against_real_mlflow_server(tmp_path, tiny_model_dir, ray_session, mlflow_server, monkeypatch):
+    """The same job logging to a real mlflow server, read back with MlflowClient."""
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    code = _cli(["prune", "--model", str(tiny_model_dir), "--sparsity", "0.8", *BUDGET, "--output", str(tmp_path / "out"),
+                 "--tracking-uri", mlflow_server, "--experiment", "server-test"])
+    assert code == 0
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    (run,) = client.search_runs([client.get_experiment_by_name("server-test").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["sparsity"] == "0.8"
+    assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 4
+    assert "ppl_wikitext2-bundled" in run.data.metrics
+    assert "checkpoint/model.safetensors" in {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
+    assert not (tmp_path / "mlflow.db").exists()  # nothing went to the local default store
+
+
+def _train(tmp_path: Path, name: str, workers: int, **overrides):
+    from pipelines.train_job import run_training
+
+    cfg = make_config({"model": str(overrides.pop("model")), "sparsity": 0.7, "steps": 6, "seqlen": 64, "batch_size": 2,
+                       "interval": 2, "eval_interval": 3, "lr": 1e-3, "val_blocks": 2, **overrides})
+    out = tmp_path / name
+    result = run_training(cfg, str(out), None, workers=workers, storage_path=str(tmp_path / "ray"), name=name,
+                          resources_per_worker={"CPU": 0.5})
+    assert result.error is None, result.error
+    return _load(out)
+
+
+@pytest.mark.parametrize("penalty", ["coupled", "decoupled"])
+def test_one_and_two_workers_give_the_same_masks(tmp_path, tiny_model_dir, ray_session, penalty):
+    """Sharded training and projection (FSDP2, 2 gloo workers) versus one process: same masks."""
+    extra = {"rho": 0.05} if penalty == "decoupled" else {}
+    single = _train(tmp_path, "one", 1, model=tiny_model_dir, penalty=penalty, **extra)
+    sharded = _train(tmp_path, "two", 2, model=tiny_model_dir, penalty=penalty, **extra)
+    masks_one, masks_two = _masks(single), _masks(sharded)
+    for name, mask in masks_one.items():
+        assert torch.equal(mask, masks_two[name]), name
+    for (name, a), b in zip(single.state_dict().items(), sharded.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_worker_failure_resumes_from_checkpoint(tmp_path, tiny_model_dir, ray_session):
+    """A worker dies after the step-4 checkpoint; FailureConfig restarts it from there, same result."""
+    from pipelines.train_job import run_training
+
+    cfg = make_config({"model": str(tiny_model_dir), "sparsity": 0.7, "steps": 6, "seqlen": 64, "batch_size": 2,
+                       "interval": 2, "eval_interval": 3, "lr": 1e-3, "val_blocks": 2, "checkpoint_interval": 2})
+    marker = tmp_path / "failed-once"
+    failed = run_training(cfg, str(tmp_path / "resumed"), None, workers=2, storage_path=str(tmp_path / "ray"), name="resume",
+                          max_failures=1, resources_per_worker={"CPU": 0.5},
+                          extra={"inject_failure": {"step": 4, "marker": str(marker)}})
+    assert failed.error is None and marker.read_text() == "4"
+    final = json.loads((tmp_path / "resumed" / "final_metrics.json").read_text())
+    assert final["steps_run"] == 2  # steps 5 and 6 only: it resumed from the checkpoint of step 4
+    clean = run_training(cfg, str(tmp_path / "clean"), None, workers=2, storage_path=str(tmp_path / "ray"), name="clean",
+                         resources_per_worker={"CPU": 0.5})
+    assert clean.error is None
+    resumed_model, clean_model = _load(tmp_path / "resumed"), _load(tmp_path / "clean")
+    for (name, a), b in zip(resumed_model.state_dict().items(), clean_model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def _run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--sparsity", "1.5"], "sparsity"),
+        (["--sparsity", "0.7", "--pattern", "2:4"], "2:4"),
+        (["--sparsity", "0.7", "--z-dtype", "fp4"], "fp4"),
+        (["--sparsity", "0.7", "--tracking-uri", "http://127.0.0.1:9"], "unreachable"),
+        (["--sparsity", "0.7", "--model", "no-such-model"], "no-such-model"),
+    ],
+)
+def test_bad_input_fails_early_with_one_line(tmp_path, args, needle):
+    """Bad input: non-zero exit, one line naming the problem, and no Ray started, no run opened."""
+    result = _run_cli(["prune", *args, "--steps", "1"], tmp_path)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.strip().splitlines() if line.startswith("elsa: error")]
+    assert len(lines) == 1 and needle in lines[0], result.stderr[-2000:]
+    assert not (tmp_path / "elsa-runs").exists()

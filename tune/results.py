@@ -1,0 +1,139 @@
+"""What a search found: one row per trial, the best configuration, and the preset file entry.
+
+Why the best is chosen among *completed* trials by their *last* projected validation loss: an
+early-stopped trial's number comes from an earlier step and is not comparable, and ``elsa prune
+--preset`` will run the whole budget. Diverged trials never win.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from tune.search import METRIC, diverged
+from tune.space import SearchSpace
+
+
+@dataclass
+class TrialRow:
+    trial_id: str
+    sample: dict
+    val_loss_projected: float | None
+    step: int
+    outcome: str  # completed | stopped_early | nonfinite_loss | exploded_loss | error | unfinished
+    mlflow_run_id: str | None = None
+    is_seed: bool = False
+
+
+@dataclass
+class SparsityOutcome:
+    """The result of one Tuner (one sparsity)."""
+
+    sparsity: float
+    parent_run_id: str
+    experiment_path: str
+    rows: list[TrialRow] = field(default_factory=list)
+    best: TrialRow | None = None
+    seed: TrialRow | None = None
+    seed_source: str = ""
+    interrupted: bool = False
+    wall_s: float = 0.0
+
+    def count(self, outcome: str) -> int:
+        return sum(row.outcome == outcome for row in self.rows)
+
+
+def _trial_id(result) -> str:
+    trial_id = (result.metrics or {}).get("trial_id")
+    if trial_id:
+        return str(trial_id)
+    # a trial that failed before reporting: its directory is named <trainable>_<trial_id>_<n>_...
+    name = Path(str(result.path)).name
+    match = re.search(r"_([0-9a-f]{5}_\d{5})(?:_|$)", name)
+    return match.group(1) if match else name
+
+
+def trial_rows(grid, steps: int, max_val_loss: float, seed_point: dict | None) -> list[TrialRow]:
+    """One row per trial of a ``ResultGrid``, in creation order (the seed first)."""
+    rows = []
+    for result in grid:
+        metrics = result.metrics or {}
+        step = int(metrics.get("step", 0) or 0)
+        value = metrics.get(METRIC)
+        reason = diverged(metrics, max_val_loss)
+        if result.error is not None:
+            outcome = "error"
+        elif reason:
+            outcome = reason
+        elif value is None:
+            outcome = "unfinished"
+        elif step < steps:
+            outcome = "stopped_early"
+        else:
+            outcome = "completed"
+        sample = {k: v for k, v in (result.config or {}).items()}
+        rows.append(TrialRow(_trial_id(result), sample, value, step, outcome))
+    rows.sort(key=lambda row: row.trial_id)
+    if seed_point is not None:
+        for row in rows:
+            if same_point(row.sample, seed_point):
+                row.is_seed = True
+                break
+    return rows
+
+
+def same_point(sample: dict, point: dict) -> bool:
+    """Equal on every key of ``point`` (floats to 1e-9 relative: they went through JSON)."""
+    for key, expected in point.items():
+        got = sample.get(key)
+        if isinstance(expected, float) and isinstance(got, (int, float)):
+            if abs(got - expected) > 1e-9 * max(abs(expected), 1e-30):
+                return False
+        elif got != expected:
+            return False
+    return True
+
+
+def best_row(rows: list[TrialRow]) -> TrialRow | None:
+    done = [row for row in rows if row.outcome == "completed" and row.val_loss_projected is not None]
+    return min(done, key=lambda row: row.val_loss_projected) if done else None
+
+
+def preset_entry(model: str, outcome: SparsityOutcome, space: SearchSpace, base: dict, search_name: str) -> dict:
+    """The preset-file entry for the best trial (the format ``elsa prune --preset FILE`` reads)."""
+    best = outcome.best
+    overrides = space.overrides(best.sample, base)
+    config = {k: _plain(v) for k, v in overrides.items() if v is not None}
+    entry = {
+        "model": model,
+        "sparsity": float(outcome.sparsity),
+        "config": config,
+        "val_loss_projected": float(best.val_loss_projected),
+        "trial_id": best.trial_id,
+        "mlflow_run_id": best.mlflow_run_id,
+        "search": search_name,
+        "budget": {k: base.get(k) for k in ("steps", "seqlen", "batch_size", "grad_accum", "data", "val_blocks")},
+    }
+    if outcome.seed is not None:
+        entry["seed"] = {"source": outcome.seed_source, "val_loss_projected": outcome.seed.val_loss_projected, "outcome": outcome.seed.outcome}
+    return entry
+
+
+def _plain(value):
+    """YAML-friendly scalars (numpy floats and the like become Python numbers)."""
+    if hasattr(value, "item"):
+        return value.item()
+    return value
+
+
+def merge_entries(path: str | Path, entries: list[dict]) -> list[dict]:
+    """Existing entries of ``path`` with those for the same (model, sparsity) replaced."""
+    path = Path(path)
+    old = []
+    if path.is_file():
+        old = (yaml.safe_load(path.read_text()) or {}).get("presets") or []
+    keys = {(e["model"], float(e["sparsity"])) for e in entries}
+    kept = [e for e in old if (e.get("model"), float(e.get("sparsity", -1))) not in keys]
+    return kept + entries

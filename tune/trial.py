@@ -1,0 +1,135 @@
+"""One trial of a search: a pruning run of the pipeline, driven from a Ray Tune function trainable.
+
+Why a driver function rather than ``Tuner(trainer)``: in Ray Train V2 (Ray >= 2.50) passing a
+trainer to Tune is deprecated; the supported pattern is a function trainable that builds the
+pipeline's ``TorchTrainer`` and calls ``fit()``, with a callback forwarding the workers' reports
+to Tune. The workers run :func:`pipelines.train_job.train_loop_per_worker` unchanged, so a trial
+is exactly an ``elsa prune`` of that configuration (minus the downstream evaluation: trials are
+judged on held-out calibration text only, never on the evaluation sets).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from elsa.loop import NonFiniteLossError
+from tune import runs
+from tune.search import METRIC, NONFINITE_LOSS
+from tune.space import SearchSpace, trial_config
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """What every trial of one search shares (passed once through ``tune.with_parameters``)."""
+
+    base: dict  # the user's PruneConfig (budget and fixed fields), JSON form
+    space: SearchSpace
+    search_name: str
+    tracking_uri: str
+    experiment: str
+    parent_run_id: str
+    train_storage: str  # where the trials' Ray Train runs keep their state (and resume from)
+    workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float | None = 0.5
+    export: bool = False  # write each trial's pruned checkpoint (costly for real models)
+
+
+class SearchReportCallback(TuneReportCallback):
+    """Forward the workers' evaluation reports to Tune, and only those, with finite losses.
+
+    Tune requires the searched metric in every result, but the worker loop also reports
+    checkpoints and its final summary without it; those stay Ray Train's business. A NaN/inf
+    validation loss is replaced by :data:`~tune.search.NONFINITE_LOSS` and flagged, because NaN
+    compares false with everything: ASHA would never stop the trial and Optuna would drop it.
+    """
+
+    def after_report(self, run_context, metrics, checkpoint):
+        first = dict(metrics[0]) if metrics else {}
+        if METRIC not in first:
+            return
+        value = first[METRIC]
+        if value is None or not math.isfinite(float(value)):
+            first.update({METRIC: NONFINITE_LOSS, "nonfinite_loss": 1})
+        super().after_report(run_context, [first, *metrics[1:]], None)
+
+
+def nonfinite_error(err: BaseException) -> str | None:
+    """The NonFiniteLossError message inside a Ray Train failure, or None."""
+    seen, stack = set(), [err]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, NonFiniteLossError):
+            return str(current).strip().splitlines()[0]
+        stack += [current.__cause__, current.__context__, getattr(current, "controller_failure", None)]
+        stack += list((getattr(current, "worker_failures", None) or {}).values())
+    text = str(err)
+    if NonFiniteLossError.__name__ in text:
+        after = text.split(NonFiniteLossError.__name__, 1)[1].lstrip(": ")
+        return (after.splitlines() or [""])[0] or "non-finite training loss"
+    return None
+
+
+def _failed_step(message: str, default: int) -> int:
+    match = re.search(r"at step (\d+)", message)
+    return int(match.group(1)) if match else default
+
+
+def run_trial(config: dict, context: TrialContext) -> None:
+    """The trainable: one pruning run with the sampled ``config``, reported to Tune."""
+    from ray import tune as ray_tune
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipelines.train_job import train_loop_per_worker
+
+    tune_context = ray_tune.get_context()
+    trial_id = tune_context.get_trial_id()
+    overrides = context.space.overrides(config, context.base)
+    cfg = trial_config(context.base, overrides)
+    cfg_dict = cfg.model_dump(mode="json")
+    uri = context.tracking_uri
+    run_id = runs.open_child(
+        uri, context.experiment, context.parent_run_id, trial_id, cfg_dict, config,
+        tags={"search": context.search_name, "trial_dir": tune_context.get_trial_dir()},
+    )
+    resources = {"CPU": context.cpus_per_worker} if context.cpus_per_worker else None
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "cfg": cfg_dict,
+            "output": str(Path(tune_context.get_trial_dir()) / "pruned"),
+            "tracking": {"uri": uri, "run_id": run_id},
+            "export": context.export,
+        },
+        scaling_config=ScalingConfig(num_workers=context.workers, use_gpu=context.use_gpu, resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if context.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=trial_id,
+            storage_path=context.train_storage,
+            callbacks=[SearchReportCallback()],
+            failure_config=FailureConfig(max_failures=0),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+        ),
+    )
+    try:
+        trainer.fit()
+    except Exception as err:
+        message = nonfinite_error(err)
+        if message is None:
+            runs.finish(uri, run_id, "FAILED", {"error": f"{type(err).__name__}: {err}"})
+            raise
+        # A diverged trial is a result, not a crash: close its run first (the report below
+        # makes Tune stop this trial), then tell the searcher how bad it was.
+        step = _failed_step(message, cfg.steps)
+        runs.finish(uri, run_id, "FAILED", {"nonfinite_loss": "true", "stopped_at_step": step, "error": message})
+        ray_tune.report({METRIC: NONFINITE_LOSS, "nonfinite_loss": 1, "step": step})
+        return
+    runs.finish(uri, run_id, "FINISHED", {"stopped_early": "false"})
