@@ -29,6 +29,7 @@ ELSA's rules, in one place:
 from __future__ import annotations
 
 import copy
+import logging
 import re
 import shlex
 import sys
@@ -79,6 +80,7 @@ def ray_schema_errors(config: dict) -> list[str]:
     """
     from ray.autoscaler._private.util import prepare_config, validate_config
 
+    logging.getLogger("ray.autoscaler._private.util").setLevel(logging.WARNING)  # "setting max workers..."
     config = copy.deepcopy(config)
     try:
         if not str(config.get("provider", {}).get("type", "")).startswith("fake"):
@@ -347,9 +349,13 @@ def mlflow_errors(docs: list[dict]) -> list[str]:
             errors.append(f"Service/{d['metadata']['name']}: keep it ClusterIP (reach the UI with kubectl port-forward)")
         if d.get("kind") in ("Deployment", "StatefulSet"):
             for c in _containers((d.get("spec") or {}).get("template")):
-                argv = [str(a) for a in (c.get("command") or []) + (c.get("args") or [])]
-                if "server" in argv and any(a.endswith("mlflow") for a in argv):
-                    servers.append((d["metadata"]["name"], argv))
+                # `sh -c "<script>"` is common: look at the words of every part.
+                argv = [w for a in (c.get("command") or []) + (c.get("args") or [])
+                        for w in shlex.split(str(a))]
+                for i, w in enumerate(argv[:-1]):
+                    if w.endswith("mlflow") and argv[i + 1] == "server":
+                        servers.append((d["metadata"]["name"], argv[i + 2:]))
+                        break
     if not servers:
         errors.append("no container runs `mlflow server`")
     for name, argv in servers:

@@ -282,6 +282,8 @@ def _directory_rows(path: Path, split: str | None) -> list[str]:
         raise DataNotAvailableError(f"directory {str(path)!r} holds no readable data files")
     by_split = {p: _split_of(p, path) for p in files}
     named = {s for s in by_split.values() if s}
+    if not named:
+        return holdout_split([row for p in files for row in _file_rows(p)], split)
     if named:
         if split is None or split not in named:
             raise ValueError(
@@ -292,12 +294,34 @@ def _directory_rows(path: Path, split: str | None) -> list[str]:
     return [row for p in files for row in _file_rows(p)]
 
 
+HOLDOUT_FRACTION = 0.1
+
+
+def holdout_split(rows: list[str], split: str | None) -> list[str]:
+    """Train/validation cut of a source that names no splits: the last 10% is validation.
+
+    So the projected validation loss that Tune optimises is never measured on the very text
+    being trained on. Many rows are cut by row; one long text at a line break near 90%.
+    Any other split (``test``, None) gets everything.
+    """
+    if split not in ("train", "validation"):
+        return rows
+    if len(rows) >= 10:
+        cut = len(rows) - max(1, int(len(rows) * HOLDOUT_FRACTION))
+        return rows[:cut] if split == "train" else rows[cut:]
+    text = "\n\n".join(rows)
+    target = int(len(text) * (1 - HOLDOUT_FRACTION))
+    cut = text.rfind("\n", 0, target)
+    cut = target if cut <= 0 else cut
+    return [text[:cut]] if split == "train" else [text[cut:]]
+
+
 def _local_rows(path: Path, split: str | None) -> list[str]:
     if path.is_dir():
         if _is_saved_dataset(path):
             return _saved_dataset_rows(path, split)
         return _directory_rows(path, split)
-    return _file_rows(path)  # a single file is the whole text, whatever the split
+    return holdout_split(_file_rows(path), split)
 
 
 def _looks_like_path(source: str) -> bool:
@@ -403,7 +427,8 @@ def source_tokens(tokenizer, source: str, split: str) -> torch.Tensor:
 
     def make_text() -> str:
         text = load_text(source, split)
-        if hashlib.sha256(text.encode("utf-8")).hexdigest() == WIKITEXT2_TEST_SHA256:
+        whole = load_text(source, None) if split in ("train", "validation") and key != source else text
+        if hashlib.sha256(whole.encode("utf-8")).hexdigest() == WIKITEXT2_TEST_SHA256:
             _EVALUATION_TEXT.add((key, split))
         return text
 

@@ -152,6 +152,7 @@ def make_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--eval-max-windows", type=int, default=32)
     evaluate.add_argument("--lm-eval-tasks", nargs="*", default=[])
     evaluate.add_argument("--lm-eval-limit", type=int, default=None)
+    evaluate.add_argument("--lm-eval-include", default=None, help="directory of extra lm-eval task YAMLs")
     evaluate.add_argument("--gpu", action="store_true")
     evaluate.add_argument("--address", default=None)
     evaluate.add_argument("--tracking-uri", default=None)

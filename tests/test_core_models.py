@@ -98,10 +98,10 @@ def test_exact_sparsity_per_matrix(arch, pattern, tok):
 
 def test_projected_validation_loss_falls(tok):
     model = tiny.tiny_model("llama", len(tok), seed=0)
-    cfg = _cfg("unstructured", steps=24, interval=4, eval_interval=4, lr=3e-3, lmda=1e-2, batch_size=4, val_blocks=4)
+    cfg = _cfg("unstructured", steps=16, interval=4, eval_interval=4, lr=3e-3, lmda=1e-2)
     result = prune_model(cfg, model=model, tokenizer=tok)
     losses = [h["val_loss_projected"] for h in result.summary["history"] if "val_loss_projected" in h]
-    assert len(losses) == 6 and all(math.isfinite(v) for v in losses)
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
     assert losses[-1] < losses[0] - 0.1, losses
     residuals = [h["primal_residual"] for h in result.summary["history"] if "primal_residual" in h]
     assert residuals, "the z/u-updates report the primal residual"

@@ -109,7 +109,7 @@ def _write_local_sources(tmp_path):
 def test_local_files_load_as_joined_rows(tmp_path):
     expected = "\n\n".join(ROWS)
     for path in _write_local_sources(tmp_path):
-        assert load_text(str(path), "train") == expected, path.name
+        assert load_text(str(path), None) == expected, path.name
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"body": "x"}) + "\n")
     with pytest.raises(ValueError, match="'text'"):
@@ -122,7 +122,7 @@ def test_save_to_disk_and_snapshot_directories(tmp_path):
     import datasets
 
     datasets.Dataset.from_dict({"text": ROWS}).save_to_disk(str(tmp_path / "single"))
-    assert load_text(str(tmp_path / "single"), "train") == "\n\n".join(ROWS)
+    assert load_text(str(tmp_path / "single"), None) == "\n\n".join(ROWS)
 
     splits = datasets.DatasetDict(
         {"train": datasets.Dataset.from_dict({"text": ROWS[:2]}),
@@ -212,3 +212,17 @@ def test_eval_windows_too_short(tok, tmp_path):
     short.write_text("Only a handful of tokens here.")
     with pytest.raises(ValueError, match="seqlen 512"):
         eval_windows(tok, str(short), 512)
+
+
+def test_split_less_local_file_holds_out_its_end_for_validation(tmp_path):
+    """Training and validation text of one local file never overlap; together they are the file."""
+    path = tmp_path / "one.txt"
+    path.write_text("\n".join(f"paragraph {i}: " + "word " * 30 for i in range(50)))
+    train, validation = load_text(str(path), "train"), load_text(str(path), "validation")
+    whole = load_text(str(path), None)
+    assert train + validation == whole
+    assert 0.05 < len(validation) / len(whole) < 0.15
+    assert "paragraph 49" in validation and "paragraph 49" not in train
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("\n".join(json.dumps({"text": f"doc {i}"}) for i in range(30)))
+    assert load_text(str(rows), "validation") == "\n\n".join(f"doc {i}" for i in (27, 28, 29))
