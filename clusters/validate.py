@@ -19,7 +19,7 @@ ELSA's rules, in one place:
     prunes) and a spot / preemptible type;
   * the project is installed from the repository at a pinned tag, never a
     branch;
-  * jobs get MLFLOW_TRACKING_URI and ELSA_STORAGE_PATH (s3:// or gs://) from
+  * jobs get MLFLOW_TRACKING_URI and ELSA_STORAGE (s3:// or gs://) from
     the environment, and the cluster runs with Ray token authentication;
   * RayJob entrypoints run `elsa tune` / `elsa prune` and contain no `$VAR`
     (KubeRay's submitter runs them through a shell in a pod that lacks the
@@ -42,7 +42,7 @@ HERE = Path(__file__).resolve().parent
 
 PINNED_INSTALL = "elsa-prune[pipeline,lowbit] @ git+"
 UNPINNED_REFS = {"", "main", "master", "head", "latest", "develop", "trunk"}
-REQUIRED_ENV = ("MLFLOW_TRACKING_URI", "ELSA_STORAGE_PATH")
+REQUIRED_ENV = ("MLFLOW_TRACKING_URI", "ELSA_STORAGE")
 STORAGE_SCHEME = {"aws": "s3://", "gcp": "gs://"}
 GPU_KEY = "nvidia.com/gpu"
 
@@ -135,6 +135,9 @@ def launcher_errors(config: dict, base_dir: Path | None = None) -> list[str]:
         if name == head_name:
             continue
         lo, hi = node_type.get("min_workers", 0), node_type.get("max_workers")
+        if not isinstance(lo, int) or not isinstance(hi, (int, type(None))):
+            errors.append(f"worker type {name!r}: min_workers / max_workers must be integers")
+            continue
         if hi is None:
             errors.append(f"worker type {name!r}: give max_workers explicitly")
         elif lo > hi:
@@ -198,8 +201,8 @@ def launcher_errors(config: dict, base_dir: Path | None = None) -> list[str]:
                 if not env.get(key):
                     errors.append(f"{example.name}: {key} is not set")
             scheme = STORAGE_SCHEME.get(provider)
-            if scheme and not env.get("ELSA_STORAGE_PATH", "").startswith(scheme):
-                errors.append(f"{example.name}: ELSA_STORAGE_PATH must be a {scheme} URI on {provider}")
+            if scheme and not env.get("ELSA_STORAGE", "").startswith(scheme):
+                errors.append(f"{example.name}: ELSA_STORAGE must be a {scheme} URI on {provider}")
             if env.get("RAY_AUTH_MODE") != "token":
                 errors.append(f"{example.name}: set RAY_AUTH_MODE=token")
     if "elsa.env" not in setup:
@@ -268,7 +271,7 @@ def raycluster_spec_errors(spec: dict, where: str) -> list[str]:
             errors.append(f"{w}: minReplicas and maxReplicas must be integers")
             continue
         replicas = g.get("replicas", lo)
-        if not lo <= replicas <= hi:
+        if not isinstance(replicas, int) or not lo <= replicas <= hi:
             errors.append(f"{w}: need minReplicas <= replicas <= maxReplicas, got {lo}, {replicas}, {hi}")
         if lo != 0:
             errors.append(f"{w}: minReplicas must be 0 (scale from zero), got {lo}")
@@ -280,8 +283,8 @@ def raycluster_spec_errors(spec: dict, where: str) -> list[str]:
         requests = ((containers[0].get("resources") or {}).get("requests") or {}) if containers else {}
         if GPU_KEY in limits:
             gpu_groups += 1
-            if int(limits[GPU_KEY]) < 1:
-                errors.append(f"{w}: {GPU_KEY} limit must be >= 1")
+            if not str(limits[GPU_KEY]).isdigit() or int(limits[GPU_KEY]) < 1:
+                errors.append(f"{w}: {GPU_KEY} limit must be a whole number >= 1")
             if GPU_KEY in requests and str(requests[GPU_KEY]) != str(limits[GPU_KEY]):
                 errors.append(f"{w}: {GPU_KEY} request must equal the limit")
             tolerations = ((g.get("template") or {}).get("spec") or {}).get("tolerations") or []

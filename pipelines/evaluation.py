@@ -10,41 +10,48 @@ import ray
 
 
 @ray.remote
-def perplexity_task(checkpoint_dir: str, dataset: str, seqlen: int, max_windows: int | None) -> dict:
+def perplexity_task(location: str, dataset: str, seqlen: int, max_windows: int | None) -> dict:
     import torch
 
     from elsa.api import evaluate_perplexity
     from elsa.models import load_model, load_tokenizer
+    from pipelines.storage import materialized
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(checkpoint_dir, device=device)
-    tokenizer = load_tokenizer(checkpoint_dir)
+    with materialized(location) as checkpoint_dir:
+        model = load_model(checkpoint_dir, device=device)
+        tokenizer = load_tokenizer(checkpoint_dir)
     return evaluate_perplexity(model, tokenizer, [dataset], seqlen, max_windows)
 
 
 @ray.remote
-def zero_shot_task(checkpoint_dir: str, tasks: list[str], limit: int | None, include_path: str | None = None) -> dict:
+def zero_shot_task(location: str, tasks: list[str], limit: int | None, include_path: str | None = None) -> dict:
     import torch
 
+    from pipelines.storage import materialized
     from pipelines.zero_shot import average_accuracy, run_zero_shot
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    results = run_zero_shot(checkpoint_dir, tasks, limit=limit, device=device, include_path=include_path)
+    with materialized(location) as checkpoint_dir:
+        results = run_zero_shot(checkpoint_dir, tasks, limit=limit, device=device, include_path=include_path)
     metrics = {f"acc_{task}": r["acc"] for task, r in results.items()}
     metrics["zero_shot_avg"] = average_accuracy(results)
     return metrics
 
 
-def run_evaluation(checkpoint_dir: str, cfg, use_gpu: bool = False) -> tuple[dict, dict]:
-    """Launch every evaluation at once; returns (metrics, errors by evaluation name)."""
+def run_evaluation(location: str, cfg, use_gpu: bool = False) -> tuple[dict, dict]:
+    """Launch every evaluation at once; returns (metrics, errors by evaluation name).
+
+    ``location``: the checkpoint's directory or storage URI, readable from any node.
+    """
     resources = {"num_gpus": 1} if use_gpu else {"num_cpus": 1}
     seqlen = cfg.eval_seqlen or cfg.seqlen
     pending = {
-        f"ppl_{name}": perplexity_task.options(**resources).remote(checkpoint_dir, name, seqlen, cfg.eval_max_windows)
+        f"ppl_{name}": perplexity_task.options(**resources).remote(location, name, seqlen, cfg.eval_max_windows)
         for name in cfg.eval_datasets
     }
     if cfg.lm_eval_tasks:
-        pending["zero_shot"] = zero_shot_task.options(**resources).remote(checkpoint_dir, list(cfg.lm_eval_tasks), cfg.lm_eval_limit, cfg.lm_eval_include)
+        pending["zero_shot"] = zero_shot_task.options(**resources).remote(location, list(cfg.lm_eval_tasks), cfg.lm_eval_limit, cfg.lm_eval_include)
     metrics, errors = {}, {}
     for name, ref in pending.items():
         try:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from elsa.config import PruneConfig
 from pipelines import tracking
+from pipelines.storage import download
 
 
 @dataclass
@@ -87,15 +88,17 @@ def run_prune(cfg: PruneConfig, options: RunOptions, echo=print) -> JobResult:
     try:
         init_ray(options.address)
         output = str(Path(options.output).resolve())
-        train_metrics = _prune(cfg, options, output, {"uri": uri, "run_id": run_id})
+        train_metrics, location = _prune(cfg, options, {"uri": uri, "run_id": run_id})
+        download(location, output)
         tracking.log_metrics(uri, run_id, train_metrics, cfg.steps)
+        tracking.client(uri).set_tag(run_id, "checkpoint_location", location)
         _log_outputs(uri, run_id, output)
         metrics, errors = {}, {}
         if not options.no_eval:
             from pipelines.evaluation import run_evaluation
 
             echo("evaluating: " + ", ".join(cfg.eval_datasets + list(cfg.lm_eval_tasks)))
-            metrics, errors = run_evaluation(output, cfg, use_gpu=options.gpu)
+            metrics, errors = run_evaluation(location, cfg, use_gpu=options.gpu)
             tracking.log_metrics(uri, run_id, metrics)
             if errors:
                 tracking.client(uri).set_tag(run_id, "eval_errors", json.dumps(errors)[:5000])
@@ -108,29 +111,36 @@ def run_prune(cfg: PruneConfig, options: RunOptions, echo=print) -> JobResult:
     return JobResult(run_id, output, metrics, errors, time.perf_counter() - started)
 
 
-def _prune(cfg: PruneConfig, options: RunOptions, output: str, tracking_info: dict) -> dict:
-    """ELSA trains under Ray Train; one-shot baselines run as one Ray task."""
+def _prune(cfg: PruneConfig, options: RunOptions, tracking_info: dict) -> tuple[dict, str]:
+    """ELSA trains under Ray Train; one-shot baselines run as one Ray task.
+
+    Returns the final metrics and the storage location (path or URI) of the exported
+    checkpoint, which every node can read.
+    """
+    from pipelines.storage import absolute, checkpoint_uri
+
+    name = options.run_name or f"elsa-{tracking_info['run_id'][:8]}"
+    storage = absolute(options.storage_path or os.environ.get("ELSA_STORAGE", "elsa-runs"))
     if cfg.method == "elsa":
         from pipelines.train_job import run_training
 
         resources = {"CPU": options.cpus_per_worker} if options.cpus_per_worker else None
         result = run_training(
-            cfg, output, tracking_info, workers=options.workers, use_gpu=options.gpu,
-            storage_path=options.storage_path, name=options.run_name or f"elsa-{tracking_info['run_id'][:8]}",
+            cfg, tracking_info, workers=options.workers, use_gpu=options.gpu, storage_path=storage, name=name,
             max_failures=options.max_failures, resources_per_worker=resources,
         )
         if result.error:
             raise result.error
-        from pipelines.train_job import FINAL_METRICS_FILE
-
-        final = json.loads((Path(output) / FINAL_METRICS_FILE).read_text())
-        return {k: v for k, v in final.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        return metrics, checkpoint_uri(result.checkpoint)
     import ray
 
     from pipelines.oneshot import oneshot_task
 
+    location = f"{storage.rstrip('/')}/{name}/export"
     resources = {"num_gpus": 1} if options.gpu else {"num_cpus": 1}
-    return ray.get(oneshot_task.options(**resources).remote(cfg.model_dump(mode="json"), output, tracking_info))
+    metrics = ray.get(oneshot_task.options(**resources).remote(cfg.model_dump(mode="json"), location, tracking_info))
+    return metrics, location
 
 
 def _log_outputs(uri: str, run_id: str, output: str) -> None:

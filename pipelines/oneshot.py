@@ -8,7 +8,12 @@ import ray
 
 
 @ray.remote
-def oneshot_task(cfg_dict: dict, output: str, tracking_info: dict | None) -> dict:
+def oneshot_task(cfg_dict: dict, location: str, tracking_info: dict | None) -> dict:
+    """Prune, verify, and put the checkpoint at ``location`` (shared storage) for the driver."""
+    import tempfile
+
+    from pipelines.storage import upload
+
     from elsa.api import prune_model
     from elsa.config import PruneConfig
     from elsa.export import save_checkpoint
@@ -20,8 +25,9 @@ def oneshot_task(cfg_dict: dict, output: str, tracking_info: dict | None) -> dic
 
         log = RunLogger(tracking_info["uri"], tracking_info["run_id"])
     result = prune_model(cfg, log=log)
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sparsity_report.json").write_text(json.dumps(result.report, indent=1))
-    save_checkpoint(result.model, result.tokenizer, out, metadata={"config": cfg.model_dump(mode="json"), "overall_sparsity": result.report["overall_sparsity"]})
+    with tempfile.TemporaryDirectory() as directory:
+        out = Path(directory)
+        (out / "sparsity_report.json").write_text(json.dumps(result.report, indent=1))
+        save_checkpoint(result.model, result.tokenizer, out, metadata={"config": cfg.model_dump(mode="json"), "overall_sparsity": result.report["overall_sparsity"]})
+        upload(out, location)
     return {"overall_sparsity": result.report["overall_sparsity"], "prune_s": result.wall_s}

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from elsa.config import PruneConfig
+from pipelines.storage import absolute
 from elsa.export import save_checkpoint
 from elsa.loop import BatchSampler, LoopHooks, build_admm, lr_factor, train
 from elsa.models import load_model, load_tokenizer
@@ -88,7 +89,7 @@ def _load_state(model, admm, directory: Path) -> int:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Entry point of every Ray Train worker. ``config``: {"cfg": dict, "output": str, "tracking": ...}."""
+    """Entry point of every Ray Train worker. ``config``: {"cfg": dict, "tracking": ..., "export": bool}."""
     import ray.train
     from ray.train import Checkpoint
 
@@ -110,6 +111,8 @@ def train_loop_per_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
+            if not (Path(directory) / STATE_FILE).is_file():
+                raise RuntimeError(f"Ray Train run {context.get_experiment_name()!r} already finished (its last checkpoint is the exported model): choose a new --run-name")
             start = _load_state(model, admm, Path(directory))
         scheduler = torch.optim.lr_scheduler.LambdaLR(admm, lr_factor(cfg), last_epoch=start - 1)
         logger({"resumed_from_step": start}, start)
@@ -130,14 +133,20 @@ def train_loop_per_worker(config: dict) -> None:
     history = train(model, admm, scheduler, sampler, cfg, hooks, start_step=start)
     train_seconds = time.perf_counter() - started
     admm.final_projection()
-    final = _export(model, tokenizer, admm, cfg, config["output"], rank)
-    final.update(train_s=train_seconds, steps_run=cfg.steps - start)
+    final = {"train_s": train_seconds, "steps_run": cfg.steps - start}
     if history:
         final["final_val_loss_projected"] = next((h["val_loss_projected"] for h in reversed(history) if "val_loss_projected" in h), float("nan"))
-    logger({k: v for k, v in final.items() if isinstance(v, (int, float))}, cfg.steps)
-    if rank == 0:  # Result.metrics belong to the last checkpoint: the driver reads this file
-        (Path(config["output"]) / FINAL_METRICS_FILE).write_text(json.dumps(final, indent=1))
-    ray.train.report({**final, "step": cfg.steps})
+    if not config.get("export", True):  # Tune trials: measure only, no HF checkpoint
+        logger(final, cfg.steps)
+        ray.train.report({**final, "step": cfg.steps})
+        return
+    # The HF checkpoint is the run's last Ray Train checkpoint: Ray uploads it to the storage
+    # path, where the driver and the evaluation tasks find it, whichever node they are on.
+    with tempfile.TemporaryDirectory() as directory:
+        final.update(_export(model, tokenizer, admm, cfg, directory, rank))
+        logger({k: v for k, v in final.items() if isinstance(v, (int, float))}, cfg.steps)
+        (Path(directory) / FINAL_METRICS_FILE).write_text(json.dumps(final, indent=1))
+        ray.train.report({**final, "step": cfg.steps}, checkpoint=Checkpoint.from_directory(directory) if rank == 0 else None)
 
 
 def _maybe_inject_failure(spec: dict | None, step: int) -> None:
@@ -175,7 +184,7 @@ def _export(model, tokenizer, admm, cfg: PruneConfig, output: str, rank: int) ->
             raise RuntimeError(f"sparsity check failed: {bad['name']} has {bad['zeros']} zeros, expected >= {bad['expected_zeros']}")
         export_model = model if not _distributed() else _unsharded_copy(cfg, full)
         save_checkpoint(export_model, tokenizer, out, metadata={"config": cfg.model_dump(mode="json"), "overall_sparsity": report["overall_sparsity"]})
-        result = {"overall_sparsity": report["overall_sparsity"], "checkpoint_dir": str(out)}
+        result = {"overall_sparsity": report["overall_sparsity"]}
     if _distributed():
         dist.barrier()
     return result
@@ -191,8 +200,10 @@ def _unsharded_copy(cfg: PruneConfig, full: dict) -> torch.nn.Module:
     return model
 
 
-def run_training(cfg: PruneConfig, output: str, tracking: dict | None, workers: int = 1, use_gpu: bool = False, storage_path: str | None = None, name: str | None = None, max_failures: int = 0, resources_per_worker: dict | None = None, extra: dict | None = None):
+def run_training(cfg: PruneConfig, tracking: dict | None, workers: int = 1, use_gpu: bool = False, storage_path: str | None = None, name: str | None = None, max_failures: int = 0, resources_per_worker: dict | None = None, extra: dict | None = None):
     """Run the TorchTrainer to completion; returns the ``ray.train.Result``.
+
+    Its ``checkpoint`` is the exported Hugging Face model, its ``metrics`` the final numbers.
 
     ``extra`` entries join the workers' config (e.g. ``inject_failure`` in tests).
     """
@@ -201,12 +212,12 @@ def run_training(cfg: PruneConfig, output: str, tracking: dict | None, workers: 
 
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "output": str(Path(output).resolve()), "tracking": tracking, **(extra or {})},
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "tracking": tracking, **(extra or {})},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources_per_worker),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
             name=name,
-            storage_path=storage_path or str(Path(os.environ.get("ELSA_STORAGE", "elsa-runs")).resolve()),
+            storage_path=absolute(storage_path or os.environ.get("ELSA_STORAGE", "elsa-runs")),
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),

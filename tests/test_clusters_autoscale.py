@@ -44,7 +44,6 @@ pytestmark = [
 REPO = Path(__file__).resolve().parents[1]
 FAKE_CONFIG = REPO / "clusters" / "fake_local.yaml"
 RAY_CLI = [sys.executable, "-m", "ray.scripts.scripts"]
-SCALE_UP_TIMEOUT_S = 180
 SCALE_DOWN_TIMEOUT_S = 120
 
 
@@ -127,12 +126,17 @@ class LocalRayHead:
         if rc != 0:
             raise RuntimeError(f"ray start failed ({rc}):\n{log.read_text()[-3000:]}")
 
-    def session_processes(self) -> list:
+    def session_processes(self, owned_only: bool = True) -> list:
+        """Processes in this cluster's session; with owned_only, only those that also carry
+        this cluster's token path in their environment (a guard against a reused session id)."""
         procs = []
         for p in psutil.process_iter(["name"]):
             try:
-                if os.getsid(p.pid) == self.sid:
-                    procs.append(p)
+                if os.getsid(p.pid) != self.sid:
+                    continue
+                if owned_only and p.environ().get("RAY_AUTH_TOKEN_PATH") != self.env["RAY_AUTH_TOKEN_PATH"]:
+                    continue
+                procs.append(p)
             except (ProcessLookupError, PermissionError, psutil.Error):
                 pass
         return procs
@@ -161,9 +165,9 @@ class LocalRayHead:
                         pass
                 psutil.wait_procs(alive, timeout=5)
             deadline = time.time() + 10
-            while self.session_processes() and time.time() < deadline:
+            while self.session_processes(owned_only=False) and time.time() < deadline:
                 time.sleep(0.5)
-            self.leftover = [f"{p.pid} {p.info.get('name')}" for p in self.session_processes()]
+            self.leftover = [f"{p.pid} {p.info.get('name')}" for p in self.session_processes(owned_only=False)]
         shutil.rmtree(self.root, ignore_errors=True)
 
     def wait_for_dashboard(self, timeout: float = 90) -> None:

@@ -101,6 +101,11 @@ def test_prune_two_fsdp_workers_end_to_end(tmp_path, tiny_model_dir, ray_session
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
     assert "checkpoint/model.safetensors" in logged
 
+    # elsa eval: the checkpoint comes back from the run's artifacts, the result goes to the run
+    assert _cli(["eval", "--run", run.info.run_id, "--eval-seqlen", "64", "--eval-max-windows", "4"]) == 0
+    history = client.get_metric_history(run.info.run_id, "ppl_wikitext2-bundled")
+    assert len(history) == 2 and history[0].value == pytest.approx(history[1].value, rel=1e-6)
+
 
 def test_prune_against_real_mlflow_server(tmp_path, tiny_model_dir, ray_session, mlflow_server, monkeypatch):
     """The same job logging to a real mlflow server, read back with MlflowClient."""
@@ -125,11 +130,10 @@ def _train(tmp_path: Path, name: str, workers: int, **overrides):
 
     cfg = make_config({"model": str(overrides.pop("model")), "sparsity": 0.7, "steps": 6, "seqlen": 64, "batch_size": 2,
                        "interval": 2, "eval_interval": 3, "lr": 1e-3, "val_blocks": 2, **overrides})
-    out = tmp_path / name
-    result = run_training(cfg, str(out), None, workers=workers, storage_path=str(tmp_path / "ray"), name=name,
+    result = run_training(cfg, None, workers=workers, storage_path=str(tmp_path / "ray"), name=name,
                           resources_per_worker={"CPU": 0.5})
     assert result.error is None, result.error
-    return _load(out)
+    return _load(result.checkpoint.path)
 
 
 @pytest.mark.parametrize("penalty", ["coupled", "decoupled"])
@@ -152,16 +156,15 @@ def test_worker_failure_resumes_from_checkpoint(tmp_path, tiny_model_dir, ray_se
     cfg = make_config({"model": str(tiny_model_dir), "sparsity": 0.7, "steps": 6, "seqlen": 64, "batch_size": 2,
                        "interval": 2, "eval_interval": 3, "lr": 1e-3, "val_blocks": 2, "checkpoint_interval": 2})
     marker = tmp_path / "failed-once"
-    failed = run_training(cfg, str(tmp_path / "resumed"), None, workers=2, storage_path=str(tmp_path / "ray"), name="resume",
+    failed = run_training(cfg, None, workers=2, storage_path=str(tmp_path / "ray"), name="resume",
                           max_failures=1, resources_per_worker={"CPU": 0.5},
                           extra={"inject_failure": {"step": 4, "marker": str(marker)}})
     assert failed.error is None and marker.read_text() == "4"
-    final = json.loads((tmp_path / "resumed" / "final_metrics.json").read_text())
-    assert final["steps_run"] == 2  # steps 5 and 6 only: it resumed from the checkpoint of step 4
-    clean = run_training(cfg, str(tmp_path / "clean"), None, workers=2, storage_path=str(tmp_path / "ray"), name="clean",
+    assert failed.metrics["steps_run"] == 2  # steps 5 and 6 only: it resumed from the checkpoint of step 4
+    clean = run_training(cfg, None, workers=2, storage_path=str(tmp_path / "ray"), name="clean",
                          resources_per_worker={"CPU": 0.5})
     assert clean.error is None
-    resumed_model, clean_model = _load(tmp_path / "resumed"), _load(tmp_path / "clean")
+    resumed_model, clean_model = _load(failed.checkpoint.path), _load(clean.checkpoint.path)
     for (name, a), b in zip(resumed_model.state_dict().items(), clean_model.state_dict().values()):
         assert torch.equal(a, b), name
 

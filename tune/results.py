@@ -45,14 +45,20 @@ class SparsityOutcome:
         return sum(row.outcome == outcome for row in self.rows)
 
 
-def _trial_id(result) -> str:
-    trial_id = (result.metrics or {}).get("trial_id")
-    if trial_id:
-        return str(trial_id)
-    # a trial that failed before reporting: its directory is named <trainable>_<trial_id>_<n>_...
+def _trial_order(result) -> tuple[str, int]:
+    """(trial id, creation index) from the result and its directory ``<trainable>_<id>_<index>_...``.
+
+    Trial ids are random with most searchers; the index is the order Tune created the trials
+    in, so the seed point (evaluated first) is trial 1.
+    """
     name = Path(str(result.path)).name
-    match = re.search(r"_([0-9a-f]{5}_\d{5})(?:_|$)", name)
-    return match.group(1) if match else name
+    trial_id = str((result.metrics or {}).get("trial_id") or "")
+    if not trial_id:  # a trial that failed before its first report
+        match = re.match(r"^.+?_([0-9a-f]{5,}(?:_\d{5})?)_(\d+)_", name)
+        trial_id = match.group(1) if match else name
+    tail = name.split(f"{trial_id}_", 1)[-1]
+    index = tail.split("_", 1)[0]
+    return trial_id, int(index) if index.isdigit() else 10**9
 
 
 def trial_rows(grid, steps: int, max_val_loss: float, seed_point: dict | None) -> list[TrialRow]:
@@ -74,8 +80,9 @@ def trial_rows(grid, steps: int, max_val_loss: float, seed_point: dict | None) -
         else:
             outcome = "completed"
         sample = {k: v for k, v in (result.config or {}).items()}
-        rows.append(TrialRow(_trial_id(result), sample, value, step, outcome))
-    rows.sort(key=lambda row: row.trial_id)
+        trial_id, index = _trial_order(result)
+        rows.append((index, TrialRow(trial_id, sample, value, step, outcome)))
+    rows = [row for _, row in sorted(rows, key=lambda pair: pair[0])]
     if seed_point is not None:
         for row in rows:
             if same_point(row.sample, seed_point):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,6 +237,7 @@ def _search_one(request, where, space, base, sparsity, entry, root, uri, grace, 
         base=base, space=space, search_name=request.name, tracking_uri=uri, experiment=request.experiment,
         parent_run_id=parent, train_storage=state.join(root, "train", key), workers=request.workers_per_trial,
         use_gpu=request.gpu, cpus_per_worker=request.cpus_per_worker, export=request.export,
+        train_env={k: v for k, v in os.environ.items() if k.startswith("RAY_TRAIN_")},
     )
     trainable = ray_tune.with_resources(
         ray_tune.with_parameters(run_trial, context=context), ray_tune.PlacementGroupFactory([dict(request.trial_resources)])
@@ -256,6 +258,10 @@ def _search_one(request, where, space, base, sparsity, entry, root, uri, grace, 
                     scheduler=make_scheduler(request.scheduler, base["steps"], grace, request.reduction_factor),
                     num_samples=request.trials,
                     max_concurrent_trials=concurrency,
+                    # A stopped trial's actor must die: only then do its Ray Train controller and
+                    # workers (owned by that actor) die with it. A reused actor would keep the
+                    # stopped trainer running, and holding its CPUs, in the background.
+                    reuse_actors=False,
                 ),
                 run_config=ray_tune.RunConfig(
                     name=key,
@@ -271,6 +277,8 @@ def _search_one(request, where, space, base, sparsity, entry, root, uri, grace, 
         raise
     outcome = _summarise(grid, request, space, base, sparsity, parent, experiment_path, seed, uri)
     outcome.wall_s = time.perf_counter() - started
+    if outcome.interrupted:
+        runs.close_interrupted(uri, request.experiment, parent)
     _log_parent(uri, parent, outcome)
     return outcome
 

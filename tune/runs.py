@@ -12,6 +12,7 @@ restarted trial (after a resume) keeps logging to the run it started.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from ray import tune as ray_tune
 
@@ -76,6 +77,44 @@ def finish(uri: str, run_id: str, status: str, tags: dict | None = None) -> None
     tracking.end_run(uri, run_id, status)
 
 
+PLACEMENT_GROUP_TAG = "train_placement_group"
+
+
+def record_placement_group(uri: str, run_id: str, group_hex: str) -> None:
+    tracking.client(uri).set_tag(run_id, PLACEMENT_GROUP_TAG, group_hex)
+
+
+def remove_placement_group(group_hex: str | None) -> bool:
+    """Remove a trial's Ray Train placement group if it still exists; True if it was removed."""
+    if not group_hex:
+        return False
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, placement_group_table
+    from ray.util.placement_group import remove_placement_group as remove
+
+    group = PlacementGroup(PlacementGroupID(bytes.fromhex(group_hex)))
+    if placement_group_table(group).get("state") in (None, "REMOVED"):
+        return False
+    remove(group)
+    return True
+
+
+def close_interrupted(uri: str, experiment: str, parent_run_id: str) -> int:
+    """After an interrupted search: mark the runs of trials cut off mid-run KILLED (``interrupted``)
+    and free their workers' placement groups. A resume reopens the runs of the trials it restarts."""
+    closed = 0
+    for run in children(uri, experiment, parent_run_id):
+        if run.info.status != "RUNNING":
+            continue
+        try:
+            remove_placement_group(run.data.tags.get(PLACEMENT_GROUP_TAG))
+        except Exception as err:
+            log.warning("could not remove the placement group of trial %s: %s", run.data.tags.get("trial_id"), err)
+        finish(uri, run.info.run_id, "KILLED", {"interrupted": "true"})
+        closed += 1
+    return closed
+
+
 class TrialRunsCallback(ray_tune.Callback):
     """Closes the child run of every trial the trial itself could not close (see module doc)."""
 
@@ -87,11 +126,20 @@ class TrialRunsCallback(ray_tune.Callback):
         run = find_child(self.uri, self.experiment, self.parent_run_id, trial.trial_id)
         return run if run is not None and run.info.status == "RUNNING" else None
 
+    def _release(self, run) -> None:
+        """Free the placement group of a trial's workers if its stop left it behind."""
+        try:
+            if remove_placement_group(run.data.tags.get(PLACEMENT_GROUP_TAG)):
+                log.info("removed the placement group left by stopped trial %s", run.data.tags.get("trial_id"))
+        except Exception as err:
+            log.warning("could not remove the placement group of trial %s: %s", run.data.tags.get("trial_id"), err)
+
     def on_trial_complete(self, iteration, trials, trial, **info):
         try:
             run = self._open_child(trial)
             if run is None:
                 return
+            self._release(run)
             last = trial.last_result or {}
             step = int(last.get("step", 0) or 0)
             reason = diverged(last, self.max_val_loss)
@@ -108,7 +156,19 @@ class TrialRunsCallback(ray_tune.Callback):
         try:
             run = self._open_child(trial)
             if run is not None:
-                error = getattr(trial, "error_file", None) or "trial raised"
-                finish(self.uri, run.info.run_id, "FAILED", {"error": error})
+                self._release(run)
+                finish(self.uri, run.info.run_id, "FAILED", {"error": _error_text(trial)})
         except Exception as err:
             log.warning("could not close the MLflow run of trial %s: %s", trial.trial_id, err)
+
+
+def _error_text(trial) -> str:
+    """The trial's error as Tune recorded it (its error file), shortened for a tag."""
+    path = getattr(trial, "error_file", None)
+    try:
+        text = Path(path).read_text() if path else ""
+    except OSError:
+        text = ""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    # the traceback's last lines name the exception; keep them, they fit in a tag
+    return "\n".join(lines[-8:])[-4000:] or f"trial {trial.trial_id} raised (see its error.txt)"

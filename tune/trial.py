@@ -10,6 +10,7 @@ judged on held-out calibration text only, never on the evaluation sets).
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ class TrialContext:
     use_gpu: bool = False
     cpus_per_worker: float | None = 0.5
     export: bool = False  # write each trial's pruned checkpoint (costly for real models)
+    train_env: dict | None = None  # RAY_TRAIN_* settings of the search's environment (see run_trial)
 
 
 class SearchReportCallback(TuneReportCallback):
@@ -77,6 +79,27 @@ def nonfinite_error(err: BaseException) -> str | None:
     return None
 
 
+def train_worker(config: dict) -> None:
+    """Ray Train's worker function for a trial: the pipeline's loop, plus one tag for clean-up.
+
+    Rank 0 records its placement group on the trial's MLflow run. When Tune stops a trial, the
+    trial's Train controller dies before it can remove its workers' placement group; Ray Train's
+    own clean-up of that case polls the State API, which is missing when Ray runs without its
+    dashboard. :class:`tune.runs.TrialRunsCallback` removes the group by this id instead, so a
+    stopped trial never keeps its CPUs from the trials after it.
+    """
+    import ray.train
+    from ray.util import get_current_placement_group
+
+    from pipelines.train_job import train_loop_per_worker
+
+    tracking_info = config.get("tracking")
+    group = get_current_placement_group()
+    if ray.train.get_context().get_world_rank() == 0 and tracking_info and group is not None:
+        runs.record_placement_group(tracking_info["uri"], tracking_info["run_id"], group.id.hex())
+    train_loop_per_worker(config)
+
+
 def _failed_step(message: str, default: int) -> int:
     match = re.search(r"at step (\d+)", message)
     return int(match.group(1)) if match else default
@@ -88,8 +111,10 @@ def run_trial(config: dict, context: TrialContext) -> None:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipelines.train_job import train_loop_per_worker
-
+    # Ray Train reads its RAY_TRAIN_* settings (poll interval, timeouts) from the environment of
+    # the process calling fit(): here a trial actor, which does not inherit the environment of
+    # the `elsa tune` command when Ray was started elsewhere. Carry them over explicitly.
+    os.environ.update(context.train_env or {})
     tune_context = ray_tune.get_context()
     trial_id = tune_context.get_trial_id()
     overrides = context.space.overrides(config, context.base)
@@ -102,7 +127,7 @@ def run_trial(config: dict, context: TrialContext) -> None:
     )
     resources = {"CPU": context.cpus_per_worker} if context.cpus_per_worker else None
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        train_worker,
         train_loop_config={
             "cfg": cfg_dict,
             "output": str(Path(tune_context.get_trial_dir()) / "pruned"),
@@ -124,7 +149,10 @@ def run_trial(config: dict, context: TrialContext) -> None:
     except Exception as err:
         message = nonfinite_error(err)
         if message is None:
-            runs.finish(uri, run_id, "FAILED", {"error": f"{type(err).__name__}: {err}"})
+            # Left open on purpose: when Tune stops this trial it removes the trial's placement
+            # group, which kills the Train controller first, so fit() raises ActorDiedError
+            # here although nothing went wrong. The search's TrialRunsCallback knows which it
+            # was (a stop or a real error) and closes the run accordingly.
             raise
         # A diverged trial is a result, not a crash: close its run first (the report below
         # makes Tune stop this trial), then tell the searcher how bad it was.

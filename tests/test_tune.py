@@ -1,0 +1,291 @@
+"""`elsa tune`: search space, Table 5 seed, ASHA, MLflow parent/child runs, presets, resume, NaN trials.
+
+The fast tests check the pieces without Ray. The Ray tests run real searches (Ray Tune over the
+pipeline's Ray Train job, Optuna, ASHA, a sqlite MLflow store in tmp_path) on the tiny local
+model; each trial is a few steps of seqlen 32, so most of the time is actor start-up.
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.cli import build_config, make_parser
+from tune.search import NONFINITE_LOSS, diverged
+from tune.space import SpaceError, load_space, parse_space, trial_config
+
+BUDGET = ["--seqlen", "32", "--batch-size", "2", "--val-blocks", "2"]
+
+
+def write_space(path: Path, space: dict) -> str:
+    path.write_text(yaml.safe_dump(space))
+    return str(path)
+
+
+# ----------------------------------------------------------------------------- without Ray
+
+
+def test_default_space_loads_and_maps_schedules():
+    space = load_space()
+    assert {"lr", "lmda", "lmda_schedule", "penalty", "rho", "rho_schedule"} <= set(space.dimensions)
+    base = {"lmda": 2e-3, "lmda_schedule": "constant", "penalty": "coupled"}
+    cosine = space.overrides({"lr": 1e-3, "lmda": 1e-2, "lmda_schedule": "cosine", "penalty": "coupled", "rho": 0.1, "rho_schedule": "linear"}, base)
+    assert cosine["lmda"] == 0.0 and cosine["lmda_final"] == 1e-2 and cosine["lmda_schedule"] == "cosine"
+    assert cosine["rho"] is None and cosine["rho_schedule"] == "constant"  # coupled: rho means nothing
+    expo = space.overrides({"lmda": 1e-2, "lmda_schedule": "exponential", "penalty": "decoupled", "rho": 0.1, "rho_schedule": "cosine"}, base)
+    assert expo["lmda"] == pytest.approx(1e-4) and expo["lmda_final"] == 1e-2
+    assert expo["rho"] == pytest.approx(1e-3) and expo["rho_final"] == 0.1 and expo["rho_schedule"] == "cosine"
+    constant = space.overrides({"lmda": 5e-3, "lmda_schedule": "constant", "penalty": "decoupled", "rho": 0.05, "rho_schedule": "constant"}, {**base, "lmda_final": 1.0})
+    cfg = trial_config({**base, "lmda_final": 1.0, "sparsity": 0.7, "model": "m"}, constant)
+    assert cfg.lmda == 5e-3 and cfg.lmda_final is None and cfg.rho == 0.05  # a constant schedule clears the base's final value
+
+
+@pytest.mark.parametrize("space, needle", [
+    ({"steps": {"choice": [1, 2]}}, "budget"),
+    ({"lmda_final": {"loguniform": [1e-4, 1e-2]}}, "derived"),
+    ({"lr": {"loguniform": [0, 1]}}, "low > 0"),
+    ({"lr": {"normal": [0, 1]}}, "exactly one of"),
+    ({"rho": {"loguniform": [1e-3, 2.0]}}, "inside (0, 1)"),
+    ({"learning_rate": {"choice": [1]}}, "not a PruneConfig field"),
+    ({"penalty": "coupled"}, "no field is searched"),
+])
+def test_bad_space_is_refused_with_the_reason(space, needle):
+    with pytest.raises(SpaceError, match=None) as err:
+        parse_space(space, "space.yaml")
+    assert needle in str(err.value)
+
+
+def test_seed_is_the_paper_setting_for_the_nearest_model():
+    from tune.seed import paper_seed
+
+    space = load_space()
+    seed = paper_seed(space, "meta-llama/Llama-2-7b-hf", 0.9)
+    assert seed.source == "paper:meta-llama/Llama-2-7b-hf@0.9"
+    assert seed.point["lr"] == 1e-3 and seed.point["lmda"] == 1e-4  # lmda: the value the cosine ends at
+    assert seed.point["lmda_schedule"] == "cosine" and seed.point["penalty"] == "coupled"
+    assert set(seed.point) == set(space.dimensions)  # a complete point: every searcher accepts it
+    small = paper_seed(space, "smollm2-135m", 0.72)  # by size: OPT-125M, nearest sparsity 0.7
+    assert small.source == "paper:facebook/opt-125m@0.7" and small.point["lr"] == 1e-4
+
+
+def test_divergence_is_recognised():
+    assert diverged({"val_loss_projected": 3.0}, 50.0) is None
+    assert diverged({"val_loss_projected": float("nan")}, 50.0) == "nonfinite_loss"
+    assert diverged({"val_loss_projected": NONFINITE_LOSS, "nonfinite_loss": 1}, 50.0) == "nonfinite_loss"
+    assert diverged({"val_loss_projected": 60.0}, 50.0) == "exploded_loss"
+
+
+def test_report_callback_forwards_only_evaluations_with_finite_losses():
+    from tune.trial import SearchReportCallback
+
+    class Queue(list):
+        put = list.append
+
+    callback = object.__new__(SearchReportCallback)  # the real constructor needs a Tune session
+    callback._training_actor_item_queue = Queue()
+    callback.after_report(None, [{"step": 4, "checkpoint_step": 4}], checkpoint=None)  # no metric: not for Tune
+    callback.after_report(None, [{"step": 1, "val_loss_projected": 6.5}], checkpoint=None)
+    callback.after_report(None, [{"step": 2, "val_loss_projected": float("nan")}], checkpoint=None)
+    sent = callback._training_actor_item_queue
+    assert [m["step"] for m in sent] == [1, 2]
+    assert sent[1]["val_loss_projected"] == NONFINITE_LOSS and sent[1]["nonfinite_loss"] == 1
+
+
+def test_nonfinite_error_is_found_inside_a_worker_group_error():
+    from ray.train import WorkerGroupError
+
+    from elsa.loop import NonFiniteLossError
+    from tune.trial import nonfinite_error
+
+    inner = NonFiniteLossError("training loss is nan at step 2 (lr=1e+30, lambda=0.002): lower --lr")
+    assert nonfinite_error(WorkerGroupError("worker 0 failed", {0: inner})).startswith("training loss is nan at step 2")
+    assert nonfinite_error(RuntimeError("worker died: OOM")) is None
+
+
+def test_tune_flags_parse_into_a_request():
+    from tune.cli import request_from_args
+
+    args = make_parser().parse_args(["tune", "--model", "m", "--sparsity", "0.7", "0.8", "--trials", "3", "--steps", "16",
+                                     "--trial-resources", '{"CPU": 1, "trainer": 1}', "--search", "random", "--name", "n"])
+    request, where = request_from_args(args)
+    assert request.sparsities == [0.7, 0.8] and request.trials == 3 and request.config == {"steps": 16}
+    assert request.trial_resources == {"CPU": 1, "trainer": 1} and request.search == "random" and request.name == "n"
+    with pytest.raises(ValueError, match="not JSON"):
+        request_from_args(make_parser().parse_args(["tune", "--sparsity", "0.7", "--trial-resources", "{CPU: 1"]))
+
+
+# ----------------------------------------------------------------------------- real searches
+
+
+@pytest.fixture
+def fast_reports(monkeypatch):
+    """Ray Train's controller polls its workers every 2 s, so each report of a tiny trial costs 2 s."""
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+
+
+def _search(tmp_path, tiny_model_dir, argv: list[str], **kwargs):
+    from tune.cli import request_from_args
+    from tune.runner import run_search
+
+    args = make_parser().parse_args(["tune", "--model", str(tiny_model_dir), *BUDGET,
+                                     "--storage-path", str(tmp_path / "storage"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", *argv])
+    request, where = request_from_args(args)
+    return run_search(request, where, **kwargs)
+
+
+def _runs(uri: str):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("elsa-tune")
+    return client, client.search_runs([experiment.experiment_id], max_results=1000)
+
+
+def _no_leaked_actors(ray, timeout: float = 20.0) -> bool:
+    """Stopped trials must take their Ray Train controller and workers with them."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if ray.available_resources().get("CPU", 0) == ray.cluster_resources().get("CPU", 0):
+            return True
+        time.sleep(0.5)
+    print("still held:", {k: v for k, v in ray.available_resources().items() if k == "CPU"}, "of", ray.cluster_resources().get("CPU"))
+    return False
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_search_stops_bad_trials_tracks_them_and_writes_a_preset(tmp_path, tiny_model_dir, ray_session, fast_reports):
+    # lr in [0.5, 2] is absurd for Adam (the loss jumps to 10-60 after one step), while the
+    # Table 5 seed (OPT-125M at 80%: lr 2e-4, lambda 1e-3) is evaluated first as published,
+    # outside the range. With grace period 1 and reduction factor 2, ASHA must stop every
+    # absurd trial at its first report; --max-val-loss is raised so that ASHA, not the
+    # divergence stopper, does it.
+    space = write_space(tmp_path / "space.yaml", {"lr": {"loguniform": [0.5, 2.0]}, "lmda": {"loguniform": [1e-4, 1e-2]},
+                                                  "lmda_schedule": {"choice": ["constant", "cosine"]}, "penalty": {"choice": ["coupled", "decoupled"]},
+                                                  "rho": {"loguniform": [1e-3, 0.3]}, "rho_schedule": {"choice": ["constant", "linear"]}})
+    started = time.perf_counter()
+    report = _search(tmp_path, tiny_model_dir, ["--sparsity", "0.8", "--trials", "4", "--steps", "4", "--eval-interval", "1",
+                                                "--space", space, "--grace-period", "1", "--reduction-factor", "2", "--max-val-loss", "1e4", "--name", "asha"])
+    print(f"4-trial search: {time.perf_counter() - started:.1f} s")
+    (outcome,) = report.outcomes
+    assert not report.interrupted and len(outcome.rows) == 4
+
+    seed = outcome.rows[0]  # the first trial is Table 5's setting
+    assert seed.is_seed and outcome.seed_source == "paper:facebook/opt-125m@0.8"
+    assert seed.sample["lr"] == 2e-4 and seed.sample["lmda"] == 1e-3
+    assert seed.sample["lmda_schedule"] == "constant" and seed.sample["penalty"] == "coupled"
+    assert seed.outcome == "completed" and seed.step == 4
+    stopped = [row for row in outcome.rows if row.outcome == "stopped_early"]
+    assert stopped and all(row.step < 4 for row in stopped)
+    assert all(0.5 <= row.sample["lr"] <= 2.0 for row in outcome.rows[1:])
+    assert outcome.best is not None and outcome.best.val_loss_projected == min(
+        r.val_loss_projected for r in outcome.rows if r.outcome == "completed")
+
+    # MLflow: one parent with the space and the seed, one child per trial, closed with the right status
+    client, runs = _runs(report.tracking_uri)
+    parent = client.get_run(outcome.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["seed.lr"] == "0.0002" and parent.data.params["space.lr"].startswith("loguniform")
+    assert parent.data.metrics["trials_stopped_early"] == len(stopped)
+    children = {r.data.tags["trial_id"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == {row.trial_id for row in outcome.rows}
+    for row in outcome.rows:
+        child = children[row.trial_id]
+        if row.outcome == "stopped_early":
+            assert child.info.status == "KILLED" and child.data.tags["stopped_early"] == "true"
+        else:
+            assert child.info.status == "FINISHED"
+        assert "val_loss_projected" in child.data.metrics and child.data.params["sparsity"] == "0.8"
+    history = client.get_metric_history(children[seed.trial_id].info.run_id, "val_loss_projected")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4]
+
+    # the best configuration as a preset file, logged to the parent, read by `elsa prune --preset`
+    preset = Path(report.preset_file)
+    entry = yaml.safe_load(preset.read_text())["presets"][0]
+    assert entry["trial_id"] == outcome.best.trial_id and entry["mlflow_run_id"] == children[entry["trial_id"]].info.run_id
+    assert entry["val_loss_projected"] == pytest.approx(outcome.best.val_loss_projected)
+    assert preset.name in [a.path for a in client.list_artifacts(parent.info.run_id)]
+    cfg = build_config(make_parser().parse_args(["prune", "--model", str(tiny_model_dir), "--sparsity", "0.8", "--preset", str(preset)]))
+    for key, value in entry["config"].items():
+        assert getattr(cfg, key) == value
+    assert cfg.lr == outcome.best.sample["lr"] and cfg.preset.startswith(preset.name)
+    assert _no_leaked_actors(ray_session)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_nonfinite_trial_is_stopped_and_marked_not_crashed(tmp_path, tiny_model_dir, ray_session, fast_reports):
+    # lr 1e30 makes the weights inf after one step, so the training loss of step 2 is NaN and the
+    # worker loop raises NonFiniteLossError (no evaluation runs before it: eval_interval = steps).
+    space = write_space(tmp_path / "space.yaml", {"lr": {"choice": [1e30]}, "lmda": {"loguniform": [1e-4, 1e-2]}})
+    report = _search(tmp_path, tiny_model_dir, ["--sparsity", "0.7", "--trials", "2", "--steps", "3", "--eval-interval", "3",
+                                                "--space", space, "--name", "nan", "--max-concurrent", "2"])
+    (outcome,) = report.outcomes
+    assert [row.outcome for row in outcome.rows] == ["nonfinite_loss", "nonfinite_loss"]  # the search went on
+    assert all(row.val_loss_projected == NONFINITE_LOSS and row.step == 2 for row in outcome.rows)
+    assert outcome.best is None and report.preset_file is None
+    client, runs = _runs(report.tracking_uri)
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == outcome.parent_run_id]
+    assert len(children) == 2
+    for child in children:
+        assert child.info.status == "FAILED" and child.data.tags["nonfinite_loss"] == "true"
+        assert "at step 2" in child.data.tags["error"]
+    assert client.get_run(outcome.parent_run_id).data.metrics["trials_diverged"] == 2
+
+
+def _interrupt_after(trials: int, marker: Path):
+    """A Tune callback that sends the search SIGUSR1 (Tune's graceful stop, as Ctrl+C) once ``trials``
+    trials have ended. Once only (``marker``): Tune saves its callbacks with the experiment, so the
+    resumed search runs this callback again."""
+    from ray import tune as ray_tune
+
+    class Interrupt(ray_tune.Callback):
+        def __init__(self):
+            self.done = 0
+
+        def on_trial_complete(self, iteration, trials_, trial, **info):
+            self.done += 1
+            if self.done == trials and not marker.exists():
+                marker.touch()
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+    return Interrupt()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path, tiny_model_dir, ray_session, fast_reports):
+    from tune.cli import run_tune
+
+    argv = ["--sparsity", "0.7", "--trials", "2", "--steps", "2", "--eval-interval", "1", "--scheduler", "none", "--name", "resume"]
+    first = _search(tmp_path, tiny_model_dir, argv, extra_callbacks=[_interrupt_after(1, tmp_path / 'interrupted')])
+    assert first.interrupted and first.preset_file is None
+    finished = {row.trial_id for row in first.outcomes[0].rows if row.outcome == "completed"}
+    assert len(finished) == 1
+    client, _ = _runs(first.tracking_uri)
+    parent_id = first.outcomes[0].parent_run_id
+    assert client.get_run(parent_id).info.status == "KILLED"
+
+    common = ["--storage-path", str(tmp_path / "storage"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--name", "resume"]
+    with pytest.raises(Exception, match="already exists"):  # the same name without --resume is refused
+        run_tune(make_parser().parse_args(["tune", "--model", str(tiny_model_dir), "--sparsity", "0.7", *common]))
+    assert run_tune(make_parser().parse_args(["tune", "--resume", *common])) == 0
+
+    _, runs = _runs(first.tracking_uri)
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id]
+    assert len(children) == 2  # one run per trial: nothing was started twice as a new trial
+    for child in children:
+        assert child.info.status == "FINISHED"
+        if child.data.tags["trial_id"] in finished:  # not rerun: one attempt, one value per step
+            assert child.data.tags["attempts"] == "1"
+            assert sorted(m.step for m in client.get_metric_history(child.info.run_id, "val_loss_projected")) == [1, 2]
+    assert client.get_run(parent_id).info.status == "FINISHED"
+    trial_dirs = [d for d in (tmp_path / "storage" / "resume" / "sparsity-0.7").iterdir() if d.is_dir() and d.name.startswith("run_trial")]
+    assert len(trial_dirs) == 2
+    preset = yaml.safe_load((tmp_path / "storage" / "resume" / "best_presets.yaml").read_text())["presets"]
+    assert len(preset) == 1 and preset[0]["sparsity"] == 0.7 and math.isfinite(preset[0]["val_loss_projected"])
