@@ -36,7 +36,8 @@ def _calib(n: int = 4, seqlen: int = 32, seed: int = 0) -> torch.Tensor:
 
 
 def _cfg(method: str, pattern: str = "unstructured", sparsity: float | None = 0.7, **extra):
-    return make_config({"method": method, "pattern": pattern, "sparsity": None if pattern != "unstructured" else sparsity, **extra})
+    sparsity = sparsity if pattern == "unstructured" else None  # N:M implies its own sparsity
+    return make_config({"method": method, "pattern": pattern, "sparsity": sparsity, **extra})
 
 
 def _correlated_inputs(tokens: int, features: int, seed: int = 0) -> torch.Tensor:
@@ -44,7 +45,8 @@ def _correlated_inputs(tokens: int, features: int, seed: int = 0) -> torch.Tenso
     g = torch.Generator().manual_seed(seed)
     mix = torch.randn(features, features, generator=g) / math.sqrt(features)
     scales = torch.exp(torch.randn(features, generator=g))
-    return (torch.randn(tokens, features, generator=g) @ mix + 0.1 * torch.randn(tokens, features, generator=g)) * scales
+    noise = 0.1 * torch.randn(tokens, features, generator=g)
+    return (torch.randn(tokens, features, generator=g) @ mix + noise) * scales
 
 
 def _target(weight: torch.Tensor, sparsity: float, nm=None, input_dim: int = 1) -> Target:

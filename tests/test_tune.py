@@ -238,8 +238,8 @@ def test_nonfinite_trial_is_stopped_and_marked_not_crashed(tmp_path, tiny_model_
     assert client.get_run(outcome.parent_run_id).data.metrics["trials_diverged"] == 2
 
 
-def _interrupt_after(trials: int, marker: Path):
-    """A Tune callback that sends the search SIGUSR1 (Tune's graceful stop, as Ctrl+C) once ``trials``
+def _interrupt_after(count: int, marker: Path):
+    """A Tune callback that sends the search SIGUSR1 (Tune's graceful stop, as Ctrl+C) once ``count``
     trials have ended. Once only (``marker``): Tune saves its callbacks with the experiment, so the
     resumed search runs this callback again."""
     from ray import tune as ray_tune
@@ -248,9 +248,9 @@ def _interrupt_after(trials: int, marker: Path):
         def __init__(self):
             self.done = 0
 
-        def on_trial_complete(self, iteration, trials_, trial, **info):
+        def on_trial_complete(self, iteration, trials, trial, **info):
             self.done += 1
-            if self.done == trials and not marker.exists():
+            if self.done == count and not marker.exists():
                 marker.touch()
                 os.kill(os.getpid(), signal.SIGUSR1)
 
