@@ -79,6 +79,11 @@ class ADMMSettings:
         )
 
 
+def _strength(rho: float) -> float:
+    """Penalty strength of a decoupled pull rho, up to the step size: rho / (1 - rho) = eta * lambda."""
+    return rho / (1.0 - rho)
+
+
 class ADMM(torch.optim.Optimizer):
     """Wraps ``base`` (sharing its param groups and state) and adds the ADMM updates.
 
@@ -222,14 +227,23 @@ class ADMM(torch.optim.Optimizer):
         return self._group_of[id(target.param)].get("betas", (0.9, 0.999))[1]
 
     def _advance_penalty(self, step: int) -> None:
+        """Move lambda (and rho) to their values for the next step, rescaling the scaled dual.
+
+        u = y / lambda, so a change of penalty strength rescales u by old/new (O(1): the
+        stored scale). With an explicit rho (decoupled) lambda is unused; the strength is
+        rho / (1 - rho) (= eta * lambda at a fixed step size), so y is kept as rho moves.
+        """
         total = self.settings.total_steps
-        old, new = self.lmda, self.settings.lmda.at(step, total)
-        if new != old:
-            factor = dual_rescale_factor(old, new)  # keeps lambda * u invariant, O(1): the scale
-            if factor != 1.0:
-                for target in self.targets:
-                    self._admm[target.param]["admm_u_scale"].mul_(factor)
-        self._set_scalars(lmda=new, rho=self._rho_at(step))
+        new_lmda, new_rho = self.settings.lmda.at(step, total), self._rho_at(step)
+        if self.settings.penalty == "decoupled" and self.settings.rho is not None:
+            old, new = _strength(self.rho), _strength(new_rho)
+        else:
+            old, new = self.lmda, new_lmda
+        factor = dual_rescale_factor(old, new)
+        if factor != 1.0:
+            for target in self.targets:
+                self._admm[target.param]["admm_u_scale"].mul_(factor)
+        self._set_scalars(lmda=new_lmda, rho=new_rho)
 
     def _reduce(self, sums: torch.Tensor) -> torch.Tensor:
         groups = {id(g): g for g in self._shard_groups.values() if g is not None}
@@ -266,7 +280,8 @@ class ADMM(torch.optim.Optimizer):
         state_dict = self.base.state_dict()
         index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         for target in self.targets:
-            saved = state_dict["state"].setdefault(index[id(target.param)], {})
+            i = index[id(target.param)]  # a copy: torch packs the live per-parameter dicts
+            saved = state_dict["state"][i] = dict(state_dict["state"].get(i, {}))
             x = local(target.param)
             for name in ("z", "u"):
                 dense = self._codec(name).densify(self._entry(target, name), x)

@@ -59,7 +59,7 @@ class PruneConfig(BaseModel):
     interval: int = 32
     projection: Literal["magnitude", "fisher"] = "fisher"
     penalty: Literal["coupled", "decoupled"] = "coupled"
-    rho: float | None = None  # decoupled pull per step; None: derived from lr*lmda/(1+lr*lmda)
+    rho: float | None = None  # decoupled pull per step; None: derived from lr*lmda/(1+lr*lmda); given, lmda is unused
     rho_final: float | None = None
     rho_schedule: str = "constant"
     z_dtype: str = "fp32"

@@ -13,6 +13,8 @@ from elsa.distributed import local
 
 
 def _dequantize_bnb(state: dict) -> torch.Tensor:
+    if "absmax2" not in state:  # bitsandbytes keeps small tensors' (< 4096 entries) state in fp32
+        return state["state2"]
     import bitsandbytes.functional as bnbf  # optional dependency, only for bnb optimisers
 
     return bnbf.dequantize_blockwise(state["state2"], absmax=state["absmax2"], code=state["qmap2"], blocksize=256)

@@ -131,7 +131,7 @@ class StoredTensor:
         return {"q": dense.view(like.shape), "scale": entry["scale"]}
 
     def compact(self, entry: dict[str, torch.Tensor], like: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Inverse of :meth:`densify` (bit-exact)."""
+        """Inverse of :meth:`densify`: the same decoded values (a kept entry stored as 0 drops its mask bit)."""
         payload = entry["q"].to(self.fmt.dtype).reshape(-1)
         scale = entry["scale"].to(torch.float32)
         if not self.sparse:

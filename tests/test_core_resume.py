@@ -91,11 +91,12 @@ def _serialize(obj):
     return torch.load(buffer, weights_only=True)
 
 
-@pytest.mark.parametrize("serialize", [False, True], ids=["in-memory", "torch.save"])
-@pytest.mark.parametrize("case", list(CASES))
+# in-memory resume is checked once (fp32); every case goes through torch.save / torch.load
+RESUMES = [("fp32", False)] + [(case, True) for case in CASES]
+
+
+@pytest.mark.parametrize("case,serialize", RESUMES, ids=[f"{c}-{'torch.save' if s else 'in-memory'}" for c, s in RESUMES])
 def test_resume_is_bit_exact(case, serialize):
-    if not serialize and case != "fp32":
-        pytest.skip("in-memory resume is checked once (fp32); the rest go through torch.save")
     cfg = _cfg(**CASES[case])
 
     model_a = _model()

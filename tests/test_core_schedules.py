@@ -95,3 +95,29 @@ def test_schedule_starting_at_zero_keeps_the_dual():
     # from then on lambda * u is carried between updates
     lmda2, _, _, u2 = history[2]
     torch.testing.assert_close(lmda2 * u2, lmda1 * u1, rtol=1e-5, atol=1e-9)
+
+
+def test_decoupled_with_explicit_rho_does_not_rescale_u_by_an_unused_lambda():
+    """With ``penalty=decoupled`` and an explicit rho, lambda does not enter the x-update (the
+    pull is rho (x - z + u)), so a lambda schedule must either be refused by the config or leave
+    u alone; rescaling u by lambda_old / lambda_new silently shrinks the dual's pull rho * u."""
+    from elsa.config import ConfigError, make_config
+
+    values = {"sparsity": 0.5, "penalty": "decoupled", "rho": 0.1, "lmda": 1e-3, "lmda_final": 1.0,
+              "lmda_schedule": "cosine", "steps": 10, "interval": 100, "projection": "magnitude", "optimizer": "sgd"}
+    try:
+        cfg = make_config(values)
+    except ConfigError as err:  # refusing the combination is an acceptable fix
+        assert "lmda" in str(err) and "rho" in str(err)
+        return
+    w = torch.nn.Parameter(torch.randn(8, 8, generator=torch.Generator().manual_seed(0)))
+    target = Target("w", w, 0.5, None, 1)
+    admm = ADMM(torch.optim.SGD([w], lr=0.1), [target], ADMMSettings.from_config(cfg))
+    w.grad = torch.ones(8, 8)
+    admm.step()  # z/u-update after step 1
+    u1 = admm._load(target, "u", w.detach()).clone()
+    assert u1.abs().sum() > 0
+    w.grad = torch.ones(8, 8)
+    admm.step()  # no z/u-update, rho constant: the dual's pull rho * u must not change
+    assert admm.rho == 0.1
+    torch.testing.assert_close(admm._load(target, "u", w.detach()), u1)

@@ -119,6 +119,29 @@ def test_tune_flags_parse_into_a_request():
         request_from_args(make_parser().parse_args(["tune", "--sparsity", "0.7", "--trial-resources", "{CPU: 1"]))
 
 
+def test_searchers_are_built_or_refused_clearly():
+    from tune.search import make_scheduler, make_searcher
+
+    assert type(make_searcher("optuna", [{"lr": 1e-4}], 8, 0)).__name__ == "OptunaSearch"
+    assert type(make_searcher("random", [{"lr": 1e-4}], 8, 0)).__name__ == "BasicVariantGenerator"
+    try:
+        import hyperopt  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="pip install hyperopt"):
+            make_searcher("hyperopt", [], 8, 0)
+    with pytest.raises(ValueError, match="grace-period"):
+        make_scheduler("asha", max_t=8, grace_period=9, reduction_factor=2)
+
+
+@pytest.mark.ray
+def test_trial_that_cannot_be_placed_is_refused_before_anything_starts(tmp_path, tiny_model_dir, ray_session):
+    from tune.runner import SearchError
+
+    with pytest.raises(SearchError, match="trainer"):
+        _search(tmp_path, tiny_model_dir, ["--sparsity", "0.7", "--trials", "2", "--trial-resources", '{"CPU": 1, "trainer": 1}', "--name", "x"])
+    assert not (tmp_path / "storage" / "x").exists()  # no state left behind: the name stays free
+
+
 # ----------------------------------------------------------------------------- real searches
 
 
@@ -159,6 +182,7 @@ def _no_leaked_actors(ray, timeout: float = 20.0) -> bool:
 
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Fixed parameter lr")  # the seed lies outside the absurd range on purpose
 def test_search_stops_bad_trials_tracks_them_and_writes_a_preset(tmp_path, tiny_model_dir, ray_session, fast_reports):
     # lr in [0.5, 2] is absurd for Adam (the loss jumps to 10-60 after one step), while the
     # Table 5 seed (OPT-125M at 80%: lr 2e-4, lambda 1e-3) is evaluated first as published,

@@ -1,0 +1,17 @@
+"""Ray Tune searches over ELSA's hyperparameters (``elsa tune``) and the presets they produce.
+
+One module per job:
+
+* :mod:`tune.space`   - the search space (YAML) and how a sample becomes PruneConfig overrides
+* :mod:`tune.seed`    - the paper's Table 5 setting as the first point of every search
+* :mod:`tune.search`  - search algorithm (Optuna), ASHA scheduler, divergence stopper
+* :mod:`tune.trial`   - one trial: the pipeline's TorchTrainer driven from a Tune function
+* :mod:`tune.runs`    - MLflow parent/child runs of a search and their final status
+* :mod:`tune.results` - one row per trial, the best configuration, the preset-file entry
+* :mod:`tune.state`   - the search's own record, for ``--resume``
+* :mod:`tune.runner`  - a whole search: one Tuner per sparsity, resume, presets
+* :mod:`tune.cli`     - the ``elsa tune`` options and summary
+* :mod:`tune.presets` - Table 5 and preset files, read by ``elsa prune --preset``
+
+Import nothing heavy here: ``elsa prune --preset`` imports :mod:`tune.presets` alone.
+"""

@@ -81,9 +81,10 @@ def file_preset(path: str | Path, model: str, sparsity: float | None) -> dict:
     if not path.is_file():
         raise PresetError(f"preset {str(path)!r} is neither 'paper' nor an existing preset file")
     entries = (yaml.safe_load(path.read_text()) or {}).get("presets") or []
-    mine = [e for e in entries if e.get("model") == model] or entries
+    mine = [e for e in entries if e.get("model") == model]
     if not mine:
-        raise PresetError(f"preset file {str(path)!r} holds no entries")
+        found = sorted({str(e.get("model")) for e in entries})
+        raise PresetError(f"preset file {str(path)!r} has no entry for model {model!r} (it holds: {', '.join(found) or 'nothing'})")
     if sparsity is None:
         chosen = mine[0]
     else:

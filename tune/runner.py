@@ -21,7 +21,7 @@ from elsa.config import make_config
 from pipelines import tracking
 from tune import runs, state
 from tune.results import SparsityOutcome, best_row, merge_entries, preset_entry, trial_rows
-from tune.search import DEFAULT_MAX_VAL_LOSS, METRIC, DivergenceStopper, make_scheduler, make_searcher
+from tune.search import DEFAULT_MAX_VAL_LOSS, DivergenceStopper, make_scheduler, make_searcher
 from tune.seed import paper_seed
 from tune.space import SearchSpace, load_space, parse_space
 from tune.trial import TrialContext, run_trial
@@ -117,7 +117,7 @@ def _fit_check(request: SearchRequest, address: str | None, echo) -> int:
     """
     import ray
 
-    if address:
+    if address or os.environ.get("RAY_ADDRESS"):
         return request.max_concurrent
     total = ray.cluster_resources()
     for name, amount in request.trial_resources.items():
@@ -147,6 +147,9 @@ def run_search(request: SearchRequest, where: Where, echo=print, extra_callbacks
     space = parse_space(space_data, request.space or "default.yaml")
     _check_request(request)
     bases = {s: _base_config(request, s) for s in request.sparsities}  # every config error, before Ray
+    batch = next(iter(bases.values()))["batch_size"]
+    if batch % request.workers_per_trial:
+        raise SearchError(f"--batch-size {batch} must be a multiple of --workers-per-trial {request.workers_per_trial} (each worker takes its slice of every batch)")
     steps = next(iter(bases.values()))["steps"]
     eval_interval = next(iter(bases.values()))["eval_interval"]
     grace = request.grace_period or min(eval_interval, steps)
@@ -154,6 +157,7 @@ def run_search(request: SearchRequest, where: Where, echo=print, extra_callbacks
 
     init_ray(where.address)
     concurrency = _fit_check(request, where.address, echo)
+    state.write(root, saved)  # only now: a search refused above leaves no state behind its name
     outcomes: list[SparsityOutcome] = []
     interrupted = False
     for sparsity in request.sparsities:
@@ -177,7 +181,8 @@ def run_search(request: SearchRequest, where: Where, echo=print, extra_callbacks
 
 
 def _open_state(request: SearchRequest, where: Where, storage: str) -> tuple[SearchRequest, dict, dict]:
-    """New search: record it. Resume: take the request and space saved at the start."""
+    """New search: its record (written by the caller once the checks pass). Resume: the request
+    and space saved when the search started."""
     if where.resume:
         if not request.name:
             raise SearchError("--resume needs --name (and the --storage-path the search used)")
@@ -194,13 +199,12 @@ def _open_state(request: SearchRequest, where: Where, storage: str) -> tuple[Sea
     space = load_space(request.space)
     space_data = {**{n: {d.kind: list(d.args)} for n, d in space.dimensions.items()}, **space.fixed, "options": {"start_fraction": space.start_fraction}}
     saved = {"request": dataclasses.asdict(request), "space": space_data, "sparsities": {}, "status": "running", "created": time.strftime("%Y-%m-%d %H:%M:%S")}
-    state.write(root, saved)
     return request, space_data, saved
 
 
-def _parent_params(request: SearchRequest, base: dict, space: SearchSpace, seed_point: dict, seed_source: str, grace: int, concurrency: int) -> dict:
-    params = dict(base)
-    params.update({f"space.{k}": v for k, v in space.describe().items()})
+def _parent_params(request: SearchRequest, space: SearchSpace, seed_point: dict, seed_source: str, grace: int, concurrency: int) -> dict:
+    """The parent run's parameters beyond the shared config: the space, the seed, the settings."""
+    params = {f"space.{k}": v for k, v in space.describe().items()}
     params.update({f"seed.{k}": v for k, v in seed_point.items()})
     params.update({
         "seed.source": seed_source, "search.algorithm": request.search, "search.scheduler": request.scheduler,
@@ -220,14 +224,14 @@ def _search_one(request, where, space, base, sparsity, entry, root, uri, grace, 
     seed = paper_seed(space, request.model, sparsity)
     if entry.get("status") == "done" and entry.get("parent_run_id"):
         echo(f"{key}: already finished (MLflow parent run {entry['parent_run_id']}); reading its results")
-        grid = ray_tune.Tuner.restore(experiment_path, trainable=run_trial).get_results()
+        grid = ray_tune.ResultGrid(ray_tune.ExperimentAnalysis(experiment_path))
         return _summarise(grid, request, space, base, sparsity, entry["parent_run_id"], experiment_path, seed, uri)
     if entry.get("parent_run_id"):
         parent = entry["parent_run_id"]
         runs.reopen(uri, parent)
     else:
         parent = runs.open_parent(
-            uri, request.experiment, _parent_params(request, base, space, seed.point, seed.source, grace, concurrency),
+            uri, request.experiment, base, _parent_params(request, space, seed.point, seed.source, grace, concurrency),
             run_name=f"{request.name}@{sparsity:g}", tags={"search": request.name, "sparsity": str(sparsity)},
         )
         entry["parent_run_id"] = parent

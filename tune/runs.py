@@ -24,9 +24,22 @@ log = logging.getLogger(__name__)
 PARENT_TAG = "search_parent"
 
 
-def open_parent(uri: str, experiment: str, params: dict, run_name: str, tags: dict) -> str:
-    """The search's parent run (params: the seed config and the space, flattened by the caller)."""
-    return tracking.start_run(uri, experiment, params, run_name=run_name, tags={"elsa_search": "true", **tags})
+# MLflow takes at most 100 parameters per logging call; PruneConfig alone has about 50.
+_PARAMS_PER_CALL = 90
+
+
+def _start(uri: str, experiment: str, cfg_dict: dict, extra: dict, **kwargs) -> str:
+    """A run with the config as parameters (and its tags), then ``extra`` parameters in chunks."""
+    run_id = tracking.start_run(uri, experiment, cfg_dict, **kwargs)
+    items = sorted(extra.items())
+    for start in range(0, len(items), _PARAMS_PER_CALL):
+        tracking.log_params(uri, run_id, dict(items[start : start + _PARAMS_PER_CALL]))
+    return run_id
+
+
+def open_parent(uri: str, experiment: str, base: dict, params: dict, run_name: str, tags: dict) -> str:
+    """The search's parent run: the shared config ``base``, plus ``params`` (space, seed, settings)."""
+    return _start(uri, experiment, base, params, run_name=run_name, tags={"elsa_search": "true", **tags})
 
 
 def reopen(uri: str, run_id: str) -> None:
@@ -65,9 +78,9 @@ def open_child(uri: str, experiment: str, parent_run_id: str, trial_id: str, cfg
         reopen(uri, run_id)
         mlflow_client.set_tag(run_id, "attempts", str(attempts))
         return run_id
-    params = {**cfg_dict, **{f"search.{k}": v for k, v in sample.items()}}
     all_tags = {PARENT_TAG: parent_run_id, "trial_id": trial_id, "attempts": "1", **tags}
-    return tracking.start_run(uri, experiment, params, run_name=f"trial-{trial_id}", tags=all_tags, parent_run_id=parent_run_id)
+    searched = {f"search.{k}": v for k, v in sample.items()}
+    return _start(uri, experiment, cfg_dict, searched, run_name=f"trial-{trial_id}", tags=all_tags, parent_run_id=parent_run_id)
 
 
 def finish(uri: str, run_id: str, status: str, tags: dict | None = None) -> None:

@@ -13,6 +13,8 @@ import json
 import os
 from pathlib import Path
 
+from pipelines import storage
+
 STATE_FILE = "search.json"
 
 
@@ -22,8 +24,7 @@ def join(root: str, *parts: str) -> str:
 
 def absolute(storage_path: str | None) -> str:
     """Ray needs absolute paths or URIs; default: $ELSA_STORAGE or ./elsa-runs (as elsa prune)."""
-    path = storage_path or os.environ.get("ELSA_STORAGE", "elsa-runs")
-    return path if "://" in path else str(Path(path).resolve())
+    return storage.absolute(storage_path or os.environ.get("ELSA_STORAGE", "elsa-runs"))
 
 
 def _filesystem(path: str):

@@ -13,7 +13,6 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -37,7 +36,7 @@ class TrialContext:
     workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float | None = 0.5
-    export: bool = False  # write each trial's pruned checkpoint (costly for real models)
+    export: bool = False  # keep each trial's pruned model as its Train run's last checkpoint (costly)
     train_env: dict | None = None  # RAY_TRAIN_* settings of the search's environment (see run_trial)
 
 
@@ -130,7 +129,6 @@ def run_trial(config: dict, context: TrialContext) -> None:
         train_worker,
         train_loop_config={
             "cfg": cfg_dict,
-            "output": str(Path(tune_context.get_trial_dir()) / "pruned"),
             "tracking": {"uri": uri, "run_id": run_id},
             "export": context.export,
         },
