@@ -24,6 +24,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    """No test may reach the hub, whatever the caller's environment says."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tok():
+    """The locally trained tiny tokenizer."""
+    from elsa.tiny import tiny_tokenizer
+
+    return tiny_tokenizer()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny Llama with a locally trained tokenizer, saved as a Hugging Face directory."""

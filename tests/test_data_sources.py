@@ -16,17 +16,6 @@ from elsa.data import DataNotAvailableError, calibration_blocks, eval_windows, l
 ROWS = ["First document about albedo.", "Second one, about anarchism.", "Third: autism."]
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny.tiny_tokenizer()
-
-
 def _titles(text: str) -> set[str]:
     return set(re.findall(r"^ = ([^=].*) = $", text, flags=re.MULTILINE))
 

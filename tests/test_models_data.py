@@ -20,17 +20,6 @@ from elsa.perplexity import mean_nll, perplexity
 SENTENCE = "Anarchism is a political philosophy that advocates self-governed societies."
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny.tiny_tokenizer()
-
-
 @pytest.fixture(scope="module")
 def ids(tok):
     return tok(SENTENCE, return_tensors="pt").input_ids
