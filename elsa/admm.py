@@ -62,6 +62,13 @@ class ADMMSettings:
     z_dtype: str = "fp32"
     u_dtype: str = "fp32"
     z_sparse: bool = False
+    first_split: str = "step"  # "step": first z/u-update after step 1 (the authors); "interval": after `interval` steps
+
+    def splits_after(self, step: int) -> bool:
+        """Whether the z/u-update runs after (1-based) ``step``."""
+        if self.first_split == "interval":
+            return step % self.interval == 0
+        return (step - 1) % self.interval == 0
 
     @classmethod
     def from_config(cls, cfg) -> "ADMMSettings":
@@ -76,6 +83,7 @@ class ADMMSettings:
             z_dtype=cfg.z_dtype,
             u_dtype=cfg.u_dtype,
             z_sparse=cfg.z_sparse,
+            first_split=cfg.first_split,
         )
 
 
@@ -155,7 +163,7 @@ class ADMM(torch.optim.Optimizer):
                     local(target.param).sub_(self._residual_plus_dual(target).to(target.param.dtype), alpha=rho)
         step = self.admm_step + 1
         self._set_scalars(step=step)
-        if (step - 1) % self.settings.interval == 0:  # after steps 1, 1 + interval, ... as the authors
+        if self.settings.splits_after(step):
             self.update_split()
         self._advance_penalty(step)
         return loss

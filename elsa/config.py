@@ -57,6 +57,9 @@ class PruneConfig(BaseModel):
     lmda_final: float | None = None
     lmda_schedule: str = "constant"
     interval: int = 32
+    # first z/u-update: "step" right after step 1 (the authors' code), "interval" after the first
+    # full x-update of `interval` steps (textbook ADMM: z0 = Proj(x0), u0 = 0)
+    first_split: Literal["step", "interval"] = "step"
     projection: Literal["magnitude", "fisher"] = "fisher"
     penalty: Literal["coupled", "decoupled"] = "coupled"
     rho: float | None = None  # decoupled pull per step; None: derived from lr*lmda/(1+lr*lmda); given, lmda is unused

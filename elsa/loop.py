@@ -158,7 +158,7 @@ def train(
             )
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm else None
         lr = scheduler.get_last_lr()[0]
-        updated = (admm.admm_step % cfg.interval) == 0  # the z/u-update runs inside this step
+        updated = admm.settings.splits_after(admm.admm_step + 1)  # the z/u-update runs inside this step
         admm.step()
         scheduler.step()
         admm.zero_grad()

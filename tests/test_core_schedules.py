@@ -121,3 +121,13 @@ def test_decoupled_with_explicit_rho_does_not_rescale_u_by_an_unused_lambda():
     admm.step()  # no z/u-update, rho constant: the dual's pull rho * u must not change
     assert admm.rho == 0.1
     torch.testing.assert_close(admm._load(target, "u", w.detach()), u1)
+
+
+def test_first_split_setting_chooses_when_z_and_u_first_move():
+    """'step': z/u-updates after steps 1, 1+k, ... (the authors); 'interval': after k, 2k, ... (textbook)."""
+    from elsa.admm import ADMMSettings
+
+    authors = ADMMSettings(total_steps=10, interval=4, first_split="step")
+    textbook = ADMMSettings(total_steps=10, interval=4, first_split="interval")
+    assert [s for s in range(1, 11) if authors.splits_after(s)] == [1, 5, 9]
+    assert [s for s in range(1, 11) if textbook.splits_after(s)] == [4, 8]
