@@ -1,7 +1,7 @@
 """ELSA's ADMM around any base optimiser (scaled dual form).
 
     x-update:  a base-optimiser step on f(x) + (lambda/2)||x - z + u||^2
-    z-update:  z <- Proj_S(x + u)          every ``interval`` steps
+    z-update:  z <- Proj_S(x + u)          every ``interval`` steps (from z0 = Proj(x0), u0 = 0)
     u-update:  u <- u + x - z              right after the z-update
 
 The x-update's penalty enters in one of two ways (ELSA.md):
@@ -62,7 +62,7 @@ class ADMMSettings:
     z_dtype: str = "fp32"
     u_dtype: str = "fp32"
     z_sparse: bool = False
-    first_split: str = "step"  # "step": first z/u-update after step 1 (the authors); "interval": after `interval` steps
+    first_split: str = "interval"  # first z/u-update after `interval` steps; "step": after step 1 (the authors)
 
     def splits_after(self, step: int) -> bool:
         """Whether the z/u-update runs after (1-based) ``step``."""

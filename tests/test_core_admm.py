@@ -86,7 +86,8 @@ def _setup(base_kind: str, penalty: str, rho: float | None, lmda: float, lr: flo
     target = Target("w", w, 0.5, None, 1)
     opt = torch.optim.SGD([w, bias], lr=lr) if base_kind == "sgd" else torch.optim.Adam([w, bias], lr=lr)
     settings = ADMMSettings(total_steps=100, lmda=PenaltySchedule(lmda), interval=100, projection="magnitude",
-                            penalty=penalty, rho=PenaltySchedule(rho) if rho is not None else None)
+                            penalty=penalty, rho=PenaltySchedule(rho) if rho is not None else None,
+                            first_split="step")  # a z/u-update after step 1: a non-zero dual to test with
     return w, bias, target, ADMM(opt, [target], settings), g
 
 

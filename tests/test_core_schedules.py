@@ -49,7 +49,8 @@ def _run(lmda: PenaltySchedule, steps: int, interval: int, u_dtype: str = "fp32"
     center = torch.randn(12, 10, generator=g)
     target = Target("w", w, 0.6, None, 1)
     admm = ADMM(torch.optim.SGD([w], lr=0.05), [target], ADMMSettings(
-        total_steps=steps, lmda=lmda, interval=interval, projection="magnitude", u_dtype=u_dtype))
+        total_steps=steps, lmda=lmda, interval=interval, projection="magnitude", u_dtype=u_dtype,
+        first_split="step"))  # a dual from step 1 on, so every step has one to rescale
     x = w.detach()
     history = [(admm.lmda, x.clone(), admm._load(target, "z", x).clone(), admm._load(target, "u", x).clone())]
     for _ in range(steps):
@@ -68,15 +69,17 @@ def test_dual_rescale_keeps_lambda_u_invariant_under_cosine(u_dtype):
         lmda_prev, _, _, u_prev = history[s - 1]
         lmda, x, z, u = history[s]
         assert lmda == pytest.approx(schedule_value("cosine", 1e-2, 1.0, s, steps), rel=1e-12)
-        if (s - 1) % interval == 0:  # z/u-update after steps 1, 1 + interval, ...
+        if ADMMSettings(total_steps=steps, interval=interval, first_split="step").splits_after(s):  # z/u-update after s
             # z = Proj(x + u_prev), u = u_prev + x - z, then rescaled from lambda_prev to lambda
             assert torch.equal(z != 0, topk_mask(magnitude_score(x + u_prev), target.keep))
             expected_y = lmda_prev * (u_prev + x - z)
             tol = 1e-6 if u_dtype == "fp32" else 2**-7
             torch.testing.assert_close(lmda * u, expected_y, rtol=tol, atol=tol * float(expected_y.abs().max()))
+        elif u_prev.abs().sum() == 0:  # before the first u-update there is no dual to rescale
+            assert lmda != lmda_prev and u.abs().sum() == 0
         else:
             assert lmda != lmda_prev
-            assert u.abs().sum() > 0 and not torch.allclose(u, u_prev)  # u itself moved ...
+            assert not torch.allclose(u, u_prev)  # u itself moved ...
             torch.testing.assert_close(lmda * u, lmda_prev * u_prev, rtol=1e-5, atol=1e-9)  # ... lambda * u did not
             checked += 1
     assert checked >= 15
@@ -104,7 +107,7 @@ def test_decoupled_with_explicit_rho_does_not_rescale_u_by_an_unused_lambda():
     from elsa.config import ConfigError, make_config
 
     values = {"sparsity": 0.5, "penalty": "decoupled", "rho": 0.1, "lmda": 1e-3, "lmda_final": 1.0,
-              "lmda_schedule": "cosine", "steps": 10, "interval": 100, "projection": "magnitude", "optimizer": "sgd"}
+              "lmda_schedule": "cosine", "steps": 10, "interval": 100, "first_split": "step", "projection": "magnitude", "optimizer": "sgd"}
     try:
         cfg = make_config(values)
     except ConfigError as err:  # refusing the combination is an acceptable fix
