@@ -105,10 +105,9 @@ class BatchSampler:
         per_rank = self.cfg.batch_size // self.world
         return blocks[self.rank * per_rank : (self.rank + 1) * per_rank]
 
-    def validation(self, rank_slice: bool = True) -> torch.Tensor:
+    def validation(self) -> torch.Tensor:
         """Held-out calibration text (never the evaluation sets) for the projected loss."""
-        blocks = calibration_blocks(self.tokenizer, self.cfg.data, self.cfg.val_blocks, self.cfg.seqlen, self.cfg.seed + 1, split="validation")
-        return blocks
+        return calibration_blocks(self.tokenizer, self.cfg.data, self.cfg.val_blocks, self.cfg.seqlen, self.cfg.seed + 1, split="validation")
 
 
 @dataclass
