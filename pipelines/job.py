@@ -7,6 +7,7 @@ never costs the pruned model; the MLflow run is closed FAILED with the reason on
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -15,6 +16,8 @@ from pathlib import Path
 from elsa.config import PruneConfig
 from pipelines import tracking
 from pipelines.storage import download
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -55,8 +58,31 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     env = {"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"), "HF_DATASETS_OFFLINE": os.environ.get("HF_DATASETS_OFFLINE", "0")}}
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
+        pin_train_coordinator()
     else:
         ray.init(num_cpus=num_cpus, runtime_env=env, log_to_driver=True)
+
+
+def pin_train_coordinator() -> None:
+    """Create Ray Train's autoscaling coordinator on this driver's node before any trainer runs.
+
+    Why: every Ray Train (V2) controller calls Ray's ``get_or_create_autoscaling_coordinator``,
+    which creates a *detached* actor pinned (hard node affinity) to the caller's node. A Tune
+    trial's controller runs on an autoscaled worker node, so the actor lands there and that node
+    is never idle again: the autoscaler cannot remove it after the search (measured with the fake
+    multi-node provider: one worker stayed up indefinitely, with all its resources free and only
+    this actor alive on it). Created first from the driver, the actor lives on the driver's node
+    (the head, under ``ray job submit``), and the controllers reuse it (``get_if_exists``).
+    The function is Ray-internal: on a Ray without it this does nothing.
+    """
+    try:
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator,
+        )
+    except ImportError:
+        log.debug("this Ray has no autoscaling coordinator; nothing to pin")
+        return
+    get_or_create_autoscaling_coordinator()
 
 
 def preflight(cfg: PruneConfig, options: RunOptions) -> str:

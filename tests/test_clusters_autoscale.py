@@ -249,58 +249,63 @@ class NodeTimeline:
 
 
 # ------------------------------------------------------------------ the workload
-_TUNE_WORKLOAD = textwrap.dedent("""
-    import json, sys, time, ray
-    from ray import tune
-
-    def trial(config):
-        time.sleep(config["sleep_s"])
-        tune.report({"score": 2 * config["x"], "node_id": ray.get_runtime_context().get_node_id()})
-
-    ray.init(address=sys.argv[1], logging_level="ERROR")
-    tuner = tune.Tuner(
-        tune.with_resources(trial, {"CPU": 1, "trainer": 1}),
-        param_space={"x": tune.grid_search([1, 2]), "sleep_s": 5},
-        tune_config=tune.TuneConfig(metric="score", mode="max", max_concurrent_trials=2),
-        run_config=tune.RunConfig(name="fake-autoscale", storage_path=sys.argv[2], verbose=0),
-    )
-    results = tuner.fit()
-    out = [{"x": r.config["x"], "score": r.metrics.get("score"), "node_id": r.metrics.get("node_id"),
-            "error": repr(r.error) if r.error else None} for r in results]
-    print("RESULTS " + json.dumps(out), flush=True)
-""")
-
-
 def _tiny_model(workdir: Path) -> Path:
     from elsa.tiny import save_tiny
 
     return save_tiny(workdir / "tiny-llama", "llama", seed=0)
 
 
-def _run_workload(address: str, env: dict, workdir: Path) -> list[dict]:
-    """Work that needs {"trainer": 1}: a 2-trial Ray Tune run, each trial sleeping 5 s.
+def _run_workload(address: str, env: dict, workdir: Path) -> dict:
+    """A real `elsa tune` search of 2 trials whose drivers ask for {"trainer": 1}.
 
-    Returns one dict per trial: x, score (= 2x), node_id (where it ran), error.
-    Swap point: an `elsa tune ... --address <address> --trial-resources
-    '{"CPU": 1, "trainer": 1}' --storage-path <workdir>` subprocess can replace
-    the script below; keep the return shape (or adapt the assertions).
+    Each trial's driver needs the `trainer` resource that only the autoscaled worker type
+    offers; its Ray Train worker takes 0.5 CPU, which only worker nodes have (the head has
+    none). Returns the MLflow runs of the search: parent and children with their statuses.
     """
-    script = workdir / "workload.py"
-    script.write_text(_TUNE_WORKLOAD)
-    proc = subprocess.run([sys.executable, str(script), address, str(workdir / "tune")],
-                          env=env, cwd=workdir, capture_output=True, text=True, timeout=300)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
-    assert proc.returncode == 0 and lines, (
-        f"workload failed (rc={proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    return json.loads(lines[-1][len("RESULTS "):])
+    import mlflow
+
+    model = _tiny_model(workdir)
+    db = workdir / "mlflow.db"
+    command = [sys.executable, "-m", "pipelines.cli", "tune", "--model", str(model), "--sparsity", "0.7",
+               "--trials", "2", "--steps", "4", "--seqlen", "64", "--batch-size", "2", "--eval-interval", "2",
+               "--val-blocks", "2", "--scheduler", "none", "--max-concurrent", "2",
+               "--trial-resources", json.dumps({"CPU": 0.5, "trainer": 1}), "--cpus-per-worker", "0.5",
+               "--address", address, "--storage-path", str(workdir / "storage"), "--name", "autoscale",
+               "--tracking-uri", f"sqlite:///{db}", "--experiment", "autoscale",
+               "--preset-out", str(workdir / "preset.yaml")]
+    proc = subprocess.run(command, env={**env, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+                          cwd=workdir, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"elsa tune failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}"
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
+    runs = client.search_runs([client.get_experiment_by_name("autoscale").experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    preset = workdir / "preset.yaml"
+    return {"parents": parents, "children": children, "stdout": proc.stdout,
+            "preset": yaml.safe_load(preset.read_text()) if preset.is_file() else None}
+
+
+_WHO_HOLDS = textwrap.dedent("""
+    import sys
+    from ray.util.state import list_actors
+    for a in list_actors(address=sys.argv[1], filters=[("state", "=", "ALIVE")]):
+        print(a.node_id, a.class_name, a.name, a.is_detached)
+""")
+
+
+def _alive_actors(head: LocalRayHead) -> str:
+    """Alive actors and their nodes (what keeps a worker node from going idle), for a failure message."""
+    proc = subprocess.run([sys.executable, "-c", _WHO_HOLDS, head.dashboard_url], env=head.env,
+                          capture_output=True, text=True, timeout=120)
+    return proc.stdout[-3000:] or proc.stderr[-3000:]
 
 
 # --------------------------------------------------------------------------- tests
 @pytest.mark.slow
 def test_fake_cluster_scales_up_for_trainer_work_and_back_down(capsys):
     """Head with 0 CPUs + a worker type offering `trainer` (min 0, max 2, 6 s idle timeout):
-    work asking for {"trainer": 1} must add worker nodes, finish on them, and the idle
-    workers must be removed afterwards."""
+    an `elsa tune` search whose trials ask for {"trainer": 1} must add worker nodes, finish
+    with its MLflow runs, and the idle workers must be removed afterwards."""
     config = yaml.safe_load(FAKE_CONFIG.read_text())
     t0 = time.time()
     marks: dict[str, float] = {}
@@ -324,8 +329,11 @@ def test_fake_cluster_scales_up_for_trainer_work_and_back_down(capsys):
             seen_workers = {w for s in during for w in s["workers"]}
             max_alive = max((len(s["workers"]) for s in during), default=0)
 
-            timeline.wait_for(lambda s: s["workers"] == [], SCALE_DOWN_TIMEOUT_S,
-                              "the idle worker nodes to be removed")
+            try:
+                timeline.wait_for(lambda s: s["workers"] == [], SCALE_DOWN_TIMEOUT_S,
+                                  "the idle worker nodes to be removed")
+            except TimeoutError as err:
+                raise AssertionError(f"{err}; alive actors (node id, class, name, detached):\n{_alive_actors(head)}") from None
             marks["back to head only"] = time.time()
         finally:
             if timeline is not None:
@@ -336,11 +344,13 @@ def test_fake_cluster_scales_up_for_trainer_work_and_back_down(capsys):
 
     assert head.leftover == [], f"processes left running: {head.leftover}"
     assert max_alive >= 1, "no worker node was added while the work ran"
-    assert sorted((r["x"], r["score"]) for r in results) == [(1, 2), (2, 4)], results
-    assert all(r["error"] is None for r in results), results
-    for r in results:
-        assert r["node_id"] != head_id, f"a trial ran on the head: {r}"
-        assert r["node_id"] in seen_workers, f"a trial ran on a node the timeline never saw: {r}"
+    assert seen_workers and head_id not in seen_workers
+    assert len(results["parents"]) == 1 and len(results["children"]) == 2, results["stdout"][-2000:]
+    assert all(r.info.status == "FINISHED" for r in results["children"]), [r.info.status for r in results["children"]]
+    assert all("val_loss_projected" in r.data.metrics for r in results["children"])
+    entries = (results["preset"] or {}).get("presets") or []
+    assert [e["sparsity"] for e in entries] == [0.7], results["preset"]
+    assert entries[0]["config"].get("penalty") in ("coupled", "decoupled"), entries[0]
     with capsys.disabled():
         print(f"  max alive workers during the work: {max_alive}; "
               f"scale-down took {marks['back to head only'] - marks['work finished']:.1f}s "
