@@ -190,3 +190,18 @@ def test_bad_input_fails_early_with_one_line(tmp_path, args, needle):
     lines = [line for line in result.stderr.strip().splitlines() if line.startswith("elsa: error")]
     assert len(lines) == 1 and needle in lines[0], result.stderr[-2000:]
     assert not (tmp_path / "elsa-runs").exists()
+
+
+@pytest.mark.parametrize("options, cores, expected", [
+    ({"workers": 1}, 2, 2),        # one worker gets both cores of this machine, not Ray's default 1
+    ({"workers": 2}, 2, 1),
+    ({"workers": 1}, 64, 4),       # never more than the local Ray offers (the fixture's 4 CPUs)
+    ({"workers": 1, "address": "10.0.0.1:6379"}, 2, None),  # a cluster: Ray's default stands
+    ({"workers": 1, "gpu": True}, 2, None),
+])
+def test_local_runs_give_workers_the_machines_cores(ray_session, monkeypatch, options, cores, expected):
+    from pipelines.job import RunOptions, _local_cpus_per_task
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: cores)
+    assert _local_cpus_per_task(RunOptions(**options), options["workers"]) == expected
