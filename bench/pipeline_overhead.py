@@ -10,6 +10,7 @@ Two figures per run, each a median over the steps that do no z/u-update or valid
 
     python bench/pipeline_overhead.py                  # writes bench/results/pipeline_overhead.json
     python bench/pipeline_overhead.py --steps 40 --model smollm2-135m
+    python bench/pipeline_overhead.py --cpus-per-worker 1 --out /tmp/one_cpu.json   # Ray's default
 
 Run it on a quiet machine: both runs take turns with nothing else, but not interleaved.
 """
@@ -56,7 +57,7 @@ def run_bare(overrides: dict) -> dict:
     return {"history": history}
 
 
-def run_ray(overrides: dict, work: Path) -> dict:
+def run_ray(overrides: dict, work: Path, cpus_per_worker: float | None = None) -> dict:
     """``elsa prune`` in a subprocess; its step metrics read back from the MLflow store."""
     import mlflow
 
@@ -67,6 +68,8 @@ def run_ray(overrides: dict, work: Path) -> dict:
     command = [sys.executable, "-m", "pipelines.cli", "prune", *flags, "--workers", "1", "--no-eval",
                "--output", str(work / "out"), "--tracking-uri", f"sqlite:///{db}", "--experiment", "overhead",
                "--storage-path", str(work / "ray")]
+    if cpus_per_worker:
+        command += ["--cpus-per-worker", str(cpus_per_worker)]
     started = time.time()
     proc = subprocess.run(command, cwd=work, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if proc.returncode:
@@ -99,6 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--cpus-per-worker", type=float, default=None,
+                        help="pass to elsa prune (default: its own, all local cores for one worker)")
     parser.add_argument("--skip-first", type=int, default=2, help="warm-up steps left out of the medians")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "pipeline_overhead.json"))
     args = parser.parse_args(argv)
@@ -108,12 +113,12 @@ def main(argv: list[str] | None = None) -> None:
                  "val_blocks": 2, "penalty": "decoupled", "rho": 0.03, "lr": 5e-4}
     measured = plain_steps([{"step": s} for s in range(1, args.steps + 1)], overrides["interval"], overrides["eval_interval"], args.skip_first)
     with tempfile.TemporaryDirectory(prefix="elsa-overhead-") as tmp:
-        ray_result = run_ray(overrides, Path(tmp))
+        ray_result = run_ray(overrides, Path(tmp), args.cpus_per_worker)
     bare = summarise(run_bare(overrides), measured)
     ray = summarise(ray_result, measured)
     report = {
         "config": overrides, "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-        "bare": bare, "ray_train": {**ray, "run_id": ray_result["run_id"], "command_s": ray_result["command_s"]},
+        "bare": bare, "ray_train": {**ray, "cpus_per_worker": args.cpus_per_worker, "run_id": ray_result["run_id"], "command_s": ray_result["command_s"]},
         "ratio_tokens_per_s": ray["median_tokens_per_s"] / bare["median_tokens_per_s"],
         "ratio_step_wall": ray["median_step_wall_s"] / bare["median_step_wall_s"],
     }
