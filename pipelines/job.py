@@ -150,7 +150,7 @@ def _prune(cfg: PruneConfig, options: RunOptions, tracking_info: dict) -> tuple[
     if cfg.method == "elsa":
         from pipelines.train_job import run_training
 
-        cpus = options.cpus_per_worker or _local_cpus_per_task(options, options.workers)
+        cpus = options.cpus_per_worker or local_cores_per_task(options.address, options.gpu, options.workers)
         resources = {"CPU": cpus} if cpus else None
         result = run_training(
             cfg, tracking_info, workers=options.workers, use_gpu=options.gpu, storage_path=storage, name=name,
@@ -165,22 +165,22 @@ def _prune(cfg: PruneConfig, options: RunOptions, tracking_info: dict) -> tuple[
     from pipelines.oneshot import oneshot_task
 
     location = f"{storage.rstrip('/')}/{name}/export"
-    resources = {"num_gpus": 1} if options.gpu else {"num_cpus": options.cpus_per_worker or _local_cpus_per_task(options, 1) or 1}
+    resources = {"num_gpus": 1} if options.gpu else {"num_cpus": options.cpus_per_worker or local_cores_per_task(options.address, options.gpu, 1) or 1}
     metrics = ray.get(oneshot_task.options(**resources).remote(cfg.model_dump(mode="json"), location, tracking_info))
     return metrics, location
 
 
-def _local_cpus_per_task(options: RunOptions, tasks: int) -> int | None:
-    """On a Ray this command started itself, give the work all of this machine's cores.
+def local_cores_per_task(address: str | None, gpu: bool, tasks: int) -> int | None:
+    """On a Ray this command started itself, the machine's cores shared among ``tasks`` workers.
 
     Why: Ray limits a task's threads (OMP_NUM_THREADS) to the CPUs it asked for, 1 by default,
     so one CPU worker on a many-core machine would run at a fraction of a bare process's speed
-    (measured: see bench/results/pipeline_overhead.json). On a joined cluster (--address,
-    RAY_ADDRESS) or with a GPU, Ray's default stands: size workers with --cpus-per-worker.
+    (measured: see bench/results/pipeline_overhead.json). On a joined cluster (``address``,
+    RAY_ADDRESS) or with a GPU, None: Ray's default stands (size workers with --cpus-per-worker).
     """
     import ray
 
-    if options.gpu or options.address or os.environ.get("RAY_ADDRESS"):
+    if gpu or address or os.environ.get("RAY_ADDRESS"):
         return None
     total = min(int(ray.cluster_resources().get("CPU", 0)), os.cpu_count() or 1)
     return max(1, total // max(tasks, 1)) if total else None

@@ -200,8 +200,8 @@ def test_bad_input_fails_early_with_one_line(tmp_path, args, needle):
     ({"workers": 1, "gpu": True}, 2, None),
 ])
 def test_local_runs_give_workers_the_machines_cores(ray_session, monkeypatch, options, cores, expected):
-    from pipelines.job import RunOptions, _local_cpus_per_task
+    from pipelines.job import local_cores_per_task
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr("os.cpu_count", lambda: cores)
-    assert _local_cpus_per_task(RunOptions(**options), options["workers"]) == expected
+    assert local_cores_per_task(options.get("address"), options.get("gpu", False), options["workers"]) == expected

@@ -219,6 +219,8 @@ def _parent_params(request: SearchRequest, space: SearchSpace, seed_point: dict,
 def _search_one(request, where, space, base, sparsity, entry, root, uri, grace, concurrency, echo, extra_callbacks, saved) -> SparsityOutcome:
     from ray import tune as ray_tune
 
+    from pipelines.job import local_cores_per_task
+
     key = _sparsity_key(sparsity)
     experiment_path = state.join(root, key)
     seed = paper_seed(space, request.model, sparsity)
@@ -242,6 +244,7 @@ def _search_one(request, where, space, base, sparsity, entry, root, uri, grace, 
         parent_run_id=parent, train_storage=state.join(root, "train", key), workers=request.workers_per_trial,
         use_gpu=request.gpu, cpus_per_worker=request.cpus_per_worker, export=request.export,
         train_env={k: v for k, v in os.environ.items() if k.startswith("RAY_TRAIN_")},
+        threads_per_worker=local_cores_per_task(where.address, request.gpu, concurrency * request.workers_per_trial),
     )
     trainable = ray_tune.with_resources(
         ray_tune.with_parameters(run_trial, context=context), ray_tune.PlacementGroupFactory([dict(request.trial_resources)])

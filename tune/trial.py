@@ -38,6 +38,7 @@ class TrialContext:
     cpus_per_worker: float | None = 0.5
     export: bool = False  # keep each trial's pruned model as its Train run's last checkpoint (costly)
     train_env: dict | None = None  # RAY_TRAIN_* settings of the search's environment (see run_trial)
+    threads_per_worker: int | None = None  # torch threads of each worker (None: Ray's OMP default)
 
 
 class SearchReportCallback(TuneReportCallback):
@@ -88,10 +89,13 @@ def train_worker(config: dict) -> None:
     stopped trial never keeps its CPUs from the trials after it.
     """
     import ray.train
+    import torch
     from ray.util import get_current_placement_group
 
     from pipelines.train_job import train_loop_per_worker
 
+    if config.get("threads"):  # Ray would hold a 0.5-CPU worker to one thread on an idle machine
+        torch.set_num_threads(int(config["threads"]))
     tracking_info = config.get("tracking")
     group = get_current_placement_group()
     if ray.train.get_context().get_world_rank() == 0 and tracking_info and group is not None:
@@ -131,6 +135,7 @@ def run_trial(config: dict, context: TrialContext) -> None:
             "cfg": cfg_dict,
             "tracking": {"uri": uri, "run_id": run_id},
             "export": context.export,
+            "threads": context.threads_per_worker,
         },
         scaling_config=ScalingConfig(num_workers=context.workers, use_gpu=context.use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if context.use_gpu else "gloo"),
