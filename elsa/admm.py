@@ -13,6 +13,15 @@ The x-update's penalty enters in one of two ways (ELSA.md):
   penalty (rho = eta*lambda / (1 + eta*lambda)), independent of the gradient's scale, as AdamW
   takes weight decay out of Adam.
 
+The objective-aware projection ranks entries by v * w^2 with v an estimate of the loss's
+squared gradient: Adam's second moment (``fisher_source="adam"``, the paper's) or, in coupled
+mode, an EMA of the squared *loss* gradient taken before the penalty is added
+(``fisher_source="loss"``). In coupled mode Adam's v also holds lambda^2 (x - z + u)^2, which is
+largest exactly on the entries the last z-update pruned, so on short runs the projection keeps
+flipping the mask back to them (measured on SmolLM2-135M at 80%: 40% of entries flip at every
+z-update, residual 0.87 -> 1.0). Decoupled mode never puts the penalty into the gradient, so
+there Adam's v is the loss's already and no EMA is kept.
+
 z and u are optimiser state: they are kept as local shards in their storage format (ELSA-L)
 and enter ``state_dict()`` beside Adam's moments under ``admm_z_*`` / ``admm_u_*``, so
 checkpoints (torch.distributed.checkpoint included) carry them. They are held apart from
@@ -63,6 +72,13 @@ class ADMMSettings:
     u_dtype: str = "fp32"
     z_sparse: bool = False
     first_split: str = "interval"  # first z/u-update after `interval` steps; "step": after step 1 (the authors)
+    fisher_source: str = "adam"  # v of the fisher projection: Adam's ("adam") or the loss gradient's EMA ("loss")
+    beta2: float = 0.95  # the "loss" EMA's decay (the run's Adam beta2)
+
+    @property
+    def tracks_loss_fisher(self) -> bool:
+        """Whether the ADMM keeps its own EMA of squared loss gradients (see the module doc)."""
+        return self.projection == "fisher" and self.fisher_source == "loss" and self.penalty == "coupled"
 
     def splits_after(self, step: int) -> bool:
         """Whether the z/u-update runs after (1-based) ``step``."""
@@ -84,6 +100,8 @@ class ADMMSettings:
             u_dtype=cfg.u_dtype,
             z_sparse=cfg.z_sparse,
             first_split=cfg.first_split,
+            fisher_source=cfg.fisher_source,
+            beta2=cfg.betas[1],
         )
 
 
@@ -104,6 +122,8 @@ class ADMM(torch.optim.Optimizer):
             raise ValueError(f"interval={settings.interval} must be >= 1")
         if settings.penalty not in ("coupled", "decoupled"):
             raise ValueError(f"penalty={settings.penalty!r}: choose 'coupled' or 'decoupled'")
+        if settings.fisher_source not in ("adam", "loss"):
+            raise ValueError(f"fisher_source={settings.fisher_source!r}: choose 'adam' or 'loss'")
         self.base = base
         self.settings = settings
         self.targets = targets
@@ -151,6 +171,8 @@ class ADMM(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """One x-update (base step with the penalty); every ``interval`` steps the z/u-updates."""
+        if self.settings.tracks_loss_fisher:  # before the penalty joins the gradient
+            self._update_loss_fisher()
         if self.settings.penalty == "coupled" and self.lmda > 0:
             for target in self.targets:  # grad += lambda (x - z + u), after clipping
                 if target.param.grad is not None:
@@ -226,8 +248,28 @@ class ADMM(torch.optim.Optimizer):
         eta_lmda = self._group_of[id(target.param)]["lr"] * self.lmda
         return eta_lmda / (1.0 + eta_lmda)
 
+    def _update_loss_fisher(self) -> None:
+        """f <- beta2 f + (1 - beta2) g^2 on each target's loss gradient (local shard, fp32)."""
+        beta2 = self.settings.beta2
+        for target in self.targets:
+            if target.param.grad is None:
+                continue
+            g = local(target.param.grad).detach().float()
+            state = self._admm[target.param]
+            f = state.setdefault("admm_f", torch.zeros_like(g))
+            f.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+
+    def _fisher(self, target: Target) -> torch.Tensor | None:
+        """v for the objective-aware score (bias-corrected), or None before the first step."""
+        if not self.settings.tracks_loss_fisher:
+            return second_moment(self.base, target.param, self._beta2(target))
+        f = self._admm[target.param].get("admm_f")
+        if f is None or self.admm_step < 1:
+            return None
+        return f / (1.0 - self.settings.beta2 ** self.admm_step)
+
     def _mask(self, target: Target, w: torch.Tensor, use_fisher: bool) -> torch.Tensor:
-        v = second_moment(self.base, target.param, self._beta2(target)) if use_fisher else None
+        v = self._fisher(target) if use_fisher else None
         score = fisher_score(w, v) if v is not None else magnitude_score(w)
         return project_mask(score, target.keep, target.nm, target.input_dim, self._shard_groups[id(target.param)])
 
@@ -295,6 +337,8 @@ class ADMM(torch.optim.Optimizer):
                 dense = self._codec(name).densify(self._entry(target, name), x)
                 saved[f"admm_{name}_q"] = like_param(dense["q"], target.param)
                 saved[f"admm_{name}_scale"] = dense["scale"]
+            if "admm_f" in self._admm[target.param]:
+                saved["admm_f"] = like_param(self._admm[target.param]["admm_f"], target.param)
         return state_dict
 
     def load_state_dict(self, state_dict) -> None:
@@ -310,5 +354,7 @@ class ADMM(torch.optim.Optimizer):
                 entry = {key: local(state.pop(f"admm_{name}_{key}")) for key in ("q", "scale")}
                 compact = self._codec(name).compact(entry, x)
                 self._admm[target.param].update({f"admm_{name}_{key}": t for key, t in compact.items()})
+            if "admm_f" in state:
+                self._admm[target.param]["admm_f"] = local(state.pop("admm_f")).float().clone()
             if not state:
                 del self.state[target.param]  # no base state yet: let the base initialise it

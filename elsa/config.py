@@ -63,6 +63,9 @@ class PruneConfig(BaseModel):
     # SmolLM2: ppl 453 with the residual stuck at 0.65, against 295 with it falling to 0.12).
     first_split: Literal["step", "interval"] = "interval"
     projection: Literal["magnitude", "fisher"] = "fisher"
+    # v of the fisher projection: "adam" (the paper: Adam's second moment) or "loss" (coupled
+    # mode: an EMA of the squared loss gradient, without the penalty; +4 bytes per pruned entry)
+    fisher_source: Literal["adam", "loss"] = "adam"
     penalty: Literal["coupled", "decoupled"] = "coupled"
     rho: float | None = None  # decoupled pull per step; None: derived from lr*lmda/(1+lr*lmda); given, lmda is unused
     rho_final: float | None = None

@@ -6,7 +6,9 @@ Analytic (:func:`state_bytes_per_param`), per entry of a pruned matrix:
 * the base optimiser's moments: Adam m and v 4 + 4; 8-bit Adam 1 + 1 plus one fp32 absmax per
   block of 256 entries for each (bitsandbytes' and torchao's block size); SGD (no momentum) none,
 * z and u at their storage formats (ELSA-L); a sparse z is a bitmask (1/8 byte) plus the
-  surviving ``1 - sparsity`` fraction of values.
+  surviving ``1 - sparsity`` fraction of values,
+* with ``loss_fisher`` (coupled mode, ``fisher_source="loss"``) the fp32 EMA of squared loss
+  gradients, 4.
 
 Per-tensor constants (the fp32 scale of z and u, Adam's step counter, the 256-entry quantisation
 maps of 8-bit Adam) are left out: they vanish per parameter for real matrices. Note that 8-bit
@@ -47,12 +49,13 @@ def state_bytes_per_param(
     z_sparse: bool = False,
     sparsity: float = 0.0,
     include_weight_and_grad: bool = True,
+    loss_fisher: bool = False,
 ) -> dict[str, float]:
     """Analytic bytes per pruned parameter, broken down.
 
     Keys: ``weight``, ``grad`` (0 unless ``include_weight_and_grad``), ``m``, ``v``, ``z``, ``u``,
-    ``optimizer_states`` (m + v), ``admm_states`` (z + u), ``states`` (m + v + z + u) and
-    ``total`` (everything).
+    ``fisher``, ``optimizer_states`` (m + v), ``admm_states`` (z + u + fisher), ``states`` (all
+    states) and ``total`` (everything).
     """
     if optimizer not in OPTIMIZER_KINDS:
         raise ValueError(f"optimizer {optimizer!r} is unknown; choose one of {', '.join(OPTIMIZER_KINDS)}")
@@ -68,10 +71,11 @@ def state_bytes_per_param(
     z = 1.0 / 8.0 + (1.0 - sparsity) * z_bytes if z_sparse else z_bytes
     u = float(_format_bytes(u_dtype))
     weight = grad = 4.0 if include_weight_and_grad else 0.0
-    out = {"weight": weight, "grad": grad, "m": m, "v": v, "z": z, "u": u}
+    fisher = 4.0 if loss_fisher else 0.0
+    out = {"weight": weight, "grad": grad, "m": m, "v": v, "z": z, "u": u, "fisher": fisher}
     out["optimizer_states"] = m + v
-    out["admm_states"] = z + u
-    out["states"] = m + v + z + u
+    out["admm_states"] = z + u + fisher
+    out["states"] = m + v + out["admm_states"]
     out["total"] = weight + grad + out["states"]
     return out
 
@@ -94,6 +98,8 @@ def _bucket(key: str) -> str:
         return "z"
     if key.startswith("admm_u_"):
         return "u"
+    if key == "admm_f":
+        return "fisher"
     if key in _FIRST_MOMENT_KEYS:
         return "m"
     if key in _SECOND_MOMENT_KEYS:
@@ -104,13 +110,13 @@ def _bucket(key: str) -> str:
 def measured_state_bytes_per_param(admm) -> dict[str, float]:
     """Bytes actually held per pruned parameter by a live ADMM optimiser (this rank's shards).
 
-    Keys: ``m``, ``v``, ``other`` (step counters, quantisation maps...), ``z``, ``u``,
-    ``optimizer_states`` (m + v + other), ``admm_states`` (z + u), ``states`` (all of them),
+    Keys: ``m``, ``v``, ``other`` (step counters, quantisation maps...), ``z``, ``u``, ``fisher``,
+    ``optimizer_states`` (m + v + other), ``admm_states`` (z + u + fisher), ``states`` (all of them),
     ``weight`` and ``grad`` (what the pruned parameters and their gradients hold now; grad is 0
     after ``zero_grad(set_to_none=True)``), ``total`` and ``params`` (pruned entries counted).
     """
     seen: set[tuple[int, int, torch.dtype]] = set()
-    sums = {"m": 0, "v": 0, "other": 0, "z": 0, "u": 0, "weight": 0, "grad": 0}
+    sums = {"m": 0, "v": 0, "other": 0, "z": 0, "u": 0, "fisher": 0, "weight": 0, "grad": 0}
 
     def add(bucket: str, tensor) -> None:
         if not torch.is_tensor(tensor):
@@ -136,7 +142,7 @@ def measured_state_bytes_per_param(admm) -> dict[str, float]:
             add("grad", param.grad)
     per = {key: value / max(params, 1) for key, value in sums.items()}
     per["optimizer_states"] = per["m"] + per["v"] + per["other"]
-    per["admm_states"] = per["z"] + per["u"]
+    per["admm_states"] = per["z"] + per["u"] + per["fisher"]
     per["states"] = per["optimizer_states"] + per["admm_states"]
     per["total"] = per["states"] + per["weight"] + per["grad"]
     per["params"] = float(params)

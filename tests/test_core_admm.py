@@ -37,6 +37,7 @@ def problem():
 CASES = {
     "coupled-adam-magnitude": dict(penalty="coupled", base="adam", projection="magnitude", steps=1200, lr=3e-2, lmda=1.0, rho=None),
     "coupled-adam-fisher": dict(penalty="coupled", base="adam", projection="fisher", steps=1200, lr=3e-2, lmda=1.0, rho=None),
+    "coupled-adam-loss-fisher": dict(penalty="coupled", base="adam", projection="fisher", steps=1200, lr=3e-2, lmda=1.0, rho=None, fisher_source="loss"),
     "decoupled-sgd-derived-rho": dict(penalty="decoupled", base="sgd", projection="magnitude", steps=300, lr=0.5, lmda=1.0, rho=None),
     "decoupled-sgd-rho": dict(penalty="decoupled", base="sgd", projection="magnitude", steps=300, lr=0.5, lmda=0.0, rho=0.3),
 }
@@ -55,6 +56,7 @@ def test_sparse_least_squares_recovers_support_and_optimum(problem, case):
     settings = ADMMSettings(
         total_steps=steps, lmda=PenaltySchedule(spec["lmda"]), interval=16, projection=spec["projection"],
         penalty=spec["penalty"], rho=PenaltySchedule(spec["rho"]) if spec["rho"] else None,
+        fisher_source=spec.get("fisher_source", "adam"), beta2=0.999,
     )
     admm = ADMM(base, [target], settings)
     initial_support = set(admm._load(target, "z", x.detach()).nonzero()[:, 1].tolist())
@@ -165,3 +167,57 @@ def test_rho_outside_unit_interval_is_refused(field, value):
     with pytest.raises(ValueError, match="rho"):
         PruneConfig(sparsity=0.7, penalty="decoupled", **{field: value})
     make_config({"sparsity": 0.7, "penalty": "decoupled", "rho": 0.5})  # inside: accepted
+
+
+# ------------------------------------------------- the fisher projection's v in coupled mode
+
+
+def _coupled_fisher_run(source: str, steps: int = 6, interval: int = 6):
+    """Coupled ADMM on a fixed quadratic whose loss gradients are tiny next to the penalty's.
+
+    Returns the ADMM, its target, the loss gradients it saw, and the mask (z != 0) of each
+    z/u-update, z0's (magnitude) first.
+    """
+    g = torch.Generator().manual_seed(7)
+    w = torch.nn.Parameter(torch.randn(16, 32, generator=g))
+    curvature = torch.rand(16, 32, generator=g) + 0.5  # loss 1e-4 * sum(c (w - w0)^2 + c w)
+    anchor = w.detach().clone()
+    target = Target("w", w, 0.75, None, 1)
+    settings = ADMMSettings(total_steps=steps, lmda=PenaltySchedule(1.0), interval=interval, projection="fisher",
+                            penalty="coupled", fisher_source=source, beta2=0.95)
+    admm = ADMM(torch.optim.Adam([w], lr=1e-2, betas=(0.9, 0.95)), [target], settings)
+    grads, masks = [], [admm._load(target, "z", w.detach()) != 0]
+    for _ in range(steps):
+        w.grad = 1e-4 * curvature * (2 * (w.detach() - anchor) + 1)
+        grads.append(w.grad.clone())
+        admm.step()
+        if admm.admm_step % interval == 0:
+            masks.append(admm._load(target, "z", w.detach()) != 0)
+    return admm, target, grads, masks
+
+
+def test_loss_fisher_is_the_ema_of_squared_loss_gradients():
+    admm, target, grads, _ = _coupled_fisher_run("loss", steps=5, interval=100)
+    beta2, f = 0.95, torch.zeros_like(grads[0])
+    for grad in grads:  # the gradients as the loss gave them, before the penalty was added
+        f = beta2 * f + (1 - beta2) * grad.pow(2)
+    torch.testing.assert_close(admm._fisher(target), f / (1 - beta2**5), rtol=1e-6, atol=0)
+    adam_v = admm.base.state[target.param]["exp_avg_sq"] / (1 - beta2**5)
+    assert (adam_v - admm._fisher(target)).abs().max() > 1e3 * f.max()  # Adam's v holds the penalty
+
+
+def test_first_coupled_projection_keeps_what_the_loss_says_not_what_z0_pruned():
+    """With Adam's v, the entries z0 pruned carry lambda^2 x^2 in v and win the first fisher
+    projection: the kept set becomes the complement of magnitude's (residual near 1). With the
+    loss's own v, the kept set is the brute-force top-k of v_loss * (x + u)^2."""
+    _, _, _, (z0, adam_first) = _coupled_fisher_run("adam")
+    assert not (adam_first & z0).any()  # not one of z0's entries kept: the whole kept set swapped
+    admm, target, grads, (z0, loss_first) = _coupled_fisher_run("loss")
+    beta2, f = 0.95, torch.zeros_like(grads[0])
+    for grad in grads:
+        f = beta2 * f + (1 - beta2) * grad.pow(2)
+    score = f * target.param.detach().pow(2)  # the first update projects x + u with u = 0
+    expected = torch.zeros(score.numel(), dtype=torch.bool)
+    expected[score.flatten().topk(target.keep).indices] = True
+    assert torch.equal(loss_first.flatten(), expected)
+    assert (loss_first & z0).sum() > 0.7 * target.keep  # mostly the large weights, as magnitude's

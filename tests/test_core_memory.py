@@ -42,7 +42,7 @@ def _base(kind: str, params):
     return bnb.optim.Adam8bit(params, lr=1e-3)
 
 
-def _live(kind: str, z_dtype: str, u_dtype: str, z_sparse: bool, sparsity: float, steps: int = 3):
+def _live(kind: str, z_dtype: str, u_dtype: str, z_sparse: bool, sparsity: float, steps: int = 3, fisher_source: str = "adam"):
     torch.manual_seed(0)
     model = _Net()
     targets = find_targets(model, sparsity)
@@ -50,7 +50,7 @@ def _live(kind: str, z_dtype: str, u_dtype: str, z_sparse: bool, sparsity: float
     projection = "magnitude" if kind == "sgd" else "fisher"
     admm = ADMM(_base(kind, model.parameters()), targets, ADMMSettings(
         total_steps=steps, lmda=PenaltySchedule(1e-2), interval=2, projection=projection,
-        z_dtype=z_dtype, u_dtype=u_dtype, z_sparse=z_sparse))
+        z_dtype=z_dtype, u_dtype=u_dtype, z_sparse=z_sparse, fisher_source=fisher_source))
     g = torch.Generator().manual_seed(1)
     for _ in range(steps):
         admm.zero_grad()
@@ -111,3 +111,13 @@ def test_checkpointing_does_not_change_memory_held():
     admm.state_dict()
     after = measured_state_bytes_per_param(admm)
     assert after["z"] == pytest.approx(before["z"]) and after["u"] == pytest.approx(before["u"])
+
+
+def test_loss_fisher_costs_four_bytes_per_pruned_entry():
+    _, admm = _live("adam8bit", "fp8_e4m3", "bf16", False, 0.9, fisher_source="loss")
+    measured = measured_state_bytes_per_param(admm)
+    analytic = state_bytes_per_param("adam8bit", "fp8_e4m3", "bf16", False, 0.9, loss_fisher=True)
+    assert measured["fisher"] == analytic["fisher"] == 4.0
+    without = state_bytes_per_param("adam8bit", "fp8_e4m3", "bf16", False, 0.9)
+    assert analytic["states"] == pytest.approx(without["states"] + 4.0)
+    assert measured["states"] == pytest.approx(analytic["states"], abs=0.05)

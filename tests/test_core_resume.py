@@ -25,6 +25,7 @@ CASES = {
     "sparse-z-fp32": dict(z_sparse=True),
     "decoupled-rho-schedule": dict(penalty="decoupled", rho=0.05, rho_final=0.2, rho_schedule="linear", z_dtype="fp8_e4m3", u_dtype="bf16"),
     "nm-2-4": dict(pattern="2:4", sparsity=None),
+    "coupled-loss-fisher": dict(fisher_source="loss", z_dtype="fp8_e4m3", u_dtype="bf16"),
     "adam8bit-magnitude": dict(optimizer="adam8bit", projection="magnitude", z_dtype="fp8_e4m3", u_dtype="bf16", z_sparse=True),
 }
 
