@@ -18,6 +18,13 @@ from elsa.config import ConfigError, PruneConfig, load_yaml, make_config
 _RUN_OPTIONS = ("output", "workers", "gpu", "address", "storage_path", "tracking_uri", "experiment", "run_name", "no_eval", "max_failures", "cpus_per_worker")
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Show argparse defaults, except None: method options show the config's default themselves."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def _option(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -58,7 +65,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--output", default="outputs/pruned", help="directory for the pruned Hugging Face checkpoint")
     group.add_argument("--workers", type=int, default=1, help="Ray Train workers (FSDP2 when > 1)")
     group.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL, bf16 compute)")
-    group.add_argument("--cpus-per-worker", type=float, default=None, help="CPUs each Ray Train worker asks for")
+    group.add_argument("--cpus-per-worker", type=float, default=None, help="CPUs (and threads) each Ray Train worker asks for; default: the machine's cores shared among the workers when Ray starts locally, 1 on a joined cluster")
     group.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else local)")
     group.add_argument("--storage-path", default=None, help="Ray Train storage: a path or s3://, gs:// URI")
     group.add_argument("--max-failures", type=int, default=0, help="worker-group restarts, each resuming from the last checkpoint")
@@ -140,7 +147,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="elsa", description="Prune LLMs to extreme sparsity with ELSA (surrogate-free ADMM) on Ray.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    prune = commands.add_parser("prune", help="run one pruning job", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    prune = commands.add_parser("prune", help="run one pruning job", formatter_class=_DefaultsHelp)
     _add_config_options(prune)
     _add_run_options(prune)
     prune.set_defaults(handler=_cmd_prune)
