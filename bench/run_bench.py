@@ -59,10 +59,16 @@ def run_cell(method: str, sparsity: float, args, uri: str, experiment: str) -> d
         tracking.end_run(uri, run_id, "FAILED")
         return {"method": method, "sparsity": sparsity, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
     record = json.loads(out.read_text())
-    record.update(method=method, sparsity=sparsity, penalty=penalty, total_s=time.perf_counter() - started, config=cfg, mlflow_run_id=run_id)
+    record.update(method=method, sparsity=sparsity, penalty=penalty, total_s=time.perf_counter() - started, config=cfg, mlflow_run_id=run_id,
+                  command=" ".join(["python", "bench/run_bench.py", *sys.argv[1:]]))
     tracking.log_metrics(uri, run_id, {k: v for k, v in record.items() if k.startswith("ppl_") or k in ("prune_s", "peak_rss_mb")})
     tracking.end_run(uri, run_id, "FINISHED")
     return record
+
+
+def residual_curve_text(curve: list | None) -> str:
+    """``0.43 > 0.21 > 0.09`` from ``[[step, residual], ...]`` (each z/u-update), or ``-``."""
+    return " > ".join(f"{value:.2f}" for _, value in curve) if curve else "-"
 
 
 def write_reports(results: list[dict], out_dir: Path, metric: str, args) -> None:
@@ -80,16 +86,21 @@ def write_reports(results: list[dict], out_dir: Path, metric: str, args) -> None
         rows.append({"model": args.model, "method": r["method"].split("-")[0], "penalty": r.get("penalty"), "sparsity": r["sparsity"], "status": None, "metrics": {metric: r[metric]}})
     if rows:
         plot_ppl_vs_sparsity(rows, out_dir / "ppl_vs_sparsity.png", metric=metric)
-    lines = [f"# Benchmark: {args.model}", "", f"Command: `{' '.join(sys.argv)}`", "",
+    commands = list(dict.fromkeys(r.get("command", "(not recorded)") for r in ok))
+    lines = [f"# Benchmark: {args.model}", "", "Commands (in the order their cells first ran; a rerun skips finished cells):", "",
+             *[f"- `{command}`" for command in commands], "",
              f"Perplexity: {metric.removeprefix('ppl_')}, {args.eval_windows} windows of {args.eval_seqlen} tokens"
              + (f"; dense {dense:.2f}" if dense else ""), "",
-             "| method | sparsity | ppl | ppl / dense | prune time (s) | peak RSS (MB) |", "|---|---|---|---|---|---|"]
+             "| method | sparsity | ppl | ppl / dense | prune time (s) | peak RSS (MB) | ELSA steps | primal residual |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in sorted(ok, key=lambda r: (r["sparsity"], METHODS.index(r["method"]))):
         ratio = f"{r[metric] / dense:.2f}" if dense else "-"
-        lines.append(f"| {r['method']} | {r['sparsity']:.1f} | {r[metric]:.2f} | {ratio} | {r['prune_s']:.0f} | {r['peak_rss_mb']:.0f} |")
+        steps = r.get("config", {}).get("steps", "-") if r["method"].startswith("elsa") else "-"
+        lines.append(f"| {r['method']} | {r['sparsity']:.1f} | {r[metric]:.2f} | {ratio} | {r['prune_s']:.0f} | {r['peak_rss_mb']:.0f} "
+                     f"| {steps} | {residual_curve_text(r.get('residual_curve'))} |")
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['method']} | {r['sparsity']:.1f} | FAILED: {r['error'][:80]} | | | |")
+            lines.append(f"| {r['method']} | {r['sparsity']:.1f} | FAILED: {r['error'][:80]} | | | | | |")
     (out_dir / "results.md").write_text("\n".join(lines) + "\n")
 
 
