@@ -36,8 +36,6 @@ import torch
 from .local_data import DataNotAvailableError, local_rows, looks_like_path
 from .models import hub_reachable
 
-__all__ = ["DataNotAvailableError", "calibration_blocks", "eval_windows", "load_text", "source_tokens"]
-
 CORPORA = Path(__file__).resolve().parent / "corpora"
 EVAL_ONLY = frozenset({"wikitext2", "wikitext2-bundled"})
 BUNDLED = ("enwiki-sample", "wikitext2-bundled")
