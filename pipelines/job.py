@@ -202,7 +202,7 @@ def _log_outputs(uri: str, run_id: str, output: str) -> None:
 def summary_table(result: JobResult) -> str:
     """What the user reads at the end: the numbers and where everything went."""
     lines = [f"run id      {result.run_id}", f"checkpoint  {result.checkpoint_dir}", f"wall time   {result.wall_s:.1f} s"]
-    for key in sorted(result.metrics):
+    for key in sorted(k for k in result.metrics if k != "step"):  # step: Ray Train's report index
         value = result.metrics[key]
         lines.append(f"{key:<28}{value:.6g}" if isinstance(value, float) else f"{key:<28}{value}")
     for key, error in result.eval_errors.items():
