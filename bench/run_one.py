@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
         "eval_s": time.perf_counter() - started,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "achieved_sparsity": sparsity,
+        "torch_threads": torch.get_num_threads(),
         **ppl,
         "residual_curve": [(h["step"], h["primal_residual"]) for h in history if "primal_residual" in h],
         "val_curve": [(h["step"], h["val_loss_projected"]) for h in history if "val_loss_projected" in h],
