@@ -143,10 +143,10 @@ def _prune(cfg: PruneConfig, options: RunOptions, tracking_info: dict) -> tuple[
     Returns the final metrics and the storage location (path or URI) of the exported
     checkpoint, which every node can read.
     """
-    from pipelines.storage import absolute, checkpoint_uri
+    from pipelines.storage import checkpoint_uri, run_storage
 
     name = options.run_name or f"elsa-{tracking_info['run_id'][:8]}"
-    storage = absolute(options.storage_path or os.environ.get("ELSA_STORAGE", "elsa-runs"))
+    storage = run_storage(options.storage_path)
     if cfg.method == "elsa":
         from pipelines.train_job import run_training
 

@@ -8,6 +8,7 @@ on one machine or NFS, a bucket URI on a cluster. Local paths are used in place.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -22,6 +23,12 @@ def absolute(location: str) -> str:
     if is_uri(location):
         return location
     return str(Path(location.removeprefix("file://")).expanduser().resolve())
+
+
+def run_storage(storage_path: str | None) -> str:
+    """Where Ray Train/Tune keep a run: the given path or URI, else $ELSA_STORAGE, else
+    ./elsa-runs; absolute, as Ray requires. One default for elsa prune and elsa tune."""
+    return absolute(storage_path or os.environ.get("ELSA_STORAGE", "elsa-runs"))
 
 
 def checkpoint_uri(checkpoint) -> str:

@@ -10,7 +10,6 @@ the latest. At the end, rank 0 writes the consolidated Hugging Face checkpoint.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from elsa.config import PruneConfig
-from pipelines.storage import absolute
+from pipelines.storage import run_storage
 from elsa.export import save_checkpoint
 from elsa.loop import BatchSampler, LoopHooks, build_admm, lr_factor, train
 from elsa.models import load_model, load_tokenizer
@@ -27,7 +26,6 @@ from elsa.perplexity import nll_sum
 from elsa.targets import decoder_blocks, sparsity_report
 
 STATE_FILE = "elsa_state.json"
-FINAL_METRICS_FILE = "final_metrics.json"
 
 
 def shard_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -145,7 +143,6 @@ def train_loop_per_worker(config: dict) -> None:
     with tempfile.TemporaryDirectory() as directory:
         final.update(_export(model, tokenizer, admm, cfg, directory, rank))
         logger({k: v for k, v in final.items() if isinstance(v, (int, float))}, cfg.steps)
-        (Path(directory) / FINAL_METRICS_FILE).write_text(json.dumps(final, indent=1))
         ray.train.report({**final, "step": cfg.steps}, checkpoint=Checkpoint.from_directory(directory) if rank == 0 else None)
 
 
@@ -217,7 +214,7 @@ def run_training(cfg: PruneConfig, tracking: dict | None, workers: int = 1, use_
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
             name=name,
-            storage_path=absolute(storage_path or os.environ.get("ELSA_STORAGE", "elsa-runs")),
+            storage_path=run_storage(storage_path),
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),

@@ -90,6 +90,11 @@ class LocalRayHead:
                     if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
         self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token),
                         RAY_USAGE_STATS_ENABLED="0")
+        # As on a cluster node, `python` is the interpreter that has Ray and this project: a job's
+        # entrypoint (`python -m pipelines.cli ...`) resolves it from the head's PATH, and pytest
+        # run as `.venv/bin/python -m pytest` does not put the venv on PATH by itself.
+        bin_dir = str(Path(sys.executable).parent)
+        self.env["PATH"] = os.pathsep.join([bin_dir, self.env.get("PATH", "")])
 
     def __enter__(self) -> "LocalRayHead":
         try:

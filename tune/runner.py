@@ -19,6 +19,7 @@ from pathlib import Path
 
 from elsa.config import make_config
 from pipelines import tracking
+from pipelines.storage import run_storage
 from tune import runs, state
 from tune.results import SparsityOutcome, best_row, merge_entries, preset_entry, trial_rows
 from tune.search import DEFAULT_MAX_VAL_LOSS, DivergenceStopper, make_scheduler, make_searcher
@@ -141,7 +142,7 @@ def run_search(request: SearchRequest, where: Where, echo=print, extra_callbacks
     started = time.perf_counter()
     uri = tracking.resolve_tracking_uri(where.tracking_uri)
     tracking.check_reachable(uri)
-    storage = state.absolute(where.storage_path)
+    storage = run_storage(where.storage_path)
     request, space_data, saved = _open_state(request, where, storage)
     root = state.join(storage, request.name)
     space = parse_space(space_data, request.space or "default.yaml")

@@ -10,21 +10,13 @@ open (s3://, gs://), like Ray's own storage.
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
-from pipelines import storage
 
 STATE_FILE = "search.json"
 
 
 def join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *parts])
-
-
-def absolute(storage_path: str | None) -> str:
-    """Ray needs absolute paths or URIs; default: $ELSA_STORAGE or ./elsa-runs (as elsa prune)."""
-    return storage.absolute(storage_path or os.environ.get("ELSA_STORAGE", "elsa-runs"))
 
 
 def _filesystem(path: str):
