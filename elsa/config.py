@@ -66,17 +66,19 @@ class PruneConfig(BaseModel):
     # v of the fisher projection: "adam" (the paper: Adam's second moment) or "loss" (coupled
     # mode: an EMA of the squared loss gradient, without the penalty; +4 bytes per pruned entry)
     fisher_source: Literal["adam", "loss"] = "adam"
-    penalty: Literal["coupled", "decoupled"] = "coupled"
-    rho: float | None = None  # decoupled pull per step; None: derived from lr*lmda/(1+lr*lmda); given, lmda is unused
+    # penalty, lr, rho schedule, init and loss left unset (None) are chosen by the budget rule
+    # (elsa/budget.py) from steps and sparsity; set any of them to override the rule.
+    penalty: Literal["coupled", "decoupled"] | None = None
+    rho: float | None = None  # decoupled pull per step; given, lmda is unused (coupled: derived lr*lmda/(1+lr*lmda))
     rho_final: float | None = None
-    rho_schedule: str = "constant"
+    rho_schedule: str | None = None
     z_dtype: str = "fp32"
     u_dtype: str = "fp32"
     z_sparse: bool = False
 
     # base optimiser and the x-update loop
     optimizer: Literal["adam", "adamw", "sgd", "adam8bit"] = "adam"
-    lr: float = 1e-4
+    lr: float | None = None
     lr_schedule: Literal["linear", "constant"] = "linear"
     warmup_steps: int = 0
     betas: tuple[float, float] = (0.9, 0.95)
@@ -86,6 +88,15 @@ class PruneConfig(BaseModel):
     batch_size: int = 2
     grad_accum: int = 1
     seqlen: int = 256
+
+    # warm start: z0 (and x0) from a one-shot method run inside the same job; the run keeps the
+    # better of (its final projection, that start) by held-out loss. "none": z0 = Proj(x0).
+    init: Literal["none", "magnitude", "wanda", "sparsegpt"] | None = None
+    # training loss: next-token ("ntp"), distillation from the dense starting model ("kd"), or
+    # (1 - kd_weight) * ntp + kd_weight * kd; kd is T^2 * KL(teacher || student) at temperature T
+    loss: Literal["ntp", "kd", "ntp+kd"] | None = None
+    kd_temperature: float = 1.0
+    kd_weight: float = 0.5
 
     # data and evaluation
     data: str = "enwiki-sample"
@@ -106,6 +117,44 @@ class PruneConfig(BaseModel):
     bf16: bool = False  # bf16 autocast for the forward/backward (GPU); master weights stay fp32
     preset: str | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _budget_rule(cls, data: Any) -> Any:
+        """Fill the fields left unset from the budget rule (elsa/budget.py), before validation."""
+        if not isinstance(data, dict):
+            return data
+        from elsa.budget import budget_settings
+
+        steps = data.get("steps") or cls.model_fields["steps"].default
+        pattern = data.get("pattern") or cls.model_fields["pattern"].default
+        sparsity = data.get("sparsity")
+        if sparsity is None and parse_pattern(pattern) is not None:
+            n, m = parse_pattern(pattern)
+            sparsity = 1.0 - n / m
+        chosen = budget_settings(steps, sparsity, data.get("method") or "elsa", data.get("penalty"))
+        rho_group = chosen.pop("rho_group", None)
+        filled = {**data, **{k: v for k, v in chosen.items() if data.get(k) is None}}
+        rho_fields = ("rho", "rho_final", "rho_schedule")
+        if rho_group is not None and all(data.get(k) is None for k in rho_fields):
+            filled.update(zip(rho_fields, rho_group))
+        if filled.get("rho_schedule") is None:
+            filled["rho_schedule"] = "constant"
+        return filled
+
+    @field_validator("kd_temperature")
+    @classmethod
+    def _temperature_positive(cls, value: float) -> float:
+        if not value > 0:
+            raise ValueError(f"kd_temperature={value} must be > 0 (1.0 is plain KL on the logits)")
+        return value
+
+    @field_validator("kd_weight")
+    @classmethod
+    def _kd_weight_in_unit_interval(cls, value: float) -> float:
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"kd_weight={value} must be in [0, 1] (the KD share of loss=ntp+kd)")
+        return value
+
     @field_validator("sparsity")
     @classmethod
     def _sparsity_in_range(cls, value: float | None) -> float | None:
@@ -121,8 +170,8 @@ class PruneConfig(BaseModel):
 
     @field_validator("lmda_schedule", "rho_schedule")
     @classmethod
-    def _schedule_known(cls, value: str) -> str:
-        if value not in SCHEDULES:
+    def _schedule_known(cls, value: str | None) -> str | None:
+        if value is not None and value not in SCHEDULES:
             raise ValueError(f"schedule {value!r} is unknown; choose one of {', '.join(SCHEDULES)}")
         return value
 
@@ -142,8 +191,8 @@ class PruneConfig(BaseModel):
 
     @field_validator("lr")
     @classmethod
-    def _lr_positive(cls, value: float) -> float:
-        if not value > 0:
+    def _lr_positive(cls, value: float | None) -> float | None:
+        if value is not None and not value > 0:
             raise ValueError(f"lr={value} must be > 0")
         return value
 
@@ -182,11 +231,11 @@ class PruneConfig(BaseModel):
             )
         for prefix in ("lmda", "rho"):
             kind, start, end = getattr(self, f"{prefix}_schedule"), getattr(self, prefix), getattr(self, f"{prefix}_final")
-            if kind != "constant" and end is None:
+            if kind is not None and kind != "constant" and end is None:
                 raise ValueError(f"{prefix}_schedule={kind} needs {prefix}_final (the value at the last step)")
             if kind == "exponential" and start is not None and (start <= 0 or (end or 0) <= 0):
                 raise ValueError(f"{prefix}_schedule=exponential needs {prefix} > 0 and {prefix}_final > 0")
-        if self.rho_schedule != "constant" and self.rho is None:
+        if self.rho_schedule not in (None, "constant") and self.rho is None:
             raise ValueError("rho_schedule needs a starting rho (or use a constant derived rho)")
         if self.warmup_steps >= self.steps and self.warmup_steps > 0:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be < steps={self.steps}")

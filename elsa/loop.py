@@ -17,6 +17,7 @@ import torch
 from elsa.admm import ADMM, ADMMSettings
 from elsa.config import PruneConfig
 from elsa.data import calibration_blocks
+from elsa.distill import training_loss
 from elsa.perplexity import mean_nll
 from elsa.targets import Target, find_targets, load_sparsity_map
 
@@ -133,8 +134,12 @@ def train(
     hooks: LoopHooks,
     start_step: int = 0,
     val_blocks: torch.Tensor | None = None,
+    teacher: torch.nn.Module | None = None,
 ) -> list[dict]:
-    """Run steps ``start_step .. cfg.steps - 1``; returns the logged metrics."""
+    """Run steps ``start_step .. cfg.steps - 1``; returns the logged metrics.
+
+    ``teacher``: the frozen dense model, for ``cfg.loss`` kd and ntp+kd (elsa/distill.py).
+    """
     device = _device_of(model)
     model.train()
     for step in range(start_step, cfg.steps):
@@ -145,7 +150,7 @@ def train(
             ids = batches(step, micro).to(device)
             tokens += ids.numel()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                loss = model(input_ids=ids, labels=ids).loss / cfg.grad_accum
+                loss = training_loss(model, ids, cfg, teacher) / cfg.grad_accum
             loss.backward()
             loss_sum += loss.detach()
         loss_value = float(loss_sum)

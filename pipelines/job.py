@@ -116,6 +116,8 @@ def run_prune(cfg: PruneConfig, options: RunOptions, echo=print) -> JobResult:
         output = str(Path(options.output).resolve())
         train_metrics, location = _prune(cfg, options, {"uri": uri, "run_id": run_id})
         download(location, output)
+        if "kept_init" in train_metrics:
+            tracking.client(uri).set_tag(run_id, "kept", "init" if train_metrics["kept_init"] else "elsa")
         tracking.log_metrics(uri, run_id, train_metrics, cfg.steps)
         tracking.client(uri).set_tag(run_id, "checkpoint_location", location)
         _log_outputs(uri, run_id, output)
@@ -147,27 +149,44 @@ def _prune(cfg: PruneConfig, options: RunOptions, tracking_info: dict) -> tuple[
 
     name = options.run_name or f"elsa-{tracking_info['run_id'][:8]}"
     storage = run_storage(options.storage_path)
-    if cfg.method == "elsa":
-        from pipelines.train_job import run_training
+    if cfg.method != "elsa":
+        location = f"{storage.rstrip('/')}/{name}/export"
+        return _oneshot(cfg.model_dump(mode="json"), options, location, tracking_info), location
+    from pipelines.train_job import run_training
 
-        cpus = options.cpus_per_worker or local_cores_per_task(options.address, options.gpu, options.workers)
-        resources = {"CPU": cpus} if cpus else None
-        result = run_training(
-            cfg, tracking_info, workers=options.workers, use_gpu=options.gpu, storage_path=storage, name=name,
-            max_failures=options.max_failures, resources_per_worker=resources,
-        )
-        if result.error:
-            raise result.error
-        metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        return metrics, checkpoint_uri(result.checkpoint)
+    extra, init_metrics = {}, {}
+    if cfg.init != "none":  # the warm start: an upstream task writes the one-shot solution to storage
+        extra["init_location"] = f"{storage.rstrip('/')}/{name}/init"
+        init_cfg = {**cfg.model_dump(mode="json"), "method": cfg.init}
+        init_metrics = _oneshot(init_cfg, options, extra["init_location"], None)
+    cpus = options.cpus_per_worker or local_cores_per_task(options.address, options.gpu, options.workers)
+    resources = {"CPU": cpus} if cpus else None
+    result = run_training(
+        cfg, tracking_info, workers=options.workers, use_gpu=options.gpu, storage_path=storage, name=name,
+        max_failures=options.max_failures, resources_per_worker=resources, extra=extra,
+    )
+    if result.error:
+        raise result.error
+    metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if init_metrics:
+        metrics["init_s"] = init_metrics["prune_s"]
+    if (result.metrics or {}).get("kept") == "init":
+        metrics["kept_init"] = 1
+        return metrics, extra["init_location"]
+    if "init_location" in extra:
+        metrics["kept_init"] = 0
+    return metrics, checkpoint_uri(result.checkpoint)
+
+
+def _oneshot(cfg_dict: dict, options: RunOptions, location: str, tracking_info: dict | None) -> dict:
+    """Run a one-shot method as one Ray task that writes its checkpoint to ``location``."""
     import ray
 
     from pipelines.oneshot import oneshot_task
 
-    location = f"{storage.rstrip('/')}/{name}/export"
-    resources = {"num_gpus": 1} if options.gpu else {"num_cpus": options.cpus_per_worker or local_cores_per_task(options.address, options.gpu, 1) or 1}
-    metrics = ray.get(oneshot_task.options(**resources).remote(cfg.model_dump(mode="json"), location, tracking_info))
-    return metrics, location
+    cpus = options.cpus_per_worker or local_cores_per_task(options.address, options.gpu, 1) or 1
+    resources = {"num_gpus": 1} if options.gpu else {"num_cpus": cpus}
+    return ray.get(oneshot_task.options(**resources).remote(cfg_dict, location, tracking_info))
 
 
 def local_cores_per_task(address: str | None, gpu: bool, tasks: int) -> int | None:
@@ -199,9 +218,19 @@ def _log_outputs(uri: str, run_id: str, output: str) -> None:
     mlflow_client.log_artifact(run_id, str(out / "sparsity_report.json"))
 
 
+def kept_text(metrics: dict) -> str:
+    """Which solution a warm-started run kept, and the held-out losses that decided it."""
+    start, final = metrics.get("init_val_loss", float("nan")), metrics.get("final_val_loss_projected", float("nan"))
+    if metrics.get("kept_init"):
+        return f"the one-shot start (held-out loss {start:.4f} beat ELSA's final projection, {final:.4f})"
+    return f"ELSA's final projection (held-out loss {final:.4f}; the one-shot start had {start:.4f})"
+
+
 def summary_table(result: JobResult) -> str:
     """What the user reads at the end: the numbers and where everything went."""
     lines = [f"run id      {result.run_id}", f"checkpoint  {result.checkpoint_dir}", f"wall time   {result.wall_s:.1f} s"]
+    if "kept_init" in result.metrics:
+        lines.append(f"kept        {kept_text(result.metrics)}")
     for key in sorted(k for k in result.metrics if k != "step"):  # step: Ray Train's report index
         value = result.metrics[key]
         lines.append(f"{key:<28}{value:.6g}" if isinstance(value, float) else f"{key:<28}{value}")
