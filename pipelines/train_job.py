@@ -143,9 +143,15 @@ def train_loop_per_worker(config: dict) -> None:
     if init_val_loss is not None:  # never worse than the start: the driver ships the start instead
         final["init_val_loss"] = init_val_loss
         final["kept"] = kept_solution(init_val_loss, final.get("final_val_loss_projected", validation_loss()))
-    if not config.get("export", True) or final.get("kept") == "init":  # Tune trials measure only
+    if not config.get("export", True):  # Tune trials: measure only, no HF checkpoint
         logger({k: v for k, v in final.items() if isinstance(v, (int, float))}, cfg.steps)
         ray.train.report({**final, "step": cfg.steps})
+        return
+    if final.get("kept") == "init":  # no export; a marker checkpoint carries the final metrics to the driver
+        logger({k: v for k, v in final.items() if isinstance(v, (int, float))}, cfg.steps)
+        with tempfile.TemporaryDirectory() as directory:
+            (Path(directory) / "kept.json").write_text(json.dumps(final))
+            ray.train.report({**final, "step": cfg.steps}, checkpoint=Checkpoint.from_directory(directory) if rank == 0 else None)
         return
     # The HF checkpoint is the run's last Ray Train checkpoint: Ray uploads it to the storage
     # path, where the driver and the evaluation tasks find it, whichever node they are on.

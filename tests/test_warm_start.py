@@ -132,3 +132,72 @@ def test_warm_start_never_ends_worse_than_its_one_shot_start(tiny_model_dir, lr,
             assert torch.equal(a, b), name
     for target in find_targets(result.model, 0.7):
         assert int((target.param != 0).sum()) == target.keep, target.name
+
+
+# ------------------------------------------------------------------------ the Ray pipeline
+
+
+def _prune_cli(tmp_path, tiny_model_dir, name: str, *extra: str):
+    from pipelines.cli import main
+
+    out = tmp_path / name
+    code = main(["prune", "--model", str(tiny_model_dir), "--sparsity", "0.7", "--steps", "4", "--seqlen", "64",
+                 "--batch-size", "2", "--interval", "2", "--eval-interval", "2", "--val-blocks", "2",
+                 "--calib-blocks", "8", "--eval-seqlen", "64", "--eval-max-windows", "2", "--cpus-per-worker", "0.5",
+                 "--output", str(out), "--experiment", "warm", "--run-name", name, "--no-eval", *extra])
+    assert code == 0
+    return out
+
+
+def _run_of(tmp_path, name: str):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("warm").experiment_id], f"tags.mlflow.runName = '{name}'")
+    return runs[0]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_pipeline_warm_start_keeps_the_better_and_says_so(tmp_path, tiny_model_dir, ray_session, monkeypatch, capsys):
+    """Upstream SparseGPT task -> Train workers start from its checkpoint in the run's storage.
+    A good lr keeps ELSA's result only if it is no worse; lr 0.5 ends worse and ships the start."""
+    from elsa.models import load_model
+
+    monkeypatch.chdir(tmp_path)
+    shipped = load_model(str(_prune_cli(tmp_path, tiny_model_dir, "wrecked", "--init", "sparsegpt", "--lr", "0.5",
+                                        "--rho", "0.05")))
+    run = _run_of(tmp_path, "wrecked")
+    assert run.info.status == "FINISHED" and run.data.tags["kept"] == "init"
+    assert run.data.metrics["init_val_loss"] < run.data.metrics["final_val_loss_projected"]
+    assert run.data.metrics["init_s"] > 0
+    assert "kept        the one-shot start" in capsys.readouterr().out
+    init_dir = tmp_path / "elsa-runs" / "wrecked" / "init"
+    start = load_model(str(init_dir))
+    for (name, a), b in zip(shipped.state_dict().items(), start.state_dict().values()):
+        assert torch.equal(a, b), name
+
+    _prune_cli(tmp_path, tiny_model_dir, "good", "--init", "sparsegpt", "--lr", "3e-3", "--rho", "0.05")
+    good = _run_of(tmp_path, "good")
+    kept = good.data.tags["kept"]
+    start_loss, final_loss = good.data.metrics["init_val_loss"], good.data.metrics["final_val_loss_projected"]
+    assert kept == ("elsa" if final_loss <= start_loss else "init")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_kd_with_two_fsdp_workers_gives_the_masks_of_one(tmp_path, tiny_model_dir, ray_session):
+    from pipelines.train_job import run_training
+    from transformers import AutoModelForCausalLM
+
+    cfg = _tiny_cfg(tiny_model_dir, init="none", loss="ntp+kd", kd_temperature=2.0, lr=1e-3, rho=0.05, steps=6)
+    models = []
+    for workers in (1, 2):
+        result = run_training(cfg, None, workers=workers, storage_path=str(tmp_path / "ray"), name=f"kd{workers}",
+                              resources_per_worker={"CPU": 0.5})
+        assert result.error is None, result.error
+        models.append(AutoModelForCausalLM.from_pretrained(result.checkpoint.path))
+    for a, b in zip(find_targets(models[0], 0.7), find_targets(models[1], 0.7)):
+        assert torch.equal(a.param != 0, b.param != 0), a.name
+    for (name, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
