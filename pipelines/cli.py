@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import typing
 
 from elsa.config import ConfigError, PruneConfig, load_yaml, make_config
 
 # options of the run rather than of the method (see pipelines.job.RunOptions)
-_RUN_OPTIONS = ("output", "workers", "gpu", "address", "storage_path", "tracking_uri", "experiment", "run_name", "no_eval", "max_failures", "cpus_per_worker")
+_RUN_OPTIONS = ("output", "workers", "gpu", "address", "storage_path", "tracking_uri", "experiment", "run_name", "no_eval", "max_failures", "cpus_per_worker", "overwrite")
 
 
 class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
@@ -73,6 +74,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--experiment", default="elsa", help="MLflow experiment")
     group.add_argument("--run-name", default=None)
     group.add_argument("--no-eval", action="store_true", help="skip the downstream evaluation")
+    group.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --output")
 
 
 def _state_dtypes(text: str | None) -> dict:
@@ -143,9 +145,22 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     return run_tune(args)
 
 
+# argparse reads "-1e-3" or "-inf" after an option as another option ("expected one argument"),
+# so the value never reaches the validator that would say what is wrong with it.
+_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser for which every negative number, exponents included, is a value."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = _NUMBER
+
+
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="elsa", description="Prune LLMs to extreme sparsity with ELSA (surrogate-free ADMM) on Ray.")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="elsa", description="Prune LLMs to extreme sparsity with ELSA (surrogate-free ADMM) on Ray.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     prune = commands.add_parser("prune", help="run one pruning job", formatter_class=_DefaultsHelp)
     _add_config_options(prune)
@@ -183,6 +198,9 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done, 1 a runtime failure, 2 a usage error (argparse's code for bad arguments)."""
+    from pipelines.errors import one_line
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = make_parser().parse_args(argv)
     try:
@@ -193,9 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # one line for the user; the traceback is in the logs / MLflow tag
         if os.environ.get("ELSA_DEBUG"):
             raise
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"elsa: error: {message}", file=sys.stderr)
-        return 1
+        print(f"elsa: error: {one_line(err)}", file=sys.stderr)
+        return 2 if isinstance(err, ConfigError) else 1
 
 
 if __name__ == "__main__":

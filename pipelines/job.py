@@ -15,6 +15,7 @@ from pathlib import Path
 
 from elsa.config import PruneConfig
 from pipelines import tracking
+from pipelines.redact import redact
 from pipelines.storage import download
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ class RunOptions:
     no_eval: bool = False
     max_failures: int = 0
     cpus_per_worker: float | None = None
+    overwrite: bool = False
     parent_run_id: str | None = None
     extra_tags: dict = field(default_factory=dict)
 
@@ -60,7 +62,23 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
         pin_train_coordinator()
     else:
-        ray.init(num_cpus=num_cpus, runtime_env=env, log_to_driver=True)
+        loopback_only(ray)
+        ray.init(num_cpus=num_cpus, runtime_env=env, log_to_driver=True, include_dashboard=False, _node_ip_address="127.0.0.1")
+
+
+def loopback_only(ray) -> None:
+    """Make a Ray started here listen on 127.0.0.1 only (GCS, raylet, object manager, workers).
+
+    Why: Ray's servers bind to all interfaces unless the node's address is the loopback one, and
+    on Linux ``ray.init`` replaces 127.0.0.1 by the machine's outward address, so the GCS and
+    every worker's gRPC port would be open to the network, unauthenticated. The constant below
+    (read at each call) and the environment variable (for Ray's child processes) turn that off;
+    the dashboard is not started. A joined cluster (``--address``) is configured by its owner.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def pin_train_coordinator() -> None:
@@ -86,16 +104,10 @@ def pin_train_coordinator() -> None:
 
 
 def preflight(cfg: PruneConfig, options: RunOptions) -> str:
-    """Everything checkable before Ray starts: model name, data, tracking server, resources."""
-    from elsa.data import load_text
-    from elsa.models import resolve_model
+    """Everything checkable before Ray starts (see :mod:`pipelines.preflight`), then the tracking server."""
+    from pipelines.preflight import preflight_checks
 
-    if options.workers < 1:
-        raise ValueError(f"--workers {options.workers} must be >= 1")
-    if cfg.batch_size % options.workers:
-        raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of --workers {options.workers}")
-    resolve_model(cfg.model)
-    load_text(cfg.data, "train")  # offline and not cached: fails here, naming the dataset
+    preflight_checks(cfg, options)
     uri = tracking.resolve_tracking_uri(options.tracking_uri)
     tracking.check_reachable(uri)
     return uri
@@ -109,12 +121,13 @@ def run_prune(cfg: PruneConfig, options: RunOptions, echo=print) -> JobResult:
         uri, options.experiment, cfg_dict, run_name=options.run_name,
         tags={"workers": str(options.workers), **options.extra_tags}, parent_run_id=options.parent_run_id,
     )
-    echo(f"MLflow run {run_id} ({uri}, experiment {options.experiment!r})")
+    echo(f"MLflow run {run_id} ({redact(uri)}, experiment {options.experiment!r})")
     started = time.perf_counter()
     try:
         init_ray(options.address)
         output = str(Path(options.output).resolve())
         train_metrics, location = _prune(cfg, options, {"uri": uri, "run_id": run_id})
+        _replace_output(output, options.overwrite)
         download(location, output)
         tracking.log_metrics(uri, run_id, train_metrics, cfg.steps)
         tracking.client(uri).set_tag(run_id, "checkpoint_location", location)
@@ -131,7 +144,7 @@ def run_prune(cfg: PruneConfig, options: RunOptions, echo=print) -> JobResult:
         metrics = {**train_metrics, **metrics}
         tracking.end_run(uri, run_id, "FINISHED")
     except BaseException as err:
-        tracking.client(uri).set_tag(run_id, "error", f"{type(err).__name__}: {err}"[:5000])
+        tracking.client(uri).set_tag(run_id, "error", redact(f"{type(err).__name__}: {err}")[:5000])
         tracking.end_run(uri, run_id, "FAILED" if not isinstance(err, KeyboardInterrupt) else "KILLED")
         raise
     return JobResult(run_id, output, metrics, errors, time.perf_counter() - started)
@@ -168,6 +181,14 @@ def _prune(cfg: PruneConfig, options: RunOptions, tracking_info: dict) -> tuple[
     resources = {"num_gpus": 1} if options.gpu else {"num_cpus": options.cpus_per_worker or local_cores_per_task(options.address, options.gpu, 1) or 1}
     metrics = ray.get(oneshot_task.options(**resources).remote(cfg.model_dump(mode="json"), location, tracking_info))
     return metrics, location
+
+
+def _replace_output(output: str, overwrite: bool) -> None:
+    """With --overwrite, the old contents go first: stale shards must not mix with the new model."""
+    import shutil
+
+    if overwrite and Path(output).is_dir():
+        shutil.rmtree(output)
 
 
 def local_cores_per_task(address: str | None, gpu: bool, tasks: int) -> int | None:
