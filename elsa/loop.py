@@ -44,6 +44,11 @@ class DivergenceGuard:
     first: float | None = None
     above: int = 0
 
+    @property
+    def healthy(self) -> bool:
+        """No loss above the limit right now: a checkpoint written now is a good one to keep."""
+        return self.above == 0
+
     def check(self, step: int, loss: float, split_metrics: dict | None = None) -> None:
         if self.first is None:
             self.first = loss
@@ -212,7 +217,7 @@ def train(
             hooks.on_metrics(metrics, done)
             hooks.history.append({"step": done, **metrics})
         guard.check(done, loss_value, admm.last_metrics if updated else None)  # after logging: the step is seen
-        if hooks.on_checkpoint and cfg.checkpoint_interval and done % cfg.checkpoint_interval == 0 and done < cfg.steps:
+        if guard.healthy and hooks.on_checkpoint and cfg.checkpoint_interval and done % cfg.checkpoint_interval == 0 and done < cfg.steps:
             hooks.on_checkpoint(done)
     return hooks.history
 

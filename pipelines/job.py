@@ -15,6 +15,7 @@ from pathlib import Path
 
 from elsa.config import PruneConfig
 from pipelines import tracking
+from pipelines.errors import one_line
 from pipelines.redact import redact
 from pipelines.storage import download
 
@@ -144,7 +145,7 @@ def run_prune(cfg: PruneConfig, options: RunOptions, echo=print) -> JobResult:
         metrics = {**train_metrics, **metrics}
         tracking.end_run(uri, run_id, "FINISHED")
     except BaseException as err:
-        tracking.client(uri).set_tag(run_id, "error", redact(f"{type(err).__name__}: {err}")[:5000])
+        tracking.client(uri).set_tag(run_id, "error", redact(f"{one_line(err)}\n{type(err).__name__}: {err}")[:5000])
         tracking.end_run(uri, run_id, "FAILED" if not isinstance(err, KeyboardInterrupt) else "KILLED")
         raise
     return JobResult(run_id, output, metrics, errors, time.perf_counter() - started)
