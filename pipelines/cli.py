@@ -139,6 +139,23 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sync(args: argparse.Namespace) -> int:
+    """Upload MLflow records that runs journaled while the tracking server was away."""
+    from pipelines.outbox import pending_count, queue_root, runs_in, sync
+    from pipelines.storage import run_storage
+
+    root = args.queue_dir or str(queue_root(run_storage(None)))
+    runs = [args.run] if args.run else runs_in(root)
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    total = 0
+    for run_id in runs:
+        sent = sync(root, run_id, uri)
+        total += sum(sent.values())
+        print(f"run {run_id}: {sum(sent.values())} records sent, {pending_count(root, run_id)} pending")
+    print(f"{total} records sent from {root}")
+    return 0
+
+
 def _cmd_tune(args: argparse.Namespace) -> int:
     from tune.cli import run_tune
 
@@ -185,6 +202,12 @@ def make_parser() -> argparse.ArgumentParser:
     compare.add_argument("--tracking-uri", default=None)
     compare.add_argument("--out", default="outputs/compare")
     compare.set_defaults(handler=_cmd_compare)
+
+    sync_cmd = commands.add_parser("sync", help="upload MLflow records queued on disk while the server was away")
+    sync_cmd.add_argument("--queue-dir", default=None, help="journal folder (default: <storage>/mlflow-queue)")
+    sync_cmd.add_argument("--run", default=None, help="one MLflow run id (default: every run in the folder)")
+    sync_cmd.add_argument("--tracking-uri", default=None, help="MLflow URI (default: MLFLOW_TRACKING_URI, else the run's)")
+    sync_cmd.set_defaults(handler=_cmd_sync)
 
     tune = commands.add_parser("tune", help="Ray Tune search over lr, lambda and schedules")
     try:

@@ -49,6 +49,7 @@ class JobResult:
     metrics: dict
     eval_errors: dict
     wall_s: float
+    queued: str | None = None  # where undelivered MLflow records wait, and the command that sends them
 
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:
@@ -115,7 +116,15 @@ def preflight(cfg: PruneConfig, options: RunOptions) -> str:
 
 
 def run_prune(cfg: PruneConfig, options: RunOptions, echo=print) -> JobResult:
-    """The whole job; raises with a one-line reason on failure (the run is marked FAILED)."""
+    """The whole job; raises with a one-line reason on failure (the run is marked FAILED).
+
+    After the run is opened, MLflow is written through journals on local disk
+    (:mod:`pipelines.outbox`): a tracking server that goes away costs neither the training nor
+    the model; what it missed is delivered when it returns, or later by ``elsa sync``.
+    """
+    from pipelines.outbox import Outbox, queue_root
+    from pipelines.storage import run_storage
+
     uri = preflight(cfg, options)
     cfg_dict = cfg.model_dump(mode="json")
     run_id = tracking.start_run(
@@ -124,31 +133,58 @@ def run_prune(cfg: PruneConfig, options: RunOptions, echo=print) -> JobResult:
     )
     echo(f"MLflow run {run_id} ({redact(uri)}, experiment {options.experiment!r})")
     started = time.perf_counter()
+    queue = str(queue_root(run_storage(options.storage_path)))
+    outbox = Outbox(uri, run_id, queue, "driver")
+    flush_s = float(os.environ.get("ELSA_TRACKING_FLUSH_S", "60"))
     try:
         init_ray(options.address)
         output = str(Path(options.output).resolve())
-        train_metrics, location = _prune(cfg, options, {"uri": uri, "run_id": run_id})
+        info = {"uri": uri, "run_id": run_id, "queue_dir": queue, "flush_s": flush_s}
+        train_metrics, location = _prune(cfg, options, info)
         _replace_output(output, options.overwrite)
         download(location, output)
-        tracking.log_metrics(uri, run_id, train_metrics, cfg.steps)
-        tracking.client(uri).set_tag(run_id, "checkpoint_location", location)
-        _log_outputs(uri, run_id, output)
+        outbox.metrics(train_metrics, cfg.steps)
+        outbox.tags({"checkpoint_location": location})
+        _log_outputs(outbox, output)
         metrics, errors = {}, {}
         if not options.no_eval:
             from pipelines.evaluation import run_evaluation
 
             echo("evaluating: " + ", ".join(cfg.eval_datasets + list(cfg.lm_eval_tasks)))
             metrics, errors = run_evaluation(location, cfg, use_gpu=options.gpu)
-            tracking.log_metrics(uri, run_id, metrics)
+            outbox.metrics(metrics, 0)
             if errors:
-                tracking.client(uri).set_tag(run_id, "eval_errors", json.dumps(errors)[:5000])
+                outbox.tags({"eval_errors": json.dumps(errors)})
         metrics = {**train_metrics, **metrics}
-        tracking.end_run(uri, run_id, "FINISHED")
+        outbox.end("FINISHED")
     except BaseException as err:
-        tracking.client(uri).set_tag(run_id, "error", redact(f"{one_line(err)}\n{type(err).__name__}: {err}")[:5000])
-        tracking.end_run(uri, run_id, "FAILED" if not isinstance(err, KeyboardInterrupt) else "KILLED")
+        outbox.tags({"error": f"{one_line(err)}\n{type(err).__name__}: {err}"})
+        outbox.end("FAILED" if not isinstance(err, KeyboardInterrupt) else "KILLED")
+        _flush(queue, run_id, uri, min(flush_s, 10.0), echo)
         raise
-    return JobResult(run_id, output, metrics, errors, time.perf_counter() - started)
+    queued = _flush(queue, run_id, uri, flush_s, echo)
+    return JobResult(run_id, output, metrics, errors, time.perf_counter() - started, queued)
+
+
+def _flush(queue: str, run_id: str, uri: str, wait_s: float, echo) -> str | None:
+    """Deliver the run's journals, retrying for up to ``wait_s``; else say where they are and how to send them."""
+    from pipelines.outbox import fail_fast_requests, pending_count, sync
+
+    deadline, pause = time.monotonic() + wait_s, 1.0
+    while True:
+        try:
+            with fail_fast_requests():
+                sync(queue, run_id, uri)
+            return None
+        except Exception as err:  # noqa: BLE001 - the server is away; the records are safe on disk
+            if time.monotonic() + pause > deadline:
+                left = pending_count(queue, run_id)
+                note = (f"MLflow server unreachable ({one_line(err)}): {left} records of run {run_id} are kept in "
+                        f"{queue}; upload them with: elsa sync --queue-dir {queue} --run {run_id}")
+                echo(note)
+                return note
+            time.sleep(pause)
+            pause = min(pause * 2, 15.0)
 
 
 def _prune(cfg: PruneConfig, options: RunOptions, tracking_info: dict) -> tuple[dict, str]:
@@ -208,17 +244,16 @@ def local_cores_per_task(address: str | None, gpu: bool, tasks: int) -> int | No
     return max(1, total // max(tasks, 1)) if total else None
 
 
-def _log_outputs(uri: str, run_id: str, output: str) -> None:
-    """Checkpoint, sparsity report and per-layer plot as artifacts of the run."""
+def _log_outputs(outbox, output: str) -> None:
+    """Checkpoint, sparsity report and per-layer plot as artifacts of the run (journaled, then sent)."""
     from pipelines.plots import plot_layer_sparsity
 
     out = Path(output)
     report = json.loads((out / "sparsity_report.json").read_text())
     plot = plot_layer_sparsity(report, out / "layer_sparsity.png")
-    mlflow_client = tracking.client(uri)
-    mlflow_client.log_artifacts(run_id, str(out), artifact_path="checkpoint")
-    mlflow_client.log_artifact(run_id, str(plot))
-    mlflow_client.log_artifact(run_id, str(out / "sparsity_report.json"))
+    outbox.artifacts(out, "checkpoint")
+    outbox.artifacts(plot)
+    outbox.artifacts(out / "sparsity_report.json")
 
 
 def summary_table(result: JobResult) -> str:
@@ -229,4 +264,6 @@ def summary_table(result: JobResult) -> str:
         lines.append(f"{key:<28}{value:.6g}" if isinstance(value, float) else f"{key:<28}{value}")
     for key, error in result.eval_errors.items():
         lines.append(f"{key:<28}FAILED: {error}")
+    if result.queued:
+        lines.append(result.queued)
     return "\n".join(lines)
