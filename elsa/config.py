@@ -7,6 +7,7 @@ after an hour of work because of a typo in its config.
 """
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -210,6 +211,55 @@ class PruneConfig(BaseModel):
             raise ValueError(f"rho={value} must be strictly between 0 and 1 (the fraction of x - z + u removed per step)")
         return value
 
+    @field_validator("lr")
+    @classmethod
+    def _lr_finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError(f"lr={value} must be a finite number > 0 (e.g. --lr 1e-4)")
+        return value
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_unit_interval(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in value):
+            raise ValueError(f"betas={tuple(value)} must both be in [0, 1) (e.g. --betas 0.9 0.95)")
+        return value
+
+    @field_validator("weight_decay")
+    @classmethod
+    def _weight_decay_nonnegative(cls, value: float) -> float:
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"weight_decay={value} must be a finite number >= 0")
+        return value
+
+    @field_validator("max_grad_norm")
+    @classmethod
+    def _max_grad_norm_positive(cls, value: float | None) -> float | None:
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"max_grad_norm={value} must be a finite number > 0 (or unset for no clipping)")
+        return value
+
+    @field_validator("val_blocks", "calib_blocks")
+    @classmethod
+    def _blocks_at_least_one(cls, value: int, info) -> int:
+        if value < 1:
+            raise ValueError(f"{info.field_name}={value} must be >= 1 (blocks of seqlen tokens)")
+        return value
+
+    @field_validator("warmup_steps", "checkpoint_interval")
+    @classmethod
+    def _not_negative(cls, value: int, info) -> int:
+        if value < 0:
+            raise ValueError(f"{info.field_name}={value} must be >= 0")
+        return value
+
+    @field_validator("eval_seqlen", "eval_max_windows", "lm_eval_limit")
+    @classmethod
+    def _unset_or_positive(cls, value: int | None, info) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError(f"{info.field_name}={value} must be >= 1 (or unset)")
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> "PruneConfig":
         nm = parse_pattern(self.pattern)
@@ -272,7 +322,22 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = _parse_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of field: value")
     return data
+
+
+def _parse_yaml(path: Path) -> Any:
+    """The file's YAML, or a ConfigError naming the file and line (yaml's own text names neither)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"config file {str(path)!r}{where} is not valid YAML: {problem}") from None

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from elsa.config import PruneConfig
 from pipelines import tracking
+from pipelines.errors import one_line
+from pipelines.redact import redact
 from pipelines.storage import download
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,7 @@ class RunOptions:
     no_eval: bool = False
     max_failures: int = 0
     cpus_per_worker: float | None = None
+    overwrite: bool = False
     parent_run_id: str | None = None
     extra_tags: dict = field(default_factory=dict)
 
@@ -46,6 +49,7 @@ class JobResult:
     metrics: dict
     eval_errors: dict
     wall_s: float
+    queued: str | None = None  # where undelivered MLflow records wait, and the command that sends them
 
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:
@@ -60,7 +64,23 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
         pin_train_coordinator()
     else:
-        ray.init(num_cpus=num_cpus, runtime_env=env, log_to_driver=True)
+        loopback_only(ray)
+        ray.init(num_cpus=num_cpus, runtime_env=env, log_to_driver=True, include_dashboard=False, _node_ip_address="127.0.0.1")
+
+
+def loopback_only(ray) -> None:
+    """Make a Ray started here listen on 127.0.0.1 only (GCS, raylet, object manager, workers).
+
+    Why: Ray's servers bind to all interfaces unless the node's address is the loopback one, and
+    on Linux ``ray.init`` replaces 127.0.0.1 by the machine's outward address, so the GCS and
+    every worker's gRPC port would be open to the network, unauthenticated. The constant below
+    (read at each call) and the environment variable (for Ray's child processes) turn that off;
+    the dashboard is not started. A joined cluster (``--address``) is configured by its owner.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def pin_train_coordinator() -> None:
@@ -86,57 +106,87 @@ def pin_train_coordinator() -> None:
 
 
 def preflight(cfg: PruneConfig, options: RunOptions) -> str:
-    """Everything checkable before Ray starts: model name, data, tracking server, resources."""
-    from elsa.data import load_text
-    from elsa.models import resolve_model
+    """Everything checkable before Ray starts (see :mod:`pipelines.preflight`), then the tracking server."""
+    from pipelines.preflight import preflight_checks
 
-    if options.workers < 1:
-        raise ValueError(f"--workers {options.workers} must be >= 1")
-    if cfg.batch_size % options.workers:
-        raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of --workers {options.workers}")
-    resolve_model(cfg.model)
-    load_text(cfg.data, "train")  # offline and not cached: fails here, naming the dataset
+    preflight_checks(cfg, options)
     uri = tracking.resolve_tracking_uri(options.tracking_uri)
     tracking.check_reachable(uri)
     return uri
 
 
 def run_prune(cfg: PruneConfig, options: RunOptions, echo=print) -> JobResult:
-    """The whole job; raises with a one-line reason on failure (the run is marked FAILED)."""
+    """The whole job; raises with a one-line reason on failure (the run is marked FAILED).
+
+    After the run is opened, MLflow is written through journals on local disk
+    (:mod:`pipelines.outbox`): a tracking server that goes away costs neither the training nor
+    the model; what it missed is delivered when it returns, or later by ``elsa sync``.
+    """
+    from pipelines.outbox import Outbox, queue_root
+    from pipelines.storage import run_storage
+
     uri = preflight(cfg, options)
     cfg_dict = cfg.model_dump(mode="json")
     run_id = tracking.start_run(
         uri, options.experiment, cfg_dict, run_name=options.run_name,
         tags={"workers": str(options.workers), **options.extra_tags}, parent_run_id=options.parent_run_id,
     )
-    echo(f"MLflow run {run_id} ({uri}, experiment {options.experiment!r})")
+    echo(f"MLflow run {run_id} ({redact(uri)}, experiment {options.experiment!r})")
     started = time.perf_counter()
+    queue = str(queue_root(run_storage(options.storage_path)))
+    outbox = Outbox(uri, run_id, queue, "driver")
+    flush_s = float(os.environ.get("ELSA_TRACKING_FLUSH_S", "60"))
     try:
         init_ray(options.address)
         output = str(Path(options.output).resolve())
-        train_metrics, location = _prune(cfg, options, {"uri": uri, "run_id": run_id})
+        info = {"uri": uri, "run_id": run_id, "queue_dir": queue, "flush_s": flush_s}
+        train_metrics, location = _prune(cfg, options, info)
+        _replace_output(output, options.overwrite)
         download(location, output)
         if "kept_init" in train_metrics:
-            tracking.client(uri).set_tag(run_id, "kept", "init" if train_metrics["kept_init"] else "elsa")
-        tracking.log_metrics(uri, run_id, train_metrics, cfg.steps)
-        tracking.client(uri).set_tag(run_id, "checkpoint_location", location)
-        _log_outputs(uri, run_id, output)
+            outbox.tags({"kept": "init" if train_metrics["kept_init"] else "elsa"})
+        outbox.metrics(train_metrics, cfg.steps)
+        outbox.tags({"checkpoint_location": location})
+        _log_outputs(outbox, output)
         metrics, errors = {}, {}
         if not options.no_eval:
             from pipelines.evaluation import run_evaluation
 
             echo("evaluating: " + ", ".join(cfg.eval_datasets + list(cfg.lm_eval_tasks)))
             metrics, errors = run_evaluation(location, cfg, use_gpu=options.gpu)
-            tracking.log_metrics(uri, run_id, metrics)
+            outbox.metrics(metrics, 0)
             if errors:
-                tracking.client(uri).set_tag(run_id, "eval_errors", json.dumps(errors)[:5000])
+                outbox.tags({"eval_errors": json.dumps(errors)})
         metrics = {**train_metrics, **metrics}
-        tracking.end_run(uri, run_id, "FINISHED")
+        outbox.end("FINISHED")
     except BaseException as err:
-        tracking.client(uri).set_tag(run_id, "error", f"{type(err).__name__}: {err}"[:5000])
-        tracking.end_run(uri, run_id, "FAILED" if not isinstance(err, KeyboardInterrupt) else "KILLED")
+        outbox.tags({"error": f"{one_line(err)}\n{type(err).__name__}: {err}"})
+        outbox.end("FAILED" if not isinstance(err, KeyboardInterrupt) else "KILLED")
+        _flush(queue, run_id, uri, min(flush_s, 10.0), echo)
         raise
-    return JobResult(run_id, output, metrics, errors, time.perf_counter() - started)
+    queued = _flush(queue, run_id, uri, flush_s, echo)
+    return JobResult(run_id, output, metrics, errors, time.perf_counter() - started, queued)
+
+
+def _flush(queue: str, run_id: str, uri: str, wait_s: float, echo) -> str | None:
+    """Deliver the run's journals, retrying for up to ``wait_s``; else say where they are and how to send them."""
+    from pipelines.outbox import fail_fast_requests, pending_count, sync
+
+    deadline, pause = time.monotonic() + wait_s, 1.0
+    while True:
+        try:
+            with fail_fast_requests():
+                sync(queue, run_id, uri)
+            return None
+        except Exception as err:  # noqa: BLE001 - the server is away; the records are safe on disk
+            if time.monotonic() + pause > deadline:
+                left = pending_count(queue, run_id)
+                note = (f"MLflow server unreachable ({one_line(err)}): {left} records of run {run_id} are kept in "
+                        f"{queue}; upload them with: elsa sync --queue-dir {queue} --run {run_id}")
+                echo(note)
+                return note
+            time.sleep(pause)
+            pause = min(pause * 2, 15.0)
 
 
 def _prune(cfg: PruneConfig, options: RunOptions, tracking_info: dict) -> tuple[dict, str]:
@@ -189,6 +239,14 @@ def _oneshot(cfg_dict: dict, options: RunOptions, location: str, tracking_info: 
     return ray.get(oneshot_task.options(**resources).remote(cfg_dict, location, tracking_info))
 
 
+def _replace_output(output: str, overwrite: bool) -> None:
+    """With --overwrite, the old contents go first: stale shards must not mix with the new model."""
+    import shutil
+
+    if overwrite and Path(output).is_dir():
+        shutil.rmtree(output)
+
+
 def local_cores_per_task(address: str | None, gpu: bool, tasks: int) -> int | None:
     """On a Ray this command started itself, the machine's cores shared among ``tasks`` workers.
 
@@ -205,17 +263,16 @@ def local_cores_per_task(address: str | None, gpu: bool, tasks: int) -> int | No
     return max(1, total // max(tasks, 1)) if total else None
 
 
-def _log_outputs(uri: str, run_id: str, output: str) -> None:
-    """Checkpoint, sparsity report and per-layer plot as artifacts of the run."""
+def _log_outputs(outbox, output: str) -> None:
+    """Checkpoint, sparsity report and per-layer plot as artifacts of the run (journaled, then sent)."""
     from pipelines.plots import plot_layer_sparsity
 
     out = Path(output)
     report = json.loads((out / "sparsity_report.json").read_text())
     plot = plot_layer_sparsity(report, out / "layer_sparsity.png")
-    mlflow_client = tracking.client(uri)
-    mlflow_client.log_artifacts(run_id, str(out), artifact_path="checkpoint")
-    mlflow_client.log_artifact(run_id, str(plot))
-    mlflow_client.log_artifact(run_id, str(out / "sparsity_report.json"))
+    outbox.artifacts(out, "checkpoint")
+    outbox.artifacts(plot)
+    outbox.artifacts(out / "sparsity_report.json")
 
 
 def kept_text(metrics: dict) -> str:
@@ -236,4 +293,6 @@ def summary_table(result: JobResult) -> str:
         lines.append(f"{key:<28}{value:.6g}" if isinstance(value, float) else f"{key:<28}{value}")
     for key, error in result.eval_errors.items():
         lines.append(f"{key:<28}FAILED: {error}")
+    if result.queued:
+        lines.append(result.queued)
     return "\n".join(lines)

@@ -202,12 +202,31 @@ def _maybe_inject_failure(spec: dict | None, step: int) -> None:
         raise RuntimeError(f"injected worker failure after the checkpoint of step {step}")
 
 
+_LOGGERS: list = []  # this worker's queued loggers, closed by _worker_entry
+
+
 def _make_logger(tracking: dict | None, rank: int):
     if rank != 0 or not tracking:
         return lambda metrics, step: None
+    if tracking.get("queue_dir"):
+        from pipelines.outbox import QueuedRunLogger
+
+        logger = QueuedRunLogger(tracking["uri"], tracking["run_id"], tracking["queue_dir"])
+        _LOGGERS.append((logger, float(tracking.get("flush_s", 60.0))))
+        return logger
     from pipelines.tracking import RunLogger
 
     return RunLogger(tracking["uri"], tracking["run_id"])
+
+
+def _worker_entry(config: dict) -> None:
+    """The worker's loop, then a bounded wait for its queued MLflow records (the rest stay on disk)."""
+    try:
+        train_loop_per_worker(config)
+    finally:
+        while _LOGGERS:
+            logger, wait = _LOGGERS.pop()
+            logger.close(wait)
 
 
 def _export(model, tokenizer, admm, cfg: PruneConfig, output: str, rank: int) -> dict:
@@ -254,7 +273,7 @@ def run_training(cfg: PruneConfig, tracking: dict | None, workers: int = 1, use_
     from ray.train.torch import TorchConfig, TorchTrainer
 
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        _worker_entry,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "tracking": tracking, **(extra or {})},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources_per_worker),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
