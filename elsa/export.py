@@ -122,6 +122,14 @@ def save_checkpoint(
     return out
 
 
+def export_pruned(model: torch.nn.Module, tokenizer, cfg, out_dir: str | Path, report: dict) -> Path:
+    """A run's export: format and dtype from ``cfg`` (:func:`resolve_export`), metadata saying both."""
+    export_format, dtype = resolve_export(cfg.model, cfg.export_format, cfg.export_dtype, cfg.sparsity)
+    metadata = {"config": cfg.model_dump(mode="json"), "overall_sparsity": report["overall_sparsity"],
+                "export_format": export_format, "export_dtype": str(dtype).removeprefix("torch.")}
+    return save_checkpoint(model, tokenizer, out_dir, metadata, export_format=export_format, dtype=dtype)
+
+
 def read_metadata(checkpoint_dir: str | Path) -> dict[str, Any] | None:
     """The metadata written by :func:`save_checkpoint`, or None if there is none."""
     path = Path(checkpoint_dir) / METADATA_FILE

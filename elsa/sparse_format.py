@@ -152,12 +152,7 @@ def write_config(model: torch.nn.Module, out: Path, dtype: torch.dtype, block: d
     """config.json of ``model`` saying ``dtype`` (and holding ``block`` when given)."""
     config = copy.deepcopy(model.config)
     name = str(dtype).removeprefix("torch.")
-    for attribute in ("dtype", "torch_dtype"):
-        if hasattr(config, attribute):
-            try:
-                setattr(config, attribute, name)
-            except (AttributeError, TypeError):
-                pass
+    setattr(config, "dtype" if "dtype" in vars(config) or not hasattr(config, "torch_dtype") else "torch_dtype", name)
     if block is not None:
         setattr(config, CONFIG_KEY, block)
     elif hasattr(config, CONFIG_KEY):

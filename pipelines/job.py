@@ -11,11 +11,9 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from elsa.config import PruneConfig
 from pipelines import tracking
-from pipelines.storage import download
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +22,7 @@ log = logging.getLogger(__name__)
 class RunOptions:
     """How and where to run (not part of the method's config)."""
 
-    output: str = "outputs/pruned"
+    output: str | None = None  # a local copy of the export; the durable one is the MLflow artifact
     workers: int = 1
     gpu: bool = False
     address: str | None = None
@@ -37,6 +35,9 @@ class RunOptions:
     cpus_per_worker: float | None = None
     parent_run_id: str | None = None
     extra_tags: dict = field(default_factory=dict)
+    keep_checkpoints: bool = False  # keep the run's storage folder (Ray Train checkpoints, export)
+    register: str | None = None  # MLflow registered model to add a version to
+    command: str | None = None  # the command line, for the model card
 
 
 @dataclass
@@ -46,6 +47,7 @@ class JobResult:
     metrics: dict
     eval_errors: dict
     wall_s: float
+    export: dict = field(default_factory=dict)  # format, dtype, weights_bytes, registered
 
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:
@@ -113,28 +115,17 @@ def run_prune(cfg: PruneConfig, options: RunOptions, echo=print) -> JobResult:
     started = time.perf_counter()
     try:
         init_ray(options.address)
-        output = str(Path(options.output).resolve())
         train_metrics, location = _prune(cfg, options, {"uri": uri, "run_id": run_id})
-        download(location, output)
         tracking.log_metrics(uri, run_id, train_metrics, cfg.steps)
         tracking.client(uri).set_tag(run_id, "checkpoint_location", location)
-        _log_outputs(uri, run_id, output)
-        metrics, errors = {}, {}
-        if not options.no_eval:
-            from pipelines.evaluation import run_evaluation
-
-            echo("evaluating: " + ", ".join(cfg.eval_datasets + list(cfg.lm_eval_tasks)))
-            metrics, errors = run_evaluation(location, cfg, use_gpu=options.gpu)
-            tracking.log_metrics(uri, run_id, metrics)
-            if errors:
-                tracking.client(uri).set_tag(run_id, "eval_errors", json.dumps(errors)[:5000])
+        metrics, errors, export = _publish(cfg, options, uri, run_id, location, echo)
         metrics = {**train_metrics, **metrics}
         tracking.end_run(uri, run_id, "FINISHED")
     except BaseException as err:
         tracking.client(uri).set_tag(run_id, "error", f"{type(err).__name__}: {err}"[:5000])
         tracking.end_run(uri, run_id, "FAILED" if not isinstance(err, KeyboardInterrupt) else "KILLED")
         raise
-    return JobResult(run_id, output, metrics, errors, time.perf_counter() - started)
+    return JobResult(run_id, export.pop("location"), metrics, errors, time.perf_counter() - started, export)
 
 
 def _prune(cfg: PruneConfig, options: RunOptions, tracking_info: dict) -> tuple[dict, str]:
@@ -186,22 +177,48 @@ def local_cores_per_task(address: str | None, gpu: bool, tasks: int) -> int | No
     return max(1, total // max(tasks, 1)) if total else None
 
 
-def _log_outputs(uri: str, run_id: str, output: str) -> None:
-    """Checkpoint, sparsity report and per-layer plot as artifacts of the run."""
-    from pipelines.plots import plot_layer_sparsity
+def _publish(cfg: PruneConfig, options: RunOptions, uri: str, run_id: str, location: str, echo) -> tuple[dict, dict, dict]:
+    """Log the export (the durable copy), evaluate it, update its card, copy/register it, clean up.
 
-    out = Path(output)
-    report = json.loads((out / "sparsity_report.json").read_text())
-    plot = plot_layer_sparsity(report, out / "layer_sparsity.png")
-    mlflow_client = tracking.client(uri)
-    mlflow_client.log_artifacts(run_id, str(out), artifact_path="checkpoint")
-    mlflow_client.log_artifact(run_id, str(plot))
-    mlflow_client.log_artifact(run_id, str(out / "sparsity_report.json"))
+    Returns (evaluation metrics, evaluation errors, export summary with its ``location``).
+    """
+    from pipelines import publish
+    from pipelines.storage import materialized
+
+    metrics, errors = {}, {}
+    with materialized(location) as local:
+        export = publish.export_summary(local)
+        export["location"] = publish.log_export(uri, run_id, local, options.command)
+        if not options.no_eval:
+            from pipelines.evaluation import run_evaluation
+
+            echo("evaluating: " + ", ".join(cfg.eval_datasets + list(cfg.lm_eval_tasks)))
+            metrics, errors = run_evaluation(location, cfg, use_gpu=options.gpu)
+            tracking.log_metrics(uri, run_id, metrics)
+            if errors:
+                tracking.client(uri).set_tag(run_id, "eval_errors", json.dumps(errors)[:5000])
+            publish.update_card(uri, run_id, local, options.command, metrics)
+        if options.output:
+            export["location"] = publish.copy_output(local, options.output)
+        if options.register:
+            ppl = next((metrics[k] for k in sorted(metrics) if k.startswith("ppl_")), None)
+            tags = {"sparsity": cfg.sparsity, "pattern": cfg.pattern, "method": cfg.method, "ppl": ppl,
+                    "export_format": export["format"], "model": cfg.model}
+            export["registered"] = f"{options.register} v{publish.register(uri, run_id, options.register, tags)}"
+    if not options.keep_checkpoints:
+        publish.remove_run_storage(location)
+    return metrics, errors, export
 
 
 def summary_table(result: JobResult) -> str:
     """What the user reads at the end: the numbers and where everything went."""
-    lines = [f"run id      {result.run_id}", f"checkpoint  {result.checkpoint_dir}", f"wall time   {result.wall_s:.1f} s"]
+    lines = [f"run id      {result.run_id}", f"checkpoint  {result.checkpoint_dir}"]
+    if result.export:
+        size = result.export.get("weights_bytes", 0) / 1e6
+        lines.append(f"export      {result.export.get('format')}, {result.export.get('dtype')}, {size:.1f} MB of weights")
+    if result.export.get("registered"):
+        lines.append(f"registered  {result.export['registered']}")
+    lines.append(f"wall time   {result.wall_s:.1f} s")
     for key in sorted(k for k in result.metrics if k != "step"):  # step: Ray Train's report index
         value = result.metrics[key]
         lines.append(f"{key:<28}{value:.6g}" if isinstance(value, float) else f"{key:<28}{value}")

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from elsa.config import PruneConfig
 from pipelines.storage import run_storage
-from elsa.export import save_checkpoint
+from elsa.export import export_pruned
 from elsa.loop import BatchSampler, LoopHooks, build_admm, lr_factor, train
 from elsa.models import load_model, load_tokenizer
 from elsa.perplexity import nll_sum
@@ -180,7 +180,7 @@ def _export(model, tokenizer, admm, cfg: PruneConfig, output: str, rank: int) ->
             bad = next(r for r in report["matrices"] if not r["ok"])
             raise RuntimeError(f"sparsity check failed: {bad['name']} has {bad['zeros']} zeros, expected >= {bad['expected_zeros']}")
         export_model = model if not _distributed() else _unsharded_copy(cfg, full)
-        save_checkpoint(export_model, tokenizer, out, metadata={"config": cfg.model_dump(mode="json"), "overall_sparsity": report["overall_sparsity"]})
+        export_pruned(export_model, tokenizer, cfg, out, report)
         result = {"overall_sparsity": report["overall_sparsity"]}
     if _distributed():
         dist.barrier()
