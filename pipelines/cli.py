@@ -181,6 +181,7 @@ def make_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--gpu", action="store_true")
     evaluate.add_argument("--address", default=None)
     evaluate.add_argument("--tracking-uri", default=None)
+    evaluate.add_argument("--verbose", action="store_true", help="show third-party warnings and Ray's worker output")
     evaluate.set_defaults(handler=_cmd_eval)
 
     compare = commands.add_parser("compare", help="table and plots of an MLflow experiment's runs")
@@ -204,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _ARGV[:] = list(sys.argv[1:] if argv is None else argv)
     args = make_parser().parse_args(argv)
+    if args.command in ("prune", "eval"):
+        from pipelines.quiet import configure
+
+        configure(verbose=args.verbose)
     try:
         return args.handler(args)
     except KeyboardInterrupt:

@@ -6,6 +6,7 @@ never costs the pruned model; the MLflow run is closed FAILED with the reason on
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ class RunOptions:
     keep_checkpoints: bool = False  # keep the run's storage folder (Ray Train checkpoints, export)
     register: str | None = None  # MLflow registered model to add a version to
     command: str | None = None  # the command line, for the model card
+    progress: bool = True  # the progress line on stdout during training
 
 
 @dataclass
@@ -58,11 +60,13 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     env = {"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"), "HF_DATASETS_OFFLINE": os.environ.get("HF_DATASETS_OFFLINE", "0")}}
+    from pipelines.quiet import ray_init_kwargs
+
     if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        ray.init(address=address, runtime_env=env, **ray_init_kwargs())
         pin_train_coordinator()
     else:
-        ray.init(num_cpus=num_cpus, runtime_env=env, log_to_driver=True)
+        ray.init(num_cpus=num_cpus, runtime_env=env, **ray_init_kwargs())
 
 
 def pin_train_coordinator() -> None:
@@ -115,7 +119,9 @@ def run_prune(cfg: PruneConfig, options: RunOptions, echo=print) -> JobResult:
     started = time.perf_counter()
     try:
         init_ray(options.address)
-        train_metrics, location = _prune(cfg, options, {"uri": uri, "run_id": run_id})
+        with _progress(cfg, options) as sink:
+            tracking_info = {"uri": uri, "run_id": run_id, **({"progress": sink} if sink else {})}
+            train_metrics, location = _prune(cfg, options, tracking_info)
         tracking.log_metrics(uri, run_id, train_metrics, cfg.steps)
         tracking.client(uri).set_tag(run_id, "checkpoint_location", location)
         metrics, errors, export = _publish(cfg, options, uri, run_id, location, echo)
@@ -175,6 +181,18 @@ def local_cores_per_task(address: str | None, gpu: bool, tasks: int) -> int | No
         return None
     total = min(int(ray.cluster_resources().get("CPU", 0)), os.cpu_count() or 1)
     return max(1, total // max(tasks, 1)) if total else None
+
+
+@contextlib.contextmanager
+def _progress(cfg: PruneConfig, options: RunOptions):
+    """The driver's progress line during training (ELSA only: one-shot methods have no steps)."""
+    if cfg.method != "elsa" or not options.progress:
+        yield None
+        return
+    from pipelines.progress import ProgressPrinter
+
+    with ProgressPrinter(cfg.steps, cfg.batch_size * cfg.grad_accum * cfg.seqlen) as printer:
+        yield printer.sink()
 
 
 def _publish(cfg: PruneConfig, options: RunOptions, uri: str, run_id: str, location: str, echo) -> tuple[dict, dict, dict]:

@@ -161,7 +161,16 @@ def _make_logger(tracking: dict | None, rank: int):
         return lambda metrics, step: None
     from pipelines.tracking import RunLogger
 
-    return RunLogger(tracking["uri"], tracking["run_id"])
+    mlflow_logger = RunLogger(tracking["uri"], tracking["run_id"])
+    progress = tracking.get("progress")  # the driver's progress line (pipelines.progress)
+    if progress is None:
+        return mlflow_logger
+
+    def log(metrics: dict, step: int) -> None:
+        progress(metrics, step)
+        mlflow_logger(metrics, step)
+
+    return log
 
 
 def _export(model, tokenizer, admm, cfg: PruneConfig, output: str, rank: int) -> dict:
