@@ -118,6 +118,10 @@ class PruneConfig(BaseModel):
     bf16: bool = False  # bf16 autocast for the forward/backward (GPU); master weights stay fp32
     preset: str | None = None
 
+    # export (what `elsa prune` ships; elsa.export.resolve_export)
+    export_format: Literal["auto", "dense", "compressed"] = "auto"  # auto: compressed at sparsity >= 0.5
+    export_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: the source's dtype (GGUF: bf16)
+
     @model_validator(mode="before")
     @classmethod
     def _budget_rule(cls, data: Any) -> Any:

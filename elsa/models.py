@@ -182,7 +182,7 @@ def clear_quantizer(model: torch.nn.Module) -> torch.nn.Module:
 
 def load_model(
     name: str,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = torch.float32,
     device: str | torch.device = "cpu",
     attn_implementation: str | None = None,
 ) -> torch.nn.Module:
@@ -190,11 +190,19 @@ def load_model(
 
     GGUF weights are dequantised to ``dtype`` and the quantizer is cleared (see
     :func:`clear_quantizer`). ``attn_implementation`` (e.g. ``"eager"``) is passed through when
-    given; tests use it to compare logits bit for bit.
+    given; tests use it to compare logits bit for bit. A directory holding ELSA's compressed
+    sparse export (:mod:`elsa.sparse_format`) is densified; ``dtype`` None keeps a saved
+    directory's own dtype.
     """
     from transformers import AutoModelForCausalLM
 
+    from .sparse_format import is_sparse_checkpoint, load_sparse_model
+
     source = resolve_model(name)
+    if source.kind == "local_dir" and is_sparse_checkpoint(source.path):
+        return load_sparse_model(source.path, dtype, attn_implementation).to(device)
+    if dtype is None:
+        dtype = torch.bfloat16 if source.is_gguf else "auto"
     kwargs: dict = {"dtype": dtype, "trust_remote_code": False, **_hub_kwargs(source)}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation

@@ -16,7 +16,8 @@ import typing
 from elsa.config import ConfigError, PruneConfig, load_yaml, make_config
 
 # options of the run rather than of the method (see pipelines.job.RunOptions)
-_RUN_OPTIONS = ("output", "workers", "gpu", "address", "storage_path", "tracking_uri", "experiment", "run_name", "no_eval", "max_failures", "cpus_per_worker", "overwrite")
+_RUN_OPTIONS = ("output", "workers", "gpu", "address", "storage_path", "tracking_uri", "experiment", "run_name", "no_eval",
+                "max_failures", "cpus_per_worker", "overwrite", "keep_checkpoints", "register")
 
 
 class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
@@ -44,7 +45,8 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("method config (any field of PruneConfig)")
     for name, info in PruneConfig.model_fields.items():
         kind = _strip_optional(info.annotation)
-        help_text = f"(default: {info.default!r})" if info.default is not None or info.default_factory is None else ""
+        default = info.default_factory() if info.default_factory is not None else info.default
+        help_text = f"(default: {default!r})"
         if kind is bool:
             group.add_argument(_option(name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif typing.get_origin(kind) is typing.Literal:
@@ -63,7 +65,13 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("where and how to run")
     group.add_argument("--config", help="YAML config file (flat PruneConfig fields)")
-    group.add_argument("--output", default="outputs/pruned", help="directory for the pruned Hugging Face checkpoint")
+    group.add_argument("--output", default=None, help="also copy the exported model into this local directory (the "
+                       "durable copy is the MLflow run's 'checkpoint' artifact)")
+    group.add_argument("--keep-checkpoints", action="store_true", help="keep the run's storage folder (Ray Train's "
+                       "checkpoints and the export); by default it is removed once the export is logged and evaluated")
+    group.add_argument("--register", default=None, metavar="NAME", help="add the export as a new version of this "
+                       "MLflow registered model (tags: sparsity, ppl)")
+    group.add_argument("--verbose", action="store_true", help="show third-party warnings and Ray's internal log lines")
     group.add_argument("--workers", type=int, default=1, help="Ray Train workers (FSDP2 when > 1)")
     group.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL, bf16 compute)")
     group.add_argument("--cpus-per-worker", type=float, default=None, help="CPUs (and threads) each Ray Train worker asks for; default: the machine's cores shared among the workers when Ray starts locally, 1 on a joined cluster")
@@ -115,11 +123,21 @@ def build_config(args: argparse.Namespace) -> PruneConfig:
     return make_config(file_layer, preset_layer, flags)
 
 
+def _command_line() -> str:
+    """The command as typed (for the model card)."""
+    import shlex
+
+    return "elsa " + shlex.join(_ARGV)
+
+
+_ARGV: list[str] = []  # the arguments main() parsed
+
+
 def _cmd_prune(args: argparse.Namespace) -> int:
     from pipelines.job import RunOptions, run_prune, summary_table
 
     cfg = build_config(args)
-    options = RunOptions(**{name: getattr(args, name) for name in _RUN_OPTIONS})
+    options = RunOptions(**{name: getattr(args, name) for name in _RUN_OPTIONS}, command=_command_line())
     result = run_prune(cfg, options)
     print(summary_table(result))
     return 0
@@ -195,6 +213,7 @@ def make_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--gpu", action="store_true")
     evaluate.add_argument("--address", default=None)
     evaluate.add_argument("--tracking-uri", default=None)
+    evaluate.add_argument("--verbose", action="store_true", help="show third-party warnings and Ray's worker output")
     evaluate.set_defaults(handler=_cmd_eval)
 
     compare = commands.add_parser("compare", help="table and plots of an MLflow experiment's runs")
@@ -225,7 +244,12 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.errors import one_line
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _ARGV[:] = list(sys.argv[1:] if argv is None else argv)
     args = make_parser().parse_args(argv)
+    if args.command in ("prune", "eval"):
+        from pipelines.quiet import configure
+
+        configure(verbose=args.verbose)
     try:
         return args.handler(args)
     except KeyboardInterrupt:

@@ -293,6 +293,37 @@ def plot_metric_vs_step(
     return _save(figure, out_png)
 
 
+def registered_versions(tracking_uri: str | None, run_ids: set[str] | None = None) -> list[dict]:
+    """Model-registry versions (``elsa prune --register``), of ``run_ids`` only when given.
+
+    Each: ``name``, ``version``, ``run_id``, ``stage`` (aliases, comma-joined), ``sparsity``,
+    ``ppl``, ``export_format`` (from the version's tags), ``source``.
+    """
+    client = _client(tracking_uri)
+    found, token = [], None
+    while True:
+        page = client.search_model_versions(max_results=1000, page_token=token)
+        for version in page:
+            if run_ids is not None and version.run_id not in run_ids:
+                continue
+            tags = version.tags or {}
+            found.append({"name": version.name, "version": int(version.version), "run_id": version.run_id,
+                          "stage": ",".join(getattr(version, "aliases", []) or []), "sparsity": tags.get("sparsity"),
+                          "ppl": tags.get("ppl"), "export_format": tags.get("export_format"), "source": version.source})
+        token = page.token
+        if not token:
+            return sorted(found, key=lambda v: (v["name"], v["version"]))
+
+
+def format_versions(versions: list[dict]) -> str:
+    """A plain-text table of :func:`registered_versions`."""
+    header = ["registered model", "version", "sparsity", "ppl", "format", "aliases", "run_id"]
+    cells = [[v["name"], str(v["version"]), v["sparsity"] or _MISSING, _format_value("ppl_", _float_or_none(v["ppl"])),
+              v["export_format"] or _MISSING, v["stage"] or _MISSING, v["run_id"] or _MISSING] for v in versions]
+    widths = [max(len(row[i]) for row in [header, *cells]) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *cells])
+
+
 def main(experiment: str, tracking_uri: str | None, out_dir: str | Path) -> dict[str, Path]:
     """Print the table of ``experiment``'s runs; write it, the rows and every figure to ``out_dir``.
 
@@ -314,6 +345,11 @@ def main(experiment: str, tracking_uri: str | None, out_dir: str | Path) -> dict
             )
         except ValueError as err:  # e.g. only sparsity-map runs: nothing to draw, say why
             print(f"skipped {metric} against sparsity: {err}")
+    versions = registered_versions(tracking_uri, {row["run_id"] for row in rows})
+    if versions:
+        print("\n" + format_versions(versions))
+        written["registered"] = out / "registered.txt"
+        written["registered"].write_text(format_versions(versions) + "\n", encoding="utf-8")
     run_ids = [row["run_id"] for row in rows]
     for metric in STEP_METRICS:
         try:

@@ -14,13 +14,14 @@ def perplexity_task(location: str, dataset: str, seqlen: int, max_windows: int |
     import torch
 
     from elsa.api import evaluate_perplexity
-    from elsa.models import load_model, load_tokenizer
+    from elsa.export import load_checkpoint
     from pipelines.storage import materialized
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    # the exported weights as shipped (dense or compressed, in their dtype); computed in that
+    # dtype on a GPU, upcast to fp32 on a CPU (exact: every bf16 value is an fp32 value)
     with materialized(location) as checkpoint_dir:
-        model = load_model(checkpoint_dir, device=device)
-        tokenizer = load_tokenizer(checkpoint_dir)
+        model, tokenizer = load_checkpoint(checkpoint_dir, dtype=None if device == "cuda" else torch.float32, device=device)
     return evaluate_perplexity(model, tokenizer, [dataset], seqlen, max_windows)
 
 

@@ -6,18 +6,17 @@ never costs the pruned model; the MLflow run is closed FAILED with the reason on
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from elsa.config import PruneConfig
 from pipelines import tracking
 from pipelines.errors import one_line
 from pipelines.redact import redact
-from pipelines.storage import download
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +25,7 @@ log = logging.getLogger(__name__)
 class RunOptions:
     """How and where to run (not part of the method's config)."""
 
-    output: str = "outputs/pruned"
+    output: str | None = None  # a local copy of the export; the durable one is the MLflow artifact
     workers: int = 1
     gpu: bool = False
     address: str | None = None
@@ -40,6 +39,10 @@ class RunOptions:
     overwrite: bool = False
     parent_run_id: str | None = None
     extra_tags: dict = field(default_factory=dict)
+    keep_checkpoints: bool = False  # keep the run's storage folder (Ray Train checkpoints, export)
+    register: str | None = None  # MLflow registered model to add a version to
+    command: str | None = None  # the command line, for the model card
+    progress: bool = True  # the progress line on stdout during training
 
 
 @dataclass
@@ -50,6 +53,7 @@ class JobResult:
     eval_errors: dict
     wall_s: float
     queued: str | None = None  # where undelivered MLflow records wait, and the command that sends them
+    export: dict = field(default_factory=dict)  # format, dtype, weights_bytes, registered
 
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:
@@ -60,12 +64,14 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     env = {"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"), "HF_DATASETS_OFFLINE": os.environ.get("HF_DATASETS_OFFLINE", "0")}}
+    from pipelines.quiet import ray_init_kwargs
+
     if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        ray.init(address=address, runtime_env=env, **ray_init_kwargs())
         pin_train_coordinator()
     else:
         loopback_only(ray)
-        ray.init(num_cpus=num_cpus, runtime_env=env, log_to_driver=True, include_dashboard=False, _node_ip_address="127.0.0.1")
+        ray.init(num_cpus=num_cpus, runtime_env=env, include_dashboard=False, _node_ip_address="127.0.0.1", **ray_init_kwargs())
 
 
 def loopback_only(ray) -> None:
@@ -138,25 +144,15 @@ def run_prune(cfg: PruneConfig, options: RunOptions, echo=print) -> JobResult:
     flush_s = float(os.environ.get("ELSA_TRACKING_FLUSH_S", "60"))
     try:
         init_ray(options.address)
-        output = str(Path(options.output).resolve())
-        info = {"uri": uri, "run_id": run_id, "queue_dir": queue, "flush_s": flush_s}
-        train_metrics, location = _prune(cfg, options, info)
-        _replace_output(output, options.overwrite)
-        download(location, output)
+        with _progress(cfg, options) as sink:
+            info = {"uri": uri, "run_id": run_id, "queue_dir": queue, "flush_s": flush_s,
+                    **({"progress": sink} if sink else {})}
+            train_metrics, location = _prune(cfg, options, info)
         if "kept_init" in train_metrics:
             outbox.tags({"kept": "init" if train_metrics["kept_init"] else "elsa"})
         outbox.metrics(train_metrics, cfg.steps)
         outbox.tags({"checkpoint_location": location})
-        _log_outputs(outbox, output)
-        metrics, errors = {}, {}
-        if not options.no_eval:
-            from pipelines.evaluation import run_evaluation
-
-            echo("evaluating: " + ", ".join(cfg.eval_datasets + list(cfg.lm_eval_tasks)))
-            metrics, errors = run_evaluation(location, cfg, use_gpu=options.gpu)
-            outbox.metrics(metrics, 0)
-            if errors:
-                outbox.tags({"eval_errors": json.dumps(errors)})
+        metrics, errors, export = _publish(cfg, options, outbox, location, echo)
         metrics = {**train_metrics, **metrics}
         outbox.end("FINISHED")
     except BaseException as err:
@@ -165,7 +161,8 @@ def run_prune(cfg: PruneConfig, options: RunOptions, echo=print) -> JobResult:
         _flush(queue, run_id, uri, min(flush_s, 10.0), echo)
         raise
     queued = _flush(queue, run_id, uri, flush_s, echo)
-    return JobResult(run_id, output, metrics, errors, time.perf_counter() - started, queued)
+    export = _finish_publish(cfg, options, uri, run_id, location, export, metrics, delivered=queued is None, echo=echo)
+    return JobResult(run_id, export.pop("location"), metrics, errors, time.perf_counter() - started, queued, export)
 
 
 def _flush(queue: str, run_id: str, uri: str, wait_s: float, echo) -> str | None:
@@ -239,14 +236,6 @@ def _oneshot(cfg_dict: dict, options: RunOptions, location: str, tracking_info: 
     return ray.get(oneshot_task.options(**resources).remote(cfg_dict, location, tracking_info))
 
 
-def _replace_output(output: str, overwrite: bool) -> None:
-    """With --overwrite, the old contents go first: stale shards must not mix with the new model."""
-    import shutil
-
-    if overwrite and Path(output).is_dir():
-        shutil.rmtree(output)
-
-
 def local_cores_per_task(address: str | None, gpu: bool, tasks: int) -> int | None:
     """On a Ray this command started itself, the machine's cores shared among ``tasks`` workers.
 
@@ -263,16 +252,69 @@ def local_cores_per_task(address: str | None, gpu: bool, tasks: int) -> int | No
     return max(1, total // max(tasks, 1)) if total else None
 
 
-def _log_outputs(outbox, output: str) -> None:
-    """Checkpoint, sparsity report and per-layer plot as artifacts of the run (journaled, then sent)."""
-    from pipelines.plots import plot_layer_sparsity
+@contextlib.contextmanager
+def _progress(cfg: PruneConfig, options: RunOptions):
+    """The driver's progress line during training (ELSA only: one-shot methods have no steps)."""
+    if cfg.method != "elsa" or not options.progress:
+        yield None
+        return
+    from pipelines.progress import ProgressPrinter
 
-    out = Path(output)
-    report = json.loads((out / "sparsity_report.json").read_text())
-    plot = plot_layer_sparsity(report, out / "layer_sparsity.png")
-    outbox.artifacts(out, "checkpoint")
-    outbox.artifacts(plot)
-    outbox.artifacts(out / "sparsity_report.json")
+    with ProgressPrinter(cfg.steps, cfg.batch_size * cfg.grad_accum * cfg.seqlen) as printer:
+        yield printer.sink()
+
+
+def _publish(cfg: PruneConfig, options: RunOptions, outbox, location: str, echo) -> tuple[dict, dict, dict]:
+    """Journal the export (the durable copy), evaluate it, update its card, copy it to --output.
+
+    A remote export is first copied into the journal's folder: the journaled artifacts must
+    outlive this call, since they are sent later (pipelines.outbox).
+    Returns (evaluation metrics, evaluation errors, export summary).
+    """
+    from pipelines import publish
+    from pipelines.storage import absolute, download, is_uri
+
+    local = str(download(location, outbox.folder / "export")) if is_uri(location) else absolute(location)
+    metrics, errors = {}, {}
+    export = publish.export_summary(local)
+    publish.log_export(outbox, local, options.command)
+    if not options.no_eval:
+        from pipelines.evaluation import run_evaluation
+
+        echo("evaluating: " + ", ".join(cfg.eval_datasets + list(cfg.lm_eval_tasks)))
+        metrics, errors = run_evaluation(location, cfg, use_gpu=options.gpu)
+        outbox.metrics(metrics, 0)
+        if errors:
+            outbox.tags({"eval_errors": json.dumps(errors)})
+        publish.update_card(outbox, local, options.command, metrics)
+    if options.output:
+        export["output"] = publish.copy_output(local, options.output)
+    return metrics, errors, export
+
+
+def _finish_publish(cfg: PruneConfig, options: RunOptions, uri: str, run_id: str, location: str, export: dict,
+                    metrics: dict, delivered: bool, echo) -> dict:
+    """Once the journal is delivered: register, and remove the run's storage (unless kept).
+
+    Undelivered (the server is away), the storage copy stays: until ``elsa sync`` it is the
+    durable one. ``export['location']`` is where the user finds the model.
+    """
+    from pipelines import publish
+
+    if not delivered:
+        if options.register:
+            echo(f"not registered as {options.register!r}: the MLflow server is unreachable; register after elsa sync")
+        export["location"] = export.get("output") or location
+        return export
+    export["location"] = export.get("output") or publish.artifact_uri(uri, run_id)
+    if options.register:
+        ppl = next((metrics[k] for k in sorted(metrics) if k.startswith("ppl_")), None)
+        tags = {"sparsity": cfg.sparsity, "pattern": cfg.pattern, "method": cfg.method, "ppl": ppl,
+                "export_format": export["format"], "model": cfg.model}
+        export["registered"] = f"{options.register} v{publish.register(uri, run_id, options.register, tags)}"
+    if not options.keep_checkpoints:
+        publish.remove_run_storage(location)
+    return export
 
 
 def kept_text(metrics: dict) -> str:
@@ -285,7 +327,13 @@ def kept_text(metrics: dict) -> str:
 
 def summary_table(result: JobResult) -> str:
     """What the user reads at the end: the numbers and where everything went."""
-    lines = [f"run id      {result.run_id}", f"checkpoint  {result.checkpoint_dir}", f"wall time   {result.wall_s:.1f} s"]
+    lines = [f"run id      {result.run_id}", f"checkpoint  {result.checkpoint_dir}"]
+    if result.export:
+        size = result.export.get("weights_bytes", 0) / 1e6
+        lines.append(f"export      {result.export.get('format')}, {result.export.get('dtype')}, {size:.1f} MB of weights")
+    if result.export.get("registered"):
+        lines.append(f"registered  {result.export['registered']}")
+    lines.append(f"wall time   {result.wall_s:.1f} s")
     if "kept_init" in result.metrics:
         lines.append(f"kept        {kept_text(result.metrics)}")
     for key in sorted(k for k in result.metrics if k != "step"):  # step: Ray Train's report index

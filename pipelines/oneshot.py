@@ -16,7 +16,7 @@ def oneshot_task(cfg_dict: dict, location: str, tracking_info: dict | None) -> d
 
     from elsa.api import prune_model
     from elsa.config import PruneConfig
-    from elsa.export import save_checkpoint
+    from elsa.export import export_pruned
 
     cfg = PruneConfig(**cfg_dict)
     log = None
@@ -28,6 +28,6 @@ def oneshot_task(cfg_dict: dict, location: str, tracking_info: dict | None) -> d
     with tempfile.TemporaryDirectory() as directory:
         out = Path(directory)
         (out / "sparsity_report.json").write_text(json.dumps(result.report, indent=1))
-        save_checkpoint(result.model, result.tokenizer, out, metadata={"config": cfg.model_dump(mode="json"), "overall_sparsity": result.report["overall_sparsity"]})
+        export_pruned(result.model, result.tokenizer, cfg, out, result.report)
         upload(out, location)
     return {"overall_sparsity": result.report["overall_sparsity"], "prune_s": result.wall_s}

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from elsa.config import PruneConfig
 from pipelines.storage import run_storage
-from elsa.export import save_checkpoint
+from elsa.export import export_pruned
 from elsa.loop import BatchSampler, LoopHooks, build_admm, lr_factor, train
 from elsa.models import load_model, load_tokenizer
 from elsa.perplexity import nll_sum
@@ -206,17 +206,27 @@ _LOGGERS: list = []  # this worker's queued loggers, closed by _worker_entry
 
 
 def _make_logger(tracking: dict | None, rank: int):
+    """Rank 0's metrics sink: the run's MLflow journal (or the client), and the driver's progress line."""
     if rank != 0 or not tracking:
         return lambda metrics, step: None
     if tracking.get("queue_dir"):
         from pipelines.outbox import QueuedRunLogger
 
-        logger = QueuedRunLogger(tracking["uri"], tracking["run_id"], tracking["queue_dir"])
-        _LOGGERS.append((logger, float(tracking.get("flush_s", 60.0))))
-        return logger
-    from pipelines.tracking import RunLogger
+        mlflow_logger = QueuedRunLogger(tracking["uri"], tracking["run_id"], tracking["queue_dir"])
+        _LOGGERS.append((mlflow_logger, float(tracking.get("flush_s", 60.0))))
+    else:
+        from pipelines.tracking import RunLogger
 
-    return RunLogger(tracking["uri"], tracking["run_id"])
+        mlflow_logger = RunLogger(tracking["uri"], tracking["run_id"])
+    progress = tracking.get("progress")  # the driver's progress line (pipelines.progress)
+    if progress is None:
+        return mlflow_logger
+
+    def log(metrics: dict, step: int) -> None:
+        progress(metrics, step)
+        mlflow_logger(metrics, step)
+
+    return log
 
 
 def _worker_entry(config: dict) -> None:
@@ -245,7 +255,7 @@ def _export(model, tokenizer, admm, cfg: PruneConfig, output: str, rank: int) ->
             bad = next(r for r in report["matrices"] if not r["ok"])
             raise RuntimeError(f"sparsity check failed: {bad['name']} has {bad['zeros']} zeros, expected >= {bad['expected_zeros']}")
         export_model = model if not _distributed() else _unsharded_copy(cfg, full)
-        save_checkpoint(export_model, tokenizer, out, metadata={"config": cfg.model_dump(mode="json"), "overall_sparsity": report["overall_sparsity"]})
+        export_pruned(export_model, tokenizer, cfg, out, report)
         result = {"overall_sparsity": report["overall_sparsity"]}
     if _distributed():
         dist.barrier()

@@ -283,14 +283,20 @@ def run_zero_shot(
 def _evaluate(checkpoint_dir, plan: list[_Planned], manager, limit, batch_size, device) -> dict:
     import lm_eval
 
+    from elsa.sparse_format import is_sparse_checkpoint
+
+    # a dict, not "k=v,..." text: lm-eval would split a path holding a comma
+    model, model_args = "hf", {"pretrained": str(checkpoint_dir), "dtype": "float32", "trust_remote_code": False}
+    if is_sparse_checkpoint(checkpoint_dir):  # lm-eval cannot read ELSA's compressed format: densify here
+        from lm_eval.models.huggingface import HFLM
+
+        from elsa.export import load_checkpoint
+
+        dense, tokenizer = load_checkpoint(checkpoint_dir, device=device)
+        model, model_args = HFLM(pretrained=dense, tokenizer=tokenizer, batch_size=batch_size), None
     return lm_eval.simple_evaluate(
-        model="hf",
-        # a dict, not "k=v,..." text: lm-eval would split a path holding a comma
-        model_args={
-            "pretrained": str(checkpoint_dir),
-            "dtype": "float32",
-            "trust_remote_code": False,
-        },
+        model=model,
+        model_args=model_args,
         tasks=[p.lm_eval_name for p in plan],
         task_manager=manager,
         limit=limit,

@@ -29,9 +29,9 @@ def _cli(args: list[str]) -> int:
 
 
 def _load(directory: Path):
-    from transformers import AutoModelForCausalLM
+    from elsa.export import load_checkpoint
 
-    return AutoModelForCausalLM.from_pretrained(directory)
+    return load_checkpoint(directory)[0]  # reads the compressed export (the default at >= 50%)
 
 
 def _masks(model) -> dict[str, torch.Tensor]:
@@ -82,7 +82,7 @@ def test_prune_two_fsdp_workers_end_to_end(tmp_path, tiny_model_dir, ray_session
     assert code == 0
     model = _load(out)
     _assert_exact_sparsity(model, 0.7)
-    assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin"))
+    assert (out / "model.sparse.safetensors").is_file() and not list(out.glob("*.bin"))
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("pipeline-test")
@@ -99,7 +99,7 @@ def test_prune_two_fsdp_workers_end_to_end(tmp_path, tiny_model_dir, ray_session
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"checkpoint", "layer_sparsity.png", "sparsity_report.json"} <= artifacts
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
-    assert "checkpoint/model.safetensors" in logged
+    assert "checkpoint/model.sparse.safetensors" in logged
 
     # elsa eval: the checkpoint comes back from the run's artifacts, the result goes to the run
     assert _cli(["eval", "--run", run.info.run_id, "--eval-seqlen", "64", "--eval-max-windows", "4"]) == 0
@@ -121,7 +121,7 @@ def test_prune_against_real_mlflow_server(tmp_path, tiny_model_dir, ray_session,
     assert run.data.params["sparsity"] == "0.8"
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 4
     assert "ppl_wikitext2-bundled" in run.data.metrics
-    assert "checkpoint/model.safetensors" in {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
+    assert "checkpoint/model.sparse.safetensors" in {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
     assert not (tmp_path / "mlflow.db").exists()  # nothing went to the local default store
 
 
