@@ -52,9 +52,10 @@ def test_ntp_plus_kd_mixes_the_two_losses(tiny_model_dir):
         for p in student.parameters():
             p.add_(0.05 * torch.randn_like(p))
     ids = torch.randint(0, student.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
-    ntp = float(training_loss(student, ids, _tiny_cfg(tiny_model_dir, loss="ntp"), teacher))
-    kd = float(training_loss(student, ids, _tiny_cfg(tiny_model_dir, loss="kd"), teacher))
-    mix = float(training_loss(student, ids, _tiny_cfg(tiny_model_dir, loss="ntp+kd", kd_weight=0.25), teacher))
+    with torch.no_grad():
+        ntp = float(training_loss(student, ids, _tiny_cfg(tiny_model_dir, loss="ntp"), teacher))
+        kd = float(training_loss(student, ids, _tiny_cfg(tiny_model_dir, loss="kd"), teacher))
+        mix = float(training_loss(student, ids, _tiny_cfg(tiny_model_dir, loss="ntp+kd", kd_weight=0.25), teacher))
     assert kd > 0
     assert mix == pytest.approx(0.75 * ntp + 0.25 * kd, rel=1e-5)
 
@@ -160,13 +161,14 @@ def _run_of(tmp_path, name: str):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_pipeline_warm_start_keeps_the_better_and_says_so(tmp_path, tiny_model_dir, ray_session, monkeypatch, capsys):
-    """Upstream SparseGPT task -> Train workers start from its checkpoint in the run's storage.
-    A good lr keeps ELSA's result only if it is no worse; lr 0.5 ends worse and ships the start."""
+    """Upstream SparseGPT task -> Train workers start from its checkpoint in the run's storage;
+    lr 0.5 ends worse than that start, so the run ships the start, tags it and says so.
+    (The other outcome is covered on one process by test_warm_start_never_ends_worse...)"""
     from elsa.models import load_model
 
     monkeypatch.chdir(tmp_path)
     shipped = load_model(str(_prune_cli(tmp_path, tiny_model_dir, "wrecked", "--init", "sparsegpt", "--lr", "0.5",
-                                        "--rho", "0.05")))
+                                        "--rho", "0.05", "--keep-checkpoints")))
     run = _run_of(tmp_path, "wrecked")
     assert run.info.status == "FINISHED" and run.data.tags["kept"] == "init"
     assert run.data.metrics["init_val_loss"] < run.data.metrics["final_val_loss_projected"]
@@ -177,11 +179,6 @@ def test_pipeline_warm_start_keeps_the_better_and_says_so(tmp_path, tiny_model_d
     for (name, a), b in zip(shipped.state_dict().items(), start.state_dict().values()):
         assert torch.equal(a, b), name
 
-    _prune_cli(tmp_path, tiny_model_dir, "good", "--init", "sparsegpt", "--lr", "3e-3", "--rho", "0.05")
-    good = _run_of(tmp_path, "good")
-    kept = good.data.tags["kept"]
-    start_loss, final_loss = good.data.metrics["init_val_loss"], good.data.metrics["final_val_loss_projected"]
-    assert kept == ("elsa" if final_loss <= start_loss else "init")
 
 
 @pytest.mark.ray

@@ -32,7 +32,7 @@ class ELSA:
             summary["init_val_loss"] = mean_nll(model, val_blocks)
             start = snapshot(model)
         admm, scheduler = build_admm(model, cfg)
-        hooks = LoopHooks(on_metrics=log)
+        hooks = LoopHooks(on_metrics=log or (lambda metrics, step: None))
         history = train(model, admm, scheduler, sampler, cfg, hooks, val_blocks=val_blocks, teacher=teacher)
         admm.final_projection()
         summary["final_val_loss_projected"] = mean_nll(model, val_blocks)
