@@ -211,7 +211,7 @@ def _publish(cfg: PruneConfig, options: RunOptions, uri: str, run_id: str, locat
             from pipelines.evaluation import run_evaluation
 
             echo("evaluating: " + ", ".join(cfg.eval_datasets + list(cfg.lm_eval_tasks)))
-            metrics, errors = run_evaluation(location, cfg, use_gpu=options.gpu)
+            metrics, errors = run_evaluation(location, cfg, use_gpu=options.gpu, echo=echo if options.progress else None)
             tracking.log_metrics(uri, run_id, metrics)
             if errors:
                 tracking.client(uri).set_tag(run_id, "eval_errors", json.dumps(errors)[:5000])
