@@ -224,7 +224,9 @@ def _publish(cfg: PruneConfig, options: RunOptions, uri: str, run_id: str, locat
                     "export_format": export["format"], "model": cfg.model}
             export["registered"] = f"{options.register} v{publish.register(uri, run_id, options.register, tags)}"
     if not options.keep_checkpoints:
-        publish.remove_run_storage(location)
+        from pipelines.storage import run_storage
+
+        publish.remove_run_storage(location, run_storage(options.storage_path))
     return metrics, errors, export
 
 
