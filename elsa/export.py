@@ -49,7 +49,8 @@ def source_dtype(model_name: str) -> torch.dtype:
     return found if isinstance(found, torch.dtype) and found.is_floating_point else torch.float32
 
 
-def resolve_export(model_name: str, export_format: str, export_dtype: str, sparsity: float | None) -> tuple[str, torch.dtype]:
+def resolve_export(model_name: str, export_format: str, export_dtype: str,
+                   sparsity: float | None) -> tuple[str, torch.dtype]:
     """``("dense"|"compressed", dtype)`` for a run's ``export_format`` and ``export_dtype`` settings.
 
     ``auto`` format: compressed at sparsity >= 0.5 (where bitmask + non-zeros are smaller than the

@@ -130,7 +130,8 @@ def decompress(stored: dict[str, torch.Tensor], shapes: dict[str, list[int]]) ->
         mask = _unpack(stored[f"{name}.bitmask"], numel)
         kept = int(mask.sum())
         if kept != values.numel():
-            raise ValueError(f"compressed checkpoint is corrupt: {name} has {kept} mask bits but {values.numel()} values")
+            raise ValueError(f"compressed checkpoint is corrupt: {name} has {kept} mask bits "
+                             f"but {values.numel()} values")
         dense[name] = torch.zeros(numel, dtype=values.dtype).masked_scatter_(mask, values).view(shape)
     return dense
 
@@ -203,7 +204,8 @@ def load_sparse_model(directory: str | Path, dtype: torch.dtype | None = torch.f
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # the Auto class wants a path, not a state dict
     model, info = model_class.from_pretrained(None, **kwargs)
     if info.get("missing_keys") or info.get("unexpected_keys") or info.get("mismatched_keys"):
-        raise ValueError(f"{directory}: weights do not fit the config: missing {sorted(info.get('missing_keys', []))[:3]}, "
+        raise ValueError(f"{directory}: weights do not fit the config: "
+                         f"missing {sorted(info.get('missing_keys', []))[:3]}, "
                          f"unexpected {sorted(info.get('unexpected_keys', []))[:3]}, "
                          f"mismatched {list(info.get('mismatched_keys', []))[:3]}")
     return model.eval()

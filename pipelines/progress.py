@@ -136,7 +136,8 @@ class ProgressPrinter:
         if step <= 0 or step == self._printed_step:
             return
         now = time.monotonic()
-        due = self.tty or final or self._printed_step < 0 or step >= self.line.total or now - self._printed_at >= self.interval
+        first, last = self._printed_step < 0, step >= self.line.total
+        due = self.tty or final or first or last or now - self._printed_at >= self.interval
         if not due:
             return
         text = self.line.text()
