@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import io
 
 import pytest
 import yaml
@@ -59,3 +60,54 @@ def test_cleanup_never_deletes_the_storage_root(tmp_path):
     assert run.exists()
     remove_run_storage(str(run / "checkpoint_1"), str(tmp_path / "runs"))
     assert not run.exists() and (tmp_path / "runs").exists()
+
+
+class _ListQueue:
+    """The part of ray.util.queue.Queue the printer uses, over a list."""
+
+    def __init__(self):
+        self.items: list[dict] = []
+
+    def empty(self) -> bool:
+        return not self.items
+
+    def qsize(self) -> int:
+        return len(self.items)
+
+    def get_nowait_batch(self, n: int) -> list[dict]:
+        batch, self.items = self.items[:n], self.items[n:]
+        return batch
+
+    def shutdown(self) -> None:
+        pass
+
+
+class _Stream(io.StringIO):
+    def __init__(self, tty: bool):
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_printer_rewrites_in_place_on_a_terminal_and_prints_lines_otherwise(tty):
+    from pipelines.progress import ProgressPrinter
+
+    queue, stream = _ListQueue(), _Stream(tty)
+    printer = ProgressPrinter(4, 100, stream=stream, interval=3600, queue=queue)
+    printer._drain()  # nothing yet: nothing printed
+    printer._print()
+    assert stream.getvalue() == ""
+    for step in (1, 2, 3, 4):
+        queue.items.append({"step": step, "time": float(step), "train_loss": 5.0 - step / 10})
+        printer._drain()
+        printer._print()
+    printer.__exit__(None, None, None)
+    out = stream.getvalue()
+    if tty:
+        assert out.count("\r") == 4 and out.endswith("\n") and out.count("\n") == 1
+        assert "\rstep 4/4 (100%) | 100 tok/s | loss 4.6 | ETA 0s\x1b[K\n" in out
+    else:  # the first and the last step; the ones between fall inside the 1-hour interval
+        assert out.splitlines() == ["step 1/4 (25%) | loss 4.9", "step 4/4 (100%) | 100 tok/s | loss 4.6 | ETA 0s"]
