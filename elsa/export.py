@@ -3,7 +3,8 @@
 Why: a pruned model is only useful if it can be shipped and opened again. ``dense`` is a plain
 ``save_pretrained`` directory with safetensors weights that every tool (transformers, lm-eval,
 vLLM) opens; ``compressed`` stores each pruned matrix as a packed bitmask plus its non-zeros
-(:mod:`elsa.sparse_format`, 0.2-0.35 of the dense size at 70-90%) and is read by
+(:mod:`elsa.sparse_format`; SmolLM2-135M in bf16: 0.50 of the dense size at 70%, 0.34 at 90%,
+its dense tied embedding being a fifth of the model) and is read by
 :func:`load_checkpoint`. Never pickle, which runs code when loaded. An ``elsa_metadata.json``
 records how the model was made.
 """
@@ -49,7 +50,8 @@ def source_dtype(model_name: str) -> torch.dtype:
     return found if isinstance(found, torch.dtype) and found.is_floating_point else torch.float32
 
 
-def resolve_export(model_name: str, export_format: str, export_dtype: str, sparsity: float | None) -> tuple[str, torch.dtype]:
+def resolve_export(model_name: str, export_format: str, export_dtype: str,
+                   sparsity: float | None) -> tuple[str, torch.dtype]:
     """``("dense"|"compressed", dtype)`` for a run's ``export_format`` and ``export_dtype`` settings.
 
     ``auto`` format: compressed at sparsity >= 0.5 (where bitmask + non-zeros are smaller than the

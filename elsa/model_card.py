@@ -119,7 +119,9 @@ def render_card(metadata: dict, command: str | None = None, results: dict | None
         front["library_name"] = "transformers"
     front["tags"] = ["sparse", "elsa", "pruned"]
     sparsity = metadata.get("overall_sparsity", config.get("sparsity"))
-    title = f"{config.get('model', 'model')} pruned to {float(sparsity):.0%} sparsity" if sparsity is not None else "pruned model"
+    title = "pruned model"
+    if sparsity is not None:
+        title = f"{config.get('model', 'model')} pruned to {float(sparsity):.0%} sparsity"
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {title}", ""]
     lines += [
         f"Pruned with {'ELSA (ADMM on the training loss)' if config.get('method') == 'elsa' else config.get('method')}"

@@ -37,11 +37,12 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import torch
 
-from .states import pack_mask, unpack_mask
+from .states import pack_mask
 
 FORMAT_NAME = "elsa-bitmask"
 FORMAT_VERSION = 1
@@ -111,21 +112,27 @@ def compress(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
     return out, shapes
 
 
+_BIT_VALUES = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def _unpack(bits: torch.Tensor, numel: int) -> torch.Tensor:
+    """The layout of :func:`elsa.states.unpack_mask` (LSB first), with one pass fewer: AND, compare."""
+    weights = torch.tensor(_BIT_VALUES, dtype=torch.uint8, device=bits.device)
+    return ((bits.unsqueeze(1) & weights) != 0).view(-1)[:numel]
+
+
 def decompress(stored: dict[str, torch.Tensor], shapes: dict[str, list[int]]) -> dict[str, torch.Tensor]:
     """Inverse of :func:`compress`: dense tensors by name."""
     dense = {name: t for name, t in stored.items() if not name.endswith((".bitmask", ".values"))}
     for name, shape in shapes.items():
         values = stored[f"{name}.values"]
-        numel = 1
-        for size in shape:
-            numel *= size
-        mask = unpack_mask(stored[f"{name}.bitmask"], numel)
-        if int(mask.sum()) != values.numel():
-            raise ValueError(f"compressed checkpoint is corrupt: {name} has {int(mask.sum())} mask bits "
+        numel = math.prod(shape)
+        mask = _unpack(stored[f"{name}.bitmask"], numel)
+        kept = int(mask.sum())
+        if kept != values.numel():
+            raise ValueError(f"compressed checkpoint is corrupt: {name} has {kept} mask bits "
                              f"but {values.numel()} values")
-        out = torch.zeros(numel, dtype=values.dtype)
-        out[mask] = values
-        dense[name] = out.view(shape)
+        dense[name] = torch.zeros(numel, dtype=values.dtype).masked_scatter_(mask, values).view(shape)
     return dense
 
 
@@ -197,7 +204,8 @@ def load_sparse_model(directory: str | Path, dtype: torch.dtype | None = torch.f
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # the Auto class wants a path, not a state dict
     model, info = model_class.from_pretrained(None, **kwargs)
     if info.get("missing_keys") or info.get("unexpected_keys") or info.get("mismatched_keys"):
-        raise ValueError(f"{directory}: weights do not fit the config: missing {sorted(info.get('missing_keys', []))[:3]}, "
+        raise ValueError(f"{directory}: weights do not fit the config: "
+                         f"missing {sorted(info.get('missing_keys', []))[:3]}, "
                          f"unexpected {sorted(info.get('unexpected_keys', []))[:3]}, "
                          f"mismatched {list(info.get('mismatched_keys', []))[:3]}")
     return model.eval()

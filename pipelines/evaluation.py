@@ -6,6 +6,8 @@ the checkpoint is already saved and logged when evaluation starts.
 """
 from __future__ import annotations
 
+import time
+
 import ray
 
 
@@ -40,10 +42,11 @@ def zero_shot_task(location: str, tasks: list[str], limit: int | None, include_p
     return metrics
 
 
-def run_evaluation(location: str, cfg, use_gpu: bool = False) -> tuple[dict, dict]:
+def run_evaluation(location: str, cfg, use_gpu: bool = False, echo=None) -> tuple[dict, dict]:
     """Launch every evaluation at once; returns (metrics, errors by evaluation name).
 
-    ``location``: the checkpoint's directory or storage URI, readable from any node.
+    ``location``: the checkpoint's directory or storage URI, readable from any node. ``echo``
+    (e.g. ``print``) gets one line per evaluation as it finishes, with its time and numbers.
     """
     resources = {"num_gpus": 1} if use_gpu else {"num_cpus": 1}
     seqlen = cfg.eval_seqlen or cfg.seqlen
@@ -54,9 +57,18 @@ def run_evaluation(location: str, cfg, use_gpu: bool = False) -> tuple[dict, dic
     if cfg.lm_eval_tasks:
         pending["zero_shot"] = zero_shot_task.options(**resources).remote(location, list(cfg.lm_eval_tasks), cfg.lm_eval_limit, cfg.lm_eval_include)
     metrics, errors = {}, {}
-    for name, ref in pending.items():
+    names = {ref: name for name, ref in pending.items()}
+    started, waiting = time.perf_counter(), list(pending.values())
+    while waiting:
+        done, waiting = ray.wait(waiting, num_returns=1)
+        name = names[done[0]]
         try:
-            metrics.update(ray.get(ref))
+            result = ray.get(done[0])
+            metrics.update(result)
+            said = ", ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, float))
         except Exception as err:  # noqa: BLE001 - reported to the user and to MLflow
             errors[name] = f"{type(err).__name__}: {str(err).splitlines()[-1] if str(err) else ''}"
+            said = "FAILED"
+        if echo is not None:
+            echo(f"  [{len(pending) - len(waiting)}/{len(pending)}] {name} done in {time.perf_counter() - started:.0f} s: {said}")
     return metrics, errors

@@ -282,7 +282,7 @@ def _publish(cfg: PruneConfig, options: RunOptions, outbox, location: str, echo)
         from pipelines.evaluation import run_evaluation
 
         echo("evaluating: " + ", ".join(cfg.eval_datasets + list(cfg.lm_eval_tasks)))
-        metrics, errors = run_evaluation(location, cfg, use_gpu=options.gpu)
+        metrics, errors = run_evaluation(location, cfg, use_gpu=options.gpu, echo=echo if options.progress else None)
         outbox.metrics(metrics, 0)
         if errors:
             outbox.tags({"eval_errors": json.dumps(errors)})
@@ -313,7 +313,9 @@ def _finish_publish(cfg: PruneConfig, options: RunOptions, uri: str, run_id: str
                 "export_format": export["format"], "model": cfg.model}
         export["registered"] = f"{options.register} v{publish.register(uri, run_id, options.register, tags)}"
     if not options.keep_checkpoints:
-        publish.remove_run_storage(location)
+        from pipelines.storage import run_storage
+
+        publish.remove_run_storage(location, run_storage(options.storage_path))
     return export
 
 

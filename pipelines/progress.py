@@ -86,10 +86,12 @@ class ProgressLine:
 class ProgressPrinter:
     """Driver side: a thread draining the queue into :class:`ProgressLine` and printing it."""
 
-    def __init__(self, total_steps: int, tokens_per_step: int, stream=None, interval: float = 10.0):
-        from ray.util.queue import Queue
+    def __init__(self, total_steps: int, tokens_per_step: int, stream=None, interval: float = 10.0, queue=None):
+        if queue is None:
+            from ray.util.queue import Queue
 
-        self.queue = Queue(maxsize=10_000)
+            queue = Queue(maxsize=10_000)
+        self.queue = queue  # a ray.util.queue.Queue, or anything with empty/qsize/get_nowait_batch
         self.line = ProgressLine(total_steps, tokens_per_step)
         self.stream = stream or sys.stdout
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
@@ -107,7 +109,8 @@ class ProgressPrinter:
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        if self._thread.ident is not None:  # started
+            self._thread.join(timeout=5)
         self._drain()
         self._print(final=True)
         if self.tty and self._printed_step >= 0:
@@ -136,7 +139,8 @@ class ProgressPrinter:
         if step <= 0 or step == self._printed_step:
             return
         now = time.monotonic()
-        due = self.tty or final or self._printed_step < 0 or step >= self.line.total or now - self._printed_at >= self.interval
+        first, last = self._printed_step < 0, step >= self.line.total
+        due = self.tty or final or first or last or now - self._printed_at >= self.interval
         if not due:
             return
         text = self.line.text()

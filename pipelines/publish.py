@@ -77,10 +77,16 @@ def copy_output(directory: str | Path, output: str) -> str:
     return str(target)
 
 
-def remove_run_storage(location: str) -> None:
+def remove_run_storage(location: str, storage_root: str) -> None:
     """Delete the run's storage folder: the parent of the export (Ray Train's run directory, whose
-    ``checkpoint_*`` folders are the intermediate checkpoints, or the one-shot run's folder)."""
+    ``checkpoint_*`` folders are the intermediate checkpoints, or the one-shot run's folder).
+
+    Refuses anything that is not strictly inside ``storage_root`` (never the root itself).
+    """
     run_dir = location.rstrip("/").rsplit("/", 1)[0]
+    root = storage_root.rstrip("/")
+    if not run_dir.startswith(root + "/") or run_dir == root:
+        raise RuntimeError(f"refusing to delete {run_dir}: not a run folder inside the storage path {root}")
     if not is_uri(run_dir):
         shutil.rmtree(absolute(run_dir), ignore_errors=True)
         return

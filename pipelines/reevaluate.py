@@ -43,7 +43,7 @@ def reevaluate(args) -> str:
             run_id = args.run
             checkpoint = _checkpoint_from_run(uri, run_id, Path(scratch))
         init_ray(args.address)
-        metrics, errors = run_evaluation(checkpoint, eval_cfg, use_gpu=args.gpu)
+        metrics, errors = run_evaluation(checkpoint, eval_cfg, use_gpu=args.gpu, echo=print)
         if run_id:
             tracking.log_metrics(uri, run_id, metrics)
     lines = [f"{'checkpoint' if run_id is None else 'run'}  {args.run}"]

@@ -48,7 +48,8 @@ def test_progress_lines_before_the_summary_and_no_library_noise(run):
     assert any(re.match(r"^step 4/4 .*loss [\d.]+.*primal [\d.]+", lines[i]) for i in progress), proc.stdout
     assert "\r" not in proc.stdout  # not a terminal: plain lines, no in-place rewriting
     everything = proc.stdout + proc.stderr
-    for noise in ("Failed to load", "PreemptionWatcher", "Token authentication", "deprecated", "Reporting training result"):
+    noises = ("Failed to load", "PreemptionWatcher", "Token authentication", "deprecated", "Reporting training result")
+    for noise in noises:
         assert noise not in everything, noise
     assert re.search(r"^export\s+compressed, float32, [\d.]+ MB of weights$", proc.stdout, re.M), proc.stdout
 
