@@ -34,10 +34,10 @@ def cell_config(method: str, sparsity: float, args) -> dict:
     if method in ("dense", "magnitude", "wanda", "sparsegpt"):
         return {**base, "method": method, "sparsity": sparsity, "calib_blocks": args.calib_blocks}
     elsa = {**base, "method": "elsa", "sparsity": sparsity, "steps": args.steps, "batch_size": args.batch_size,
-            "interval": args.interval, "eval_interval": args.eval_interval, "val_blocks": args.val_blocks, "projection": "fisher"}
+            "eval_interval": args.eval_interval, "val_blocks": args.val_blocks}
     if method == "elsa":
         return {**elsa, "calib_blocks": args.calib_blocks}
-    elsa["init"] = "none"
+    elsa.update(init="none", interval=args.interval, projection="fisher", bf16=False)  # as these cells first ran
     if method == "elsa-coupled":
         from tune.presets import paper_preset
 
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calib-blocks", type=int, default=128)
     parser.add_argument("--steps", type=int, default=64, help="ELSA steps per run")
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--interval", type=int, default=32)
+    parser.add_argument("--interval", type=int, default=32, help="elsa-coupled / elsa-decoupled cells only")
     parser.add_argument("--eval-interval", type=int, default=32)
     parser.add_argument("--val-blocks", type=int, default=4)
     # Decoupled defaults, chosen on held-out enwiki blocks only (bench/results/NOTES.md): lr 1.2e-3

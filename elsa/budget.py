@@ -20,6 +20,8 @@ One-shot methods get ``init: none`` and nothing else.
 from __future__ import annotations
 
 PENALTY = "decoupled"
+INTERVAL = 4  # steps between z/u-updates from the warm start
+PAPER_INTERVAL = 32  # the paper's, for the coupled penalty
 RHO, RHO_FINAL, RHO_SCHEDULE = 0.005, 0.05, "linear"
 INIT = "sparsegpt"
 LOSS = "ntp"
@@ -32,8 +34,10 @@ COUPLED_LR = 1e-4  # lr when the user asks for the coupled penalty (the paper's 
 def budget_settings(steps: int, sparsity: float | None, method: str, penalty: str | None) -> dict:
     """The rule's value for every field it governs (the caller keeps what the user set)."""
     if method != "elsa":
-        return {"init": "none", "loss": LOSS, "penalty": "coupled", "lr": COUPLED_LR, "rho_schedule": "constant"}
+        return {"init": "none", "loss": LOSS, "penalty": "coupled", "lr": COUPLED_LR, "rho_schedule": "constant",
+                "interval": PAPER_INTERVAL}
     chosen: dict = {"init": INIT, "loss": LOSS, "penalty": PENALTY}
     if (penalty or PENALTY) == "coupled":
-        return {**chosen, "lr": COUPLED_LR, "rho_schedule": "constant"}
-    return {**chosen, "lr": LR if steps <= SHORT_STEPS else LR_LONG, "rho_group": (RHO, RHO_FINAL, RHO_SCHEDULE)}
+        return {**chosen, "lr": COUPLED_LR, "rho_schedule": "constant", "interval": PAPER_INTERVAL}
+    return {**chosen, "lr": LR if steps <= SHORT_STEPS else LR_LONG, "interval": INTERVAL,
+            "rho_group": (RHO, RHO_FINAL, RHO_SCHEDULE)}

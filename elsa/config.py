@@ -57,7 +57,7 @@ class PruneConfig(BaseModel):
     lmda: float = 2e-3
     lmda_final: float | None = None
     lmda_schedule: str = "constant"
-    interval: int = 32
+    interval: int | None = None  # steps between z/u-updates; None: the budget rule's (elsa/budget.py)
     # first z/u-update: "interval" after the first full x-update of `interval` steps (textbook
     # ADMM from z0 = Proj(x0), u0 = 0); "step" right after step 1, as the authors' code. The
     # latter sets u to the whole pruned mass before x has moved (decoupled, 70%, 64 steps on
@@ -115,7 +115,9 @@ class PruneConfig(BaseModel):
     # running
     log_interval: int = 1
     checkpoint_interval: int = 0  # 0: only at the end
-    bf16: bool = False  # bf16 autocast for the forward/backward (GPU); master weights stay fp32
+    # bf16 autocast of the forward/backward (weights, Adam and ADMM states stay fp32); None: on a
+    # GPU, and on a CPU with native bf16 (avx512_bf16/AMX: 1.58x faster a step, same held-out loss)
+    bf16: bool | None = None
     preset: str | None = None
 
     # export (what `elsa prune` ships; elsa.export.resolve_export)
@@ -189,8 +191,8 @@ class PruneConfig(BaseModel):
 
     @field_validator("interval", "steps", "batch_size", "grad_accum", "seqlen", "log_interval", "eval_interval")
     @classmethod
-    def _at_least_one(cls, value: int, info) -> int:
-        if value < 1:
+    def _at_least_one(cls, value: int | None, info) -> int | None:
+        if value is not None and value < 1:
             raise ValueError(f"{info.field_name}={value} must be >= 1")
         return value
 

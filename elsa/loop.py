@@ -162,6 +162,24 @@ class LoopHooks:
     history: list = field(default_factory=list)
 
 
+def use_bf16(cfg: PruneConfig, device: torch.device) -> bool:
+    """``cfg.bf16``, or where unset: bf16 autocast on a GPU and on a CPU with native bf16 units.
+
+    Measured on SmolLM2-135M at 80%, 16 steps from the warm start on the 2-core reference CPU
+    (avx512_bf16): 2.45 s a step against 3.86 in fp32, held-out loss 5.7616 against 5.7619.
+    A CPU without bf16 instructions would emulate it, slower than fp32: there it stays off.
+    """
+    if cfg.bf16 is not None:
+        return cfg.bf16
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    return bool(amx() or avx512_bf16())
+
+
 def _device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -191,7 +209,7 @@ def train(
         for micro in range(cfg.grad_accum):
             ids = batches(step, micro).to(device)
             tokens += ids.numel()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(cfg, device)):
                 loss = training_loss(model, ids, cfg, teacher) / cfg.grad_accum
             loss.backward()
             loss_sum += loss.detach()

@@ -129,7 +129,8 @@ def _train(tmp_path: Path, name: str, workers: int, **overrides):
     from pipelines.train_job import run_training
 
     cfg = make_config({"model": str(overrides.pop("model")), "sparsity": 0.7, "steps": 6, "seqlen": 64, "batch_size": 2,
-                       "interval": 2, "eval_interval": 3, "lr": 1e-3, "val_blocks": 2, **overrides})
+                       "interval": 2, "eval_interval": 3, "lr": 1e-3, "val_blocks": 2, "init": "none", "bf16": False,
+                       **overrides})
     result = run_training(cfg, None, workers=workers, storage_path=str(tmp_path / "ray"), name=name,
                           resources_per_worker={"CPU": 0.5})
     assert result.error is None, result.error
