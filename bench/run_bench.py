@@ -19,16 +19,25 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("dense", "magnitude", "wanda", "sparsegpt", "elsa-coupled", "elsa-decoupled")
+METHODS = ("dense", "magnitude", "wanda", "sparsegpt", "elsa", "elsa-coupled", "elsa-decoupled")
 
 
 def cell_config(method: str, sparsity: float, args) -> dict:
-    """PruneConfig fields of one cell; ELSA's come from the paper (coupled) or ELSA.md (decoupled)."""
+    """PruneConfig fields of one cell.
+
+    ``elsa`` sets nothing but the budget (steps) and the measurement settings: what a user gets
+    from ``elsa prune --sparsity S --steps N`` (elsa/budget.py). ``elsa-coupled`` takes the
+    paper's Table 5 settings, ``elsa-decoupled`` the hand-chosen ones of the 150-step sweep, both
+    from the dense model (init none).
+    """
     base = {"model": args.model, "seqlen": args.seqlen, "seed": args.seed, "data": "enwiki-sample"}
     if method in ("dense", "magnitude", "wanda", "sparsegpt"):
         return {**base, "method": method, "sparsity": sparsity, "calib_blocks": args.calib_blocks}
     elsa = {**base, "method": "elsa", "sparsity": sparsity, "steps": args.steps, "batch_size": args.batch_size,
             "interval": args.interval, "eval_interval": args.eval_interval, "val_blocks": args.val_blocks, "projection": "fisher"}
+    if method == "elsa":
+        return {**elsa, "calib_blocks": args.calib_blocks}
+    elsa["init"] = "none"
     if method == "elsa-coupled":
         from tune.presets import paper_preset
 
@@ -46,8 +55,8 @@ def run_cell(method: str, sparsity: float, args, uri: str, experiment: str) -> d
     penalty = cfg.get("penalty") if cfg["method"] == "elsa" else None
     tags = {"bench": "1"}
     params = {**cfg, "method": "elsa" if method.startswith("elsa") else method, "penalty": penalty, "sparsity": 0.0 if method == "dense" else sparsity}
-    run_id = tracking.start_run(uri, experiment, params, run_name=f"{method}-{sparsity}", tags=tags)
-    out = Path(args.out) / "cells" / f"{method}-{sparsity}.json"
+    run_id = tracking.start_run(uri, experiment, params, run_name=f"{method}-{sparsity}-{cfg.get('steps', 0)}", tags=tags)
+    out = Path(args.out) / "cells" / (f"{method}-{sparsity}" + (f"-{args.steps}" if method == "elsa" else "") + ".json")
     out.parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, str(REPO / "bench" / "run_one.py"), "--config", json.dumps(cfg),
                "--eval-seqlen", str(args.eval_seqlen), "--eval-windows", str(args.eval_windows),
@@ -59,11 +68,18 @@ def run_cell(method: str, sparsity: float, args, uri: str, experiment: str) -> d
         tracking.end_run(uri, run_id, "FAILED")
         return {"method": method, "sparsity": sparsity, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
     record = json.loads(out.read_text())
-    record.update(method=method, sparsity=sparsity, penalty=penalty, total_s=time.perf_counter() - started, config=cfg, mlflow_run_id=run_id,
+    record.update(method=method, sparsity=sparsity, total_s=time.perf_counter() - started, config=cfg, mlflow_run_id=run_id,
                   command=" ".join(["python", "bench/run_bench.py", *sys.argv[1:]]))
     tracking.log_metrics(uri, run_id, {k: v for k, v in record.items() if k.startswith("ppl_") or k in ("prune_s", "peak_rss_mb")})
     tracking.end_run(uri, run_id, "FINISHED")
     return record
+
+
+def same_cell(record: dict, method: str, sparsity: float, steps: int) -> bool:
+    """Whether ``record`` is the cell (method, sparsity), and for ELSA cells also (steps)."""
+    if record["method"] != method or record["sparsity"] != sparsity:
+        return False
+    return not method.startswith("elsa") or record.get("steps", record.get("config", {}).get("steps")) == steps
 
 
 def read_results(out_dir: Path) -> list[dict]:
@@ -91,7 +107,9 @@ def write_reports(results: list[dict], out_dir: Path, metric: str, args) -> None
     for r in ok:
         if r["method"] == "dense":
             continue
-        rows.append({"model": args.model, "method": r["method"].split("-")[0], "penalty": r.get("penalty"), "sparsity": r["sparsity"], "status": None, "metrics": {metric: r[metric]}})
+        label, penalty = (f"elsa defaults, {r.get('steps')} steps", None) if r["method"] == "elsa" else (r["method"].split("-")[0], r.get("penalty"))
+        rows.append({"model": args.model, "method": label, "penalty": penalty, "sparsity": r["sparsity"], "status": None,
+                     "metrics": {metric: r[metric]}})
     if rows:
         plot_ppl_vs_sparsity(rows, out_dir / "ppl_vs_sparsity.png", metric=metric)
     commands = list(dict.fromkeys(r.get("command", "(not recorded)") for r in ok))
@@ -101,9 +119,10 @@ def write_reports(results: list[dict], out_dir: Path, metric: str, args) -> None
              + (f"; dense {dense:.2f}" if dense else ""), "",
              "| method | sparsity | ppl | ppl / dense | prune time (s) | peak RSS (MB) | ELSA steps | primal residual |",
              "|---|---|---|---|---|---|---|---|"]
-    for r in sorted(ok, key=lambda r: (r["sparsity"], METHODS.index(r["method"]))):
+    for r in sorted(ok, key=lambda r: (r["sparsity"], METHODS.index(r["method"]), r.get("steps") or 0)):
         ratio = f"{r[metric] / dense:.2f}" if dense else "-"
         steps = r.get("config", {}).get("steps", "-") if r["method"].startswith("elsa") else "-"
+        steps = f"{steps} ({r['init']}, {r['loss']}, kept {r['kept']})" if r.get("kept") else steps
         lines.append(f"| {r['method']} | {r['sparsity']:.1f} | {r[metric]:.2f} | {ratio} | {r['prune_s']:.0f} | {r['peak_rss_mb']:.0f} "
                      f"| {steps} | {residual_curve_text(r.get('residual_curve'))} |")
     for r in results:
@@ -152,13 +171,13 @@ def main(argv: list[str] | None = None) -> None:
     cells = [("dense", 0.0)] if "dense" in args.methods else []
     cells += [(m, s) for s in args.sparsities for m in args.methods if m != "dense"]
     for method, sparsity in cells:
-        done = [r for r in read_results(out_dir) if r["method"] == method and r["sparsity"] == sparsity and "error" not in r]
+        done = [r for r in read_results(out_dir) if same_cell(r, method, sparsity, args.steps) and "error" not in r]
         if done and not args.force:
             continue
         print(f"[bench] {method} @ {sparsity:.1f} ...", flush=True)
         record = run_cell(method, sparsity, args, uri, args.experiment)
         # Re-read before writing: another runner on other cells may have added its own meanwhile.
-        results = [r for r in read_results(out_dir) if not (r["method"] == method and r["sparsity"] == sparsity)]
+        results = [r for r in read_results(out_dir) if not same_cell(r, method, sparsity, args.steps)]
         results.append(record)
         shown = f"ppl {record[metric]:.2f}, {record['prune_s']:.0f} s" if "error" not in record else f"FAILED: {record['error']}"
         print(f"[bench] {method} @ {sparsity:.1f}: {shown}", flush=True)

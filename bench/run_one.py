@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
         log = RunLogger(tracking["uri"], tracking["run_id"])
     started = time.perf_counter()
     history: list = []
+    result = None
     if not dense:
         result = prune_model(cfg, model=model, tokenizer=tokenizer, log=log)
         history = result.summary.get("history", [])
@@ -63,6 +64,10 @@ def main(argv: list[str] | None = None) -> dict:
         "val_curve": [(h["step"], h["val_loss_projected"]) for h in history if "val_loss_projected" in h],
         "final_train_loss": history[-1]["train_loss"] if history else None,
     }
+    if cfg.method == "elsa":  # what decides a cell's cost and quality, beside its penalty
+        summary = result.summary
+        record.update(steps=cfg.steps, penalty=cfg.penalty, init=cfg.init, loss=cfg.loss, lr=cfg.lr,
+                      **{k: summary[k] for k in ("kept", "init_s", "init_val_loss", "final_val_loss_projected") if k in summary})
     with open(args.out, "w") as handle:
         json.dump(record, handle)
     return record

@@ -7,6 +7,7 @@ after an hour of work because of a typo in its config.
 """
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -66,17 +67,19 @@ class PruneConfig(BaseModel):
     # v of the fisher projection: "adam" (the paper: Adam's second moment) or "loss" (coupled
     # mode: an EMA of the squared loss gradient, without the penalty; +4 bytes per pruned entry)
     fisher_source: Literal["adam", "loss"] = "adam"
-    penalty: Literal["coupled", "decoupled"] = "coupled"
-    rho: float | None = None  # decoupled pull per step; None: derived from lr*lmda/(1+lr*lmda); given, lmda is unused
+    # penalty, lr, rho schedule, init and loss left unset (None) are chosen by the budget rule
+    # (elsa/budget.py) from steps and sparsity; set any of them to override the rule.
+    penalty: Literal["coupled", "decoupled"] | None = None
+    rho: float | None = None  # decoupled pull per step; given, lmda is unused (coupled: derived lr*lmda/(1+lr*lmda))
     rho_final: float | None = None
-    rho_schedule: str = "constant"
+    rho_schedule: str | None = None
     z_dtype: str = "fp32"
     u_dtype: str = "fp32"
     z_sparse: bool = False
 
     # base optimiser and the x-update loop
     optimizer: Literal["adam", "adamw", "sgd", "adam8bit"] = "adam"
-    lr: float = 1e-4
+    lr: float | None = None
     lr_schedule: Literal["linear", "constant"] = "linear"
     warmup_steps: int = 0
     betas: tuple[float, float] = (0.9, 0.95)
@@ -86,6 +89,15 @@ class PruneConfig(BaseModel):
     batch_size: int = 2
     grad_accum: int = 1
     seqlen: int = 256
+
+    # warm start: z0 (and x0) from a one-shot method run inside the same job; the run keeps the
+    # better of (its final projection, that start) by held-out loss. "none": z0 = Proj(x0).
+    init: Literal["none", "magnitude", "wanda", "sparsegpt"] | None = None
+    # training loss: next-token ("ntp"), distillation from the dense starting model ("kd"), or
+    # (1 - kd_weight) * ntp + kd_weight * kd; kd is T^2 * KL(teacher || student) at temperature T
+    loss: Literal["ntp", "kd", "ntp+kd"] | None = None
+    kd_temperature: float = 1.0
+    kd_weight: float = 0.5
 
     # data and evaluation
     data: str = "enwiki-sample"
@@ -110,6 +122,44 @@ class PruneConfig(BaseModel):
     export_format: Literal["auto", "dense", "compressed"] = "auto"  # auto: compressed at sparsity >= 0.5
     export_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: the source's dtype (GGUF: bf16)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _budget_rule(cls, data: Any) -> Any:
+        """Fill the fields left unset from the budget rule (elsa/budget.py), before validation."""
+        if not isinstance(data, dict):
+            return data
+        from elsa.budget import budget_settings
+
+        steps = data.get("steps") or cls.model_fields["steps"].default
+        pattern = data.get("pattern") or cls.model_fields["pattern"].default
+        sparsity = data.get("sparsity")
+        if sparsity is None and parse_pattern(pattern) is not None:
+            n, m = parse_pattern(pattern)
+            sparsity = 1.0 - n / m
+        chosen = budget_settings(steps, sparsity, data.get("method") or "elsa", data.get("penalty"))
+        rho_group = chosen.pop("rho_group", None)
+        filled = {**data, **{k: v for k, v in chosen.items() if data.get(k) is None}}
+        rho_fields = ("rho", "rho_final", "rho_schedule")
+        if rho_group is not None and all(data.get(k) is None for k in rho_fields):
+            filled.update(zip(rho_fields, rho_group))
+        if filled.get("rho_schedule") is None:
+            filled["rho_schedule"] = "constant"
+        return filled
+
+    @field_validator("kd_temperature")
+    @classmethod
+    def _temperature_positive(cls, value: float) -> float:
+        if not value > 0:
+            raise ValueError(f"kd_temperature={value} must be > 0 (1.0 is plain KL on the logits)")
+        return value
+
+    @field_validator("kd_weight")
+    @classmethod
+    def _kd_weight_in_unit_interval(cls, value: float) -> float:
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"kd_weight={value} must be in [0, 1] (the KD share of loss=ntp+kd)")
+        return value
+
     @field_validator("sparsity")
     @classmethod
     def _sparsity_in_range(cls, value: float | None) -> float | None:
@@ -125,8 +175,8 @@ class PruneConfig(BaseModel):
 
     @field_validator("lmda_schedule", "rho_schedule")
     @classmethod
-    def _schedule_known(cls, value: str) -> str:
-        if value not in SCHEDULES:
+    def _schedule_known(cls, value: str | None) -> str | None:
+        if value is not None and value not in SCHEDULES:
             raise ValueError(f"schedule {value!r} is unknown; choose one of {', '.join(SCHEDULES)}")
         return value
 
@@ -146,8 +196,8 @@ class PruneConfig(BaseModel):
 
     @field_validator("lr")
     @classmethod
-    def _lr_positive(cls, value: float) -> float:
-        if not value > 0:
+    def _lr_positive(cls, value: float | None) -> float | None:
+        if value is not None and not value > 0:
             raise ValueError(f"lr={value} must be > 0")
         return value
 
@@ -163,6 +213,55 @@ class PruneConfig(BaseModel):
     def _rho_in_unit_interval(cls, value: float | None) -> float | None:
         if value is not None and not 0.0 < value < 1.0:
             raise ValueError(f"rho={value} must be strictly between 0 and 1 (the fraction of x - z + u removed per step)")
+        return value
+
+    @field_validator("lr")
+    @classmethod
+    def _lr_finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError(f"lr={value} must be a finite number > 0 (e.g. --lr 1e-4)")
+        return value
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_unit_interval(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in value):
+            raise ValueError(f"betas={tuple(value)} must both be in [0, 1) (e.g. --betas 0.9 0.95)")
+        return value
+
+    @field_validator("weight_decay")
+    @classmethod
+    def _weight_decay_nonnegative(cls, value: float) -> float:
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"weight_decay={value} must be a finite number >= 0")
+        return value
+
+    @field_validator("max_grad_norm")
+    @classmethod
+    def _max_grad_norm_positive(cls, value: float | None) -> float | None:
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"max_grad_norm={value} must be a finite number > 0 (or unset for no clipping)")
+        return value
+
+    @field_validator("val_blocks", "calib_blocks")
+    @classmethod
+    def _blocks_at_least_one(cls, value: int, info) -> int:
+        if value < 1:
+            raise ValueError(f"{info.field_name}={value} must be >= 1 (blocks of seqlen tokens)")
+        return value
+
+    @field_validator("warmup_steps", "checkpoint_interval")
+    @classmethod
+    def _not_negative(cls, value: int, info) -> int:
+        if value < 0:
+            raise ValueError(f"{info.field_name}={value} must be >= 0")
+        return value
+
+    @field_validator("eval_seqlen", "eval_max_windows", "lm_eval_limit")
+    @classmethod
+    def _unset_or_positive(cls, value: int | None, info) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError(f"{info.field_name}={value} must be >= 1 (or unset)")
         return value
 
     @model_validator(mode="after")
@@ -186,11 +285,11 @@ class PruneConfig(BaseModel):
             )
         for prefix in ("lmda", "rho"):
             kind, start, end = getattr(self, f"{prefix}_schedule"), getattr(self, prefix), getattr(self, f"{prefix}_final")
-            if kind != "constant" and end is None:
+            if kind is not None and kind != "constant" and end is None:
                 raise ValueError(f"{prefix}_schedule={kind} needs {prefix}_final (the value at the last step)")
             if kind == "exponential" and start is not None and (start <= 0 or (end or 0) <= 0):
                 raise ValueError(f"{prefix}_schedule=exponential needs {prefix} > 0 and {prefix}_final > 0")
-        if self.rho_schedule != "constant" and self.rho is None:
+        if self.rho_schedule not in (None, "constant") and self.rho is None:
             raise ValueError("rho_schedule needs a starting rho (or use a constant derived rho)")
         if self.warmup_steps >= self.steps and self.warmup_steps > 0:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be < steps={self.steps}")
@@ -227,7 +326,22 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = _parse_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of field: value")
     return data
+
+
+def _parse_yaml(path: Path) -> Any:
+    """The file's YAML, or a ConfigError naming the file and line (yaml's own text names neither)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"config file {str(path)!r}{where} is not valid YAML: {problem}") from None

@@ -17,12 +17,54 @@ import torch
 from elsa.admm import ADMM, ADMMSettings
 from elsa.config import PruneConfig
 from elsa.data import calibration_blocks
+from elsa.distill import training_loss
 from elsa.perplexity import mean_nll
 from elsa.targets import Target, find_targets, load_sparsity_map
 
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN/inf; the message says at which step and what to change."""
+
+
+class DivergedError(NonFiniteLossError):
+    """The loss exploded while finite, or the z-update's numbers are not finite (see DivergenceGuard)."""
+
+
+@dataclass
+class DivergenceGuard:
+    """Stops a run whose finite loss explodes, before its diverged weights are exported.
+
+    Why: with too large an lr the loss can grow from 6 to 1e8 and stay finite, so the NaN check
+    never fires and the wrecked model would be exported as if fine. The loss counts as exploded
+    when it stays above ``factor`` x the first step's loss for ``patience`` consecutive steps (one
+    spike is forgiven). A non-finite primal residual means the projection scores were not finite.
+    """
+
+    factor: float = 10.0
+    patience: int = 3
+    first: float | None = None
+    above: int = 0
+
+    @property
+    def healthy(self) -> bool:
+        """No loss above the limit right now: a checkpoint written now is a good one to keep."""
+        return self.above == 0
+
+    def check(self, step: int, loss: float, split_metrics: dict | None = None) -> None:
+        if self.first is None:
+            self.first = loss
+        self.above = self.above + 1 if loss > self.factor * abs(self.first) else 0
+        if self.above >= self.patience:
+            raise DivergedError(
+                f"training diverged at step {step}: loss {loss:.4g} above {self.factor:g}x its first value "
+                f"{self.first:.4g} for {self.above} steps: lower --lr or --rho; checkpoints written so far are kept"
+            )
+        bad = {k: v for k, v in (split_metrics or {}).items() if not math.isfinite(v)}
+        if bad:
+            raise DivergedError(
+                f"training diverged at step {step}: non-finite projection ({bad}) with loss {loss:.4g}: "
+                "lower --lr or --rho; checkpoints written so far are kept"
+            )
 
 
 def build_base_optimizer(params, cfg: PruneConfig) -> torch.optim.Optimizer:
@@ -133,10 +175,15 @@ def train(
     hooks: LoopHooks,
     start_step: int = 0,
     val_blocks: torch.Tensor | None = None,
+    teacher: torch.nn.Module | None = None,
 ) -> list[dict]:
-    """Run steps ``start_step .. cfg.steps - 1``; returns the logged metrics."""
+    """Run steps ``start_step .. cfg.steps - 1``; returns the logged metrics.
+
+    ``teacher``: the frozen dense model, for ``cfg.loss`` kd and ntp+kd (elsa/distill.py).
+    """
     device = _device_of(model)
     model.train()
+    guard = DivergenceGuard()
     for step in range(start_step, cfg.steps):
         started = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
@@ -145,7 +192,7 @@ def train(
             ids = batches(step, micro).to(device)
             tokens += ids.numel()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                loss = model(input_ids=ids, labels=ids).loss / cfg.grad_accum
+                loss = training_loss(model, ids, cfg, teacher) / cfg.grad_accum
             loss.backward()
             loss_sum += loss.detach()
         loss_value = float(loss_sum)
@@ -174,7 +221,8 @@ def train(
         if done % cfg.log_interval == 0 or done == cfg.steps or "val_loss_projected" in metrics:
             hooks.on_metrics(metrics, done)
             hooks.history.append({"step": done, **metrics})
-        if hooks.on_checkpoint and cfg.checkpoint_interval and done % cfg.checkpoint_interval == 0 and done < cfg.steps:
+        guard.check(done, loss_value, admm.last_metrics if updated else None)  # after logging: the step is seen
+        if guard.healthy and hooks.on_checkpoint and cfg.checkpoint_interval and done % cfg.checkpoint_interval == 0 and done < cfg.steps:
             hooks.on_checkpoint(done)
     return hooks.history
 

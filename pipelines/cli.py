@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import typing
 
@@ -16,7 +17,7 @@ from elsa.config import ConfigError, PruneConfig, load_yaml, make_config
 
 # options of the run rather than of the method (see pipelines.job.RunOptions)
 _RUN_OPTIONS = ("output", "workers", "gpu", "address", "storage_path", "tracking_uri", "experiment", "run_name", "no_eval",
-                "max_failures", "cpus_per_worker", "keep_checkpoints", "register")
+                "max_failures", "cpus_per_worker", "overwrite", "keep_checkpoints", "register")
 
 
 class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
@@ -81,6 +82,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--experiment", default="elsa", help="MLflow experiment")
     group.add_argument("--run-name", default=None)
     group.add_argument("--no-eval", action="store_true", help="skip the downstream evaluation")
+    group.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --output")
 
 
 def _state_dtypes(text: str | None) -> dict:
@@ -155,15 +157,45 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sync(args: argparse.Namespace) -> int:
+    """Upload MLflow records that runs journaled while the tracking server was away."""
+    from pipelines.outbox import pending_count, queue_root, runs_in, sync
+    from pipelines.storage import run_storage
+
+    root = args.queue_dir or str(queue_root(run_storage(None)))
+    runs = [args.run] if args.run else runs_in(root)
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    total = 0
+    for run_id in runs:
+        sent = sync(root, run_id, uri)
+        total += sum(sent.values())
+        print(f"run {run_id}: {sum(sent.values())} records sent, {pending_count(root, run_id)} pending")
+    print(f"{total} records sent from {root}")
+    return 0
+
+
 def _cmd_tune(args: argparse.Namespace) -> int:
     from tune.cli import run_tune
 
     return run_tune(args)
 
 
+# argparse reads "-1e-3" or "-inf" after an option as another option ("expected one argument"),
+# so the value never reaches the validator that would say what is wrong with it.
+_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser for which every negative number, exponents included, is a value."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = _NUMBER
+
+
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="elsa", description="Prune LLMs to extreme sparsity with ELSA (surrogate-free ADMM) on Ray.")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="elsa", description="Prune LLMs to extreme sparsity with ELSA (surrogate-free ADMM) on Ray.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     prune = commands.add_parser("prune", help="run one pruning job", formatter_class=_DefaultsHelp)
     _add_config_options(prune)
@@ -190,6 +222,12 @@ def make_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", default="outputs/compare")
     compare.set_defaults(handler=_cmd_compare)
 
+    sync_cmd = commands.add_parser("sync", help="upload MLflow records queued on disk while the server was away")
+    sync_cmd.add_argument("--queue-dir", default=None, help="journal folder (default: <storage>/mlflow-queue)")
+    sync_cmd.add_argument("--run", default=None, help="one MLflow run id (default: every run in the folder)")
+    sync_cmd.add_argument("--tracking-uri", default=None, help="MLflow URI (default: MLFLOW_TRACKING_URI, else the run's)")
+    sync_cmd.set_defaults(handler=_cmd_sync)
+
     tune = commands.add_parser("tune", help="Ray Tune search over lr, lambda and schedules")
     try:
         from tune.cli import add_tune_arguments
@@ -202,6 +240,9 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done, 1 a runtime failure, 2 a usage error (argparse's code for bad arguments)."""
+    from pipelines.errors import one_line
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _ARGV[:] = list(sys.argv[1:] if argv is None else argv)
     args = make_parser().parse_args(argv)
@@ -217,9 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # one line for the user; the traceback is in the logs / MLflow tag
         if os.environ.get("ELSA_DEBUG"):
             raise
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"elsa: error: {message}", file=sys.stderr)
-        return 1
+        print(f"elsa: error: {one_line(err)}", file=sys.stderr)
+        return 2 if isinstance(err, ConfigError) else 1
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 from elsa.config import PruneConfig
 from pipelines import tracking
+from pipelines.errors import one_line
+from pipelines.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,7 @@ class RunOptions:
     no_eval: bool = False
     max_failures: int = 0
     cpus_per_worker: float | None = None
+    overwrite: bool = False
     parent_run_id: str | None = None
     extra_tags: dict = field(default_factory=dict)
     keep_checkpoints: bool = False  # keep the run's storage folder (Ray Train checkpoints, export)
@@ -49,6 +52,7 @@ class JobResult:
     metrics: dict
     eval_errors: dict
     wall_s: float
+    queued: str | None = None  # where undelivered MLflow records wait, and the command that sends them
     export: dict = field(default_factory=dict)  # format, dtype, weights_bytes, registered
 
 
@@ -66,7 +70,23 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
         ray.init(address=address, runtime_env=env, **ray_init_kwargs())
         pin_train_coordinator()
     else:
-        ray.init(num_cpus=num_cpus, runtime_env=env, **ray_init_kwargs())
+        loopback_only(ray)
+        ray.init(num_cpus=num_cpus, runtime_env=env, include_dashboard=False, _node_ip_address="127.0.0.1", **ray_init_kwargs())
+
+
+def loopback_only(ray) -> None:
+    """Make a Ray started here listen on 127.0.0.1 only (GCS, raylet, object manager, workers).
+
+    Why: Ray's servers bind to all interfaces unless the node's address is the loopback one, and
+    on Linux ``ray.init`` replaces 127.0.0.1 by the machine's outward address, so the GCS and
+    every worker's gRPC port would be open to the network, unauthenticated. The constant below
+    (read at each call) and the environment variable (for Ray's child processes) turn that off;
+    the dashboard is not started. A joined cluster (``--address``) is configured by its owner.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def pin_train_coordinator() -> None:
@@ -92,46 +112,78 @@ def pin_train_coordinator() -> None:
 
 
 def preflight(cfg: PruneConfig, options: RunOptions) -> str:
-    """Everything checkable before Ray starts: model name, data, tracking server, resources."""
-    from elsa.data import load_text
-    from elsa.models import resolve_model
+    """Everything checkable before Ray starts (see :mod:`pipelines.preflight`), then the tracking server."""
+    from pipelines.preflight import preflight_checks
 
-    if options.workers < 1:
-        raise ValueError(f"--workers {options.workers} must be >= 1")
-    if cfg.batch_size % options.workers:
-        raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of --workers {options.workers}")
-    resolve_model(cfg.model)
-    load_text(cfg.data, "train")  # offline and not cached: fails here, naming the dataset
+    preflight_checks(cfg, options)
     uri = tracking.resolve_tracking_uri(options.tracking_uri)
     tracking.check_reachable(uri)
     return uri
 
 
 def run_prune(cfg: PruneConfig, options: RunOptions, echo=print) -> JobResult:
-    """The whole job; raises with a one-line reason on failure (the run is marked FAILED)."""
+    """The whole job; raises with a one-line reason on failure (the run is marked FAILED).
+
+    After the run is opened, MLflow is written through journals on local disk
+    (:mod:`pipelines.outbox`): a tracking server that goes away costs neither the training nor
+    the model; what it missed is delivered when it returns, or later by ``elsa sync``.
+    """
+    from pipelines.outbox import Outbox, queue_root
+    from pipelines.storage import run_storage
+
     uri = preflight(cfg, options)
     cfg_dict = cfg.model_dump(mode="json")
     run_id = tracking.start_run(
         uri, options.experiment, cfg_dict, run_name=options.run_name,
         tags={"workers": str(options.workers), **options.extra_tags}, parent_run_id=options.parent_run_id,
     )
-    echo(f"MLflow run {run_id} ({uri}, experiment {options.experiment!r})")
+    echo(f"MLflow run {run_id} ({redact(uri)}, experiment {options.experiment!r})")
     started = time.perf_counter()
+    queue = str(queue_root(run_storage(options.storage_path)))
+    outbox = Outbox(uri, run_id, queue, "driver")
+    flush_s = float(os.environ.get("ELSA_TRACKING_FLUSH_S", "60"))
     try:
         init_ray(options.address)
         with _progress(cfg, options) as sink:
-            tracking_info = {"uri": uri, "run_id": run_id, **({"progress": sink} if sink else {})}
-            train_metrics, location = _prune(cfg, options, tracking_info)
-        tracking.log_metrics(uri, run_id, train_metrics, cfg.steps)
-        tracking.client(uri).set_tag(run_id, "checkpoint_location", location)
-        metrics, errors, export = _publish(cfg, options, uri, run_id, location, echo)
+            info = {"uri": uri, "run_id": run_id, "queue_dir": queue, "flush_s": flush_s,
+                    **({"progress": sink} if sink else {})}
+            train_metrics, location = _prune(cfg, options, info)
+        if "kept_init" in train_metrics:
+            outbox.tags({"kept": "init" if train_metrics["kept_init"] else "elsa"})
+        outbox.metrics(train_metrics, cfg.steps)
+        outbox.tags({"checkpoint_location": location})
+        metrics, errors, export = _publish(cfg, options, outbox, location, echo)
         metrics = {**train_metrics, **metrics}
-        tracking.end_run(uri, run_id, "FINISHED")
+        outbox.end("FINISHED")
     except BaseException as err:
-        tracking.client(uri).set_tag(run_id, "error", f"{type(err).__name__}: {err}"[:5000])
-        tracking.end_run(uri, run_id, "FAILED" if not isinstance(err, KeyboardInterrupt) else "KILLED")
+        outbox.tags({"error": f"{one_line(err)}\n{type(err).__name__}: {err}"})
+        outbox.end("FAILED" if not isinstance(err, KeyboardInterrupt) else "KILLED")
+        _flush(queue, run_id, uri, min(flush_s, 10.0), echo)
         raise
-    return JobResult(run_id, export.pop("location"), metrics, errors, time.perf_counter() - started, export)
+    queued = _flush(queue, run_id, uri, flush_s, echo)
+    export = _finish_publish(cfg, options, uri, run_id, location, export, metrics, delivered=queued is None, echo=echo)
+    return JobResult(run_id, export.pop("location"), metrics, errors, time.perf_counter() - started, queued, export)
+
+
+def _flush(queue: str, run_id: str, uri: str, wait_s: float, echo) -> str | None:
+    """Deliver the run's journals, retrying for up to ``wait_s``; else say where they are and how to send them."""
+    from pipelines.outbox import fail_fast_requests, pending_count, sync
+
+    deadline, pause = time.monotonic() + wait_s, 1.0
+    while True:
+        try:
+            with fail_fast_requests():
+                sync(queue, run_id, uri)
+            return None
+        except Exception as err:  # noqa: BLE001 - the server is away; the records are safe on disk
+            if time.monotonic() + pause > deadline:
+                left = pending_count(queue, run_id)
+                note = (f"MLflow server unreachable ({one_line(err)}): {left} records of run {run_id} are kept in "
+                        f"{queue}; upload them with: elsa sync --queue-dir {queue} --run {run_id}")
+                echo(note)
+                return note
+            time.sleep(pause)
+            pause = min(pause * 2, 15.0)
 
 
 def _prune(cfg: PruneConfig, options: RunOptions, tracking_info: dict) -> tuple[dict, str]:
@@ -144,27 +196,44 @@ def _prune(cfg: PruneConfig, options: RunOptions, tracking_info: dict) -> tuple[
 
     name = options.run_name or f"elsa-{tracking_info['run_id'][:8]}"
     storage = run_storage(options.storage_path)
-    if cfg.method == "elsa":
-        from pipelines.train_job import run_training
+    if cfg.method != "elsa":
+        location = f"{storage.rstrip('/')}/{name}/export"
+        return _oneshot(cfg.model_dump(mode="json"), options, location, tracking_info), location
+    from pipelines.train_job import run_training
 
-        cpus = options.cpus_per_worker or local_cores_per_task(options.address, options.gpu, options.workers)
-        resources = {"CPU": cpus} if cpus else None
-        result = run_training(
-            cfg, tracking_info, workers=options.workers, use_gpu=options.gpu, storage_path=storage, name=name,
-            max_failures=options.max_failures, resources_per_worker=resources,
-        )
-        if result.error:
-            raise result.error
-        metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        return metrics, checkpoint_uri(result.checkpoint)
+    extra, init_metrics = {}, {}
+    if cfg.init != "none":  # the warm start: an upstream task writes the one-shot solution to storage
+        extra["init_location"] = f"{storage.rstrip('/')}/{name}/init"
+        init_cfg = {**cfg.model_dump(mode="json"), "method": cfg.init}
+        init_metrics = _oneshot(init_cfg, options, extra["init_location"], None)
+    cpus = options.cpus_per_worker or local_cores_per_task(options.address, options.gpu, options.workers)
+    resources = {"CPU": cpus} if cpus else None
+    result = run_training(
+        cfg, tracking_info, workers=options.workers, use_gpu=options.gpu, storage_path=storage, name=name,
+        max_failures=options.max_failures, resources_per_worker=resources, extra=extra,
+    )
+    if result.error:
+        raise result.error
+    metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if init_metrics:
+        metrics["init_s"] = init_metrics["prune_s"]
+    if (result.metrics or {}).get("kept") == "init":
+        metrics["kept_init"] = 1
+        return metrics, extra["init_location"]
+    if "init_location" in extra:
+        metrics["kept_init"] = 0
+    return metrics, checkpoint_uri(result.checkpoint)
+
+
+def _oneshot(cfg_dict: dict, options: RunOptions, location: str, tracking_info: dict | None) -> dict:
+    """Run a one-shot method as one Ray task that writes its checkpoint to ``location``."""
     import ray
 
     from pipelines.oneshot import oneshot_task
 
-    location = f"{storage.rstrip('/')}/{name}/export"
-    resources = {"num_gpus": 1} if options.gpu else {"num_cpus": options.cpus_per_worker or local_cores_per_task(options.address, options.gpu, 1) or 1}
-    metrics = ray.get(oneshot_task.options(**resources).remote(cfg.model_dump(mode="json"), location, tracking_info))
-    return metrics, location
+    cpus = options.cpus_per_worker or local_cores_per_task(options.address, options.gpu, 1) or 1
+    resources = {"num_gpus": 1} if options.gpu else {"num_cpus": cpus}
+    return ray.get(oneshot_task.options(**resources).remote(cfg_dict, location, tracking_info))
 
 
 def local_cores_per_task(address: str | None, gpu: bool, tasks: int) -> int | None:
@@ -195,39 +264,67 @@ def _progress(cfg: PruneConfig, options: RunOptions):
         yield printer.sink()
 
 
-def _publish(cfg: PruneConfig, options: RunOptions, uri: str, run_id: str, location: str, echo) -> tuple[dict, dict, dict]:
-    """Log the export (the durable copy), evaluate it, update its card, copy/register it, clean up.
+def _publish(cfg: PruneConfig, options: RunOptions, outbox, location: str, echo) -> tuple[dict, dict, dict]:
+    """Journal the export (the durable copy), evaluate it, update its card, copy it to --output.
 
-    Returns (evaluation metrics, evaluation errors, export summary with its ``location``).
+    A remote export is first copied into the journal's folder: the journaled artifacts must
+    outlive this call, since they are sent later (pipelines.outbox).
+    Returns (evaluation metrics, evaluation errors, export summary).
     """
     from pipelines import publish
-    from pipelines.storage import materialized
+    from pipelines.storage import absolute, download, is_uri
 
+    local = str(download(location, outbox.folder / "export")) if is_uri(location) else absolute(location)
     metrics, errors = {}, {}
-    with materialized(location) as local:
-        export = publish.export_summary(local)
-        export["location"] = publish.log_export(uri, run_id, local, options.command)
-        if not options.no_eval:
-            from pipelines.evaluation import run_evaluation
+    export = publish.export_summary(local)
+    publish.log_export(outbox, local, options.command)
+    if not options.no_eval:
+        from pipelines.evaluation import run_evaluation
 
-            echo("evaluating: " + ", ".join(cfg.eval_datasets + list(cfg.lm_eval_tasks)))
-            metrics, errors = run_evaluation(location, cfg, use_gpu=options.gpu, echo=echo if options.progress else None)
-            tracking.log_metrics(uri, run_id, metrics)
-            if errors:
-                tracking.client(uri).set_tag(run_id, "eval_errors", json.dumps(errors)[:5000])
-            publish.update_card(uri, run_id, local, options.command, metrics)
-        if options.output:
-            export["location"] = publish.copy_output(local, options.output)
+        echo("evaluating: " + ", ".join(cfg.eval_datasets + list(cfg.lm_eval_tasks)))
+        metrics, errors = run_evaluation(location, cfg, use_gpu=options.gpu, echo=echo if options.progress else None)
+        outbox.metrics(metrics, 0)
+        if errors:
+            outbox.tags({"eval_errors": json.dumps(errors)})
+        publish.update_card(outbox, local, options.command, metrics)
+    if options.output:
+        export["output"] = publish.copy_output(local, options.output)
+    return metrics, errors, export
+
+
+def _finish_publish(cfg: PruneConfig, options: RunOptions, uri: str, run_id: str, location: str, export: dict,
+                    metrics: dict, delivered: bool, echo) -> dict:
+    """Once the journal is delivered: register, and remove the run's storage (unless kept).
+
+    Undelivered (the server is away), the storage copy stays: until ``elsa sync`` it is the
+    durable one. ``export['location']`` is where the user finds the model.
+    """
+    from pipelines import publish
+
+    if not delivered:
         if options.register:
-            ppl = next((metrics[k] for k in sorted(metrics) if k.startswith("ppl_")), None)
-            tags = {"sparsity": cfg.sparsity, "pattern": cfg.pattern, "method": cfg.method, "ppl": ppl,
-                    "export_format": export["format"], "model": cfg.model}
-            export["registered"] = f"{options.register} v{publish.register(uri, run_id, options.register, tags)}"
+            echo(f"not registered as {options.register!r}: the MLflow server is unreachable; register after elsa sync")
+        export["location"] = export.get("output") or location
+        return export
+    export["location"] = export.get("output") or publish.artifact_uri(uri, run_id)
+    if options.register:
+        ppl = next((metrics[k] for k in sorted(metrics) if k.startswith("ppl_")), None)
+        tags = {"sparsity": cfg.sparsity, "pattern": cfg.pattern, "method": cfg.method, "ppl": ppl,
+                "export_format": export["format"], "model": cfg.model}
+        export["registered"] = f"{options.register} v{publish.register(uri, run_id, options.register, tags)}"
     if not options.keep_checkpoints:
         from pipelines.storage import run_storage
 
         publish.remove_run_storage(location, run_storage(options.storage_path))
-    return metrics, errors, export
+    return export
+
+
+def kept_text(metrics: dict) -> str:
+    """Which solution a warm-started run kept, and the held-out losses that decided it."""
+    start, final = metrics.get("init_val_loss", float("nan")), metrics.get("final_val_loss_projected", float("nan"))
+    if metrics.get("kept_init"):
+        return f"the one-shot start (held-out loss {start:.4f} beat ELSA's final projection, {final:.4f})"
+    return f"ELSA's final projection (held-out loss {final:.4f}; the one-shot start had {start:.4f})"
 
 
 def summary_table(result: JobResult) -> str:
@@ -239,9 +336,13 @@ def summary_table(result: JobResult) -> str:
     if result.export.get("registered"):
         lines.append(f"registered  {result.export['registered']}")
     lines.append(f"wall time   {result.wall_s:.1f} s")
+    if "kept_init" in result.metrics:
+        lines.append(f"kept        {kept_text(result.metrics)}")
     for key in sorted(k for k in result.metrics if k != "step"):  # step: Ray Train's report index
         value = result.metrics[key]
         lines.append(f"{key:<28}{value:.6g}" if isinstance(value, float) else f"{key:<28}{value}")
     for key, error in result.eval_errors.items():
         lines.append(f"{key:<28}FAILED: {error}")
+    if result.queued:
+        lines.append(result.queued)
     return "\n".join(lines)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 from pipelines import tracking
@@ -33,33 +32,32 @@ def export_summary(directory: str | Path) -> dict:
             "weights_bytes": weights_bytes(directory)}
 
 
-def log_export(uri: str, run_id: str, directory: str | Path, command: str | None) -> str:
-    """Write the card (no results yet), log the export, its sparsity report and plot; returns its artifact URI."""
+def log_export(outbox, directory: str | Path, command: str | None) -> None:
+    """Write the card (no results yet); journal the export, its sparsity report and plot as artifacts.
+
+    Journaled (pipelines.outbox), so an unreachable tracking server delays them and loses nothing:
+    the files they point to stay in place until delivered (the plot goes into the journal's folder).
+    """
     from elsa.model_card import write_card
     from pipelines.plots import plot_layer_sparsity
 
     out = Path(directory)
     write_card(out, command)
     report = json.loads((out / "sparsity_report.json").read_text())
-    client = tracking.client(uri)
-    client.log_artifacts(run_id, str(out), artifact_path=ARTIFACT_PATH)
-    with tempfile.TemporaryDirectory(prefix="elsa-") as scratch:
-        plot = plot_layer_sparsity(report, Path(scratch) / "layer_sparsity.png")
-        client.log_artifact(run_id, str(plot))
-    client.log_artifact(run_id, str(out / "sparsity_report.json"))
+    outbox.artifacts(out, ARTIFACT_PATH)
+    outbox.artifacts(plot_layer_sparsity(report, outbox.folder / "layer_sparsity.png"))
+    outbox.artifacts(out / "sparsity_report.json")
     summary = export_summary(out)
-    client.set_tag(run_id, "export_format", summary["format"])
-    client.set_tag(run_id, "export_dtype", summary["dtype"])
-    tracking.log_metrics(uri, run_id, {"export_weights_mb": summary["weights_bytes"] / 1e6})
-    return artifact_uri(uri, run_id)
+    outbox.tags({"export_format": summary["format"], "export_dtype": summary["dtype"]})
+    outbox.metrics({"export_weights_mb": summary["weights_bytes"] / 1e6}, 0)
 
 
-def update_card(uri: str, run_id: str, directory: str | Path, command: str | None, results: dict) -> Path:
-    """Rewrite the card with the evaluation results and replace it in the run's artifacts."""
+def update_card(outbox, directory: str | Path, command: str | None, results: dict) -> Path:
+    """Rewrite the card with the evaluation results and journal it into the run's ``checkpoint``."""
     from elsa.model_card import write_card
 
     card = write_card(directory, command, results)
-    tracking.client(uri).log_artifact(run_id, str(card), artifact_path=ARTIFACT_PATH)
+    outbox.artifacts(card, ARTIFACT_PATH)
     return card
 
 

@@ -13,6 +13,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from pipelines.redact import redact
+
 DEFAULT_EXPERIMENT = "elsa"
 
 
@@ -38,9 +40,9 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
                 return
             problem = f"HTTP {response.status}"
     except (urllib.error.URLError, OSError) as err:
-        problem = str(getattr(err, "reason", err))
+        problem = redact(str(getattr(err, "reason", err)))
     raise TrackingError(
-        f"MLflow tracking server {uri} is unreachable ({problem}): start it "
+        f"MLflow tracking server {redact(uri)} is unreachable ({problem}): start it "
         f"(mlflow server --host 127.0.0.1 --port PORT ...) or drop --tracking-uri to use the local store"
     )
 
@@ -104,7 +106,7 @@ def log_params(uri: str, run_id: str, params: dict) -> None:
 
 
 def _param_text(value) -> str:
-    text = str(value)
+    text = redact(str(value))
     return text if len(text) <= 6000 else text[:5997] + "..."
 
 

@@ -23,6 +23,8 @@ from elsa.export import export_pruned
 from elsa.loop import BatchSampler, LoopHooks, build_admm, lr_factor, train
 from elsa.models import load_model, load_tokenizer
 from elsa.perplexity import nll_sum
+from elsa.distill import freeze
+from elsa.warm_start import kept_solution, one_shot_start
 from elsa.targets import decoder_blocks, sparsity_report
 
 STATE_FILE = "elsa_state.json"
@@ -97,13 +99,15 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
     torch.manual_seed(cfg.seed)
 
-    model = load_model(cfg.model).to(device)
-    tokenizer = load_tokenizer(cfg.model)
+    model, tokenizer, init_s = _starting_model(cfg, config.get("init_location"), device, world)
+    teacher = _teacher(cfg, device, world)
     if world > 1:
         shard_model(model, device)
     admm, scheduler = build_admm(model, cfg)
     sampler = BatchSampler(tokenizer, cfg, rank=rank, world=world)
     logger = _make_logger(config.get("tracking"), rank)
+    validation_loss = _validation_loss(model, sampler.validation(), rank, world)
+    init_val_loss = validation_loss() if cfg.init != "none" else None  # x0 is the one-shot solution
 
     start = 0
     checkpoint = ray.train.get_checkpoint()
@@ -126,17 +130,28 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report({"step": step, "checkpoint_step": step}, checkpoint=Checkpoint.from_directory(directory))
         _maybe_inject_failure(config.get("inject_failure"), step)
 
-    hooks = LoopHooks(on_metrics=on_metrics, on_checkpoint=on_checkpoint, validation_loss=_validation_loss(model, sampler.validation(), rank, world))
+    hooks = LoopHooks(on_metrics=on_metrics, on_checkpoint=on_checkpoint, validation_loss=validation_loss)
     started = time.perf_counter()
-    history = train(model, admm, scheduler, sampler, cfg, hooks, start_step=start)
+    history = train(model, admm, scheduler, sampler, cfg, hooks, start_step=start, teacher=teacher)
     train_seconds = time.perf_counter() - started
     admm.final_projection()
     final = {"train_s": train_seconds, "steps_run": cfg.steps - start}
+    if init_s is not None:
+        final["init_s"] = init_s
     if history:
         final["final_val_loss_projected"] = next((h["val_loss_projected"] for h in reversed(history) if "val_loss_projected" in h), float("nan"))
+    if init_val_loss is not None:  # never worse than the start: the driver ships the start instead
+        final["init_val_loss"] = init_val_loss
+        final["kept"] = kept_solution(init_val_loss, final.get("final_val_loss_projected", validation_loss()))
     if not config.get("export", True):  # Tune trials: measure only, no HF checkpoint
-        logger(final, cfg.steps)
+        logger({k: v for k, v in final.items() if isinstance(v, (int, float))}, cfg.steps)
         ray.train.report({**final, "step": cfg.steps})
+        return
+    if final.get("kept") == "init":  # no export; a marker checkpoint carries the final metrics to the driver
+        logger({k: v for k, v in final.items() if isinstance(v, (int, float))}, cfg.steps)
+        with tempfile.TemporaryDirectory() as directory:
+            (Path(directory) / "kept.json").write_text(json.dumps(final))
+            ray.train.report({**final, "step": cfg.steps}, checkpoint=Checkpoint.from_directory(directory) if rank == 0 else None)
         return
     # The HF checkpoint is the run's last Ray Train checkpoint: Ray uploads it to the storage
     # path, where the driver and the evaluation tasks find it, whichever node they are on.
@@ -144,6 +159,37 @@ def train_loop_per_worker(config: dict) -> None:
         final.update(_export(model, tokenizer, admm, cfg, directory, rank))
         logger({k: v for k, v in final.items() if isinstance(v, (int, float))}, cfg.steps)
         ray.train.report({**final, "step": cfg.steps}, checkpoint=Checkpoint.from_directory(directory) if rank == 0 else None)
+
+
+def _starting_model(cfg: PruneConfig, init_location: str | None, device, world: int):
+    """The model ADMM starts from: the one-shot solution written upstream, else ``cfg.model``.
+
+    With ``cfg.init`` set and no upstream solution (Tune trials, the single-process API), the
+    one-shot method runs here, before sharding, on every rank; rank 0's result is broadcast so
+    that thread-count differences between ranks cannot split the solution.
+    Returns (model, tokenizer, one-shot seconds or None).
+    """
+    from pipelines.storage import materialized
+
+    if init_location:
+        with materialized(init_location) as directory:
+            return load_model(directory).to(device), load_tokenizer(directory), None
+    model, tokenizer = load_model(cfg.model).to(device), load_tokenizer(cfg.model)
+    init_s = one_shot_start(model, tokenizer, cfg) if cfg.init != "none" else None
+    if init_s is not None and world > 1:
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, src=0)
+    return model, tokenizer, init_s
+
+
+def _teacher(cfg: PruneConfig, device, world: int):
+    """The dense starting model, frozen and sharded like the student, for kd losses (else None)."""
+    if cfg.loss == "ntp":
+        return None
+    teacher = load_model(cfg.model).to(device)
+    if world > 1:
+        shard_model(teacher, device)
+    return freeze(teacher)
 
 
 def _maybe_inject_failure(spec: dict | None, step: int) -> None:
@@ -156,12 +202,22 @@ def _maybe_inject_failure(spec: dict | None, step: int) -> None:
         raise RuntimeError(f"injected worker failure after the checkpoint of step {step}")
 
 
+_LOGGERS: list = []  # this worker's queued loggers, closed by _worker_entry
+
+
 def _make_logger(tracking: dict | None, rank: int):
+    """Rank 0's metrics sink: the run's MLflow journal (or the client), and the driver's progress line."""
     if rank != 0 or not tracking:
         return lambda metrics, step: None
-    from pipelines.tracking import RunLogger
+    if tracking.get("queue_dir"):
+        from pipelines.outbox import QueuedRunLogger
 
-    mlflow_logger = RunLogger(tracking["uri"], tracking["run_id"])
+        mlflow_logger = QueuedRunLogger(tracking["uri"], tracking["run_id"], tracking["queue_dir"])
+        _LOGGERS.append((mlflow_logger, float(tracking.get("flush_s", 60.0))))
+    else:
+        from pipelines.tracking import RunLogger
+
+        mlflow_logger = RunLogger(tracking["uri"], tracking["run_id"])
     progress = tracking.get("progress")  # the driver's progress line (pipelines.progress)
     if progress is None:
         return mlflow_logger
@@ -171,6 +227,16 @@ def _make_logger(tracking: dict | None, rank: int):
         mlflow_logger(metrics, step)
 
     return log
+
+
+def _worker_entry(config: dict) -> None:
+    """The worker's loop, then a bounded wait for its queued MLflow records (the rest stay on disk)."""
+    try:
+        train_loop_per_worker(config)
+    finally:
+        while _LOGGERS:
+            logger, wait = _LOGGERS.pop()
+            logger.close(wait)
 
 
 def _export(model, tokenizer, admm, cfg: PruneConfig, output: str, rank: int) -> dict:
@@ -217,7 +283,7 @@ def run_training(cfg: PruneConfig, tracking: dict | None, workers: int = 1, use_
     from ray.train.torch import TorchConfig, TorchTrainer
 
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        _worker_entry,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "tracking": tracking, **(extra or {})},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources_per_worker),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),

@@ -17,7 +17,9 @@ pushed through the model one decoder block at a time:
 
 Memory stays at one block's activations for all samples (inputs and outputs) plus the statistics
 of one block's layers. Every sample has the same length and no padding, so the extra arguments
-recorded for sample 0 are valid for every sample.
+recorded for sample 0 (batch 1: masks and rotary tables broadcast over the batch) are valid for
+every sample. Blocks run over ``CHUNK`` samples at a time: one sample per call left a CPU
+SparseGPT pass at 80% dominated by per-call overhead (py-spy: 77% of samples in the block calls).
 """
 from __future__ import annotations
 
@@ -38,6 +40,8 @@ class InputStats(Protocol):
     def add(self, x: torch.Tensor) -> None:
         """``x``: the layer's inputs for one sample, flattened to [tokens, in_features]."""
 
+
+CHUNK = 16  # calibration samples per block call
 
 MakeStats = Callable[[Target], InputStats]
 PruneLayer = Callable[[Target, InputStats], None]
@@ -230,15 +234,15 @@ def prune_layerwise(
 
                     handles.append(module_of(model, target).register_forward_hook(hook))
                 try:
-                    for sample in hidden:
-                        call(block, sample[None])
+                    for chunk in hidden.split(CHUNK):
+                        call(block, chunk)
                 finally:
                     for handle in handles:
                         handle.remove()
                 for target in layer_targets:
                     prune_layer(target, stats[id(target)])
                 del stats
-                hidden = torch.cat([call(block, sample[None]) for sample in hidden], dim=0)
+                hidden = torch.cat([call(block, chunk) for chunk in hidden.split(CHUNK)], dim=0)
                 if log is not None:
                     log({"block": index, "block_s": time.perf_counter() - block_start}, index)
     finally:

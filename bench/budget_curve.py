@@ -1,0 +1,79 @@
+"""The budget curve: perplexity against wall seconds for ELSA's defaults and the one-shot methods.
+
+Reads a results directory written by ``bench/run_bench.py`` (ELSA cells of the ``elsa`` method,
+one per ``--steps``, and the one-shot cells) and writes, for one sparsity, ``budget_curve.md``
+(a table) and ``budget_curve.png`` (log-log: wall seconds of the whole prune, warm start
+included, against WikiText-2 perplexity). The 0-step point is the warm start alone (its
+one-shot cell). Wall times are only comparable when every cell ran alone on the machine:
+``torch_threads`` of each cell is in the table.
+
+    python bench/budget_curve.py --results bench/results-budget --sparsity 0.8
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+METRIC = "ppl_wikitext2-bundled"
+
+
+def curve_rows(results: list[dict], sparsity: float) -> list[dict]:
+    """The cells at ``sparsity``: one-shot methods first, then ELSA by steps."""
+    cells = [r for r in results if "error" not in r and r["sparsity"] == sparsity]
+    oneshot = sorted((r for r in cells if not r["method"].startswith("elsa")), key=lambda r: r["prune_s"])
+    elsa = sorted((r for r in cells if r["method"] == "elsa"), key=lambda r: r["steps"])
+    return oneshot + elsa
+
+
+def table(rows: list[dict], dense: float | None) -> str:
+    lines = ["| method | steps | wall s (prune, warm start included) | ppl | ppl / dense | kept | threads |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = f"{r[METRIC] / dense:.2f}" if dense else "-"
+        steps = r.get("steps", "-")
+        lines.append(f"| {r['method']} | {steps} | {r['prune_s']:.0f} | {r[METRIC]:.1f} | {ratio} | {r.get('kept', '-')} "
+                     f"| {r.get('torch_threads', '-')} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], out_png: Path, sparsity: float) -> Path:
+    from pipelines.compare import _new_figure, _save
+
+    figure = _new_figure(6.0, 4.2)
+    axes = figure.add_subplot(1, 1, 1)
+    elsa = [r for r in rows if r["method"] == "elsa"]
+    if elsa:
+        axes.plot([r["prune_s"] for r in elsa], [r[METRIC] for r in elsa], "o-", label="ELSA defaults (steps marked)")
+        for r in elsa:
+            axes.annotate(str(r["steps"]), (r["prune_s"], r[METRIC]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    for r in rows:
+        if r["method"] != "elsa":
+            axes.plot([r["prune_s"]], [r[METRIC]], "s", label=r["method"])
+    axes.set_xscale("log")
+    axes.set_yscale("log")
+    axes.set_xlabel("wall seconds of the prune (2 CPU cores)")
+    axes.set_ylabel("WikiText-2 perplexity")
+    axes.set_title(f"{int(round(sparsity * 100))}% sparsity: quality per unit of compute")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize=8)
+    return _save(figure, out_png)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", default="bench/results-budget")
+    parser.add_argument("--sparsity", type=float, default=0.8)
+    args = parser.parse_args(argv)
+    out = Path(args.results)
+    results = json.loads((out / "results.json").read_text())["results"]
+    dense = next((r[METRIC] for r in results if r["method"] == "dense" and "error" not in r), None)
+    rows = curve_rows(results, args.sparsity)
+    text = table(rows, dense)
+    (out / "budget_curve.md").write_text(f"# Budget curve at {args.sparsity:.0%}\n\n{text}\n")
+    plot(rows, out / "budget_curve.png", args.sparsity)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

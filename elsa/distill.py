@@ -1,0 +1,51 @@
+"""The training loss of the x-update: next-token prediction, distillation, or a mix.
+
+Distillation uses the dense starting model as the teacher (frozen, no grad): its full output
+distribution carries far more signal per token than the one-hot next token, which matters when
+a run sees a few hundred thousand tokens. The KD term is the usual T^2 * KL(p_teacher || p_student)
+at temperature T, averaged over predicted tokens; it is 0, with zero gradient, when the student
+equals the teacher.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def kd_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * mean over positions of KL(softmax(teacher / T) || softmax(student / T))."""
+    t = temperature
+    log_student = F.log_softmax(student_logits.float() / t, dim=-1)
+    log_teacher = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    kl = (log_teacher.exp() * (log_teacher - log_student)).sum(dim=-1)
+    return kl.mean() * (t * t)
+
+
+def training_loss(model, ids: torch.Tensor, cfg, teacher=None) -> torch.Tensor:
+    """The loss of one micro-batch under ``cfg.loss`` (the teacher is needed for kd, ntp+kd)."""
+    if cfg.loss == "ntp":
+        return model(input_ids=ids, labels=ids).loss
+    if teacher is None:
+        raise ValueError(f"loss={cfg.loss} needs the dense teacher model")
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=ids).logits[:, :-1]
+    out = model(input_ids=ids, labels=ids)
+    kd = kd_term(out.logits[:, :-1], teacher_logits, cfg.kd_temperature)
+    if cfg.loss == "kd":
+        return kd
+    return (1.0 - cfg.kd_weight) * out.loss + cfg.kd_weight * kd
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` in eval mode with no parameter requiring grad (a teacher), in place."""
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
+
+
+def frozen_teacher(model: torch.nn.Module) -> torch.nn.Module:
+    """A frozen copy of ``model`` (the dense starting weights)."""
+    import copy
+
+    return freeze(copy.deepcopy(model))

@@ -1,0 +1,200 @@
+"""A real ``mlflow server`` on 127.0.0.1 killed mid-run: training goes on, nothing is lost or doubled.
+
+The server is killed (SIGKILL of its process group) right after the run is opened, before Ray
+starts; restarted on the same port and database once the worker has journaled steps, or never
+(then ``elsa sync`` delivers later). Read back with MlflowClient.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import free_port
+
+BUDGET = ["--sparsity", "0.7", "--steps", "6", "--seqlen", "32", "--batch-size", "2", "--interval", "2",
+          "--eval-interval", "3", "--lr", "1e-3", "--val-blocks", "1", "--cpus-per-worker", "1", "--no-eval"]
+
+
+class Server:
+    """An mlflow server that can be killed and restarted on the same port and database."""
+
+    def __init__(self, root: Path):
+        self.root, self.port, self.process = root, free_port(), None
+        self.uri = f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 120) -> None:
+        command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+                   "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'db.sqlite'}",
+                   "--artifacts-destination", str(self.root / "artifacts")]
+        log = open(self.root / "server.log", "a")
+        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(self.uri + "/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError("mlflow server did not start: " + (self.root / "server.log").read_text()[-2000:])
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait(timeout=30)
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            try:
+                os.killpg(self.process.pid, 0)
+                time.sleep(0.2)
+            except ProcessLookupError:
+                return
+
+
+@pytest.fixture
+def server(tmp_path):
+    root = tmp_path / "server"
+    root.mkdir()
+    srv = Server(root)
+    srv.start()
+    yield srv
+    srv.kill()
+
+
+def _steps(client, run_id: str, key: str = "train_loss") -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def test_outbox_delivers_in_order_once_after_an_outage(tmp_path, server):
+    """No Ray: the journal and its cursor against a server that dies and returns; logging never blocks."""
+    import mlflow
+
+    from pipelines.outbox import QueuedRunLogger
+    from pipelines.tracking import start_run
+
+    run_id = start_run(server.uri, "outbox", {"lr": 0.1})
+    logger = QueuedRunLogger(server.uri, run_id, str(tmp_path / "queue"))
+    logger({"train_loss": 5.0}, 1)
+    deadline = time.time() + 30
+    while logger._start().pending() and time.time() < deadline:
+        time.sleep(0.2)
+    server.kill()
+    slowest = 0.0
+    for step in range(2, 7):
+        started = time.perf_counter()
+        logger({"train_loss": 5.0 - step / 10}, step)
+        slowest = max(slowest, time.perf_counter() - started)
+    assert slowest < 0.5  # journaled, not sent: the loop never waits for the server
+    time.sleep(2)
+    assert len(logger._start().pending()) == 5
+    server.start()
+    assert logger.close(60) == 0
+    client = mlflow.MlflowClient(tracking_uri=server.uri)
+    history = client.get_metric_history(run_id, "train_loss")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]
+    assert {m.step: m.value for m in history}[4] == pytest.approx(4.6)
+    # a resumed worker re-logging steps 5-6 adds nothing; the journal is the memory
+    again = QueuedRunLogger(server.uri, run_id, str(tmp_path / "queue"))
+    again({"train_loss": 4.5}, 5)
+    again({"train_loss": 4.4, "lr": 0.1}, 6)
+    assert again.close(30) == 0
+    assert _steps(client, run_id) == [1, 2, 3, 4, 5, 6]
+    assert _steps(client, run_id, "lr") == [6]
+
+
+def _kill_when_ray_starts(monkeypatch, server) -> None:
+    import pipelines.job as job
+
+    real = job.init_ray
+
+    def init_ray(*args, **kwargs):
+        server.kill()  # the run is open; from here on the server is away
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(job, "init_ray", init_ray)
+
+
+def _restart_after_journaled_steps(server, queue: Path, steps: int) -> threading.Thread:
+    def watch():
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            journals = list(queue.glob("*/worker.jsonl"))
+            if journals and len(journals[0].read_text().splitlines()) >= steps:
+                server.start()
+                return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_server_killed_and_restarted_mid_run(tmp_path, tiny_model_dir, ray_session, server, monkeypatch, capsys):
+    import mlflow
+
+    from pipelines.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    _kill_when_ray_starts(monkeypatch, server)
+    watcher = _restart_after_journaled_steps(server, tmp_path / "elsa-runs" / "mlflow-queue", 3)
+    out = tmp_path / "pruned"
+    rc = main(["prune", "--model", str(tiny_model_dir), *BUDGET, "--output", str(out), "--tracking-uri", server.uri,
+               "--experiment", "outage"])
+    captured = capsys.readouterr()
+    watcher.join(timeout=5)
+    assert rc == 0, captured.err[-3000:]
+    assert (out / "model.safetensors").is_file()
+    assert "elsa sync" not in captured.out  # everything was delivered before the command returned
+    client = mlflow.MlflowClient(tracking_uri=server.uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("outage").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert _steps(client, run.info.run_id) == [1, 2, 3, 4, 5, 6]  # each step exactly once
+    assert _steps(client, run.info.run_id, "val_loss_projected") == [3, 6]
+    assert "checkpoint/model.safetensors" in {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
+    assert "overall_sparsity" in run.data.metrics
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_server_never_back_then_elsa_sync(tmp_path, tiny_model_dir, ray_session, server, monkeypatch, capsys):
+    import mlflow
+
+    from pipelines.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ELSA_TRACKING_FLUSH_S", "3")
+    _kill_when_ray_starts(monkeypatch, server)
+    out = tmp_path / "pruned"
+    rc = main(["prune", "--model", str(tiny_model_dir), *BUDGET, "--output", str(out), "--tracking-uri", server.uri,
+               "--experiment", "never-back"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err[-3000:]
+    assert (out / "model.safetensors").is_file()  # the model does not wait for MLflow
+    queue = tmp_path / "elsa-runs" / "mlflow-queue"
+    (journal_dir,) = [p for p in queue.iterdir() if p.is_dir()]
+    run_id = journal_dir.name
+    assert (journal_dir / "worker.jsonl").is_file() and (journal_dir / "driver.jsonl").is_file()
+    assert f"elsa sync --queue-dir {queue} --run {run_id}" in captured.out
+
+    server.start()
+    client = mlflow.MlflowClient(tracking_uri=server.uri)
+    assert client.get_run(run_id).info.status == "RUNNING"
+    assert main(["sync", "--queue-dir", str(queue), "--run", run_id, "--tracking-uri", server.uri]) == 0
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert _steps(client, run_id) == [1, 2, 3, 4, 5, 6]
+    assert "checkpoint/model.safetensors" in {a.path for a in client.list_artifacts(run_id, "checkpoint")}
+    assert main(["sync", "--queue-dir", str(queue), "--run", run_id, "--tracking-uri", server.uri]) == 0
+    assert _steps(client, run_id) == [1, 2, 3, 4, 5, 6]  # a second sync sends nothing again
