@@ -60,7 +60,9 @@ def test_exactly_one_copy_besides_the_output(run):
     assert len(weights) == 2, weights
     assert sum(p.parts[0] == "out" for p in weights) == 1
     assert sum(p.parts[0] == "mlruns" for p in weights) == 1
-    assert not (work / "elsa-runs").exists() or not any((work / "elsa-runs").iterdir())
+    # the run's storage folder (Ray Train's checkpoints, the export) is gone; the MLflow journal
+    # (pipelines.outbox, no weights) may stay beside it
+    assert not list(work.glob("elsa-runs/elsa-*")) and not list(work.rglob("checkpoint_*"))
 
 
 def test_card_has_results_and_is_the_logged_one(run):
