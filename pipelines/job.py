@@ -65,7 +65,8 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
         pin_train_coordinator()
     else:
         loopback_only(ray)
-        ray.init(num_cpus=num_cpus, runtime_env=env, log_to_driver=True, include_dashboard=False, _node_ip_address="127.0.0.1")
+        ray.init(num_cpus=num_cpus, runtime_env=env, log_to_driver=True, include_dashboard=False,
+                 _node_ip_address="127.0.0.1")
 
 
 def loopback_only(ray) -> None:
@@ -109,9 +110,8 @@ def preflight(cfg: PruneConfig, options: RunOptions) -> str:
     """Everything checkable before Ray starts (see :mod:`pipelines.preflight`), then the tracking server."""
     from pipelines.preflight import preflight_checks
 
-    preflight_checks(cfg, options)
     uri = tracking.resolve_tracking_uri(options.tracking_uri)
-    tracking.check_reachable(uri)
+    preflight_checks(cfg, options, uri)
     return uri
 
 
