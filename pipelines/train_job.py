@@ -13,6 +13,7 @@ import contextlib
 import json
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -59,7 +60,7 @@ def _validation_loss(model, blocks: torch.Tensor, rank: int, world: int):
     return compute
 
 
-def _save_state(model, admm, step: int, directory: Path) -> None:
+def _save_state(model, admm, step: int, directory: Path, run_token: str | None = None) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
@@ -67,7 +68,7 @@ def _save_state(model, admm, step: int, directory: Path) -> None:
         state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, admm)}
     dcp.save(state, checkpoint_id=str(directory))
     if not _distributed() or dist.get_rank() == 0:
-        (directory / STATE_FILE).write_text(json.dumps({"step": step}))
+        (directory / STATE_FILE).write_text(json.dumps({"step": step, "run": run_token}))
 
 
 def _load_state(model, admm, directory: Path) -> int:
@@ -135,7 +136,7 @@ def train_loop_per_worker(config: dict) -> None:
     logger = _make_logger(config.get("tracking"), rank)
 
     start = 0
-    checkpoint = newest_checkpoint(ray.train.get_checkpoint())
+    checkpoint = newest_checkpoint(ray.train.get_checkpoint(), config.get("run_token"))
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             if not (Path(directory) / STATE_FILE).is_file():
@@ -151,7 +152,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     def on_checkpoint(step: int) -> None:
         with tempfile.TemporaryDirectory() as directory:
-            _save_state(model, admm, step, Path(directory))
+            _save_state(model, admm, step, Path(directory), config.get("run_token"))
             ray.train.report({"step": step, "checkpoint_step": step}, checkpoint=Checkpoint.from_directory(directory),
                              checkpoint_dir_name=f"{STEP_PREFIX}{step:08d}")
         _maybe_inject_failure(config.get("inject_failure"), step)
@@ -179,18 +180,18 @@ def train_loop_per_worker(config: dict) -> None:
 STEP_PREFIX = "elsa_step_"
 
 
-def newest_checkpoint(registered):
+def newest_checkpoint(registered, run_token: str | None):
     """On a restart, the newest complete checkpoint in the run's storage, not only the last one Ray registered.
 
     Why: Ray Train registers a reported checkpoint when its controller next polls the worker; a
     worker killed in between (SIGKILL, a lost node) leaves the newest checkpoint uploaded but
-    unknown, and the restart would redo every step since the one before (measured: 19 of 29).
-    A checkpoint counts when its torch.distributed.checkpoint metadata and ``elsa_state.json``
-    (written last) are there. Only on a restart (``registered`` set): a fresh run never picks
-    up folders it did not write.
+    unknown, and the restart would redo every step since the one before (measured: 19 of 29), or
+    all of them when none was registered yet. A folder counts when every byte range its
+    torch.distributed.checkpoint metadata names is there and its ``elsa_state.json`` carries this
+    ``fit()``'s ``run_token``: a fresh run never picks up folders an earlier run left under the name.
     """
-    if registered is None:
-        return None
+    if not run_token:
+        return registered
     try:
         import pyarrow.fs as pafs
         import ray.train
@@ -198,30 +199,36 @@ def newest_checkpoint(registered):
 
         storage = ray.train.get_context().get_storage()
         fs, root = storage.storage_filesystem, storage.experiment_fs_path
-        if fs.get_file_info(f"{registered.path}/{STATE_FILE}").type != pafs.FileType.File:
+        state_file = fs.get_file_info(f"{registered.path}/{STATE_FILE}") if registered is not None else None
+        if state_file is not None and state_file.type != pafs.FileType.File:
             return registered  # the exported model: the run had finished
-        registered_step = _checkpoint_step(registered)
+        registered_step = _checkpoint_step(registered) if registered is not None else None
         best, best_step = registered, registered_step if registered_step is not None else -1
 
         for info in fs.get_file_info(pafs.FileSelector(root, recursive=False)):
             if info.type != pafs.FileType.Directory or not info.base_name.startswith(STEP_PREFIX):
                 continue
             step = int(info.base_name.removeprefix(STEP_PREFIX))
-            if step > best_step and _complete(fs, info.path):
+            if step > best_step and _complete(fs, info.path, run_token):
                 best, best_step = Checkpoint(info.path, fs), step
         return best
     except Exception:  # noqa: BLE001 - a Ray without this developer API: what Ray registered
         return registered
 
 
-def _complete(fs, path: str) -> bool:
-    """Every byte range that the checkpoint's metadata names is there, and the state file too
-    (several ranks upload into one folder, each its own shard files, in no particular order)."""
+def _complete(fs, path: str, run_token: str | None = None) -> bool:
+    """Every byte range that the checkpoint's metadata names is there, and the state file of this
+    run too (several ranks upload into one folder, each its own shard files, in no given order)."""
     import pickle
 
     import pyarrow.fs as pafs
 
-    if fs.get_file_info(f"{path}/{STATE_FILE}").type != pafs.FileType.File:
+    try:
+        with fs.open_input_file(f"{path}/{STATE_FILE}") as handle:
+            state = json.loads(handle.read())
+    except (OSError, ValueError):
+        return False
+    if run_token is not None and state.get("run") != run_token:
         return False
     try:
         with fs.open_input_file(f"{path}/.metadata") as handle:
@@ -326,7 +333,8 @@ def run_training(cfg: PruneConfig, tracking: dict | None, workers: int = 1, use_
 
     trainer = TorchTrainer(
         _worker_entry,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "tracking": tracking, **(extra or {})},
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "tracking": tracking, "run_token": uuid.uuid4().hex,
+                           **(extra or {})},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources_per_worker),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
