@@ -240,7 +240,8 @@ def train(
             hooks.on_metrics(metrics, done)
             hooks.history.append({"step": done, **metrics})
         guard.check(done, loss_value, admm.last_metrics if updated else None)  # after logging: the step is seen
-        if guard.healthy and hooks.on_checkpoint and cfg.checkpoint_interval and done % cfg.checkpoint_interval == 0 and done < cfg.steps:
+        due = cfg.checkpoint_interval and done % cfg.checkpoint_interval == 0 and done < cfg.steps
+        if guard.healthy and hooks.on_checkpoint and due:
             hooks.on_checkpoint(done)
     return hooks.history
 

@@ -32,7 +32,9 @@ def check_safetensors(path: Path) -> None:
             raise ModelFileError(f"--model: {path} is not a safetensors file ({size} bytes); re-download or re-save it")
         (length,) = struct.unpack("<Q", head)
         if length > _MAX_HEADER or 8 + length > size:
-            raise ModelFileError(f"--model: {path} has a corrupt safetensors header (length {length}, file {size} bytes)")
+            raise ModelFileError(
+                f"--model: {path} has a corrupt safetensors header (length {length}, file {size} bytes)"
+            )
         try:
             header = json.loads(handle.read(length))
         except (UnicodeDecodeError, json.JSONDecodeError):

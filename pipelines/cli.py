@@ -225,7 +225,8 @@ def make_parser() -> argparse.ArgumentParser:
     sync_cmd = commands.add_parser("sync", help="upload MLflow records queued on disk while the server was away")
     sync_cmd.add_argument("--queue-dir", default=None, help="journal folder (default: <storage>/mlflow-queue)")
     sync_cmd.add_argument("--run", default=None, help="one MLflow run id (default: every run in the folder)")
-    sync_cmd.add_argument("--tracking-uri", default=None, help="MLflow URI (default: MLFLOW_TRACKING_URI, else the run's)")
+    sync_cmd.add_argument("--tracking-uri", default=None,
+                          help="MLflow URI (default: MLFLOW_TRACKING_URI, else the run's)")
     sync_cmd.set_defaults(handler=_cmd_sync)
 
     tune = commands.add_parser("tune", help="Ray Tune search over lr, lambda and schedules")

@@ -115,9 +115,8 @@ def preflight(cfg: PruneConfig, options: RunOptions) -> str:
     """Everything checkable before Ray starts (see :mod:`pipelines.preflight`), then the tracking server."""
     from pipelines.preflight import preflight_checks
 
-    preflight_checks(cfg, options)
     uri = tracking.resolve_tracking_uri(options.tracking_uri)
-    tracking.check_reachable(uri)
+    preflight_checks(cfg, options, uri)
     return uri
 
 

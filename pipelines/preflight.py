@@ -84,7 +84,9 @@ def _probe_writable(output: str, folder: Path) -> None:
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".elsa-write-probe-", dir=folder))
     except OSError as err:
-        raise UsageError(f"--output {output} cannot be written: {folder}: {err.strerror}; choose another directory") from None
+        raise UsageError(
+            f"--output {output} cannot be written: {folder}: {err.strerror}; choose another directory"
+        ) from None
 
 
 def check_model(cfg: PruneConfig) -> None:
@@ -257,10 +259,15 @@ def check_resources(cfg: PruneConfig, options) -> None:
         )
 
 
-def preflight_checks(cfg: PruneConfig, options) -> None:
-    """All of the above, cheapest first; nothing is written and Ray is not started."""
+def preflight_checks(cfg: PruneConfig, options, tracking_uri: str | None = None) -> None:
+    """All of the above, cheapest first (the tracking server before the seconds of model and text
+    reading); nothing is written and Ray is not started."""
     check_run_options(cfg, options)
     check_output(options.output, getattr(options, "overwrite", False), _model_path_or_none(cfg.model))
+    if tracking_uri:
+        from pipelines.tracking import check_reachable
+
+        check_reachable(tracking_uri)
     check_model(cfg)
     check_resources(cfg, options)
     check_calibration(cfg, _load_tokenizer(cfg.model))

@@ -32,7 +32,7 @@ def test_guard_stops_a_non_finite_projection():
 
 
 def test_train_loop_stops_when_the_loss_explodes(tok):
-    """The real loop on a tiny Llama at lr 1e3: loss 6.9 -> 2e7 -> ...; stopped at step 4, no checkpoint after step 1."""
+    """The real loop on a tiny Llama at lr 1e3: loss 6.9 -> 2e7 -> ...; stopped at step 4, checkpoint of step 1 only."""
     from elsa.config import make_config
     from elsa.loop import BatchSampler, LoopHooks, build_admm, train
     from elsa.tiny import tiny_model
@@ -53,7 +53,7 @@ def test_train_loop_stops_when_the_loss_explodes(tok):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_exploding_run_ends_failed_without_export(tmp_path, tiny_model_dir, ray_session, monkeypatch, capsys):
-    """elsa prune --lr 1e3 on Ray Train + sqlite MLflow: exit 1, one line with the step and the fix, run FAILED, no model."""
+    """elsa prune --lr 1e3 on Ray Train + sqlite MLflow: exit 1, one line naming step and fix, run FAILED, no model."""
     import mlflow
 
     from pipelines.cli import main
