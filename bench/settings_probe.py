@@ -1,0 +1,79 @@
+"""One probe of ELSA's settings: train from a saved start, print the held-out and WikiText-2 figures.
+
+The budget rule (elsa/budget.py) was chosen with this script: each probe loads SmolLM2-135M,
+optionally replaces its weights by a saved one-shot solution (so that one SparseGPT pass serves
+many probes), runs ELSA's single-process loop with the given config fields and prints one JSON
+line: the projected model's loss on held-out calibration blocks before and after (the figure
+that decides), WikiText-2 perplexity (for the record only), wall and step time, peak memory.
+
+    python bench/settings_probe.py --save-start sparsegpt --cfg '{"sparsity": 0.8}' --start /tmp/sgpt-80.safetensors
+    python bench/settings_probe.py --start /tmp/sgpt-80.safetensors --cfg '{"steps": 32, "lr": 6e-4, "interval": 2}'
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+
+import torch
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cfg", default="{}", help="PruneConfig fields as JSON (sparsity 0.8, val_blocks 8 by default)")
+    parser.add_argument("--start", help="safetensors of the starting weights (written by --save-start)")
+    parser.add_argument("--save-start", help="run this one-shot method, save its weights to --start, and stop")
+    parser.add_argument("--tag", default="")
+    parser.add_argument("--no-ppl", action="store_true", help="skip the WikiText-2 perplexity")
+    args = parser.parse_args(argv)
+
+    from safetensors.torch import load_file, save_file
+
+    from elsa.api import evaluate_perplexity, prune_model
+    from elsa.config import make_config
+    from elsa.loop import BatchSampler
+    from elsa.methods import get_method
+    from elsa.models import load_model, load_tokenizer
+    from elsa.perplexity import mean_nll
+
+    fields = {"sparsity": 0.8, "val_blocks": 8, "init": "none", **json.loads(args.cfg)}
+    torch.manual_seed(0)
+    if args.save_start:
+        cfg = make_config({**fields, "method": args.save_start})
+        model, tokenizer = load_model(cfg.model), load_tokenizer(cfg.model)
+        started = time.perf_counter()
+        prune_model(cfg, model=model, tokenizer=tokenizer)
+        tied = bool(getattr(model.config, "tie_word_embeddings", False))  # lm_head shares the embedding
+        save_file({k: v.contiguous() for k, v in model.state_dict().items() if not (tied and "lm_head" in k)}, args.start)
+        record = {"saved": args.start, "method": args.save_start, "wall_s": time.perf_counter() - started,
+                  "val_loss": mean_nll(model, BatchSampler(tokenizer, cfg).validation())}
+        print(json.dumps(record))
+        return record
+    cfg = make_config(fields)
+    model, tokenizer = load_model(cfg.model), load_tokenizer(cfg.model)
+    if args.start:
+        missing, unexpected = model.load_state_dict(load_file(args.start), strict=False)
+        if unexpected or any("lm_head" not in name for name in missing):
+            raise SystemExit(f"{args.start} does not fit {cfg.model}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    val = BatchSampler(tokenizer, cfg).validation()
+    start_loss = mean_nll(model, val) if args.start else None
+    started = time.perf_counter()
+    summary = get_method("elsa").run(model, tokenizer, cfg, None, None)
+    wall = time.perf_counter() - started
+    history = summary.pop("history")
+    record = {
+        "tag": args.tag, "start": args.start, "cfg": json.loads(args.cfg), "init_val": start_loss,
+        "final_val": mean_nll(model, val),
+        "ppl": None if args.no_ppl else evaluate_perplexity(model, tokenizer, ["wikitext2-bundled"], 512, 32)["ppl_wikitext2-bundled"],
+        "wall_s": wall, "s_per_step": wall / cfg.steps, "threads": torch.get_num_threads(),
+        "val_curve": [(h["step"], h["val_loss_projected"]) for h in history if "val_loss_projected" in h],
+        "resid": [h["primal_residual"] for h in history if "primal_residual" in h],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "summary": summary,
+    }
+    print(json.dumps(record))
+    return record
+
+
+if __name__ == "__main__":
+    main()
