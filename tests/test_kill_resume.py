@@ -19,7 +19,7 @@ import torch
 
 from elsa.config import make_config
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(2400)]  # two 2-worker runs
 
 STEPS = 12
 
