@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from elsa.loop import NonFiniteLossError
+from elsa.loop import DivergedError, NonFiniteLossError
 from tune import runs
 from tune.search import METRIC, NONFINITE_LOSS
 from tune.space import SearchSpace, trial_config
@@ -73,9 +73,10 @@ def nonfinite_error(err: BaseException) -> str | None:
         stack += [current.__cause__, current.__context__, getattr(current, "controller_failure", None)]
         stack += list((getattr(current, "worker_failures", None) or {}).values())
     text = str(err)
-    if NonFiniteLossError.__name__ in text:
-        after = text.split(NonFiniteLossError.__name__, 1)[1].lstrip(": ")
-        return (after.splitlines() or [""])[0] or "non-finite training loss"
+    for name in (DivergedError.__name__, NonFiniteLossError.__name__):  # a diverged loss is finite but exploding
+        if name in text:
+            after = text.split(name, 1)[1].lstrip(": ")
+            return (after.splitlines() or [""])[0] or "non-finite training loss"
     return None
 
 
