@@ -263,7 +263,8 @@ def preflight_checks(cfg: PruneConfig, options, tracking_uri: str | None = None)
     """All of the above, cheapest first (the tracking server before the seconds of model and text
     reading); nothing is written and Ray is not started."""
     check_run_options(cfg, options)
-    check_output(options.output, getattr(options, "overwrite", False), _model_path_or_none(cfg.model))
+    if options.output:  # optional: the durable copy is the MLflow artifact
+        check_output(options.output, getattr(options, "overwrite", False), _model_path_or_none(cfg.model))
     if tracking_uri:
         from pipelines.tracking import check_reachable
 

@@ -129,7 +129,10 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
     torch.manual_seed(cfg.seed)
 
-    model, tokenizer, init_s = _starting_model(cfg, config.get("init_location"), device, world)
+    checkpoint = newest_checkpoint(ray.train.get_checkpoint(), config.get("run_token"))
+    # resuming, the checkpoint holds every weight: an in-worker warm start is not recomputed
+    model, tokenizer, init_s = _starting_model(cfg, config.get("init_location"), device, world,
+                                               one_shot=checkpoint is None)
     teacher = _teacher(cfg, device, world)
     if world > 1:
         shard_model(model, device)
@@ -137,10 +140,11 @@ def train_loop_per_worker(config: dict) -> None:
     sampler = BatchSampler(tokenizer, cfg, rank=rank, world=world)
     logger = _make_logger(config.get("tracking"), rank)
     validation_loss = _validation_loss(model, sampler.validation(), rank, world)
-    init_val_loss = validation_loss() if cfg.init != "none" else None  # x0 is the one-shot solution
+    # x0 is the one-shot solution (not known again when an in-worker start was not recomputed)
+    has_start = cfg.init != "none" and (config.get("init_location") or checkpoint is None)
+    init_val_loss = validation_loss() if has_start else None
 
     start = 0
-    checkpoint = newest_checkpoint(ray.train.get_checkpoint(), config.get("run_token"))
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             if not (Path(directory) / STATE_FILE).is_file():
@@ -192,7 +196,7 @@ def train_loop_per_worker(config: dict) -> None:
         ray.train.report({**final, "step": cfg.steps}, checkpoint=Checkpoint.from_directory(directory) if rank == 0 else None)
 
 
-def _starting_model(cfg: PruneConfig, init_location: str | None, device, world: int):
+def _starting_model(cfg: PruneConfig, init_location: str | None, device, world: int, one_shot: bool = True):
     """The model ADMM starts from: the one-shot solution written upstream, else ``cfg.model``.
 
     With ``cfg.init`` set and no upstream solution (Tune trials, the single-process API), the
@@ -206,7 +210,7 @@ def _starting_model(cfg: PruneConfig, init_location: str | None, device, world: 
         with materialized(init_location) as directory:
             return load_model(directory).to(device), load_tokenizer(directory), None
     model, tokenizer = load_model(cfg.model).to(device), load_tokenizer(cfg.model)
-    init_s = one_shot_start(model, tokenizer, cfg) if cfg.init != "none" else None
+    init_s = one_shot_start(model, tokenizer, cfg) if cfg.init != "none" and one_shot else None
     if init_s is not None and world > 1:
         for tensor in model.state_dict().values():
             dist.broadcast(tensor, src=0)
