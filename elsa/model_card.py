@@ -19,7 +19,7 @@ CARD_FILE = "README.md"
 # what is known about the bundled aliases' sources (the GGUF files carry no license field we read)
 ALIAS_SOURCES = {"smollm2-135m": {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "license": "apache-2.0"}}
 _SETTINGS = ("steps", "batch_size", "seqlen", "lr", "lmda", "lmda_schedule", "lmda_final", "penalty", "rho",
-             "rho_final", "rho_schedule", "interval", "projection", "optimizer", "data", "seed")
+             "rho_final", "rho_schedule", "interval", "init", "loss", "projection", "optimizer", "data", "seed")
 
 
 def _front_matter(text: str) -> dict:
