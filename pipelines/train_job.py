@@ -177,7 +177,8 @@ def train_loop_per_worker(config: dict) -> None:
         final["final_val_loss_projected"] = next((h["val_loss_projected"] for h in reversed(history) if "val_loss_projected" in h), float("nan"))
     if init_val_loss is not None:  # never worse than the start: the driver ships the start instead
         final["init_val_loss"] = init_val_loss
-        final["kept"] = kept_solution(init_val_loss, final.get("final_val_loss_projected", validation_loss()))
+        final_loss = final["final_val_loss_projected"] if "final_val_loss_projected" in final else validation_loss()
+        final["kept"] = kept_solution(init_val_loss, final_loss)
     if not config.get("export", True):  # Tune trials: measure only, no HF checkpoint
         logger({k: v for k, v in final.items() if isinstance(v, (int, float))}, cfg.steps)
         ray.train.report({**final, "step": cfg.steps})
