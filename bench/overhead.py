@@ -27,19 +27,19 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from elsa.admm import ADMM, ADMMSettings
+from elsa.config import make_config
+from elsa.memory import measured_state_bytes_per_param, state_bytes_per_param
+from elsa.targets import find_targets
+from elsa.tiny import TINY_VOCAB_SIZE
 
-from elsa.admm import ADMM, ADMMSettings, PenaltySchedule  # noqa: E402
-from elsa.memory import measured_state_bytes_per_param, state_bytes_per_param  # noqa: E402
-from elsa.targets import find_targets  # noqa: E402
-from elsa.tiny import TINY_VOCAB_SIZE  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 # name: (base optimiser, ADMM settings or None for the base alone)
 VARIANTS = {
     "adam": ("adam", None),
     "elsa-fp32": ("adam", dict(z_dtype="fp32", u_dtype="fp32")),
-    "elsa-fp32-decoupled": ("adam", dict(z_dtype="fp32", u_dtype="fp32", penalty="decoupled", rho=PenaltySchedule(0.03))),
+    "elsa-fp32-decoupled": ("adam", dict(z_dtype="fp32", u_dtype="fp32", penalty="decoupled", rho=0.03)),
     "adam8bit": ("adam8bit", None),
     "elsa-l": ("adam8bit", dict(z_dtype="fp8_e4m3", u_dtype="bf16")),
     "elsa-l-sparse-z": ("adam8bit", dict(z_dtype="fp8_e4m3", u_dtype="bf16", z_sparse=True)),
@@ -78,8 +78,10 @@ def build_optimizer(name: str, model: torch.nn.Module, args):
     if admm_settings is None:
         return base
     targets = find_targets(model, args.sparsity)
-    settings = ADMMSettings(total_steps=10**9, lmda=PenaltySchedule(args.lmda), interval=args.interval,
-                            projection="fisher", **admm_settings)
+    cfg = make_config({"model": "tiny", "sparsity": args.sparsity, "steps": 10**9, "lr": args.lr, "lmda": args.lmda,
+                       "interval": args.interval, "projection": "fisher", "penalty": "coupled", "init": "none",
+                       **admm_settings})
+    settings = ADMMSettings.from_config(cfg)
     return ADMM(base, targets, settings)
 
 

@@ -27,10 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from elsa.config import make_config
 
-from elsa.config import make_config  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def plain_steps(history: list[dict], interval: int, eval_interval: int, skip_first: int) -> list[int]:
@@ -65,7 +64,7 @@ def run_ray(overrides: dict, work: Path, cpus_per_worker: float | None = None) -
     flags = []
     for key, value in overrides.items():
         flags += [f"--{key.replace('_', '-')}", str(value)]
-    command = [sys.executable, "-m", "pipelines.cli", "prune", *flags, "--workers", "1", "--no-eval",
+    command = [sys.executable, "-m", "cli", "prune", *flags, "--workers", "1", "--no-eval",
                "--output", str(work / "out"), "--tracking-uri", f"sqlite:///{db}", "--experiment", "overhead",
                "--storage-path", str(work / "ray")]
     if cpus_per_worker:

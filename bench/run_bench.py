@@ -39,7 +39,7 @@ def cell_config(method: str, sparsity: float, args) -> dict:
         return {**elsa, "calib_blocks": args.calib_blocks}
     elsa.update(init="none", interval=args.interval, projection="fisher", bf16=False)  # as these cells first ran
     if method == "elsa-coupled":
-        from tune.presets import paper_preset
+        from elsa.presets import paper_preset
 
         paper = paper_preset(args.model, sparsity)
         keep = ("lr", "lmda", "lmda_final", "lmda_schedule")

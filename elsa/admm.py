@@ -32,7 +32,7 @@ lambda and rho) live in the param groups so that ``state_dict`` carries them too
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -60,20 +60,24 @@ class PenaltySchedule:
 
 @dataclass
 class ADMMSettings:
-    """What the ADMM wrapper needs from the run's config (see :class:`elsa.config.PruneConfig`)."""
+    """What the ADMM wrapper needs from the run's config, built by :meth:`from_config` only.
+
+    No defaults here: every default and rule (the budget rule, rho left unset) lives once, in
+    :class:`elsa.config.PruneConfig`. ``rho`` None (decoupled only) means rho = lr*lmda / (1 + lr*lmda).
+    """
 
     total_steps: int
-    lmda: PenaltySchedule = field(default_factory=lambda: PenaltySchedule(2e-3))
-    interval: int = 32
-    projection: str = "fisher"  # or "magnitude"
-    penalty: str = "coupled"  # or "decoupled"
-    rho: PenaltySchedule | None = None  # decoupled only; None: rho = lr*lmda / (1 + lr*lmda)
-    z_dtype: str = "fp32"
-    u_dtype: str = "fp32"
-    z_sparse: bool = False
-    first_split: str = "interval"  # first z/u-update after `interval` steps; "step": after step 1 (the authors)
-    fisher_source: str = "adam"  # v of the fisher projection: Adam's ("adam") or the loss gradient's EMA ("loss")
-    beta2: float = 0.95  # the "loss" EMA's decay (the run's Adam beta2)
+    lmda: PenaltySchedule
+    interval: int
+    projection: str  # "fisher" or "magnitude"
+    penalty: str  # "coupled" or "decoupled"
+    rho: PenaltySchedule | None
+    z_dtype: str
+    u_dtype: str
+    z_sparse: bool
+    first_split: str  # "interval": first z/u-update after `interval` steps; "step": after step 1 (the authors)
+    fisher_source: str  # v of the fisher projection: Adam's ("adam") or the loss gradient's EMA ("loss")
+    beta2: float  # the "loss" EMA's decay (the run's Adam beta2)
 
     @property
     def tracks_loss_fisher(self) -> bool:

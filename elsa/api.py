@@ -14,11 +14,10 @@ import torch
 
 from elsa.config import PruneConfig
 from elsa.data import calibration_blocks, eval_windows
-from elsa.loop import build_targets
-from elsa.methods import get_method
+from elsa.methods import method_for
 from elsa.models import load_model, load_tokenizer
 from elsa.perplexity import perplexity
-from elsa.targets import verify_sparsity
+from elsa.targets import config_targets, verify_sparsity
 
 
 @dataclass
@@ -35,12 +34,12 @@ def prune_model(cfg: PruneConfig, model=None, tokenizer=None, log=None) -> Prune
     """Prune ``model`` (loaded from ``cfg.model`` when not given) in place; verify sparsity."""
     model = model if model is not None else load_model(cfg.model)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
-    method = get_method(cfg.method)
+    method = method_for(cfg)
     calib = calibration_blocks(tokenizer, cfg.data, cfg.calib_blocks, cfg.seqlen, cfg.seed) if method.one_shot else None
     started = time.perf_counter()
     summary = method.run(model, tokenizer, cfg, calib, log or (lambda metrics, step: None))
     wall = time.perf_counter() - started
-    report = verify_sparsity(build_targets(model, cfg))
+    report = verify_sparsity(config_targets(model, cfg))
     return PruneResult(model, tokenizer, report, summary, wall)
 
 

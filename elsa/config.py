@@ -49,6 +49,8 @@ class PruneConfig(BaseModel):
     # what to prune
     model: str = "smollm2-135m"
     method: Literal["elsa", "magnitude", "wanda", "sparsegpt"] = "elsa"
+    # settings of the one-shot methods, by name (elsa/methods/settings.py), e.g. {"sparsegpt": {"damp": 0.05}}
+    method_args: dict[str, dict[str, Any]] = Field(default_factory=dict)
     sparsity: float | None = None
     pattern: str = "unstructured"
     sparsity_map: str | None = None  # JSON/YAML file {weight name or glob: sparsity}
@@ -147,6 +149,23 @@ class PruneConfig(BaseModel):
         if filled.get("rho_schedule") is None:
             filled["rho_schedule"] = "constant"
         return filled
+
+    @field_validator("method_args")
+    @classmethod
+    def _method_args_known(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        from pydantic import ValidationError as SettingsError
+
+        from elsa.methods.settings import method_settings
+
+        for name, args in value.items():
+            try:
+                method_settings(name, args)
+            except SettingsError as err:
+                first = err.errors()[0]
+                where = ".".join(str(p) for p in first["loc"])
+                flag = f"--{name}-{where.replace('_', '-')}"
+                raise ValueError(f"{name}.{where} ({flag}): {first['msg']}") from None
+        return value
 
     @field_validator("kd_temperature")
     @classmethod

@@ -19,7 +19,7 @@ from elsa.config import PruneConfig
 from elsa.data import calibration_blocks
 from elsa.distill import training_loss
 from elsa.perplexity import mean_nll
-from elsa.targets import Target, find_targets, load_sparsity_map
+from elsa.targets import config_targets
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -111,14 +111,9 @@ def lr_factor(cfg: PruneConfig) -> Callable[[int], float]:
     return factor
 
 
-def build_targets(model: torch.nn.Module, cfg: PruneConfig) -> list[Target]:
-    smap = load_sparsity_map(cfg.sparsity_map) if cfg.sparsity_map else None
-    return find_targets(model, cfg.sparsity, cfg.nm, smap)
-
-
 def build_admm(model: torch.nn.Module, cfg: PruneConfig) -> tuple[ADMM, torch.optim.lr_scheduler.LambdaLR]:
     """Targets, base optimiser, ADMM wrapper and LR schedule for ``model`` (after sharding)."""
-    targets = build_targets(model, cfg)
+    targets = config_targets(model, cfg)
     admm = ADMM(build_base_optimizer(model.parameters(), cfg), targets, ADMMSettings.from_config(cfg))
     return admm, torch.optim.lr_scheduler.LambdaLR(admm, lr_factor(cfg))
 

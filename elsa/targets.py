@@ -139,6 +139,13 @@ def find_targets(
     return targets
 
 
+
+def config_targets(model: nn.Module, cfg) -> list[Target]:
+    """The matrices ``cfg`` prunes (uniform sparsity, N:M, or its per-matrix sparsity map): the one
+    builder every method and the ADMM loop use."""
+    sparsity_map = load_sparsity_map(cfg.sparsity_map) if cfg.sparsity_map else None
+    return find_targets(model, cfg.sparsity, cfg.nm, sparsity_map)
+
 def sparsity_report(targets: list[Target], weights: dict[str, torch.Tensor] | None = None) -> dict:
     """Per-matrix zero counts against their targets, and the overall sparsity of the targets.
 

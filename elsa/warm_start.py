@@ -13,14 +13,14 @@ import time
 import torch
 
 from elsa.data import calibration_blocks
-from elsa.methods import get_method
+from elsa.methods import method_for
 
 
 def one_shot_start(model: torch.nn.Module, tokenizer, cfg, log=None) -> float:
     """Prune ``model`` in place with ``cfg.init`` on ``cfg.calib_blocks`` blocks; returns seconds."""
     started = time.perf_counter()
     calib = calibration_blocks(tokenizer, cfg.data, cfg.calib_blocks, cfg.seqlen, cfg.seed)
-    get_method(cfg.init).run(model, tokenizer, cfg.model_copy(update={"method": cfg.init}), calib, log)
+    method_for(cfg, cfg.init).run(model, tokenizer, cfg.model_copy(update={"method": cfg.init}), calib, log)
     return time.perf_counter() - started
 
 

@@ -1,4 +1,5 @@
-"""The ``elsa`` command line: prune, tune, eval, compare.
+"""The pipeline's commands of ``elsa``: prune, eval, compare, sync (``cli.main`` puts them together
+with ``elsa tune``; this module imports nothing from :mod:`tune`).
 
 Every field of :class:`elsa.config.PruneConfig` is an option of ``elsa prune`` (``--lmda-final``
 sets ``lmda_final``), generated from the config itself so none can be forgotten. Precedence:
@@ -9,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import sys
 import typing
 
 from elsa.config import ConfigError, PruneConfig, load_yaml, make_config
@@ -40,10 +39,14 @@ def _strip_optional(annotation):
     return annotation
 
 
-def _add_config_options(parser: argparse.ArgumentParser) -> None:
-    """One option per PruneConfig field, typed from its annotation; default None (= unset)."""
-    group = parser.add_argument_group("method config (any field of PruneConfig)")
-    for name, info in PruneConfig.model_fields.items():
+def add_config_options(group, names=None) -> None:
+    """One option per PruneConfig field (or the fields in ``names``), typed from its annotation;
+    default None (= unset). The one generator of method flags, for ``elsa prune`` and ``elsa tune``."""
+    for name in names or PruneConfig.model_fields:
+        if name == "method_args":
+            _add_method_options(group)
+            continue
+        info = PruneConfig.model_fields[name]
         kind = _strip_optional(info.annotation)
         default = info.default_factory() if info.default_factory is not None else info.default
         help_text = f"(default: {default!r})"
@@ -59,7 +62,32 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
             group.add_argument(_option(name), type=kind, default=None, help=help_text)
         else:
             group.add_argument(_option(name), default=None, help=help_text)
-    group.add_argument("--state-dtypes", default=None, help="ELSA-L shorthand, e.g. 'u=bf16,z=fp8_e4m3,z_sparse'")
+
+
+def _add_method_options(group) -> None:
+    """``--<method>-<setting>`` for every one-shot method's typed settings (``--sparsegpt-damp``)."""
+    from elsa.methods.settings import SETTINGS
+
+    for method, model in SETTINGS.items():
+        for field, info in model.model_fields.items():
+            flag, help_text = f"--{method}-{field.replace('_', '-')}", f"method_args.{method}.{field} (default: {info.default!r})"
+            if info.annotation is bool:
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            else:
+                group.add_argument(flag, type=info.annotation, default=None, help=help_text)
+
+
+def _method_args(args: argparse.Namespace) -> dict:
+    """The ``--<method>-<setting>`` flags given, as a ``method_args`` layer."""
+    from elsa.methods.settings import SETTINGS
+
+    out: dict = {}
+    for method, model in SETTINGS.items():
+        for field in model.model_fields:
+            value = getattr(args, f"{method}_{field}", None)
+            if value is not None:
+                out.setdefault(method, {})[field] = value
+    return out
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -106,12 +134,18 @@ def build_config(args: argparse.Namespace) -> PruneConfig:
     file_layer = load_yaml(args.config) if args.config else {}
     flags = {name: getattr(args, name) for name in PruneConfig.model_fields if getattr(args, name, None) is not None}
     flags.update(_state_dtypes(args.state_dtypes))
+    given = _method_args(args)
+    if given:  # merged into the file's block, method by method
+        merged = {name: dict(values) for name, values in (file_layer.get("method_args") or {}).items()}
+        for name, values in given.items():
+            merged.setdefault(name, {}).update(values)
+        flags["method_args"] = merged
     if "betas" in flags:
         flags["betas"] = tuple(flags["betas"])
     preset = flags.get("preset") or file_layer.get("preset")
     preset_layer = {}
     if preset:
-        from tune.presets import PresetError, preset_overrides
+        from elsa.presets import PresetError, preset_overrides
 
         model = flags.get("model") or file_layer.get("model") or PruneConfig.model_fields["model"].default
         sparsity = flags.get("sparsity", file_layer.get("sparsity"))
@@ -123,21 +157,11 @@ def build_config(args: argparse.Namespace) -> PruneConfig:
     return make_config(file_layer, preset_layer, flags)
 
 
-def _command_line() -> str:
-    """The command as typed (for the model card)."""
-    import shlex
-
-    return "elsa " + shlex.join(_ARGV)
-
-
-_ARGV: list[str] = []  # the arguments main() parsed
-
-
 def _cmd_prune(args: argparse.Namespace) -> int:
     from pipelines.job import RunOptions, run_prune, summary_table
 
     cfg = build_config(args)
-    options = RunOptions(**{name: getattr(args, name) for name in _RUN_OPTIONS}, command=_command_line())
+    options = RunOptions(**{name: getattr(args, name) for name in _RUN_OPTIONS}, command=args.command_line)
     result = run_prune(cfg, options)
     print(summary_table(result))
     return 0
@@ -174,31 +198,12 @@ def _cmd_sync(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_tune(args: argparse.Namespace) -> int:
-    from tune.cli import run_tune
-
-    return run_tune(args)
-
-
-# argparse reads "-1e-3" or "-inf" after an option as another option ("expected one argument"),
-# so the value never reaches the validator that would say what is wrong with it.
-_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
-
-
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser for which every negative number, exponents included, is a value."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._negative_number_matcher = _NUMBER
-
-
-def make_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="elsa", description="Prune LLMs to extreme sparsity with ELSA (surrogate-free ADMM) on Ray.")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
+def add_commands(commands) -> None:
+    """The ``prune``, ``eval``, ``compare`` and ``sync`` subcommands, added to ``elsa``'s subparsers."""
     prune = commands.add_parser("prune", help="run one pruning job", formatter_class=_DefaultsHelp)
-    _add_config_options(prune)
+    method = prune.add_argument_group("method config (any field of PruneConfig)")
+    add_config_options(method)
+    method.add_argument("--state-dtypes", default=None, help="ELSA-L shorthand, e.g. 'u=bf16,z=fp8_e4m3,z_sparse'")
     _add_run_options(prune)
     prune.set_defaults(handler=_cmd_prune)
 
@@ -228,40 +233,3 @@ def make_parser() -> argparse.ArgumentParser:
     sync_cmd.add_argument("--tracking-uri", default=None,
                           help="MLflow URI (default: MLFLOW_TRACKING_URI, else the run's)")
     sync_cmd.set_defaults(handler=_cmd_sync)
-
-    tune = commands.add_parser("tune", help="Ray Tune search over lr, lambda and schedules")
-    try:
-        from tune.cli import add_tune_arguments
-
-        add_tune_arguments(tune)
-    except ImportError:  # pragma: no cover - tune ships with the package
-        pass
-    tune.set_defaults(handler=_cmd_tune)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Exit codes: 0 done, 1 a runtime failure, 2 a usage error (argparse's code for bad arguments)."""
-    from pipelines.errors import one_line
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _ARGV[:] = list(sys.argv[1:] if argv is None else argv)
-    args = make_parser().parse_args(argv)
-    if args.command in ("prune", "eval"):
-        from pipelines.quiet import configure
-
-        configure(verbose=args.verbose)
-    try:
-        return args.handler(args)
-    except KeyboardInterrupt:
-        print("elsa: interrupted", file=sys.stderr)
-        return 130
-    except Exception as err:  # one line for the user; the traceback is in the logs / MLflow tag
-        if os.environ.get("ELSA_DEBUG"):
-            raise
-        print(f"elsa: error: {one_line(err)}", file=sys.stderr)
-        return 2 if isinstance(err, ConfigError) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

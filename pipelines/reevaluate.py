@@ -26,7 +26,7 @@ def _checkpoint_from_run(uri: str, run_id: str, into: Path) -> str:
 
 def reevaluate(args) -> str:
     from pipelines.evaluation import run_evaluation
-    from pipelines.job import init_ray
+    from pipelines.ray_session import init_ray
 
     eval_cfg = SimpleNamespace(
         eval_datasets=list(args.eval_datasets), eval_seqlen=args.eval_seqlen, seqlen=args.eval_seqlen,

@@ -163,7 +163,8 @@ def train_loop_per_worker(config: dict) -> None:
             _save_state(model, admm, step, Path(directory), config.get("run_token"))
             ray.train.report({"step": step, "checkpoint_step": step}, checkpoint=Checkpoint.from_directory(directory),
                              checkpoint_dir_name=f"{STEP_PREFIX}{step:08d}")
-        _maybe_inject_failure(config.get("inject_failure"), step)
+        for callback in config.get("after_checkpoint") or ():
+            callback(step)
 
     hooks = LoopHooks(on_metrics=on_metrics, on_checkpoint=on_checkpoint, validation_loss=validation_loss)
     started = time.perf_counter()
@@ -302,16 +303,6 @@ def _checkpoint_step(checkpoint) -> int | None:
     return int(name.removeprefix(STEP_PREFIX)) if name.startswith(STEP_PREFIX) else None
 
 
-def _maybe_inject_failure(spec: dict | None, step: int) -> None:
-    """Fault injection for resume tests: fail once, right after the checkpoint of ``spec['step']``."""
-    if not spec or step != spec["step"]:
-        return
-    marker = Path(spec["marker"])
-    if not marker.exists():
-        marker.write_text(str(step))
-        raise RuntimeError(f"injected worker failure after the checkpoint of step {step}")
-
-
 _LOGGERS: list = []  # this worker's queued loggers, closed by _worker_entry
 
 
@@ -382,27 +373,21 @@ def _unsharded_copy(cfg: PruneConfig, full: dict) -> torch.nn.Module:
     return model
 
 
-def run_training(cfg: PruneConfig, tracking: dict | None, workers: int = 1, use_gpu: bool = False, storage_path: str | None = None, name: str | None = None, max_failures: int = 0, resources_per_worker: dict | None = None, extra: dict | None = None):
+def run_training(cfg: PruneConfig, tracking: dict | None, workers: int = 1, use_gpu: bool = False,
+                 storage_path: str | None = None, name: str | None = None, max_failures: int = 0,
+                 resources_per_worker: dict | None = None, extra: dict | None = None):
     """Run the TorchTrainer to completion; returns the ``ray.train.Result``.
 
     Its ``checkpoint`` is the exported Hugging Face model, its ``metrics`` the final numbers.
-
-    ``extra`` entries join the workers' config (e.g. ``inject_failure`` in tests).
+    ``extra`` entries join the workers' config: ``init_location`` (the warm start's folder) and
+    ``after_checkpoint``, callables of the step run by every worker after each checkpoint
+    (tests inject faults with it; the pipeline passes none).
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from pipelines.trainer import build_trainer
 
-    trainer = TorchTrainer(
-        _worker_entry,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "tracking": tracking, "run_token": uuid.uuid4().hex,
-                           **(extra or {})},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources_per_worker),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(
-            name=name,
-            storage_path=run_storage(storage_path),
-            failure_config=FailureConfig(max_failures=max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-        ),
-    )
+    loop_config = {"cfg": cfg.model_dump(mode="json"), "tracking": tracking, "run_token": uuid.uuid4().hex,
+                   **(extra or {})}
+    trainer = build_trainer(_worker_entry, loop_config, workers=workers, use_gpu=use_gpu,
+                            resources_per_worker=resources_per_worker, name=name,
+                            storage_path=run_storage(storage_path), max_failures=max_failures, num_to_keep=2)
     return trainer.fit()

@@ -17,14 +17,14 @@ import math
 import pytest
 import torch
 
-from elsa.config import make_config
+from elsa.config import ConfigError, make_config
 from elsa.methods import get_method
-from elsa.methods.layerwise import method_targets, module_of, prune_layerwise, rows_view
+from elsa.methods.layerwise import module_of, prune_layerwise, rows_view
 from elsa.methods.magnitude import Magnitude
 from elsa.methods.sparsegpt import SparseGPT, sparsegpt_prune
 from elsa.methods.wanda import Wanda, wanda_mask
 from elsa.projection import nm_mask, topk_mask
-from elsa.targets import Target, find_targets, nm_satisfied, verify_sparsity
+from elsa.targets import Target, config_targets, find_targets, nm_satisfied, verify_sparsity
 from elsa.tiny import tiny_model
 
 VOCAB = 256
@@ -128,7 +128,7 @@ def test_wanda_on_a_model_uses_the_layer_inputs():
     dense = layer.weight.detach().clone()
     cfg = _cfg("wanda", sparsity=0.6)
     get_method("wanda").run(model, None, cfg, calib, lambda metrics, step: None)
-    target = next(t for t in method_targets(model, cfg) if t.name == "model.layers.0.self_attn.q_proj.weight")
+    target = next(t for t in config_targets(model, cfg) if t.name == "model.layers.0.self_attn.q_proj.weight")
     expected = _brute_force_wanda(dense, x, target.keep, 1)
     assert torch.equal(layer.weight != 0, expected)
     assert torch.equal(layer.weight[expected], dense[expected])  # Wanda masks, never updates
@@ -210,7 +210,7 @@ def test_layerwise_feeds_each_layer_the_inputs_of_the_pruned_prefix(arch, seqlen
     model = tiny_model(arch, VOCAB, seed=0)
     original = copy.deepcopy(model)
     calib = _calib(2, seqlen)
-    targets = method_targets(model, _cfg("magnitude", sparsity=0.5))
+    targets = config_targets(model, _cfg("magnitude", sparsity=0.5))
     recorded: dict[str, torch.Tensor] = {}
 
     def prune(target, stats):
@@ -293,7 +293,7 @@ def test_sparsity_map_gives_each_matrix_its_own_sparsity(tmp_path):
         model = tiny_model("llama", VOCAB, seed=0)
         cfg = make_config({"method": method, "sparsity_map": str(path)})
         get_method(method).run(model, None, cfg, _calib(2, 16), lambda m, s: None)
-        for target in method_targets(model, cfg):
+        for target in config_targets(model, cfg):
             assert target.sparsity == (0.8 if ".mlp." in target.name else 0.3)
             assert int((target.param != 0).sum()) == target.keep, (method, target.name)
 
@@ -320,3 +320,60 @@ def test_conv1d_rows_view_is_out_by_in():
     assert target.input_dim == 0
     layer = module_of(model, target)
     assert rows_view(target.param, target).shape == (layer.nf, target.shape[0])
+
+
+def _pruned(cfg, name: str | None = None) -> dict:
+    from elsa.methods import method_for
+
+    model = tiny_model("llama", VOCAB, seed=0)
+    method_for(cfg, name).run(model, None, cfg, _calib(), lambda m, s: None)
+    return model.state_dict()
+
+
+def test_method_settings_reach_the_method_from_the_command_line():
+    """--sparsegpt-damp and --no-wanda-per-row travel flag -> config -> registry -> method, and change the result."""
+    from cli.main import make_parser
+    from pipelines.cli import build_config
+
+    args = make_parser().parse_args(["prune", "--method", "sparsegpt", "--sparsity", "0.7",
+                                     "--sparsegpt-damp", "10", "--no-wanda-per-row"])
+    cfg = build_config(args)
+    assert cfg.method_args == {"sparsegpt": {"damp": 10.0}, "wanda": {"per_row": False}}
+    default, damped = _pruned(_cfg("sparsegpt")), _pruned(cfg)
+    assert _pruned(_cfg("sparsegpt", method_args={"sparsegpt": {"damp": 0.01}})).keys() == default.keys()
+    for name, value in _pruned(_cfg("sparsegpt", method_args={"sparsegpt": {"damp": 0.01}})).items():
+        assert torch.equal(value, default[name]), name  # the default, stated once, is 0.01
+    assert any(not torch.equal(damped[k], default[k]) for k in default)
+    # a heavily damped Hessian is nearly the identity: SparseGPT's mask tends to magnitude's
+    model = tiny_model("llama", VOCAB, seed=0)
+    for target in find_targets(model, 0.7):
+        magnitude = (target.param.abs() >= target.param.abs().flatten().kthvalue(target.numel - target.keep).values)
+        agreement = ((damped[target.name] != 0) == magnitude).float().mean()
+        default_agreement = ((default[target.name] != 0) == magnitude).float().mean()
+        assert agreement >= default_agreement - 1e-6, target.name
+
+
+def test_wanda_per_row_false_compares_over_the_whole_matrix():
+    whole = _pruned(_cfg("wanda", method_args={"wanda": {"per_row": False}}))
+    per_row = _pruned(_cfg("wanda"))
+    differs = 0
+    for target in find_targets(tiny_model("llama", VOCAB, seed=0), 0.7):
+        rows = (whole[target.name] != 0).sum(dim=1)
+        differs += int(rows.max() != rows.min())  # whole-matrix masks need not share a row's count
+        assert int((whole[target.name] != 0).sum()) == target.keep
+        assert int((per_row[target.name] != 0).sum()) == target.keep
+    assert differs > 0
+
+
+@pytest.mark.parametrize("args, words", [
+    ({"sparsegpt": {"damp": 0}}, ["sparsegpt.damp", "--sparsegpt-damp"]),
+    ({"sparsegpt": {"blocksize": 0}}, ["sparsegpt.blocksize", "--sparsegpt-blocksize"]),
+    ({"sparsegpt": {"dampening": 1}}, ["sparsegpt.dampening"]),
+    ({"obs": {}}, ["obs", "no such method"]),
+    ({"elsa": {"lr": 1}}, ["elsa", "config fields"]),
+])
+def test_bad_method_args_are_refused_by_name(args, words):
+    with pytest.raises(ConfigError) as err:
+        make_config({"method": "sparsegpt", "sparsity": 0.7, "method_args": args})
+    for word in words:
+        assert word in str(err.value)

@@ -91,7 +91,7 @@ class LocalRayHead:
         self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token),
                         RAY_USAGE_STATS_ENABLED="0")
         # As on a cluster node, `python` is the interpreter that has Ray and this project: a job's
-        # entrypoint (`python -m pipelines.cli ...`) resolves it from the head's PATH, and pytest
+        # entrypoint (`python -m cli ...`) resolves it from the head's PATH, and pytest
         # run as `.venv/bin/python -m pytest` does not put the venv on PATH by itself.
         bin_dir = str(Path(sys.executable).parent)
         self.env["PATH"] = os.pathsep.join([bin_dir, self.env.get("PATH", "")])
@@ -271,7 +271,7 @@ def _run_workload(address: str, env: dict, workdir: Path) -> dict:
 
     model = _tiny_model(workdir)
     db = workdir / "mlflow.db"
-    command = [sys.executable, "-m", "pipelines.cli", "tune", "--model", str(model), "--sparsity", "0.7",
+    command = [sys.executable, "-m", "cli", "tune", "--model", str(model), "--sparsity", "0.7",
                "--trials", "2", "--steps", "4", "--seqlen", "64", "--batch-size", "2", "--eval-interval", "2",
                "--val-blocks", "2", "--scheduler", "none", "--max-concurrent", "2",
                "--trial-resources", json.dumps({"CPU": 0.5, "trainer": 1}), "--cpus-per-worker", "0.5",
@@ -373,7 +373,7 @@ _JOB_QUERY = textwrap.dedent("""
 
 def _job_entrypoint(model: Path, out_dir: Path) -> list[str]:
     """`elsa prune` as `ray job submit` runs it: a tiny model, 2 steps, no evaluation."""
-    return ["python", "-m", "pipelines.cli", "prune", "--model", str(model), "--sparsity", "0.5", "--steps", "2",
+    return ["python", "-m", "cli", "prune", "--model", str(model), "--sparsity", "0.5", "--steps", "2",
             "--seqlen", "64", "--batch-size", "2", "--val-blocks", "2", "--output", str(out_dir / "pruned"),
             "--tracking-uri", f"sqlite:///{out_dir / 'mlflow.db'}", "--experiment", "job-submit",
             "--storage-path", str(out_dir / "storage"), "--no-eval"]

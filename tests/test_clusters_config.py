@@ -433,7 +433,7 @@ def _readme_elsa_commands() -> list[list[str]]:
 def test_documented_commands_parse_with_the_real_cli():
     """RayJob entrypoints and README examples use flags `elsa` really has."""
     cli = pytest.importorskip("pipelines.cli")
-    parser = cli.make_parser()
+    parser = pytest.importorskip("cli.main").make_parser()
     argvs = {rel: __import__("shlex").split(_one(rel)["spec"]["entrypoint"]) for rel in RAYJOBS}
     readme = _readme_elsa_commands()
     assert {a[1] for a in readme} == {"prune", "tune"}, readme
@@ -461,7 +461,7 @@ def test_the_prune_job_runs_the_papers_budget():
     import shlex
 
     argv = shlex.split(_one("kuberay/rayjob-prune.yaml")["spec"]["entrypoint"])
-    cfg = cli.build_config(cli.make_parser().parse_args(argv[1:]))
+    cfg = cli.build_config(pytest.importorskip("cli.main").make_parser().parse_args(argv[1:]))
     assert cfg.steps * cfg.batch_size * cfg.seqlen == 4096 * 8 * 2048  # 67.1M tokens, README "Costs"
 
 

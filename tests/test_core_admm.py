@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from elsa.admm import ADMM, ADMMSettings, PenaltySchedule
+from core_settings import admm_settings
+from elsa.admm import ADMM, PenaltySchedule
 from elsa.config import ConfigError, PruneConfig, make_config
 from elsa.targets import Target
 
@@ -53,7 +54,7 @@ def test_sparse_least_squares_recovers_support_and_optimum(problem, case):
     assert target.keep == K
     steps = spec["steps"]
     base = torch.optim.Adam([x], lr=spec["lr"]) if spec["base"] == "adam" else torch.optim.SGD([x], lr=spec["lr"])
-    settings = ADMMSettings(
+    settings = admm_settings(
         total_steps=steps, lmda=PenaltySchedule(spec["lmda"]), interval=16, projection=spec["projection"],
         penalty=spec["penalty"], rho=PenaltySchedule(spec["rho"]) if spec["rho"] else None,
         fisher_source=spec.get("fisher_source", "adam"), beta2=0.999,
@@ -87,7 +88,7 @@ def _setup(base_kind: str, penalty: str, rho: float | None, lmda: float, lr: flo
     bias = torch.nn.Parameter(torch.randn(8, generator=g))  # not a target: base step only
     target = Target("w", w, 0.5, None, 1)
     opt = torch.optim.SGD([w, bias], lr=lr) if base_kind == "sgd" else torch.optim.Adam([w, bias], lr=lr)
-    settings = ADMMSettings(total_steps=100, lmda=PenaltySchedule(lmda), interval=100, projection="magnitude",
+    settings = admm_settings(total_steps=100, lmda=PenaltySchedule(lmda), interval=100, projection="magnitude",
                             penalty=penalty, rho=PenaltySchedule(rho) if rho is not None else None,
                             first_split="step")  # a z/u-update after step 1: a non-zero dual to test with
     return w, bias, target, ADMM(opt, [target], settings), g
@@ -183,7 +184,7 @@ def _coupled_fisher_run(source: str, steps: int = 6, interval: int = 6):
     curvature = torch.rand(16, 32, generator=g) + 0.5  # loss 1e-4 * sum(c (w - w0)^2 + c w)
     anchor = w.detach().clone()
     target = Target("w", w, 0.75, None, 1)
-    settings = ADMMSettings(total_steps=steps, lmda=PenaltySchedule(1.0), interval=interval, projection="fisher",
+    settings = admm_settings(total_steps=steps, lmda=PenaltySchedule(1.0), interval=interval, projection="fisher",
                             penalty="coupled", fisher_source=source, beta2=0.95)
     admm = ADMM(torch.optim.Adam([w], lr=1e-2, betas=(0.9, 0.95)), [target], settings)
     grads, masks = [], [admm._load(target, "z", w.detach()) != 0]

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from elsa import tiny
-from elsa.admm import ADMM, ADMMSettings, PenaltySchedule
+from core_settings import admm_settings
+from elsa.admm import ADMM, PenaltySchedule
 from elsa.api import prune_model
 from elsa.config import make_config
 from elsa.moments import second_moment
@@ -88,7 +89,7 @@ def test_bnb_first_step_v_is_g_squared():
     from elsa.targets import Target
 
     target = Target("w", w, 0.5, None, 1)
-    admm = ADMM(base, [target], ADMMSettings(total_steps=4, lmda=PenaltySchedule(0.0), interval=100, projection="fisher"))
+    admm = ADMM(base, [target], admm_settings(total_steps=4, lmda=PenaltySchedule(0.0), interval=100, projection="fisher"))
     w.grad = grad.clone()
     admm.step()
     state = base.state[w]
@@ -156,7 +157,7 @@ def test_torchao_adamw8bit_runs_admm_on_tiny_llama(eager_torchao):
     model = tiny.tiny_model("llama", tiny.TINY_VOCAB_SIZE, seed=0)
     targets = find_targets(model, 0.7)
     base = eager_torchao(model.parameters(), lr=1e-3, betas=(0.9, BETA2), weight_decay=0.0)
-    admm = ADMM(base, targets, ADMMSettings(total_steps=4, lmda=PenaltySchedule(1e-2), interval=2, projection="fisher",
+    admm = ADMM(base, targets, admm_settings(total_steps=4, lmda=PenaltySchedule(1e-2), interval=2, projection="fisher",
                                             z_dtype="fp8_e4m3", u_dtype="bf16"))
     _lm_steps(model, admm, 4)
     quantised = [t for t in targets if type(base.state[t.param]["exp_avg_sq"]) is not torch.Tensor]

@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from elsa.admm import ADMM, ADMMSettings, PenaltySchedule
+from core_settings import admm_settings
+from elsa.admm import ADMM, PenaltySchedule
 from elsa.memory import measured_state_bytes_per_param, state_bytes_per_param
 from elsa.targets import find_targets
 
@@ -48,7 +49,7 @@ def _live(kind: str, z_dtype: str, u_dtype: str, z_sparse: bool, sparsity: float
     targets = find_targets(model, sparsity)
     assert len(targets) == 4 and all(t.numel >= 4096 for t in targets)
     projection = "magnitude" if kind == "sgd" else "fisher"
-    admm = ADMM(_base(kind, model.parameters()), targets, ADMMSettings(
+    admm = ADMM(_base(kind, model.parameters()), targets, admm_settings(
         total_steps=steps, lmda=PenaltySchedule(1e-2), interval=2, projection=projection,
         z_dtype=z_dtype, u_dtype=u_dtype, z_sparse=z_sparse, fisher_source=fisher_source))
     g = torch.Generator().manual_seed(1)

@@ -9,7 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from elsa.admm import ADMM, ADMMSettings, PenaltySchedule
+from core_settings import admm_settings
+from elsa.admm import ADMM, PenaltySchedule
 from elsa.projection import fisher_score, magnitude_score, nm_mask, project_mask, topk_mask
 from elsa.targets import Target
 
@@ -164,7 +165,7 @@ def test_fisher_projection_through_admm_reads_adams_v():
     param = torch.nn.Parameter(x0.clone())
     target = Target("w", param, 0.75, None, 1)
     base = torch.optim.Adam([param], lr=1e-2, betas=(0.9, 0.999))
-    admm = ADMM(base, [target], ADMMSettings(total_steps=10, lmda=PenaltySchedule(0.0), interval=100, projection="fisher"))
+    admm = ADMM(base, [target], admm_settings(total_steps=10, lmda=PenaltySchedule(0.0), interval=100, projection="fisher"))
     param.grad = grad.clone()
     admm.step()
     x1 = param.detach().clone()

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from core_settings import admm_settings
 from elsa.admm import ADMM, ADMMSettings, PenaltySchedule
 from elsa.projection import magnitude_score, topk_mask
 from elsa.schedules import dual_rescale_factor, schedule_value
@@ -48,7 +49,7 @@ def _run(lmda: PenaltySchedule, steps: int, interval: int, u_dtype: str = "fp32"
     w = torch.nn.Parameter(torch.randn(12, 10, generator=g))
     center = torch.randn(12, 10, generator=g)
     target = Target("w", w, 0.6, None, 1)
-    admm = ADMM(torch.optim.SGD([w], lr=0.05), [target], ADMMSettings(
+    admm = ADMM(torch.optim.SGD([w], lr=0.05), [target], admm_settings(
         total_steps=steps, lmda=lmda, interval=interval, projection="magnitude", u_dtype=u_dtype,
         first_split="step"))  # a dual from step 1 on, so every step has one to rescale
     x = w.detach()
@@ -69,7 +70,7 @@ def test_dual_rescale_keeps_lambda_u_invariant_under_cosine(u_dtype):
         lmda_prev, _, _, u_prev = history[s - 1]
         lmda, x, z, u = history[s]
         assert lmda == pytest.approx(schedule_value("cosine", 1e-2, 1.0, s, steps), rel=1e-12)
-        if ADMMSettings(total_steps=steps, interval=interval, first_split="step").splits_after(s):  # z/u-update after s
+        if admm_settings(total_steps=steps, interval=interval, first_split="step").splits_after(s):  # z/u-update after s
             # z = Proj(x + u_prev), u = u_prev + x - z, then rescaled from lambda_prev to lambda
             assert torch.equal(z != 0, topk_mask(magnitude_score(x + u_prev), target.keep))
             expected_y = lmda_prev * (u_prev + x - z)
@@ -128,9 +129,7 @@ def test_decoupled_with_explicit_rho_does_not_rescale_u_by_an_unused_lambda():
 
 def test_first_split_setting_chooses_when_z_and_u_first_move():
     """'step': z/u-updates after steps 1, 1+k, ... (the authors); 'interval': after k, 2k, ... (textbook)."""
-    from elsa.admm import ADMMSettings
-
-    authors = ADMMSettings(total_steps=10, interval=4, first_split="step")
-    textbook = ADMMSettings(total_steps=10, interval=4, first_split="interval")
+    authors = admm_settings(total_steps=10, interval=4, first_split="step")
+    textbook = admm_settings(total_steps=10, interval=4, first_split="interval")
     assert [s for s in range(1, 11) if authors.splits_after(s)] == [1, 5, 9]
     assert [s for s in range(1, 11) if textbook.splits_after(s)] == [4, 8]

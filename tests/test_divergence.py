@@ -57,7 +57,7 @@ def test_exploding_run_ends_failed_without_export(tmp_path, tiny_model_dir, ray_
     """elsa prune --lr 1e3 on Ray Train + sqlite MLflow: exit 1, one line naming step and fix, run FAILED, no model."""
     import mlflow
 
-    from pipelines.cli import main
+    from cli.main import main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -147,7 +147,7 @@ def _restart_after_journaled_steps(server, queue: Path, steps: int) -> threading
 def test_server_killed_and_restarted_mid_run(tmp_path, tiny_model_dir, ray_session, server, monkeypatch, capsys):
     import mlflow
 
-    from pipelines.cli import main
+    from cli.main import main
 
     monkeypatch.chdir(tmp_path)
     _kill_when_ray_starts(monkeypatch, server)
@@ -174,7 +174,7 @@ def test_server_killed_and_restarted_mid_run(tmp_path, tiny_model_dir, ray_sessi
 def test_server_never_back_then_elsa_sync(tmp_path, tiny_model_dir, ray_session, server, monkeypatch, capsys):
     import mlflow
 
-    from pipelines.cli import main
+    from cli.main import main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("ELSA_TRACKING_FLUSH_S", "3")

@@ -23,7 +23,7 @@ BUDGET = ["--steps", "4", "--seqlen", "64", "--batch-size", "2", "--interval", "
 
 
 def _cli(args: list[str]) -> int:
-    from pipelines.cli import main
+    from cli.main import main
 
     return main(args)
 
@@ -152,6 +152,7 @@ def test_one_and_two_workers_give_the_same_masks(tmp_path, tiny_model_dir, ray_s
 
 def test_worker_failure_resumes_from_checkpoint(tmp_path, tiny_model_dir, ray_session):
     """A worker dies after the step-4 checkpoint; FailureConfig restarts it from there, same result."""
+    from faults import FailOnceAfterCheckpoint, by_value
     from pipelines.train_job import run_training
 
     cfg = make_config({"model": str(tiny_model_dir), "sparsity": 0.7, "steps": 6, "seqlen": 64, "batch_size": 2,
@@ -159,7 +160,7 @@ def test_worker_failure_resumes_from_checkpoint(tmp_path, tiny_model_dir, ray_se
     marker = tmp_path / "failed-once"
     failed = run_training(cfg, None, workers=2, storage_path=str(tmp_path / "ray"), name="resume",
                           max_failures=1, resources_per_worker={"CPU": 0.5},
-                          extra={"inject_failure": {"step": 4, "marker": str(marker)}})
+                          extra={"after_checkpoint": [by_value(FailOnceAfterCheckpoint(4, str(marker)))]})
     assert failed.error is None and marker.read_text() == "4"
     assert failed.metrics["steps_run"] == 2  # steps 5 and 6 only: it resumed from the checkpoint of step 4
     clean = run_training(cfg, None, workers=2, storage_path=str(tmp_path / "ray"), name="clean",
@@ -171,7 +172,7 @@ def test_worker_failure_resumes_from_checkpoint(tmp_path, tiny_model_dir, ray_se
 
 
 def _run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.parametrize(
@@ -201,7 +202,7 @@ def test_bad_input_fails_early_with_one_line(tmp_path, args, needle):
     ({"workers": 1, "gpu": True}, 2, None),
 ])
 def test_local_runs_give_workers_the_machines_cores(ray_session, monkeypatch, options, cores, expected):
-    from pipelines.job import local_cores_per_task
+    from pipelines.ray_session import local_cores_per_task
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr("os.cpu_count", lambda: cores)

@@ -1,6 +1,6 @@
 """Bad input is refused on the driver before Ray starts: exit code, one line naming the option, nothing written.
 
-Each case runs ``elsa prune`` in-process (``pipelines.cli.main``) in an empty working directory
+Each case runs ``elsa prune`` in-process (``cli.main.main``) in an empty working directory
 with a tiny Llama saved from its config; two cases go through a real subprocess. After each:
 the exit code (2 usage, 1 runtime), exactly one ``elsa: error`` line naming the field, under
 30 CPU seconds, no MLflow store or run folder in the working directory, the output directory not created,
@@ -146,7 +146,7 @@ def _ray_running() -> bool:
 
 @pytest.mark.parametrize("case, make_args, code, words", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_refused_before_ray(case, make_args, code, words, tmp_path, tiny_model_dir, monkeypatch, capsys):
-    from pipelines.cli import main
+    from cli.main import main
 
     work = tmp_path / "work"
     work.mkdir()
@@ -188,7 +188,7 @@ def test_bad_input_through_a_real_process(tmp_path, tiny_model_dir, extra, code,
     extra = [str(tiny_model_dir) if a == "MODEL" else a for a in extra]
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
     result = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "prune", "--model", str(tiny_model_dir), *BASE,
+        [sys.executable, "-m", "cli", "prune", "--model", str(tiny_model_dir), *BASE,
          "--output", str(tmp_path / "out"), *extra],
         cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env,
     )
@@ -201,7 +201,8 @@ def test_bad_input_through_a_real_process(tmp_path, tiny_model_dir, extra, code,
 
 def test_good_input_passes_preflight_and_writes_nothing(tmp_path, tiny_model_dir, monkeypatch):
     """The control: a valid run passes every check (so the table above tests the checks, not a broken base)."""
-    from pipelines.cli import build_config, make_parser
+    from cli.main import make_parser
+    from pipelines.cli import build_config
     from pipelines.job import RunOptions, preflight
 
     monkeypatch.chdir(tmp_path)

@@ -27,7 +27,7 @@ def run(tmp_path_factory, tiny_model_dir):
             "--register", "tiny-elsa", "--experiment", "publish-test"]
     env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=work, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "cli", *args], cwd=work, capture_output=True, text=True,
                           timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return work, proc

@@ -76,7 +76,7 @@ def test_mlflow_params_are_masked(tmp_path):
 
 _LISTENERS = textwrap.dedent("""
     import json, os, psutil, ray
-    from pipelines.job import init_ray
+    from pipelines.ray_session import init_ray
     init_ray(None, num_cpus=1)
     @ray.remote
     def pid():

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.cli import build_config, make_parser
+from cli.main import make_parser
+from pipelines.cli import build_config
 from tune.search import NONFINITE_LOSS, diverged
 from tune.space import SpaceError, load_space, parse_space, trial_config
 

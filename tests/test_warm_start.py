@@ -85,7 +85,7 @@ def test_budget_rule_keeps_what_the_user_set():
 
 
 def test_paper_preset_keeps_the_papers_settings():
-    from tune.presets import paper_preset
+    from elsa.presets import paper_preset
 
     cfg = make_config(paper_preset("smollm2-135m", 0.7), {"sparsity": 0.7})
     assert (cfg.penalty, cfg.init, cfg.loss, cfg.lr, cfg.lmda) == ("coupled", "none", "ntp", 1e-4, 2e-3)
@@ -140,7 +140,7 @@ def test_warm_start_never_ends_worse_than_its_one_shot_start(tiny_model_dir, lr,
 
 
 def _prune_cli(tmp_path, tiny_model_dir, name: str, *extra: str):
-    from pipelines.cli import main
+    from cli.main import main
 
     out = tmp_path / name
     code = main(["prune", "--model", str(tiny_model_dir), "--sparsity", "0.7", "--steps", "4", "--seqlen", "64",

@@ -11,7 +11,7 @@ One module per job:
 * :mod:`tune.state`   - the search's own record, for ``--resume``
 * :mod:`tune.runner`  - a whole search: one Tuner per sparsity, resume, presets
 * :mod:`tune.cli`     - the ``elsa tune`` options and summary
-* :mod:`tune.presets` - Table 5 and preset files, read by ``elsa prune --preset``
 
-Import nothing heavy here: ``elsa prune --preset`` imports :mod:`tune.presets` alone.
+Table 5 and the preset files searches write are read and written by :mod:`elsa.presets`
+(plain data about the method, below every layer that uses it). Import nothing heavy here.
 """

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import typing
 
 from elsa.config import PruneConfig, load_yaml
+from pipelines.cli import add_config_options
 from tune.search import DEFAULT_MAX_VAL_LOSS, SCHEDULERS, SEARCHERS
 
 # PruneConfig fields offered as flags: the budget and the settings that are usually fixed.
@@ -21,21 +21,8 @@ CONFIG_FLAGS = (
 )
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _field_type(name: str):
-    annotation = PruneConfig.model_fields[name].annotation
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    kind = args[0] if len(args) == 1 else annotation
-    if typing.get_origin(kind) is typing.Literal:
-        return "choice", list(typing.get_args(kind))
-    return "type", kind
-
-
 def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``elsa tune`` (called by :func:`pipelines.cli.make_parser`)."""
+    """Options of ``elsa tune`` (called by :func:`cli.main.make_parser`)."""
     what = parser.add_argument_group("what to search")
     what.add_argument("--model", default=None, help="model alias, local directory, GGUF file or hub id (default: smollm2-135m)")
     what.add_argument("--sparsity", type=float, nargs="+", default=None, help="one search per sparsity, e.g. 0.7 0.8 0.9")
@@ -51,16 +38,7 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
 
     method = parser.add_argument_group("method config shared by every trial (PruneConfig fields)")
     method.add_argument("--config", default=None, help="YAML config file (flat PruneConfig fields)")
-    for name in CONFIG_FLAGS:
-        kind, detail = _field_type(name)
-        default = PruneConfig.model_fields[name].default
-        help_text = f"(default: {default!r})"
-        if kind == "choice":
-            method.add_argument(_flag(name), choices=detail, default=None, help=help_text)
-        elif detail is bool:
-            method.add_argument(_flag(name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            method.add_argument(_flag(name), type=detail, default=None, help=help_text)
+    add_config_options(method, CONFIG_FLAGS)
 
     run = parser.add_argument_group("where and how to run")
     run.add_argument("--max-concurrent", type=int, default=1, help="trials running at once")
@@ -158,3 +136,10 @@ def run_tune(args: argparse.Namespace) -> int:
     if report.interrupted:
         return 130
     return 0 if report.preset_file else 1
+
+
+def add_command(commands) -> None:
+    """The ``tune`` subcommand, added to ``elsa``'s subparsers."""
+    parser = commands.add_parser("tune", help="Ray Tune search over lr, lambda and schedules")
+    add_tune_arguments(parser)
+    parser.set_defaults(handler=run_tune)

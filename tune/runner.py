@@ -137,7 +137,7 @@ def _fit_check(request: SearchRequest, address: str | None, echo) -> int:
 
 def run_search(request: SearchRequest, where: Where, echo=print, extra_callbacks: list | None = None) -> SearchReport:
     """Run (or resume) a search; returns what it found. ``extra_callbacks``: more Tune callbacks."""
-    from pipelines.job import init_ray
+    from pipelines.ray_session import init_ray
 
     started = time.perf_counter()
     uri = tracking.resolve_tracking_uri(where.tracking_uri)
@@ -220,7 +220,7 @@ def _parent_params(request: SearchRequest, space: SearchSpace, seed_point: dict,
 def _search_one(request, where, space, base, sparsity, entry, root, uri, grace, concurrency, echo, extra_callbacks, saved) -> SparsityOutcome:
     from ray import tune as ray_tune
 
-    from pipelines.job import local_cores_per_task
+    from pipelines.ray_session import local_cores_per_task
 
     key = _sparsity_key(sparsity)
     experiment_path = state.join(root, key)
@@ -331,7 +331,7 @@ def _write_presets(request, where, space, bases, outcomes, root, uri) -> str:
     path = where.preset_out or state.join(local_root, PRESET_FILE)
     if "://" in path:
         raise SearchError(f"--preset-out {path}: write the preset file to a local path")
-    from tune.presets import write_preset_file
+    from elsa.presets import write_preset_file
 
     written = write_preset_file(path, merge_entries(path, entries))
     mlflow_client = tracking.client(uri)

@@ -13,7 +13,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from tune.presets import paper_preset
+from elsa.presets import paper_preset
 from tune.space import SearchSpace
 
 log = logging.getLogger(__name__)

@@ -112,8 +112,8 @@ def _failed_step(message: str, default: int) -> int:
 def run_trial(config: dict, context: TrialContext) -> None:
     """The trainable: one pruning run with the sampled ``config``, reported to Tune."""
     from ray import tune as ray_tune
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipelines.trainer import build_trainer
 
     # Ray Train reads its RAY_TRAIN_* settings (poll interval, timeouts) from the environment of
     # the process calling fit(): here a trial actor, which does not inherit the environment of
@@ -130,24 +130,11 @@ def run_trial(config: dict, context: TrialContext) -> None:
         tags={"search": context.search_name, "trial_dir": tune_context.get_trial_dir()},
     )
     resources = {"CPU": context.cpus_per_worker} if context.cpus_per_worker else None
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={
-            "cfg": cfg_dict,
-            "tracking": {"uri": uri, "run_id": run_id},
-            "export": context.export,
-            "threads": context.threads_per_worker,
-        },
-        scaling_config=ScalingConfig(num_workers=context.workers, use_gpu=context.use_gpu, resources_per_worker=resources),
-        torch_config=TorchConfig(backend="nccl" if context.use_gpu else "gloo"),
-        run_config=RunConfig(
-            name=trial_id,
-            storage_path=context.train_storage,
-            callbacks=[SearchReportCallback()],
-            failure_config=FailureConfig(max_failures=0),
-            checkpoint_config=CheckpointConfig(num_to_keep=1),
-        ),
-    )
+    loop_config = {"cfg": cfg_dict, "tracking": {"uri": uri, "run_id": run_id}, "export": context.export,
+                   "threads": context.threads_per_worker}
+    trainer = build_trainer(train_worker, loop_config, workers=context.workers, use_gpu=context.use_gpu,
+                            resources_per_worker=resources, name=trial_id, storage_path=context.train_storage,
+                            max_failures=0, num_to_keep=1, callbacks=[SearchReportCallback()])
     try:
         trainer.fit()
     except Exception as err:

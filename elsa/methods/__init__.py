@@ -40,16 +40,23 @@ def register(name: str):
     return wrap
 
 
-def get_method(name: str) -> PruningMethod:
+def get_method(name: str, args: dict | None = None) -> PruningMethod:
+    """Method ``name``, with its typed settings from ``args`` (a one-shot method's ``method_args`` entry)."""
     _load_builtin()
     if name not in _REGISTRY:
         raise ValueError(f"method {name!r} is unknown; choose one of {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]()
+    cls = _REGISTRY[name]
+    if not cls.one_shot:
+        return cls()
+    from elsa.methods.settings import method_settings
+
+    return cls(method_settings(name, args))
 
 
-def available_methods() -> list[str]:
-    _load_builtin()
-    return sorted(_REGISTRY)
+def method_for(cfg, name: str | None = None) -> PruningMethod:
+    """The method ``name`` (default: ``cfg.method``) with the settings ``cfg.method_args`` gives it."""
+    name = name or cfg.method
+    return get_method(name, cfg.method_args.get(name))
 
 
 def _load_builtin() -> None:

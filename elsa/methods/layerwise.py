@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from elsa.projection import nm_mask, topk_mask
-from elsa.targets import Target, decoder_blocks, find_targets, load_sparsity_map, verify_sparsity
+from elsa.targets import Target, config_targets, decoder_blocks, verify_sparsity
 
 
 class InputStats(Protocol):
@@ -50,12 +50,6 @@ Log = Callable[[dict, int], None]
 
 # --------------------------------------------------------------------------------------------
 # targets and masks
-
-
-def method_targets(model: nn.Module, cfg) -> list[Target]:
-    """The matrices to prune for ``cfg`` (uniform sparsity, N:M, or a per-matrix sparsity map)."""
-    sparsity_map = load_sparsity_map(cfg.sparsity_map) if cfg.sparsity_map else None
-    return find_targets(model, cfg.sparsity, cfg.nm, sparsity_map)
 
 
 def module_of(model: nn.Module, target: Target) -> nn.Module:
@@ -254,3 +248,31 @@ def prune_layerwise(
         "calib_tokens": int(calib.numel()),
         "sparsity": report["overall_sparsity"],
     }
+
+
+class LayerwiseMethod:
+    """The skeleton the calibrated one-shot methods share: the config's targets, one sequential pass.
+
+    A subclass names its ``Settings`` (elsa/methods/settings.py) and says what a layer's inputs
+    accumulate (:meth:`stats`) and how one matrix is pruned from that (:meth:`prune`).
+    """
+
+    one_shot = True
+    Settings: type
+
+    def __init__(self, settings=None):
+        self.settings = settings if settings is not None else self.Settings()
+
+    def stats(self, target: Target) -> InputStats:
+        raise NotImplementedError
+
+    def prune(self, target: Target, stats: InputStats) -> None:
+        raise NotImplementedError
+
+    def run(self, model: nn.Module, tokenizer, cfg, calib: torch.Tensor, log: Log | None) -> dict:
+        return prune_layerwise(model, calib, config_targets(model, cfg), self.stats, self.prune, log)
+
+
+def in_features(target: Target) -> int:
+    """Input features of ``target``'s layer, whatever its weight layout."""
+    return rows_view(target.param, target).shape[1]

@@ -10,18 +10,23 @@ import time
 import torch
 
 from elsa.methods import register
-from elsa.methods.layerwise import apply_mask, method_targets, score_mask
+from elsa.methods.layerwise import apply_mask, score_mask
+from elsa.methods.settings import MagnitudeSettings
 from elsa.projection import magnitude_score
-from elsa.targets import verify_sparsity
+from elsa.targets import config_targets, verify_sparsity
 
 
 @register("magnitude")
 class Magnitude:
     one_shot = True
+    Settings = MagnitudeSettings
+
+    def __init__(self, settings=None):
+        self.settings = settings if settings is not None else self.Settings()
 
     def run(self, model: torch.nn.Module, tokenizer, cfg, calib: torch.Tensor, log) -> dict:
         start = time.perf_counter()
-        targets = method_targets(model, cfg)
+        targets = config_targets(model, cfg)
         with torch.no_grad():
             for target in targets:
                 apply_mask(target, score_mask(magnitude_score(target.param), target))

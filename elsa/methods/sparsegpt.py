@@ -33,7 +33,8 @@ from typing import Iterator
 import torch
 
 from elsa.methods import register
-from elsa.methods.layerwise import apply_mask, method_targets, prune_layerwise, rows_view
+from elsa.methods.layerwise import LayerwiseMethod, apply_mask, in_features, rows_view
+from elsa.methods.settings import SparseGPTSettings
 from elsa.projection import nm_mask, topk_mask
 from elsa.targets import Target
 
@@ -153,26 +154,15 @@ def _sweep(w: torch.Tensor, u: torch.Tensor, mask: torch.Tensor, pruned_total: i
 
 
 @register("sparsegpt")
-class SparseGPT:
-    one_shot = True
+class SparseGPT(LayerwiseMethod):
+    Settings = SparseGPTSettings
 
-    def __init__(self, blocksize: int = 128, damp: float = 0.01):
-        if blocksize < 1 or not damp > 0:
-            raise ValueError(f"SparseGPT needs blocksize >= 1 and damp > 0, got {blocksize}, {damp}")
-        self.blocksize = blocksize
-        self.damp = damp
+    def stats(self, target: Target) -> InputHessian:
+        return InputHessian(in_features(target), target.param.device)
 
-    def run(self, model: torch.nn.Module, tokenizer, cfg, calib: torch.Tensor, log) -> dict:
-        targets = method_targets(model, cfg)
-
-        def make_stats(target: Target) -> InputHessian:
-            return InputHessian(rows_view(target.param, target).shape[1], target.param.device)
-
-        def prune(target: Target, stats: InputHessian) -> None:
-            new, mask = sparsegpt_prune(
-                rows_view(target.param, target), stats.matrix(), target.keep, target.nm,
-                self.blocksize, self.damp, target.name,
-            )
-            apply_mask(target, rows_view(mask, target), rows_view(new, target))
-
-        return prune_layerwise(model, calib, targets, make_stats, prune, log)
+    def prune(self, target: Target, stats: InputHessian) -> None:
+        new, mask = sparsegpt_prune(
+            rows_view(target.param, target), stats.matrix(), target.keep, target.nm,
+            self.settings.blocksize, self.settings.damp, target.name,
+        )
+        apply_mask(target, rows_view(mask, target), rows_view(new, target))

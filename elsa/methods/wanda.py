@@ -9,14 +9,15 @@ the inputs the layer sees after the earlier blocks were pruned (the sequential p
 Comparison group: unstructured masks compare within each output row, as the paper does (its
 ablation finds per-row better than per-matrix for LLMs). The rows keep near-equal shares that sum
 exactly to the matrix's ``keep`` (:func:`row_keep_counts`), so the per-matrix sparsity contract
-holds; ``per_row=False`` compares over the whole matrix instead. N:M compares within each group.
+holds; ``per_row: false`` (``--wanda-per-row``) compares over the whole matrix instead. N:M compares within each group.
 """
 from __future__ import annotations
 
 import torch
 
 from elsa.methods import register
-from elsa.methods.layerwise import apply_mask, method_targets, prune_layerwise, rows_view, score_mask, spread
+from elsa.methods.layerwise import LayerwiseMethod, apply_mask, in_features, rows_view, score_mask, spread
+from elsa.methods.settings import WandaSettings
 from elsa.targets import Target
 
 
@@ -64,19 +65,11 @@ def wanda_mask(target: Target, norms: torch.Tensor, per_row: bool = True) -> tor
 
 
 @register("wanda")
-class Wanda:
-    one_shot = True
+class Wanda(LayerwiseMethod):
+    Settings = WandaSettings
 
-    def __init__(self, per_row: bool = True):
-        self.per_row = per_row
+    def stats(self, target: Target) -> InputNorms:
+        return InputNorms(in_features(target), target.param.device)
 
-    def run(self, model: torch.nn.Module, tokenizer, cfg, calib: torch.Tensor, log) -> dict:
-        targets = method_targets(model, cfg)
-
-        def make_stats(target: Target) -> InputNorms:
-            return InputNorms(rows_view(target.param, target).shape[1], target.param.device)
-
-        def prune(target: Target, stats: InputNorms) -> None:
-            apply_mask(target, wanda_mask(target, stats.norms(), self.per_row))
-
-        return prune_layerwise(model, calib, targets, make_stats, prune, log)
+    def prune(self, target: Target, stats: InputNorms) -> None:
+        apply_mask(target, wanda_mask(target, stats.norms(), self.settings.per_row))

@@ -29,7 +29,7 @@ class PresetError(ValueError):
 
 
 def paper_table() -> dict:
-    return yaml.safe_load(resources.files("tune").joinpath("presets/paper.yaml").read_text())
+    return yaml.safe_load(resources.files("elsa").joinpath("tables/paper.yaml").read_text())
 
 
 def nearest_paper_model(model: str, n_params: float | None = None) -> str:
