@@ -9,6 +9,7 @@ one-shot cell). Wall times are only comparable when every cell ran alone on the 
 
     python bench/budget_curve.py --results bench/results-budget --sparsity 0.8
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,13 +28,17 @@ def curve_rows(results: list[dict], sparsity: float) -> list[dict]:
 
 
 def table(rows: list[dict], dense: float | None) -> str:
-    lines = ["| method | steps | wall s (prune, warm start included) | ppl | ppl / dense | kept | threads |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | steps | wall s (prune, warm start included) | ppl | ppl / dense | kept | threads |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         ratio = f"{r[METRIC] / dense:.2f}" if dense else "-"
         steps = r.get("steps", "-")
-        lines.append(f"| {r['method']} | {steps} | {r['prune_s']:.0f} | {r[METRIC]:.1f} | {ratio} | {r.get('kept', '-')} "
-                     f"| {r.get('torch_threads', '-')} |")
+        lines.append(
+            f"| {r['method']} | {steps} | {r['prune_s']:.0f} | {r[METRIC]:.1f} | {ratio} | {r.get('kept', '-')} "
+            f"| {r.get('torch_threads', '-')} |"
+        )
     return "\n".join(lines)
 
 
@@ -46,7 +51,9 @@ def plot(rows: list[dict], out_png: Path, sparsity: float) -> Path:
     if elsa:
         axes.plot([r["prune_s"] for r in elsa], [r[METRIC] for r in elsa], "o-", label="ELSA defaults (steps marked)")
         for r in elsa:
-            axes.annotate(str(r["steps"]), (r["prune_s"], r[METRIC]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            axes.annotate(
+                str(r["steps"]), (r["prune_s"], r[METRIC]), textcoords="offset points", xytext=(4, 4), fontsize=8
+            )
     for r in rows:
         if r["method"] != "elsa":
             axes.plot([r["prune_s"]], [r[METRIC]], "s", label=r["method"])

@@ -15,6 +15,7 @@ Memory: the analytic bytes per pruned parameter (elsa.memory) for fp32 ELSA, the
 (8-bit Adam, bf16 u, fp8 z) and ELSA-L with a sparse z at 90%, next to what the live optimisers
 of this run hold.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,9 +57,16 @@ def build_model(args, seed: int = 0) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=TINY_VOCAB_SIZE, hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
-        max_position_embeddings=max(args.seqlen, 256), bos_token_id=0, eos_token_id=0, pad_token_id=1,
+        vocab_size=TINY_VOCAB_SIZE,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
+        max_position_embeddings=max(args.seqlen, 256),
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=1,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -78,9 +86,20 @@ def build_optimizer(name: str, model: torch.nn.Module, args):
     if admm_settings is None:
         return base
     targets = find_targets(model, args.sparsity)
-    cfg = make_config({"model": "tiny", "sparsity": args.sparsity, "steps": 10**9, "lr": args.lr, "lmda": args.lmda,
-                       "interval": args.interval, "projection": "fisher", "penalty": "coupled", "init": "none",
-                       **admm_settings})
+    cfg = make_config(
+        {
+            "model": "tiny",
+            "sparsity": args.sparsity,
+            "steps": 10**9,
+            "lr": args.lr,
+            "lmda": args.lmda,
+            "interval": args.interval,
+            "projection": "fisher",
+            "penalty": "coupled",
+            "init": "none",
+            **admm_settings,
+        }
+    )
     settings = ADMMSettings.from_config(cfg)
     return ADMM(base, targets, settings)
 
@@ -102,8 +121,13 @@ def summarise(times: list[float]) -> dict:
     """Median, mean, and the mean without the slowest 10% (stalls of a shared machine)."""
     ordered = sorted(times)
     trimmed = ordered[: max(1, int(len(ordered) * 0.9))]
-    return {"median_s": statistics.median(times), "mean_s": statistics.fmean(times),
-            "trimmed_mean_s": statistics.fmean(trimmed), "min_s": ordered[0], "n": len(times)}
+    return {
+        "median_s": statistics.median(times),
+        "mean_s": statistics.fmean(times),
+        "trimmed_mean_s": statistics.fmean(trimmed),
+        "min_s": ordered[0],
+        "n": len(times),
+    }
 
 
 def time_update_split(admm: ADMM, repeats: int) -> dict:
@@ -138,8 +162,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--lmda", type=float, default=2e-3)
     parser.add_argument("--zu-repeats", type=int, default=5, help="timed z/u-updates per ADMM variant, after the run")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (default 1: steadiest on a shared machine; 0 = torch's default)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: steadiest on a shared machine; 0 = torch's default)",
+    )
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "overhead.json"))
     args = parser.parse_args()
@@ -160,8 +188,11 @@ def main() -> None:
         runs[name] = {"model": model, "opt": build_optimizer(name, model, args), "step": [], "opt_step": [], "k": 0}
     n_params = sum(p.numel() for p in runs[names[0]]["model"].parameters())
     n_pruned = sum(t.numel for t in find_targets(runs[names[0]]["model"], args.sparsity))
-    print(f"model: {n_params / 1e6:.2f}M parameters, {n_pruned / 1e6:.2f}M pruned; batch {args.batch} x {args.seqlen}; "
-          f"{torch.get_num_threads()} threads; interval {args.interval}", flush=True)
+    print(
+        f"model: {n_params / 1e6:.2f}M parameters, {n_pruned / 1e6:.2f}M pruned; batch {args.batch} x {args.seqlen}; "
+        f"{torch.get_num_threads()} threads; interval {args.interval}",
+        flush=True,
+    )
 
     for name in names:  # warm-up (allocations, first z/u-update at ADMM step 1)
         run = runs[name]
@@ -178,14 +209,20 @@ def main() -> None:
                 run["step"].append(total)
                 run["opt_step"].append(opt_only)
         if (r + 1) % max(1, rounds // 8) == 0:
-            print(f"round {r + 1}/{rounds}: " + ", ".join(f"{n} {statistics.median(runs[n]['step']) * 1e3:.0f} ms" for n in names), flush=True)
+            print(
+                f"round {r + 1}/{rounds}: "
+                + ", ".join(f"{n} {statistics.median(runs[n]['step']) * 1e3:.0f} ms" for n in names),
+                flush=True,
+            )
 
     timing = {}
     for name in names:
         run = runs[name]
         entry = {"step": summarise(run["step"]), "optimizer_step": summarise(run["opt_step"])}
         if isinstance(run["opt"], ADMM):
-            entry["zu_updates_measured"] = sum(1 for s in range(args.warmup + 1, run["k"] + 1) if (s - 1) % args.interval == 0)
+            entry["zu_updates_measured"] = sum(
+                1 for s in range(args.warmup + 1, run["k"] + 1) if (s - 1) % args.interval == 0
+            )
             entry["zu_update"] = time_update_split(run["opt"], args.zu_repeats)
         timing[name] = entry
     overhead = {}
@@ -201,7 +238,8 @@ def main() -> None:
             "step_ratio_median": a["step"]["median_s"] / b["step"]["median_s"],
             "step_ratio_min": a["step"]["min_s"] / b["step"]["min_s"],
             "step_ratio_amortised_min": (a["step"]["min_s"] + zu["min_s"] / args.interval) / b["step"]["min_s"],
-            "step_ratio_amortised_median": (a["step"]["median_s"] + zu["median_s"] / args.interval) / b["step"]["median_s"],
+            "step_ratio_amortised_median": (a["step"]["median_s"] + zu["median_s"] / args.interval)
+            / b["step"]["median_s"],
             "step_ratio_mean": a["step"]["mean_s"] / b["step"]["mean_s"],
             "zu_update_ms_min": zu["min_s"] * 1e3,
             "optimizer_step_extra_ms_min": (a["optimizer_step"]["min_s"] - b["optimizer_step"]["min_s"]) * 1e3,
@@ -215,34 +253,62 @@ def main() -> None:
             entry["measured"] = measured_state_bytes_per_param(runs[name]["opt"])
         memory[name] = entry
 
-    print("\ntime per step, min / median / mean over", len(runs[names[0]]["step"]), "steps (optimiser step alone: min):")
+    print(
+        "\ntime per step, min / median / mean over", len(runs[names[0]]["step"]), "steps (optimiser step alone: min):"
+    )
     for name in names:
         t = timing[name]
         zu = f"   z/u-update {t['zu_update']['min_s'] * 1e3:.1f} ms (min)" if "zu_update" in t else ""
-        print(f"  {name:22s} {t['step']['min_s'] * 1e3:7.1f} / {t['step']['median_s'] * 1e3:7.1f} / {t['step']['mean_s'] * 1e3:7.1f} ms   "
-              f"optimiser {t['optimizer_step']['min_s'] * 1e3:6.2f} ms{zu}")
-    print(f"\noverhead of ADMM over its base optimiser (target < 1.05); amortised = step + z/u-update / {args.interval}:")
+        print(
+            f"  {name:22s} {t['step']['min_s'] * 1e3:7.1f} / {t['step']['median_s'] * 1e3:7.1f} / "
+            f"{t['step']['mean_s'] * 1e3:7.1f} ms   "
+            f"optimiser {t['optimizer_step']['min_s'] * 1e3:6.2f} ms{zu}"
+        )
+    print(
+        f"\noverhead of ADMM over its base optimiser (target < 1.05); amortised = step + z/u-update / {args.interval}:"
+    )
     for name, o in overhead.items():
-        print(f"  {name:22s} vs {o['vs']:9s} paired median x{o['step_ratio_paired_median']:.3f}, min x{o['step_ratio_min']:.3f}, "
-              f"amortised (min) x{o['step_ratio_amortised_min']:.3f}, median x{o['step_ratio_median']:.3f}; "
-              f"optimiser step +{o['optimizer_step_extra_ms_min']:.2f} ms (min)")
-    print(f"\nbytes per pruned parameter at sparsity {args.sparsity} (m + v + z + u = states; total adds weight 4 + grad 4):")
+        print(
+            f"  {name:22s} vs {o['vs']:9s} paired median x{o['step_ratio_paired_median']:.3f}, min "
+            f"x{o['step_ratio_min']:.3f}, "
+            f"amortised (min) x{o['step_ratio_amortised_min']:.3f}, median x{o['step_ratio_median']:.3f}; "
+            f"optimiser step +{o['optimizer_step_extra_ms_min']:.2f} ms (min)"
+        )
+    print(
+        f"\nbytes per pruned parameter at sparsity {args.sparsity} (m + v + z + u = states; total adds weight 4 + "
+        "grad 4):"
+    )
     for name, entry in memory.items():
         a = entry["analytic"]
-        line = f"  {name:18s} analytic m {a['m']:.3f} v {a['v']:.3f} z {a['z']:.3f} u {a['u']:.3f} -> states {a['states']:.3f}, total {a['total']:.3f}"
+        line = (
+            f"  {name:18s} analytic m {a['m']:.3f} v {a['v']:.3f} z {a['z']:.3f} u {a['u']:.3f} -> states "
+            f"{a['states']:.3f}, total {a['total']:.3f}"
+        )
         if "measured" in entry:
             line += f"; measured states {entry['measured']['states']:.3f}"
         print(line)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "command": " ".join(sys.argv), "settings": vars(args),
-        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "processor": platform.processor()},
-        "model": {"parameters": n_params, "pruned_parameters": n_pruned},
-        "timing": timing, "overhead": overhead, "memory": memory,
-    }, indent=1))
+    out.write_text(
+        json.dumps(
+            {
+                "command": " ".join(sys.argv),
+                "settings": vars(args),
+                "machine": {
+                    "platform": platform.platform(),
+                    "torch": torch.__version__,
+                    "threads": torch.get_num_threads(),
+                    "processor": platform.processor(),
+                },
+                "model": {"parameters": n_params, "pruned_parameters": n_pruned},
+                "timing": timing,
+                "overhead": overhead,
+                "memory": memory,
+            },
+            indent=1,
+        )
+    )
     print(f"\nwrote {out}")
 
 

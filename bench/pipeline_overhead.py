@@ -14,6 +14,7 @@ Two figures per run, each a median over the steps that do no z/u-update or valid
 
 Run it on a quiet machine: both runs take turns with nothing else, but not interleaved.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def plain_steps(history: list[dict], interval: int, eval_interval: int, skip_first: int) -> list[int]:
     """Steps that ran no z/u-update and no validation (and are past the warm-up ones)."""
-    return [h["step"] for h in history
-            if h["step"] > skip_first and h["step"] % interval and h["step"] % eval_interval]
+    return [h["step"] for h in history if h["step"] > skip_first and h["step"] % interval and h["step"] % eval_interval]
 
 
 def deltas(times: dict[int, float], steps: list[int]) -> list[float]:
@@ -64,9 +64,24 @@ def run_ray(overrides: dict, work: Path, cpus_per_worker: float | None = None) -
     flags = []
     for key, value in overrides.items():
         flags += [f"--{key.replace('_', '-')}", str(value)]
-    command = [sys.executable, "-m", "cli", "prune", *flags, "--workers", "1", "--no-eval",
-               "--output", str(work / "out"), "--tracking-uri", f"sqlite:///{db}", "--experiment", "overhead",
-               "--storage-path", str(work / "ray")]
+    command = [
+        sys.executable,
+        "-m",
+        "cli",
+        "prune",
+        *flags,
+        "--workers",
+        "1",
+        "--no-eval",
+        "--output",
+        str(work / "out"),
+        "--tracking-uri",
+        f"sqlite:///{db}",
+        "--experiment",
+        "overhead",
+        "--storage-path",
+        str(work / "ray"),
+    ]
     if cpus_per_worker:
         command += ["--cpus-per-worker", str(cpus_per_worker)]
     started = time.time()
@@ -82,8 +97,11 @@ def run_ray(overrides: dict, work: Path, cpus_per_worker: float | None = None) -
             entry[name] = m.value
             if name == "train_loss":
                 entry["t"] = m.timestamp / 1000.0
-    return {"history": sorted(by_step.values(), key=lambda h: h["step"]), "run_id": run.info.run_id,
-            "command_s": time.time() - started}
+    return {
+        "history": sorted(by_step.values(), key=lambda h: h["step"]),
+        "run_id": run.info.run_id,
+        "command_s": time.time() - started,
+    }
 
 
 def summarise(result: dict, steps: list[int]) -> dict:
@@ -91,8 +109,11 @@ def summarise(result: dict, steps: list[int]) -> dict:
     times = {s: h["t"] for s, h in history.items() if "t" in h}
     tps = [history[s]["tokens_per_s"] for s in steps if s in history]
     walls = deltas(times, steps)
-    return {"median_tokens_per_s": statistics.median(tps), "median_step_wall_s": statistics.median(walls),
-            "steps_measured": len(tps)}
+    return {
+        "median_tokens_per_s": statistics.median(tps),
+        "median_step_wall_s": statistics.median(walls),
+        "steps_measured": len(tps),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -101,23 +122,50 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--cpus-per-worker", type=float, default=None,
-                        help="pass to elsa prune (default: its own, all local cores for one worker)")
+    parser.add_argument(
+        "--cpus-per-worker",
+        type=float,
+        default=None,
+        help="pass to elsa prune (default: its own, all local cores for one worker)",
+    )
     parser.add_argument("--skip-first", type=int, default=2, help="warm-up steps left out of the medians")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "pipeline_overhead.json"))
     args = parser.parse_args(argv)
 
-    overrides = {"model": args.model, "sparsity": 0.7, "steps": args.steps, "seqlen": args.seqlen,
-                 "batch_size": args.batch_size, "interval": 8, "eval_interval": args.steps, "log_interval": 1,
-                 "val_blocks": 2, "penalty": "decoupled", "rho": 0.03, "lr": 5e-4}
-    measured = plain_steps([{"step": s} for s in range(1, args.steps + 1)], overrides["interval"], overrides["eval_interval"], args.skip_first)
+    overrides = {
+        "model": args.model,
+        "sparsity": 0.7,
+        "steps": args.steps,
+        "seqlen": args.seqlen,
+        "batch_size": args.batch_size,
+        "interval": 8,
+        "eval_interval": args.steps,
+        "log_interval": 1,
+        "val_blocks": 2,
+        "penalty": "decoupled",
+        "rho": 0.03,
+        "lr": 5e-4,
+    }
+    measured = plain_steps(
+        [{"step": s} for s in range(1, args.steps + 1)],
+        overrides["interval"],
+        overrides["eval_interval"],
+        args.skip_first,
+    )
     with tempfile.TemporaryDirectory(prefix="elsa-overhead-") as tmp:
         ray_result = run_ray(overrides, Path(tmp), args.cpus_per_worker)
     bare = summarise(run_bare(overrides), measured)
     ray = summarise(ray_result, measured)
     report = {
-        "config": overrides, "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-        "bare": bare, "ray_train": {**ray, "cpus_per_worker": args.cpus_per_worker, "run_id": ray_result["run_id"], "command_s": ray_result["command_s"]},
+        "config": overrides,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "bare": bare,
+        "ray_train": {
+            **ray,
+            "cpus_per_worker": args.cpus_per_worker,
+            "run_id": ray_result["run_id"],
+            "command_s": ray_result["command_s"],
+        },
         "ratio_tokens_per_s": ray["median_tokens_per_s"] / bare["median_tokens_per_s"],
         "ratio_step_wall": ray["median_step_wall_s"] / bare["median_step_wall_s"],
     }
@@ -125,7 +173,9 @@ def main(argv: list[str] | None = None) -> None:
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"bare:      {bare['median_tokens_per_s']:.0f} tokens/s, {bare['median_step_wall_s']:.2f} s/step")
     print(f"ray train: {ray['median_tokens_per_s']:.0f} tokens/s, {ray['median_step_wall_s']:.2f} s/step")
-    print(f"ratio (ray / bare): throughput {report['ratio_tokens_per_s']:.3f}, step wall {report['ratio_step_wall']:.3f}")
+    print(
+        f"ratio (ray / bare): throughput {report['ratio_tokens_per_s']:.3f}, step wall {report['ratio_step_wall']:.3f}"
+    )
     print(f"written {args.out}")
 
 

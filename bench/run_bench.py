@@ -8,6 +8,7 @@ accumulate in ``results.json`` and a finished cell is skipped on a rerun (``--fo
 
     python bench/run_bench.py --out bench/results
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,15 @@ def cell_config(method: str, sparsity: float, args) -> dict:
     base = {"model": args.model, "seqlen": args.seqlen, "seed": args.seed, "data": "enwiki-sample"}
     if method in ("dense", "magnitude", "wanda", "sparsegpt"):
         return {**base, "method": method, "sparsity": sparsity, "calib_blocks": args.calib_blocks}
-    elsa = {**base, "method": "elsa", "sparsity": sparsity, "steps": args.steps, "batch_size": args.batch_size,
-            "eval_interval": args.eval_interval, "val_blocks": args.val_blocks}
+    elsa = {
+        **base,
+        "method": "elsa",
+        "sparsity": sparsity,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "eval_interval": args.eval_interval,
+        "val_blocks": args.val_blocks,
+    }
     if method == "elsa":
         return {**elsa, "calib_blocks": args.calib_blocks}
     elsa.update(init="none", interval=args.interval, projection="fisher", bf16=False)  # as these cells first ran
@@ -43,9 +51,21 @@ def cell_config(method: str, sparsity: float, args) -> dict:
 
         paper = paper_preset(args.model, sparsity)
         keep = ("lr", "lmda", "lmda_final", "lmda_schedule")
-        return {**elsa, **{k: paper[k] for k in keep if k in paper}, "penalty": "coupled", "fisher_source": args.coupled_fisher_source}
-    return {**elsa, "penalty": "decoupled", "lr": args.decoupled_lr, "rho": args.rho,
-            "rho_final": args.rho_final, "rho_schedule": args.rho_schedule, "lmda": 0.0}
+        return {
+            **elsa,
+            **{k: paper[k] for k in keep if k in paper},
+            "penalty": "coupled",
+            "fisher_source": args.coupled_fisher_source,
+        }
+    return {
+        **elsa,
+        "penalty": "decoupled",
+        "lr": args.decoupled_lr,
+        "rho": args.rho,
+        "rho_final": args.rho_final,
+        "rho_schedule": args.rho_schedule,
+        "lmda": 0.0,
+    }
 
 
 def run_cell(method: str, sparsity: float, args, uri: str, experiment: str) -> dict:
@@ -54,23 +74,55 @@ def run_cell(method: str, sparsity: float, args, uri: str, experiment: str) -> d
     cfg = cell_config(method, sparsity, args)
     penalty = cfg.get("penalty") if cfg["method"] == "elsa" else None
     tags = {"bench": "1"}
-    params = {**cfg, "method": "elsa" if method.startswith("elsa") else method, "penalty": penalty, "sparsity": 0.0 if method == "dense" else sparsity}
-    run_id = tracking.start_run(uri, experiment, params, run_name=f"{method}-{sparsity}-{cfg.get('steps', 0)}", tags=tags)
+    params = {
+        **cfg,
+        "method": "elsa" if method.startswith("elsa") else method,
+        "penalty": penalty,
+        "sparsity": 0.0 if method == "dense" else sparsity,
+    }
+    run_id = tracking.start_run(
+        uri, experiment, params, run_name=f"{method}-{sparsity}-{cfg.get('steps', 0)}", tags=tags
+    )
     out = Path(args.out) / "cells" / (f"{method}-{sparsity}" + (f"-{args.steps}" if method == "elsa" else "") + ".json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, str(REPO / "bench" / "run_one.py"), "--config", json.dumps(cfg),
-               "--eval-seqlen", str(args.eval_seqlen), "--eval-windows", str(args.eval_windows),
-               "--tracking", json.dumps({"uri": uri, "run_id": run_id}), "--out", str(out)]
+    command = [
+        sys.executable,
+        str(REPO / "bench" / "run_one.py"),
+        "--config",
+        json.dumps(cfg),
+        "--eval-seqlen",
+        str(args.eval_seqlen),
+        "--eval-windows",
+        str(args.eval_windows),
+        "--tracking",
+        json.dumps({"uri": uri, "run_id": run_id}),
+        "--out",
+        str(out),
+    ]
     started = time.perf_counter()
-    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
     if proc.returncode != 0:
         tracking.client(uri).set_tag(run_id, "error", proc.stderr[-4000:])
         tracking.end_run(uri, run_id, "FAILED")
-        return {"method": method, "sparsity": sparsity, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+        return {
+            "method": method,
+            "sparsity": sparsity,
+            "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed",
+        }
     record = json.loads(out.read_text())
-    record.update(method=method, sparsity=sparsity, total_s=time.perf_counter() - started, config=cfg, mlflow_run_id=run_id,
-                  command=" ".join(["python", "bench/run_bench.py", *sys.argv[1:]]))
-    tracking.log_metrics(uri, run_id, {k: v for k, v in record.items() if k.startswith("ppl_") or k in ("prune_s", "peak_rss_mb")})
+    record.update(
+        method=method,
+        sparsity=sparsity,
+        total_s=time.perf_counter() - started,
+        config=cfg,
+        mlflow_run_id=run_id,
+        command=" ".join(["python", "bench/run_bench.py", *sys.argv[1:]]),
+    )
+    tracking.log_metrics(
+        uri, run_id, {k: v for k, v in record.items() if k.startswith("ppl_") or k in ("prune_s", "peak_rss_mb")}
+    )
     tracking.end_run(uri, run_id, "FINISHED")
     return record
 
@@ -107,24 +159,46 @@ def write_reports(results: list[dict], out_dir: Path, metric: str, args) -> None
     for r in ok:
         if r["method"] == "dense":
             continue
-        label, penalty = (f"elsa defaults, {r.get('steps')} steps", None) if r["method"] == "elsa" else (r["method"].split("-")[0], r.get("penalty"))
-        rows.append({"model": args.model, "method": label, "penalty": penalty, "sparsity": r["sparsity"], "status": None,
-                     "metrics": {metric: r[metric]}})
+        label, penalty = (
+            (f"elsa defaults, {r.get('steps')} steps", None)
+            if r["method"] == "elsa"
+            else (r["method"].split("-")[0], r.get("penalty"))
+        )
+        rows.append(
+            {
+                "model": args.model,
+                "method": label,
+                "penalty": penalty,
+                "sparsity": r["sparsity"],
+                "status": None,
+                "metrics": {metric: r[metric]},
+            }
+        )
     if rows:
         plot_ppl_vs_sparsity(rows, out_dir / "ppl_vs_sparsity.png", metric=metric)
     commands = list(dict.fromkeys(r.get("command", "(not recorded)") for r in ok))
-    lines = [f"# Benchmark: {args.model}", "", "Commands (in the order their cells first ran; a rerun skips finished cells):", "",
-             *[f"- `{command}`" for command in commands], "",
-             f"Perplexity: {metric.removeprefix('ppl_')}, {args.eval_windows} windows of {args.eval_seqlen} tokens"
-             + (f"; dense {dense:.2f}" if dense else ""), "",
-             "| method | sparsity | ppl | ppl / dense | prune time (s) | peak RSS (MB) | ELSA steps | primal residual |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Benchmark: {args.model}",
+        "",
+        "Commands (in the order their cells first ran; a rerun skips finished cells):",
+        "",
+        *[f"- `{command}`" for command in commands],
+        "",
+        f"Perplexity: {metric.removeprefix('ppl_')}, {args.eval_windows} windows of {args.eval_seqlen} tokens"
+        + (f"; dense {dense:.2f}" if dense else ""),
+        "",
+        "| method | sparsity | ppl | ppl / dense | prune time (s) | peak RSS (MB) | ELSA steps | primal residual |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in sorted(ok, key=lambda r: (r["sparsity"], METHODS.index(r["method"]), r.get("steps") or 0)):
         ratio = f"{r[metric] / dense:.2f}" if dense else "-"
         steps = r.get("config", {}).get("steps", "-") if r["method"].startswith("elsa") else "-"
         steps = f"{steps} ({r['init']}, {r['loss']}, kept {r['kept']})" if r.get("kept") else steps
-        lines.append(f"| {r['method']} | {r['sparsity']:.1f} | {r[metric]:.2f} | {ratio} | {r['prune_s']:.0f} | {r['peak_rss_mb']:.0f} "
-                     f"| {steps} | {residual_curve_text(r.get('residual_curve'))} |")
+        lines.append(
+            f"| {r['method']} | {r['sparsity']:.1f} | {r[metric]:.2f} | {ratio} | {r['prune_s']:.0f} | "
+            f"{r['peak_rss_mb']:.0f} "
+            f"| {steps} | {residual_curve_text(r.get('residual_curve'))} |"
+        )
     for r in results:
         if "error" in r:
             lines.append(f"| {r['method']} | {r['sparsity']:.1f} | FAILED: {r['error'][:80]} | | | | | |")
@@ -179,7 +253,11 @@ def main(argv: list[str] | None = None) -> None:
         # Re-read before writing: another runner on other cells may have added its own meanwhile.
         results = [r for r in read_results(out_dir) if not same_cell(r, method, sparsity, args.steps)]
         results.append(record)
-        shown = f"ppl {record[metric]:.2f}, {record['prune_s']:.0f} s" if "error" not in record else f"FAILED: {record['error']}"
+        shown = (
+            f"ppl {record[metric]:.2f}, {record['prune_s']:.0f} s"
+            if "error" not in record
+            else f"FAILED: {record['error']}"
+        )
         print(f"[bench] {method} @ {sparsity:.1f}: {shown}", flush=True)
         write_reports(results, out_dir, metric, args)
     write_reports(read_results(out_dir), out_dir, metric, args)

@@ -3,6 +3,7 @@
 Run as its own process by ``bench/run_bench.py`` so that the wall time and the peak memory
 (``ru_maxrss``) belong to this method alone.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,8 +67,14 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if cfg.method == "elsa":  # what decides a cell's cost and quality, beside its penalty
         summary = result.summary
-        record.update(steps=cfg.steps, penalty=cfg.penalty, init=cfg.init, loss=cfg.loss, lr=cfg.lr,
-                      **{k: summary[k] for k in ("kept", "init_s", "init_val_loss", "final_val_loss_projected") if k in summary})
+        record.update(
+            steps=cfg.steps,
+            penalty=cfg.penalty,
+            init=cfg.init,
+            loss=cfg.loss,
+            lr=cfg.lr,
+            **{k: summary[k] for k in ("kept", "init_s", "init_val_loss", "final_val_loss_projected") if k in summary},
+        )
     with open(args.out, "w") as handle:
         json.dump(record, handle)
     return record

@@ -9,6 +9,7 @@ that decides), WikiText-2 perplexity (for the record only), wall and step time, 
     python bench/settings_probe.py --save-start sparsegpt --cfg '{"sparsity": 0.8}' --start /tmp/sgpt-80.safetensors
     python bench/settings_probe.py --start /tmp/sgpt-80.safetensors --cfg '{"steps": 32, "lr": 6e-4, "interval": 2}'
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,7 +22,9 @@ import torch
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cfg", default="{}", help="PruneConfig fields as JSON (sparsity 0.8, val_blocks 8 by default)")
+    parser.add_argument(
+        "--cfg", default="{}", help="PruneConfig fields as JSON (sparsity 0.8, val_blocks 8 by default)"
+    )
     parser.add_argument("--start", help="safetensors of the starting weights (written by --save-start)")
     parser.add_argument("--save-start", help="run this one-shot method, save its weights to --start, and stop")
     parser.add_argument("--tag", default="")
@@ -45,9 +48,15 @@ def main(argv: list[str] | None = None) -> dict:
         started = time.perf_counter()
         prune_model(cfg, model=model, tokenizer=tokenizer)
         tied = bool(getattr(model.config, "tie_word_embeddings", False))  # lm_head shares the embedding
-        save_file({k: v.contiguous() for k, v in model.state_dict().items() if not (tied and "lm_head" in k)}, args.start)
-        record = {"saved": args.start, "method": args.save_start, "wall_s": time.perf_counter() - started,
-                  "val_loss": mean_nll(model, BatchSampler(tokenizer, cfg).validation())}
+        save_file(
+            {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and "lm_head" in k)}, args.start
+        )
+        record = {
+            "saved": args.start,
+            "method": args.save_start,
+            "wall_s": time.perf_counter() - started,
+            "val_loss": mean_nll(model, BatchSampler(tokenizer, cfg).validation()),
+        }
         print(json.dumps(record))
         return record
     cfg = make_config(fields)
@@ -55,7 +64,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.start:
         missing, unexpected = model.load_state_dict(load_file(args.start), strict=False)
         if unexpected or any("lm_head" not in name for name in missing):
-            raise SystemExit(f"{args.start} does not fit {cfg.model}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+            raise SystemExit(
+                f"{args.start} does not fit {cfg.model}: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
     val = BatchSampler(tokenizer, cfg).validation()
     start_loss = mean_nll(model, val) if args.start else None
     started = time.perf_counter()
@@ -63,13 +74,21 @@ def main(argv: list[str] | None = None) -> dict:
     wall = time.perf_counter() - started
     history = summary.pop("history")
     record = {
-        "tag": args.tag, "start": args.start, "cfg": json.loads(args.cfg), "init_val": start_loss,
+        "tag": args.tag,
+        "start": args.start,
+        "cfg": json.loads(args.cfg),
+        "init_val": start_loss,
         "final_val": mean_nll(model, val),
-        "ppl": None if args.no_ppl else evaluate_perplexity(model, tokenizer, ["wikitext2-bundled"], 512, 32)["ppl_wikitext2-bundled"],
-        "wall_s": wall, "s_per_step": wall / cfg.steps, "threads": torch.get_num_threads(),
+        "ppl": None
+        if args.no_ppl
+        else evaluate_perplexity(model, tokenizer, ["wikitext2-bundled"], 512, 32)["ppl_wikitext2-bundled"],
+        "wall_s": wall,
+        "s_per_step": wall / cfg.steps,
+        "threads": torch.get_num_threads(),
         "val_curve": [(h["step"], h["val_loss_projected"]) for h in history if "val_loss_projected" in h],
         "resid": [h["primal_residual"] for h in history if "primal_residual" in h],
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "summary": summary,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "summary": summary,
     }
     print(json.dumps(record))
     return record

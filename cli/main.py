@@ -1,4 +1,5 @@
 """``elsa``: one parser over the pipeline's commands and ``elsa tune``; exit codes 0 / 1 / 2 / 130."""
+
 from __future__ import annotations
 
 import argparse

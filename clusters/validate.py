@@ -34,7 +34,7 @@ import re
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
 import yaml
 
@@ -62,7 +62,7 @@ def read_env_file(path: str | Path) -> dict[str, str]:
         if not line or line.startswith("#"):
             continue
         if line.startswith("export "):
-            line = line[len("export "):]
+            line = line[len("export ") :]
         key, sep, value = line.partition("=")
         if sep:
             env[key.strip()] = value.strip().strip("'\"")
@@ -222,7 +222,9 @@ def _check_group(where: str, group: dict, errors: list[str]) -> None:
     else:
         for k, v in params.items():
             if not isinstance(v, str):
-                errors.append(f"{where}: rayStartParams.{k} must be a string (KubeRay's CRD is map[string]string), got {v!r}")
+                errors.append(
+                    f"{where}: rayStartParams.{k} must be a string (KubeRay's CRD is map[string]string), got {v!r}"
+                )
     containers = _containers(group.get("template"))
     if not containers:
         errors.append(f"{where}: template.spec.containers is empty")
@@ -251,7 +253,7 @@ def raycluster_spec_errors(spec: dict, where: str) -> list[str]:
     else:
         _check_group(f"{where}.headGroupSpec", head, errors)
         if (head.get("rayStartParams") or {}).get("num-cpus") != "0":
-            errors.append(f"{where}.headGroupSpec: rayStartParams num-cpus must be \"0\" (no work on the head)")
+            errors.append(f'{where}.headGroupSpec: rayStartParams num-cpus must be "0" (no work on the head)')
         missing = set(REQUIRED_ENV) - _env_names(_containers(head.get("template")))
         if missing:
             errors.append(f"{where}.headGroupSpec: containers lack env {sorted(missing)}")
@@ -349,15 +351,16 @@ def mlflow_errors(docs: list[dict]) -> list[str]:
     servers = []
     for d in docs:
         if d.get("kind") == "Service" and (d.get("spec") or {}).get("type", "ClusterIP") != "ClusterIP":
-            errors.append(f"Service/{d['metadata']['name']}: keep it ClusterIP (reach the UI with kubectl port-forward)")
+            errors.append(
+                f"Service/{d['metadata']['name']}: keep it ClusterIP (reach the UI with kubectl port-forward)"
+            )
         if d.get("kind") in ("Deployment", "StatefulSet"):
             for c in _containers((d.get("spec") or {}).get("template")):
                 # `sh -c "<script>"` is common: look at the words of every part.
-                argv = [w for a in (c.get("command") or []) + (c.get("args") or [])
-                        for w in shlex.split(str(a))]
+                argv = [w for a in (c.get("command") or []) + (c.get("args") or []) for w in shlex.split(str(a))]
                 for i, w in enumerate(argv[:-1]):
                     if w.endswith("mlflow") and argv[i + 1] == "server":
-                        servers.append((d["metadata"]["name"], argv[i + 2:]))
+                        servers.append((d["metadata"]["name"], argv[i + 2 :]))
                         break
     if not servers:
         errors.append("no container runs `mlflow server`")

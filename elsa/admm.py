@@ -29,6 +29,7 @@ checkpoints (torch.distributed.checkpoint included) carry them. They are held ap
 empty. Scalars (step, current
 lambda and rho) live in the param groups so that ``state_dict`` carries them too.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -206,10 +207,15 @@ class ADMM(torch.optim.Optimizer):
             z = w * self._mask(target, w, use_fisher=self.settings.projection == "fisher")
             z = self._store(target, "z", z)  # z as stored (quantised), used consistently below
             self._store(target, "u", u + x - z)
-            sums += torch.tensor([
-                float((x - z).pow(2).sum()), float(x.pow(2).sum()),
-                float(((z != 0) != z_prev_mask).sum()), float(x.numel()),
-            ], dtype=torch.float64)
+            sums += torch.tensor(
+                [
+                    float((x - z).pow(2).sum()),
+                    float(x.pow(2).sum()),
+                    float(((z != 0) != z_prev_mask).sum()),
+                    float(x.numel()),
+                ],
+                dtype=torch.float64,
+            )
         sums = self._reduce(sums)
         self.last_metrics = {
             "primal_residual": (sums[0] / sums[1].clamp(min=1e-30)).sqrt().item(),
@@ -270,7 +276,7 @@ class ADMM(torch.optim.Optimizer):
         f = self._admm[target.param].get("admm_f")
         if f is None or self.admm_step < 1:
             return None
-        return f / (1.0 - self.settings.beta2 ** self.admm_step)
+        return f / (1.0 - self.settings.beta2**self.admm_step)
 
     def _mask(self, target: Target, w: torch.Tensor, use_fisher: bool) -> torch.Tensor:
         v = self._fisher(target) if use_fisher else None

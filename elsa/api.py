@@ -5,6 +5,7 @@ Used by notebooks, tests, the benchmark and (piece by piece) the Ray worker::
     from elsa import PruneConfig, prune_model
     result = prune_model(PruneConfig(model="smollm2-135m", sparsity=0.7, steps=100))
 """
+
 from __future__ import annotations
 
 import time
@@ -43,7 +44,9 @@ def prune_model(cfg: PruneConfig, model=None, tokenizer=None, log=None) -> Prune
     return PruneResult(model, tokenizer, report, summary, wall)
 
 
-def evaluate_perplexity(model, tokenizer, datasets: list[str], seqlen: int, max_windows: int | None = None) -> dict[str, float]:
+def evaluate_perplexity(
+    model, tokenizer, datasets: list[str], seqlen: int, max_windows: int | None = None
+) -> dict[str, float]:
     """``{"ppl_<dataset>": value}`` with the standard protocol (non-overlapping windows)."""
     results = {}
     for name in datasets:

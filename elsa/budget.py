@@ -25,6 +25,7 @@ rho fields as a group (setting any of them keeps the user's own rho, e.g. ``rho_
 constant`` without rho is the derived rho). The coupled penalty and one-shot methods get the
 paper's interval 32 and no warm start.
 """
+
 from __future__ import annotations
 
 PENALTY = "decoupled"
@@ -42,11 +43,21 @@ COUPLED_LR = 1e-4  # lr when the user asks for the coupled penalty (the paper's 
 def budget_settings(steps: int, sparsity: float | None, method: str, penalty: str | None) -> dict:
     """The rule's value for every field it governs (the caller keeps what the user set)."""
     if method != "elsa":
-        return {"init": "none", "loss": LOSS, "penalty": "coupled", "lr": COUPLED_LR, "rho_schedule": "constant",
-                "interval": PAPER_INTERVAL}
+        return {
+            "init": "none",
+            "loss": LOSS,
+            "penalty": "coupled",
+            "lr": COUPLED_LR,
+            "rho_schedule": "constant",
+            "interval": PAPER_INTERVAL,
+        }
     chosen: dict = {"init": INIT, "loss": LOSS, "penalty": PENALTY}
     if (penalty or PENALTY) == "coupled":
         return {**chosen, "lr": COUPLED_LR, "rho_schedule": "constant", "interval": PAPER_INTERVAL}
     short = steps <= SHORT_STEPS
-    return {**chosen, "lr": LR if short else LR_LONG, "interval": INTERVAL if short else INTERVAL_LONG,
-            "rho_group": (RHO, RHO_FINAL, RHO_SCHEDULE)}
+    return {
+        **chosen,
+        "lr": LR if short else LR_LONG,
+        "interval": INTERVAL if short else INTERVAL_LONG,
+        "rho_group": (RHO, RHO_FINAL, RHO_SCHEDULE),
+    }

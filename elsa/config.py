@@ -5,6 +5,7 @@ search space all address the same names (``lr``, ``lmda``, ``lmda_schedule``...)
 happens once, up front, with messages that name the field and the fix: a run must never fail
 after an hour of work because of a typo in its config.
 """
+
 from __future__ import annotations
 
 import math
@@ -233,7 +234,9 @@ class PruneConfig(BaseModel):
     @classmethod
     def _rho_in_unit_interval(cls, value: float | None) -> float | None:
         if value is not None and not 0.0 < value < 1.0:
-            raise ValueError(f"rho={value} must be strictly between 0 and 1 (the fraction of x - z + u removed per step)")
+            raise ValueError(
+                f"rho={value} must be strictly between 0 and 1 (the fraction of x - z + u removed per step)"
+            )
         return value
 
     @field_validator("lr")
@@ -305,7 +308,11 @@ class PruneConfig(BaseModel):
                 "use --optimizer adam/adamw/adam8bit or --projection magnitude"
             )
         for prefix in ("lmda", "rho"):
-            kind, start, end = getattr(self, f"{prefix}_schedule"), getattr(self, prefix), getattr(self, f"{prefix}_final")
+            kind, start, end = (
+                getattr(self, f"{prefix}_schedule"),
+                getattr(self, prefix),
+                getattr(self, f"{prefix}_final"),
+            )
             if kind is not None and kind != "constant" and end is None:
                 raise ValueError(f"{prefix}_schedule={kind} needs {prefix}_final (the value at the last step)")
             if kind == "exponential" and start is not None and (start <= 0 or (end or 0) <= 0):

@@ -92,9 +92,7 @@ def _enwiki_articles() -> tuple[str, ...]:
 
 def _check_split(source: str, split: str, allowed: tuple[str, ...]) -> None:
     if split not in allowed:
-        raise ValueError(
-            f"source {source!r} has no split {split!r}; available: {', '.join(allowed)}"
-        )
+        raise ValueError(f"source {source!r} has no split {split!r}; available: {', '.join(allowed)}")
 
 
 def _enwiki_text(split: str) -> str:
@@ -173,8 +171,9 @@ def _c4_rows(split: str) -> list[str]:
 
 def default_split(source: str) -> str | None:
     """The split evaluation uses when none is named."""
-    return {"enwiki-sample": "validation", "wikitext2": "test", "wikitext2-bundled": "test",
-            "c4": "validation"}.get(source)
+    return {"enwiki-sample": "validation", "wikitext2": "test", "wikitext2-bundled": "test", "c4": "validation"}.get(
+        source
+    )
 
 
 def load_text(source: str, split: str | None) -> str:
@@ -220,8 +219,11 @@ def _source_key(source: str) -> str:
     path = Path(source).expanduser()
     if source in SOURCES or not path.exists():
         return source
-    stats = [(str(p), p.stat().st_mtime_ns, p.stat().st_size)
-             for p in ([path] if path.is_file() else sorted(path.rglob("*"))) if p.is_file()]
+    stats = [
+        (str(p), p.stat().st_mtime_ns, p.stat().st_size)
+        for p in ([path] if path.is_file() else sorted(path.rglob("*")))
+        if p.is_file()
+    ]
     return f"{path.resolve()}:{hashlib.sha1(repr(stats).encode()).hexdigest()[:16]}"
 
 
@@ -306,10 +308,7 @@ def calibration_blocks(
     _refuse_evaluation_source(source)
     tokens = source_tokens(tokenizer, source, split)
     if (_source_key(source), split) in _EVALUATION_TEXT:
-        raise ValueError(
-            f"{source!r} holds the WikiText-2 test text, which is evaluation-only; "
-            f"{_CALIBRATION_HINT}"
-        )
+        raise ValueError(f"{source!r} holds the WikiText-2 test text, which is evaluation-only; {_CALIBRATION_HINT}")
     if tokens.numel() < seqlen + 1:
         raise ValueError(
             f"source {source!r} split {split!r} has {tokens.numel()} tokens, fewer than "
@@ -338,9 +337,7 @@ def eval_windows(
         _check_positive(max_windows=max_windows)
     split = split or default_split(source)
     if source == "c4" and split == "validation":
-        tokens = _cached_tokens(
-            tokenizer, ("c4-eval", split), lambda: " ".join(_c4_rows(split)[:C4_EVAL_DOCS])
-        )
+        tokens = _cached_tokens(tokenizer, ("c4-eval", split), lambda: " ".join(_c4_rows(split)[:C4_EVAL_DOCS]))
         max_windows = min(max_windows or C4_EVAL_WINDOWS, C4_EVAL_WINDOWS)
     else:
         tokens = source_tokens(tokenizer, source, split)
@@ -349,7 +346,6 @@ def eval_windows(
         n_windows = min(n_windows, max_windows)
     if n_windows == 0:
         raise ValueError(
-            f"source {source!r} split {split!r} has {tokens.numel()} tokens, fewer than one "
-            f"window of seqlen {seqlen}"
+            f"source {source!r} split {split!r} has {tokens.numel()} tokens, fewer than one window of seqlen {seqlen}"
         )
     return tokens[: n_windows * seqlen].view(n_windows, seqlen).clone()

@@ -6,6 +6,7 @@ a run sees a few hundred thousand tokens. The KD term is the usual T^2 * KL(p_te
 at temperature T, averaged over predicted tokens; it is 0, with zero gradient, when the student
 equals the teacher.
 """
+
 from __future__ import annotations
 
 import torch

@@ -4,6 +4,7 @@ Under FSDP2 a parameter is a ``DTensor`` sharded row-wise (``Shard(0)``) over a 
 ADMM states live as plain local tensors of this rank's rows; reductions that must be global
 (a matrix's top-k threshold, a per-tensor scale, the primal residual) go over the mesh group.
 """
+
 from __future__ import annotations
 
 import torch
@@ -39,7 +40,9 @@ def like_param(local_tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """Wrap a shard-shaped local tensor as a DTensor laid out like ``param`` (for checkpoints)."""
     if not is_dtensor(param):
         return local_tensor
-    return DTensor.from_local(local_tensor, param.device_mesh, param.placements, shape=param.shape, stride=param.stride())
+    return DTensor.from_local(
+        local_tensor, param.device_mesh, param.placements, shape=param.shape, stride=param.stride()
+    )
 
 
 def all_reduce_sum(values: torch.Tensor, group) -> torch.Tensor:

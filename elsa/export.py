@@ -50,8 +50,9 @@ def source_dtype(model_name: str) -> torch.dtype:
     return found if isinstance(found, torch.dtype) and found.is_floating_point else torch.float32
 
 
-def resolve_export(model_name: str, export_format: str, export_dtype: str,
-                   sparsity: float | None) -> tuple[str, torch.dtype]:
+def resolve_export(
+    model_name: str, export_format: str, export_dtype: str, sparsity: float | None
+) -> tuple[str, torch.dtype]:
     """``("dense"|"compressed", dtype)`` for a run's ``export_format`` and ``export_dtype`` settings.
 
     ``auto`` format: compressed at sparsity >= 0.5 (where bitmask + non-zeros are smaller than the
@@ -127,8 +128,12 @@ def save_checkpoint(
 def export_pruned(model: torch.nn.Module, tokenizer, cfg, out_dir: str | Path, report: dict) -> Path:
     """A run's export: format and dtype from ``cfg`` (:func:`resolve_export`), metadata saying both."""
     export_format, dtype = resolve_export(cfg.model, cfg.export_format, cfg.export_dtype, cfg.sparsity)
-    metadata = {"config": cfg.model_dump(mode="json"), "overall_sparsity": report["overall_sparsity"],
-                "export_format": export_format, "export_dtype": str(dtype).removeprefix("torch.")}
+    metadata = {
+        "config": cfg.model_dump(mode="json"),
+        "overall_sparsity": report["overall_sparsity"],
+        "export_format": export_format,
+        "export_dtype": str(dtype).removeprefix("torch."),
+    }
     return save_checkpoint(model, tokenizer, out_dir, metadata, export_format=export_format, dtype=dtype)
 
 
@@ -153,7 +158,5 @@ def load_checkpoint(
     path = Path(checkpoint_dir)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {str(path)!r} does not exist")
-    model = load_model(
-        str(path), dtype=dtype, device=device, attn_implementation=attn_implementation
-    )
+    model = load_model(str(path), dtype=dtype, device=device, attn_implementation=attn_implementation)
     return model, load_tokenizer(str(path))

@@ -100,9 +100,7 @@ def _saved_dataset_rows(path: Path, split: str | None) -> list[str]:
         if split is None:
             split = next(iter(loaded)) if len(loaded) == 1 else None
         if split not in loaded:
-            raise ValueError(
-                f"{path} holds splits {', '.join(loaded)}; split {split!r} is not among them"
-            )
+            raise ValueError(f"{path} holds splits {', '.join(loaded)}; split {split!r} is not among them")
         loaded = loaded[split]
     if "text" not in loaded.column_names:
         raise ValueError(f"{path} has no 'text' column (columns: {', '.join(loaded.column_names)})")
@@ -119,7 +117,10 @@ def _split_of(path: Path, root: Path) -> str | None:
 
 def _directory_rows(path: Path, split: str | None) -> list[str]:
     files = sorted(
-        p for p in path.rglob("*") if p.is_file() and _base_suffix(p) in _LOCAL_SUFFIXES
+        p
+        for p in path.rglob("*")
+        if p.is_file()
+        and _base_suffix(p) in _LOCAL_SUFFIXES
         and not any(part.startswith(".") for part in p.relative_to(path).parts)
     )
     if not files:
@@ -171,6 +172,9 @@ def local_rows(path: Path, split: str | None) -> list[str]:
 
 def looks_like_path(source: str) -> bool:
     """Whether ``source`` was meant as a path (so a missing one is reported as a missing file)."""
-    return Path(source).expanduser().exists() or "/" in source or "\\" in source or (
-        _base_suffix(Path(source)) in _LOCAL_SUFFIXES
+    return (
+        Path(source).expanduser().exists()
+        or "/" in source
+        or "\\" in source
+        or (_base_suffix(Path(source)) in _LOCAL_SUFFIXES)
     )

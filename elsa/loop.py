@@ -5,6 +5,7 @@ adds FSDP sharding, a rank's slice of each batch, and reporting/checkpoint hooks
 forward/backward over ``grad_accum`` micro-batches, clip, ``admm.step()`` (which adds the
 penalty, steps the base optimiser and, every ``interval`` steps, updates z and u), LR step.
 """
+
 from __future__ import annotations
 
 import math
@@ -144,7 +145,9 @@ class BatchSampler:
 
     def validation(self) -> torch.Tensor:
         """Held-out calibration text (never the evaluation sets) for the projected loss."""
-        return calibration_blocks(self.tokenizer, self.cfg.data, self.cfg.val_blocks, self.cfg.seqlen, self.cfg.seed + 1, split="validation")
+        return calibration_blocks(
+            self.tokenizer, self.cfg.data, self.cfg.val_blocks, self.cfg.seqlen, self.cfg.seed + 1, split="validation"
+        )
 
 
 @dataclass
@@ -222,7 +225,12 @@ def train(
         scheduler.step()
         admm.zero_grad()
         done = step + 1
-        metrics = {"train_loss": loss_value, "lr": lr, "lmda": admm.lmda, "tokens_per_s": tokens / (time.perf_counter() - started)}
+        metrics = {
+            "train_loss": loss_value,
+            "lr": lr,
+            "lmda": admm.lmda,
+            "tokens_per_s": tokens / (time.perf_counter() - started),
+        }
         if admm.rho is not None:
             metrics["rho"] = admm.rho
         if grad_norm is not None:

@@ -21,6 +21,7 @@ entries), divided by the number of pruned entries. Tensors shared between parame
 bitsandbytes' quantisation map) are counted once; quantised tensor subclasses (torchao's 8-bit
 state) and DTensors are counted by the plain tensors they hold on this rank.
 """
+
 from __future__ import annotations
 
 import torch

@@ -6,6 +6,7 @@ was made (sparsity, pattern, method, settings, the command), how well it does (r
 their protocol) and how to load it, which matters for the compressed format that only this
 project reads. The card is written at export, without results, and rewritten after evaluation.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,26 @@ from .models import resolve_model
 CARD_FILE = "README.md"
 # what is known about the bundled aliases' sources (the GGUF files carry no license field we read)
 ALIAS_SOURCES = {"smollm2-135m": {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "license": "apache-2.0"}}
-_SETTINGS = ("steps", "batch_size", "seqlen", "lr", "lmda", "lmda_schedule", "lmda_final", "penalty", "rho",
-             "rho_final", "rho_schedule", "interval", "init", "loss", "projection", "optimizer", "data", "seed")
+_SETTINGS = (
+    "steps",
+    "batch_size",
+    "seqlen",
+    "lr",
+    "lmda",
+    "lmda_schedule",
+    "lmda_final",
+    "penalty",
+    "rho",
+    "rho_final",
+    "rho_schedule",
+    "interval",
+    "init",
+    "loss",
+    "projection",
+    "optimizer",
+    "data",
+    "seed",
+)
 
 
 def _front_matter(text: str) -> dict:
@@ -74,8 +93,10 @@ def _format(value) -> str:
 def _protocol(config: dict) -> str:
     seqlen = config.get("eval_seqlen") or config.get("seqlen")
     windows = config.get("eval_max_windows")
-    text = (f"perplexity: non-overlapping windows of {seqlen} tokens, "
-            f"{'the first ' + str(windows) if windows else 'all'} windows of each dataset's test text")
+    text = (
+        f"perplexity: non-overlapping windows of {seqlen} tokens, "
+        f"{'the first ' + str(windows) if windows else 'all'} windows of each dataset's test text"
+    )
     if config.get("lm_eval_tasks"):
         limit = config.get("lm_eval_limit")
         text += f"; zero-shot accuracy with lm-eval ({'first ' + str(limit) + ' examples' if limit else 'full splits'})"
@@ -91,17 +112,23 @@ def _loading(export_format: str) -> list[str]:
             "",
             "```python",
             "from elsa.export import load_checkpoint",
-            "model, tokenizer = load_checkpoint(\"path/to/this/model\", dtype=None)  # stored dtype",
-            "model.save_pretrained(\"dense\"); tokenizer.save_pretrained(\"dense\")  # standard HF checkpoint",
+            'model, tokenizer = load_checkpoint("path/to/this/model", dtype=None)  # stored dtype',
+            'model.save_pretrained("dense"); tokenizer.save_pretrained("dense")  # standard HF checkpoint',
             "```",
         ]
-    return ["A standard Hugging Face checkpoint (safetensors):", "", "```python",
-            "from transformers import AutoModelForCausalLM",
-            "model = AutoModelForCausalLM.from_pretrained(\"path/to/this/model\")", "```"]
+    return [
+        "A standard Hugging Face checkpoint (safetensors):",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM",
+        'model = AutoModelForCausalLM.from_pretrained("path/to/this/model")',
+        "```",
+    ]
 
 
-def render_card(metadata: dict, command: str | None = None, results: dict | None = None,
-                source: dict | None = None) -> str:
+def render_card(
+    metadata: dict, command: str | None = None, results: dict | None = None, source: dict | None = None
+) -> str:
     """README.md text for an export described by its ``elsa_metadata.json`` (``metadata``).
 
     ``results``: evaluation metrics (``ppl_*``, ``acc_*``...), None before evaluation;
@@ -125,8 +152,10 @@ def render_card(metadata: dict, command: str | None = None, results: dict | None
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {title}", ""]
     lines += [
         f"Pruned with {'ELSA (ADMM on the training loss)' if config.get('method') == 'elsa' else config.get('method')}"
-        f" from `{config.get('model')}`.", "",
-        "| | |", "|---|---|",
+        f" from `{config.get('model')}`.",
+        "",
+        "| | |",
+        "|---|---|",
         f"| method | {config.get('method')} |",
         f"| sparsity (pruned matrices) | {_format(sparsity)} |",
         f"| pattern | {config.get('pattern', 'unstructured')} |",

@@ -7,6 +7,7 @@ config, so the driver can refuse such a model in a second, naming the file and t
 The matrix shapes come from a model built on the ``meta`` device (no memory, no weights), which
 is what N:M divisibility and sparsity-map names are checked against.
 """
+
 from __future__ import annotations
 
 import json

@@ -69,8 +69,7 @@ def _alias_source(alias: str) -> ModelSource:
     path = Path(locations[0]) / filename
     if not path.is_file():
         raise ModelNotAvailableError(
-            f"model alias {alias!r}: {path} is missing from the installed package; reinstall it "
-            f"with `{install}`"
+            f"model alias {alias!r}: {path} is missing from the installed package; reinstall it with `{install}`"
         )
     return ModelSource("alias", str(path.parent), filename)
 

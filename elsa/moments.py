@@ -5,6 +5,7 @@ The objective-aware projection ranks entries by v * x^2. torch's Adam/AdamW keep
 name; bitsandbytes' 8-bit Adam keeps it blockwise-quantised as ``state2`` with ``absmax2``.
 All are returned as this rank's fp32 shard, bias-corrected.
 """
+
 from __future__ import annotations
 
 import torch

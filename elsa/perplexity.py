@@ -45,9 +45,7 @@ def _check_windows(windows: torch.Tensor) -> None:
             f"{type(windows).__name__} of shape {tuple(getattr(windows, 'shape', ()))}"
         )
     if windows.shape[0] < 1 or windows.shape[1] < 2:
-        raise ValueError(
-            f"need at least one window of at least 2 tokens, got shape {tuple(windows.shape)}"
-        )
+        raise ValueError(f"need at least one window of at least 2 tokens, got shape {tuple(windows.shape)}")
 
 
 def nll_sum(

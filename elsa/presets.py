@@ -4,6 +4,7 @@
 model and sparsity; ``--preset FILE`` takes the entry of a preset file written by ``elsa tune``
 for the model and the nearest sparsity. Both are plain data (YAML) under version control.
 """
+
 from __future__ import annotations
 
 from importlib import resources
@@ -84,7 +85,9 @@ def file_preset(path: str | Path, model: str, sparsity: float | None) -> dict:
     mine = [e for e in entries if e.get("model") == model]
     if not mine:
         found = sorted({str(e.get("model")) for e in entries})
-        raise PresetError(f"preset file {str(path)!r} has no entry for model {model!r} (it holds: {', '.join(found) or 'nothing'})")
+        raise PresetError(
+            f"preset file {str(path)!r} has no entry for model {model!r} (it holds: {', '.join(found) or 'nothing'})"
+        )
     if sparsity is None:
         chosen = mine[0]
     else:

@@ -10,6 +10,7 @@ radix select over the float bit patterns (non-negative floats order like their i
 needs only four all-reduced histograms and one all-gathered tie count, never the whole
 matrix on one rank, and gives bit-for-bit the mask a single process gives.
 """
+
 from __future__ import annotations
 
 import torch
@@ -102,7 +103,9 @@ def nm_mask(score: torch.Tensor, n: int, m: int, input_dim: int = 1) -> torch.Te
     return mask if input_dim == 1 else mask.t()
 
 
-def project_mask(score: torch.Tensor, keep: int, nm: tuple[int, int] | None, input_dim: int, group=None) -> torch.Tensor:
+def project_mask(
+    score: torch.Tensor, keep: int, nm: tuple[int, int] | None, input_dim: int, group=None
+) -> torch.Tensor:
     """The mask of one matrix for its pattern (unstructured top-k or N:M)."""
     if nm is not None:
         if input_dim == 0 and group is not None:

@@ -3,6 +3,7 @@
 The paper's default rises from lambda_0 to lambda_final along a half cosine; linear and
 exponential are the other common shapes. ``constant`` ignores ``end``.
 """
+
 from __future__ import annotations
 
 import math

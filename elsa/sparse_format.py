@@ -33,6 +33,7 @@ the densified weights equal the dense export bit for bit.
 Only :func:`load_sparse_model` (and so ``elsa.export.load_checkpoint``, ``elsa eval`` and the
 evaluation tasks) reads this format; other tools need the densified model (see the README).
 """
+
 from __future__ import annotations
 
 import copy
@@ -130,8 +131,9 @@ def decompress(stored: dict[str, torch.Tensor], shapes: dict[str, list[int]]) ->
         mask = _unpack(stored[f"{name}.bitmask"], numel)
         kept = int(mask.sum())
         if kept != values.numel():
-            raise ValueError(f"compressed checkpoint is corrupt: {name} has {kept} mask bits "
-                             f"but {values.numel()} values")
+            raise ValueError(
+                f"compressed checkpoint is corrupt: {name} has {kept} mask bits but {values.numel()} values"
+            )
         dense[name] = torch.zeros(numel, dtype=values.dtype).masked_scatter_(mask, values).view(shape)
     return dense
 
@@ -146,8 +148,14 @@ def write_sparse(model: torch.nn.Module, out: Path, dtype: torch.dtype) -> dict:
     tensors, tied = export_state(model, dtype)
     stored, shapes = compress(tensors)
     save_file(stored, str(out / WEIGHTS_FILE), metadata={"format": "pt", "elsa_sparse": FORMAT_NAME})
-    block = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "weights": WEIGHTS_FILE,
-             "dtype": str(dtype).removeprefix("torch."), "shapes": shapes, "tied": tied}
+    block = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "weights": WEIGHTS_FILE,
+        "dtype": str(dtype).removeprefix("torch."),
+        "shapes": shapes,
+        "tied": tied,
+    }
     write_config(model, out, dtype, block)
     generation = getattr(model, "generation_config", None)
     if generation is not None and getattr(model, "can_generate", lambda: False)():
@@ -173,8 +181,9 @@ def write_config(model: torch.nn.Module, out: Path, dtype: torch.dtype, block: d
     (out / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def load_sparse_model(directory: str | Path, dtype: torch.dtype | None = torch.float32,
-                      attn_implementation: str | None = None) -> torch.nn.Module:
+def load_sparse_model(
+    directory: str | Path, dtype: torch.dtype | None = torch.float32, attn_implementation: str | None = None
+) -> torch.nn.Module:
     """Build the model from config.json and fill it with the densified weights.
 
     ``dtype`` None keeps the stored dtype. The returned model's config no longer carries the
@@ -187,8 +196,10 @@ def load_sparse_model(directory: str | Path, dtype: torch.dtype | None = torch.f
     directory = Path(directory)
     block = json.loads((directory / "config.json").read_text(encoding="utf-8"))[CONFIG_KEY]
     if block.get("format") != FORMAT_NAME or int(block.get("version", 0)) > FORMAT_VERSION:
-        raise ValueError(f"{directory}: sparse format {block.get('format')!r} version {block.get('version')} "
-                         f"is not {FORMAT_NAME!r} <= {FORMAT_VERSION}; upgrade this package")
+        raise ValueError(
+            f"{directory}: sparse format {block.get('format')!r} version {block.get('version')} "
+            f"is not {FORMAT_NAME!r} <= {FORMAT_VERSION}; upgrade this package"
+        )
     dtype = dtype or getattr(torch, block["dtype"])
     config = AutoConfig.from_pretrained(str(directory), trust_remote_code=False)
     if hasattr(config, CONFIG_KEY):
@@ -204,8 +215,10 @@ def load_sparse_model(directory: str | Path, dtype: torch.dtype | None = torch.f
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # the Auto class wants a path, not a state dict
     model, info = model_class.from_pretrained(None, **kwargs)
     if info.get("missing_keys") or info.get("unexpected_keys") or info.get("mismatched_keys"):
-        raise ValueError(f"{directory}: weights do not fit the config: "
-                         f"missing {sorted(info.get('missing_keys', []))[:3]}, "
-                         f"unexpected {sorted(info.get('unexpected_keys', []))[:3]}, "
-                         f"mismatched {list(info.get('mismatched_keys', []))[:3]}")
+        raise ValueError(
+            f"{directory}: weights do not fit the config: "
+            f"missing {sorted(info.get('missing_keys', []))[:3]}, "
+            f"unexpected {sorted(info.get('unexpected_keys', []))[:3]}, "
+            f"mismatched {list(info.get('mismatched_keys', []))[:3]}"
+        )
     return model.eval()

@@ -9,6 +9,7 @@ changes an O(1) update of ``s`` instead of a pass over u.
 8 entries per byte plus the non-zeros in a value format: at 90% sparsity and fp8 values that is
 0.125 + 0.1 bytes per parameter instead of 1.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -47,7 +48,9 @@ def global_amax(x: torch.Tensor, group=None) -> torch.Tensor:
     return amax
 
 
-def quantize(x: torch.Tensor, fmt: Format, group=None, amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize(
+    x: torch.Tensor, fmt: Format, group=None, amax: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Q(x): payload in ``fmt`` and its per-tensor scale (fp32 scalar tensor).
 
     ``amax`` defaults to max|x| over all shards of ``group``, so one process and N shards

@@ -6,6 +6,7 @@ config says), and inside them every ``nn.Linear`` and GPT-2 ``Conv1D`` weight is
 Embeddings, norms, biases and ``lm_head`` sit outside the blocks or are not matrices, so they
 stay dense (and are still trained by the base optimiser).
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -127,7 +128,9 @@ def find_targets(
                 rows, cols = (module.weight.shape[0], module.weight.shape[1])
                 fan_in = cols if input_dim == 1 else rows
                 if fan_in % nm[1]:
-                    raise ValueError(f"{name}: input dimension {fan_in} is not a multiple of M={nm[1]} for {nm[0]}:{nm[1]}")
+                    raise ValueError(
+                        f"{name}: input dimension {fan_in} is not a multiple of M={nm[1]} for {nm[0]}:{nm[1]}"
+                    )
             if level is None:
                 raise ValueError(f"{name}: no sparsity given and no sparsity_map entry matches it")
             targets.append(Target(name, module.weight, float(level), nm, input_dim))
@@ -139,12 +142,12 @@ def find_targets(
     return targets
 
 
-
 def config_targets(model: nn.Module, cfg) -> list[Target]:
     """The matrices ``cfg`` prunes (uniform sparsity, N:M, or its per-matrix sparsity map): the one
     builder every method and the ADMM loop use."""
     sparsity_map = load_sparsity_map(cfg.sparsity_map) if cfg.sparsity_map else None
     return find_targets(model, cfg.sparsity, cfg.nm, sparsity_map)
+
 
 def sparsity_report(targets: list[Target], weights: dict[str, torch.Tensor] | None = None) -> dict:
     """Per-matrix zero counts against their targets, and the overall sparsity of the targets.
@@ -175,7 +178,11 @@ def sparsity_report(targets: list[Target], weights: dict[str, torch.Tensor] | No
         rows.append(row)
         zeros_total += zeros
         numel_total += target.numel
-    return {"matrices": rows, "overall_sparsity": zeros_total / max(numel_total, 1), "all_ok": all(r["ok"] for r in rows)}
+    return {
+        "matrices": rows,
+        "overall_sparsity": zeros_total / max(numel_total, 1),
+        "all_ok": all(r["ok"] for r in rows),
+    }
 
 
 def nm_satisfied(weight: torch.Tensor, n: int, m: int, input_dim: int = 1) -> bool:

@@ -92,9 +92,7 @@ def _config(arch: str, vocab_size: int):
     if arch == "qwen3":
         return tf.Qwen3Config(**decoder, head_dim=head_dim, use_sliding_window=False)
     if arch == "gemma2":
-        return tf.Gemma2Config(
-            **decoder, head_dim=head_dim, query_pre_attn_scalar=head_dim, sliding_window=128
-        )
+        return tf.Gemma2Config(**decoder, head_dim=head_dim, query_pre_attn_scalar=head_dim, sliding_window=128)
     if arch == "opt":
         return tf.OPTConfig(
             vocab_size=vocab_size,
@@ -132,9 +130,7 @@ def tiny_model(arch: str, vocab_size: int, seed: int = 0) -> torch.nn.Module:
     config = _config(arch, vocab_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(
-            config, attn_implementation="eager", dtype=torch.float32
-        )
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
     return model.eval()
 
 

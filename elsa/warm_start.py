@@ -6,6 +6,7 @@ model in minutes. Started from it (x0 = its reconstructed weights, so z0 = Proj(
 u0 = 0), ADMM trains the sparse model on the real loss and may still move the mask. The run then
 keeps whichever is better on held-out calibration text: its own final projection or the start.
 """
+
 from __future__ import annotations
 
 import time

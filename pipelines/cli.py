@@ -6,6 +6,7 @@ sets ``lmda_final``), generated from the config itself so none can be forgotten.
 defaults < ``--config FILE`` < ``--preset`` < explicit flags. Errors print one line and exit
 non-zero; exit 0 means the checkpoint was written and its sparsity verified.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,8 +16,22 @@ import typing
 from elsa.config import ConfigError, PruneConfig, load_yaml, make_config
 
 # options of the run rather than of the method (see pipelines.job.RunOptions)
-_RUN_OPTIONS = ("output", "workers", "gpu", "address", "storage_path", "tracking_uri", "experiment", "run_name", "no_eval",
-                "max_failures", "cpus_per_worker", "overwrite", "keep_checkpoints", "register")
+_RUN_OPTIONS = (
+    "output",
+    "workers",
+    "gpu",
+    "address",
+    "storage_path",
+    "tracking_uri",
+    "experiment",
+    "run_name",
+    "no_eval",
+    "max_failures",
+    "cpus_per_worker",
+    "overwrite",
+    "keep_checkpoints",
+    "register",
+)
 
 
 class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
@@ -70,7 +85,10 @@ def _add_method_options(group) -> None:
 
     for method, model in SETTINGS.items():
         for field, info in model.model_fields.items():
-            flag, help_text = f"--{method}-{field.replace('_', '-')}", f"method_args.{method}.{field} (default: {info.default!r})"
+            flag, help_text = (
+                f"--{method}-{field.replace('_', '-')}",
+                f"method_args.{method}.{field} (default: {info.default!r})",
+            )
             if info.annotation is bool:
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
             else:
@@ -93,20 +111,42 @@ def _method_args(args: argparse.Namespace) -> dict:
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("where and how to run")
     group.add_argument("--config", help="YAML config file (flat PruneConfig fields)")
-    group.add_argument("--output", default=None, help="also copy the exported model into this local directory (the "
-                       "durable copy is the MLflow run's 'checkpoint' artifact)")
-    group.add_argument("--keep-checkpoints", action="store_true", help="keep the run's storage folder (Ray Train's "
-                       "checkpoints and the export); by default it is removed once the export is logged and evaluated")
-    group.add_argument("--register", default=None, metavar="NAME", help="add the export as a new version of this "
-                       "MLflow registered model (tags: sparsity, ppl)")
+    group.add_argument(
+        "--output",
+        default=None,
+        help="also copy the exported model into this local directory (the "
+        "durable copy is the MLflow run's 'checkpoint' artifact)",
+    )
+    group.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="keep the run's storage folder (Ray Train's "
+        "checkpoints and the export); by default it is removed once the export is logged and evaluated",
+    )
+    group.add_argument(
+        "--register",
+        default=None,
+        metavar="NAME",
+        help="add the export as a new version of this MLflow registered model (tags: sparsity, ppl)",
+    )
     group.add_argument("--verbose", action="store_true", help="show third-party warnings and Ray's internal log lines")
     group.add_argument("--workers", type=int, default=1, help="Ray Train workers (FSDP2 when > 1)")
     group.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL, bf16 compute)")
-    group.add_argument("--cpus-per-worker", type=float, default=None, help="CPUs (and threads) each Ray Train worker asks for; default: the machine's cores shared among the workers when Ray starts locally, 1 on a joined cluster")
+    group.add_argument(
+        "--cpus-per-worker",
+        type=float,
+        default=None,
+        help="CPUs (and threads) each Ray Train worker asks for; default: the machine's cores shared among the "
+        "workers when Ray starts locally, 1 on a joined cluster",
+    )
     group.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else local)")
     group.add_argument("--storage-path", default=None, help="Ray Train storage: a path or s3://, gs:// URI")
-    group.add_argument("--max-failures", type=int, default=0, help="worker-group restarts, each resuming from the last checkpoint")
-    group.add_argument("--tracking-uri", default=None, help="MLflow URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    group.add_argument(
+        "--max-failures", type=int, default=0, help="worker-group restarts, each resuming from the last checkpoint"
+    )
+    group.add_argument(
+        "--tracking-uri", default=None, help="MLflow URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)"
+    )
     group.add_argument("--experiment", default="elsa", help="MLflow experiment")
     group.add_argument("--run-name", default=None)
     group.add_argument("--no-eval", action="store_true", help="skip the downstream evaluation")
@@ -230,6 +270,7 @@ def add_commands(commands) -> None:
     sync_cmd = commands.add_parser("sync", help="upload MLflow records queued on disk while the server was away")
     sync_cmd.add_argument("--queue-dir", default=None, help="journal folder (default: <storage>/mlflow-queue)")
     sync_cmd.add_argument("--run", default=None, help="one MLflow run id (default: every run in the folder)")
-    sync_cmd.add_argument("--tracking-uri", default=None,
-                          help="MLflow URI (default: MLFLOW_TRACKING_URI, else the run's)")
+    sync_cmd.add_argument(
+        "--tracking-uri", default=None, help="MLflow URI (default: MLFLOW_TRACKING_URI, else the run's)"
+    )
     sync_cmd.set_defaults(handler=_cmd_sync)

@@ -211,23 +211,18 @@ def ppl_series(rows: list[dict], metric: str = DEFAULT_PPL_METRIC) -> dict[str, 
         series = best[str(row.get("model") or "?")][series_label(row)]
         series[sparsity] = min(value, series.get(sparsity, math.inf))
     return {
-        model: {label: sorted(points.items()) for label, points in by_label.items()}
-        for model, by_label in best.items()
+        model: {label: sorted(points.items()) for label, points in by_label.items()} for model, by_label in best.items()
     }
 
 
-def plot_ppl_vs_sparsity(
-    rows: list[dict], out_png: str | Path, metric: str = DEFAULT_PPL_METRIC
-) -> Path:
+def plot_ppl_vs_sparsity(rows: list[dict], out_png: str | Path, metric: str = DEFAULT_PPL_METRIC) -> Path:
     """Perplexity (log scale) against sparsity: one line per method(+penalty), a panel per model.
 
     The points are those of :func:`ppl_series` (the best run per sparsity).
     """
     points = ppl_series(rows, metric)
     if not points:
-        available = sorted(
-            {k for row in rows for k in row.get("metrics", {}) if k.startswith("ppl_")}
-        )
+        available = sorted({k for row in rows for k in row.get("metrics", {}) if k.startswith("ppl_")})
         raise ValueError(
             f"no finished run has both a sparsity and metric {metric!r}; perplexity metrics "
             f"present: {', '.join(available) or 'none'} (pass one of them as metric)"
@@ -255,9 +250,7 @@ def _run_label(run) -> str:
     return f"{described or run.info.run_name or 'run'} ({run.info.run_id[:8]})"
 
 
-def plot_metric_vs_step(
-    run_ids: list[str], metric: str, out_png: str | Path, tracking_uri: str | None = None
-) -> Path:
+def plot_metric_vs_step(run_ids: list[str], metric: str, out_png: str | Path, tracking_uri: str | None = None) -> Path:
     """The history of ``metric`` (e.g. ``primal_residual``) against step, one line per run.
 
     The y axis turns logarithmic when every value is positive and they span more than 50x, as
@@ -270,9 +263,7 @@ def plot_metric_vs_step(
     axes = figure.add_subplot(1, 1, 1)
     values: list[float] = []
     for run_id in run_ids:
-        history = sorted(
-            client.get_metric_history(run_id, metric), key=lambda m: (m.step, m.timestamp)
-        )
+        history = sorted(client.get_metric_history(run_id, metric), key=lambda m: (m.step, m.timestamp))
         if not history:
             continue
         label = _run_label(client.get_run(run_id))
@@ -307,9 +298,18 @@ def registered_versions(tracking_uri: str | None, run_ids: set[str] | None = Non
             if run_ids is not None and version.run_id not in run_ids:
                 continue
             tags = version.tags or {}
-            found.append({"name": version.name, "version": int(version.version), "run_id": version.run_id,
-                          "stage": ",".join(getattr(version, "aliases", []) or []), "sparsity": tags.get("sparsity"),
-                          "ppl": tags.get("ppl"), "export_format": tags.get("export_format"), "source": version.source})
+            found.append(
+                {
+                    "name": version.name,
+                    "version": int(version.version),
+                    "run_id": version.run_id,
+                    "stage": ",".join(getattr(version, "aliases", []) or []),
+                    "sparsity": tags.get("sparsity"),
+                    "ppl": tags.get("ppl"),
+                    "export_format": tags.get("export_format"),
+                    "source": version.source,
+                }
+            )
         token = page.token
         if not token:
             return sorted(found, key=lambda v: (v["name"], v["version"]))
@@ -318,8 +318,18 @@ def registered_versions(tracking_uri: str | None, run_ids: set[str] | None = Non
 def format_versions(versions: list[dict]) -> str:
     """A plain-text table of :func:`registered_versions`."""
     header = ["registered model", "version", "sparsity", "ppl", "format", "aliases", "run_id"]
-    cells = [[v["name"], str(v["version"]), v["sparsity"] or _MISSING, _format_value("ppl_", _float_or_none(v["ppl"])),
-              v["export_format"] or _MISSING, v["stage"] or _MISSING, v["run_id"] or _MISSING] for v in versions]
+    cells = [
+        [
+            v["name"],
+            str(v["version"]),
+            v["sparsity"] or _MISSING,
+            _format_value("ppl_", _float_or_none(v["ppl"])),
+            v["export_format"] or _MISSING,
+            v["stage"] or _MISSING,
+            v["run_id"] or _MISSING,
+        ]
+        for v in versions
+    ]
     widths = [max(len(row[i]) for row in [header, *cells]) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *cells])
 
@@ -340,9 +350,7 @@ def main(experiment: str, tracking_uri: str | None, out_dir: str | Path) -> dict
     written["rows"].write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
     for metric in sorted({k for row in rows for k in row["metrics"] if k.startswith("ppl_")}):
         try:
-            written[f"{metric}_vs_sparsity"] = plot_ppl_vs_sparsity(
-                rows, out / f"{metric}_vs_sparsity.png", metric
-            )
+            written[f"{metric}_vs_sparsity"] = plot_ppl_vs_sparsity(rows, out / f"{metric}_vs_sparsity.png", metric)
         except ValueError as err:  # e.g. only sparsity-map runs: nothing to draw, say why
             print(f"skipped {metric} against sparsity: {err}")
     versions = registered_versions(tracking_uri, {row["run_id"] for row in rows})

@@ -6,6 +6,7 @@ name. The terminal shows one line, so it must be the worker's own message (``ran
 NonFiniteLossError: training loss is nan at step 3 ...``). Found by duck typing (the attributes
 Ray's exceptions carry), so nothing here imports Ray. Credentials in URIs are masked.
 """
+
 from __future__ import annotations
 
 from pipelines.redact import redact

@@ -4,6 +4,7 @@ Each task loads the pruned checkpoint itself (so tasks can land on any node, eac
 where there is one) and returns ``{metric: value}``. A failing task is reported, not fatal:
 the checkpoint is already saved and logged when evaluation starts.
 """
+
 from __future__ import annotations
 
 import time
@@ -23,7 +24,9 @@ def perplexity_task(location: str, dataset: str, seqlen: int, max_windows: int |
     # the exported weights as shipped (dense or compressed, in their dtype); computed in that
     # dtype on a GPU, upcast to fp32 on a CPU (exact: every bf16 value is an fp32 value)
     with materialized(location) as checkpoint_dir:
-        model, tokenizer = load_checkpoint(checkpoint_dir, dtype=None if device == "cuda" else torch.float32, device=device)
+        model, tokenizer = load_checkpoint(
+            checkpoint_dir, dtype=None if device == "cuda" else torch.float32, device=device
+        )
     return evaluate_perplexity(model, tokenizer, [dataset], seqlen, max_windows)
 
 
@@ -55,7 +58,9 @@ def run_evaluation(location: str, cfg, use_gpu: bool = False, echo=None) -> tupl
         for name in cfg.eval_datasets
     }
     if cfg.lm_eval_tasks:
-        pending["zero_shot"] = zero_shot_task.options(**resources).remote(location, list(cfg.lm_eval_tasks), cfg.lm_eval_limit, cfg.lm_eval_include)
+        pending["zero_shot"] = zero_shot_task.options(**resources).remote(
+            location, list(cfg.lm_eval_tasks), cfg.lm_eval_limit, cfg.lm_eval_include
+        )
     metrics, errors = {}, {}
     names = {ref: name for name, ref in pending.items()}
     started, waiting = time.perf_counter(), list(pending.values())
@@ -70,5 +75,8 @@ def run_evaluation(location: str, cfg, use_gpu: bool = False, echo=None) -> tupl
             errors[name] = f"{type(err).__name__}: {str(err).splitlines()[-1] if str(err) else ''}"
             said = "FAILED"
         if echo is not None:
-            echo(f"  [{len(pending) - len(waiting)}/{len(pending)}] {name} done in {time.perf_counter() - started:.0f} s: {said}")
+            echo(
+                f"  [{len(pending) - len(waiting)}/{len(pending)}] {name} done in "
+                f"{time.perf_counter() - started:.0f} s: {said}"
+            )
     return metrics, errors

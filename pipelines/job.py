@@ -4,6 +4,7 @@ Order matters for the user: everything that can be wrong with the input is check
 starts; the checkpoint is written and logged before evaluation begins, so a failing evaluation
 never costs the pruned model; the MLflow run is closed FAILED with the reason on any error.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -79,8 +80,12 @@ def run_prune(cfg: PruneConfig, options: RunOptions, echo=print) -> JobResult:
     uri = preflight(cfg, options)
     cfg_dict = cfg.model_dump(mode="json")
     run_id = tracking.start_run(
-        uri, options.experiment, cfg_dict, run_name=options.run_name,
-        tags={"workers": str(options.workers), **options.extra_tags}, parent_run_id=options.parent_run_id,
+        uri,
+        options.experiment,
+        cfg_dict,
+        run_name=options.run_name,
+        tags={"workers": str(options.workers), **options.extra_tags},
+        parent_run_id=options.parent_run_id,
     )
     echo(f"MLflow run {run_id} ({redact(uri)}, experiment {options.experiment!r})")
     started = time.perf_counter()
@@ -90,8 +95,13 @@ def run_prune(cfg: PruneConfig, options: RunOptions, echo=print) -> JobResult:
     try:
         init_ray(options.address)
         with _progress(cfg, options) as sink:
-            info = {"uri": uri, "run_id": run_id, "queue_dir": queue, "flush_s": flush_s,
-                    **({"progress": sink} if sink else {})}
+            info = {
+                "uri": uri,
+                "run_id": run_id,
+                "queue_dir": queue,
+                "flush_s": flush_s,
+                **({"progress": sink} if sink else {}),
+            }
             train_metrics, location = _prune(cfg, options, info)
         if "kept_init" in train_metrics:
             outbox.tags({"kept": "init" if train_metrics["kept_init"] else "elsa"})
@@ -123,8 +133,10 @@ def _flush(queue: str, run_id: str, uri: str, wait_s: float, echo) -> str | None
         except Exception as err:  # noqa: BLE001 - the server is away; the records are safe on disk
             if time.monotonic() + pause > deadline:
                 left = pending_count(queue, run_id)
-                note = (f"MLflow server unreachable ({one_line(err)}): {left} records of run {run_id} are kept in "
-                        f"{queue}; upload them with: elsa sync --queue-dir {queue} --run {run_id}")
+                note = (
+                    f"MLflow server unreachable ({one_line(err)}): {left} records of run {run_id} are kept in "
+                    f"{queue}; upload them with: elsa sync --queue-dir {queue} --run {run_id}"
+                )
                 echo(note)
                 return note
             time.sleep(pause)
@@ -154,12 +166,21 @@ def _prune(cfg: PruneConfig, options: RunOptions, tracking_info: dict) -> tuple[
     cpus = options.cpus_per_worker or local_cores_per_task(options.address, options.gpu, options.workers)
     resources = {"CPU": cpus} if cpus else None
     result = run_training(
-        cfg, tracking_info, workers=options.workers, use_gpu=options.gpu, storage_path=storage, name=name,
-        max_failures=options.max_failures, resources_per_worker=resources, extra=extra,
+        cfg,
+        tracking_info,
+        workers=options.workers,
+        use_gpu=options.gpu,
+        storage_path=storage,
+        name=name,
+        max_failures=options.max_failures,
+        resources_per_worker=resources,
+        extra=extra,
     )
     if result.error:
         raise result.error
-    metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    metrics = {
+        k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
     if init_metrics:
         metrics["init_s"] = init_metrics["prune_s"]
     if (result.metrics or {}).get("kept") == "init":
@@ -221,8 +242,17 @@ def _publish(cfg: PruneConfig, options: RunOptions, outbox, location: str, echo)
     return metrics, errors, export
 
 
-def _finish_publish(cfg: PruneConfig, options: RunOptions, uri: str, run_id: str, location: str, export: dict,
-                    metrics: dict, delivered: bool, echo) -> dict:
+def _finish_publish(
+    cfg: PruneConfig,
+    options: RunOptions,
+    uri: str,
+    run_id: str,
+    location: str,
+    export: dict,
+    metrics: dict,
+    delivered: bool,
+    echo,
+) -> dict:
     """Once the journal is delivered: register, and remove the run's storage (unless kept).
 
     Undelivered (the server is away), the storage copy stays: until ``elsa sync`` it is the
@@ -238,8 +268,14 @@ def _finish_publish(cfg: PruneConfig, options: RunOptions, uri: str, run_id: str
     export["location"] = export.get("output") or publish.artifact_uri(uri, run_id)
     if options.register:
         ppl = next((metrics[k] for k in sorted(metrics) if k.startswith("ppl_")), None)
-        tags = {"sparsity": cfg.sparsity, "pattern": cfg.pattern, "method": cfg.method, "ppl": ppl,
-                "export_format": export["format"], "model": cfg.model}
+        tags = {
+            "sparsity": cfg.sparsity,
+            "pattern": cfg.pattern,
+            "method": cfg.method,
+            "ppl": ppl,
+            "export_format": export["format"],
+            "model": cfg.model,
+        }
         export["registered"] = f"{options.register} v{publish.register(uri, run_id, options.register, tags)}"
     if not options.keep_checkpoints:
         from pipelines.storage import run_storage
@@ -261,7 +297,9 @@ def summary_table(result: JobResult) -> str:
     lines = [f"run id      {result.run_id}", f"checkpoint  {result.checkpoint_dir}"]
     if result.export:
         size = result.export.get("weights_bytes", 0) / 1e6
-        lines.append(f"export      {result.export.get('format')}, {result.export.get('dtype')}, {size:.1f} MB of weights")
+        lines.append(
+            f"export      {result.export.get('format')}, {result.export.get('dtype')}, {size:.1f} MB of weights"
+        )
     if result.export.get("registered"):
         lines.append(f"registered  {result.export['registered']}")
     lines.append(f"wall time   {result.wall_s:.1f} s")

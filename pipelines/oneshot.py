@@ -1,4 +1,5 @@
 """One-shot, layer-wise baselines (magnitude, Wanda, SparseGPT) as one Ray task."""
+
 from __future__ import annotations
 
 import json

@@ -11,6 +11,7 @@ but the cursor not yet advanced when the process died) is dropped by MLflow as a
 a restarted worker skips the (metric, step) pairs already journaled, so each step is logged once.
 ``elsa sync`` delivers whatever a run left behind.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -94,7 +95,7 @@ class Outbox:
             return 0
 
     def pending(self) -> list[dict]:
-        return self.records()[self.sent():]
+        return self.records()[self.sent() :]
 
     def _advance(self, count: int) -> None:
         tmp = self.cursor_file.with_suffix(".tmp")

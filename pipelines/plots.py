@@ -1,4 +1,5 @@
 """Figures logged with a run: per-layer sparsity."""
+
 from __future__ import annotations
 
 from pathlib import Path

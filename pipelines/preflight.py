@@ -7,6 +7,7 @@ option at fault and says the fix. :class:`UsageError` (exit code 2) is a wrong a
 :class:`PreflightError` (exit code 1) a valid argument the environment cannot serve now (an
 uncached hub model offline, an unreachable server).
 """
+
 from __future__ import annotations
 
 import math

@@ -10,6 +10,7 @@ slow driver never slows training), and a driver thread turns them into one line:
 rewritten in place on a terminal, printed as plain lines every ``interval`` seconds (and at the
 first and last step) when stdout is not a TTY (CI, ``ray job`` logs).
 """
+
 from __future__ import annotations
 
 import sys

@@ -8,6 +8,7 @@ task's folder), where every node can read it. Keeping it there *and* in MLflow *
 adds a local copy on request; the run's storage folder (the export and Ray Train's intermediate
 checkpoints) is removed once the export is logged and evaluated, unless ``--keep-checkpoints``.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,11 @@ def weights_bytes(directory: str | Path) -> int:
 def export_summary(directory: str | Path) -> dict:
     """``{format, dtype, weights_bytes}`` of the export in ``directory`` (from its metadata)."""
     metadata = json.loads((Path(directory) / "elsa_metadata.json").read_text(encoding="utf-8"))
-    return {"format": metadata.get("export_format", "dense"), "dtype": metadata.get("export_dtype", "?"),
-            "weights_bytes": weights_bytes(directory)}
+    return {
+        "format": metadata.get("export_format", "dense"),
+        "dtype": metadata.get("export_dtype", "?"),
+        "weights_bytes": weights_bytes(directory),
+    }
 
 
 def log_export(outbox, directory: str | Path, command: str | None) -> None:
@@ -107,8 +111,8 @@ def register(uri: str, run_id: str, name: str, tags: dict) -> str:
         if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
             raise
     source = client.get_run(run_id).info.artifact_uri.rstrip("/") + f"/{ARTIFACT_PATH}"
-    version = client.create_model_version(name, source, run_id=run_id,
-                                          tags={k: str(v) for k, v in tags.items() if v is not None})
+    version = client.create_model_version(
+        name, source, run_id=run_id, tags={k: str(v) for k, v in tags.items() if v is not None}
+    )
     client.set_tag(run_id, "registered_model", f"{name}/{version.version}")
     return str(version.version)
-

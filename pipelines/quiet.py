@@ -9,6 +9,7 @@ errors in this process, and stops Ray from streaming its workers' output to the 
 (``/tmp/ray/session_latest/logs``), the run's metrics reach the terminal through the progress
 line (:mod:`pipelines.progress`), and errors reach it as exceptions.
 """
+
 from __future__ import annotations
 
 import logging
@@ -16,8 +17,20 @@ import os
 import warnings
 
 QUIET_ENV = "ELSA_QUIET"
-_LOGGERS = ("ray", "ray.train", "ray.tune", "mlflow", "alembic", "torchao", "torch.utils._pytree",
-            "transformers", "datasets", "huggingface_hub", "lm_eval", "urllib3")
+_LOGGERS = (
+    "ray",
+    "ray.train",
+    "ray.tune",
+    "mlflow",
+    "alembic",
+    "torchao",
+    "torch.utils._pytree",
+    "transformers",
+    "datasets",
+    "huggingface_hub",
+    "lm_eval",
+    "urllib3",
+)
 
 
 def configure(verbose: bool) -> None:

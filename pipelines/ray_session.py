@@ -3,6 +3,7 @@
 Shared by ``elsa prune``, ``elsa eval`` and ``elsa tune``, so none of them imports another's
 orchestrator for these few functions.
 """
+
 from __future__ import annotations
 
 import logging
@@ -18,7 +19,12 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"), "HF_DATASETS_OFFLINE": os.environ.get("HF_DATASETS_OFFLINE", "0")}}
+    env = {
+        "env_vars": {
+            "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
+            "HF_DATASETS_OFFLINE": os.environ.get("HF_DATASETS_OFFLINE", "0"),
+        }
+    }
     from pipelines.quiet import ray_init_kwargs
 
     if address:
@@ -26,7 +32,13 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
         pin_train_coordinator()
     else:
         loopback_only(ray)
-        ray.init(num_cpus=num_cpus, runtime_env=env, include_dashboard=False, _node_ip_address="127.0.0.1", **ray_init_kwargs())
+        ray.init(
+            num_cpus=num_cpus,
+            runtime_env=env,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            **ray_init_kwargs(),
+        )
 
 
 def loopback_only(ray) -> None:

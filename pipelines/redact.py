@@ -4,6 +4,7 @@ Why: tracking and storage URIs may carry ``user:password@`` (or ``?token=...``);
 terminal, MLflow params and tags are read by others and kept forever, so the secret part is
 replaced by ``***`` wherever such a URI appears in text, whatever the scheme.
 """
+
 from __future__ import annotations
 
 import re

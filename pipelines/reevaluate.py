@@ -3,6 +3,7 @@
 For a run id, the checkpoint is downloaded from the run's artifacts and the results are logged
 back to that run; for a directory, they are printed (and logged nowhere).
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -29,9 +30,13 @@ def reevaluate(args) -> str:
     from pipelines.ray_session import init_ray
 
     eval_cfg = SimpleNamespace(
-        eval_datasets=list(args.eval_datasets), eval_seqlen=args.eval_seqlen, seqlen=args.eval_seqlen,
-        eval_max_windows=args.eval_max_windows, lm_eval_tasks=list(args.lm_eval_tasks),
-        lm_eval_limit=args.lm_eval_limit, lm_eval_include=getattr(args, "lm_eval_include", None),
+        eval_datasets=list(args.eval_datasets),
+        eval_seqlen=args.eval_seqlen,
+        seqlen=args.eval_seqlen,
+        eval_max_windows=args.eval_max_windows,
+        lm_eval_tasks=list(args.lm_eval_tasks),
+        lm_eval_limit=args.lm_eval_limit,
+        lm_eval_include=getattr(args, "lm_eval_include", None),
     )
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
     with tempfile.TemporaryDirectory() as scratch:

@@ -5,6 +5,7 @@ logs it (the driver on the head) nor the ones that evaluate it. Everything there
 through the run's storage path, which Ray Train already requires to be shared: a local path
 on one machine or NFS, a bucket URI on a cluster. Local paths are used in place.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -5,6 +5,7 @@ The embedded default needs no server: a sqlite store ``mlflow.db`` in the workin
 is one flag away (``--tracking-uri http://127.0.0.1:5000`` or ``MLFLOW_TRACKING_URI``); it is
 checked for reachability before any work starts, so a typo costs seconds, not a pruning run.
 """
+
 from __future__ import annotations
 
 import os
@@ -79,7 +80,14 @@ def git_commit() -> str:
         return "unknown"
 
 
-def start_run(uri: str, experiment: str, cfg_dict: dict, run_name: str | None = None, tags: dict | None = None, parent_run_id: str | None = None) -> str:
+def start_run(
+    uri: str,
+    experiment: str,
+    cfg_dict: dict,
+    run_name: str | None = None,
+    tags: dict | None = None,
+    parent_run_id: str | None = None,
+) -> str:
     """Open a run with every config field as a parameter; returns the run id."""
     mlflow_client = client(uri)
     all_tags = {

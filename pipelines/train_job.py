@@ -7,6 +7,7 @@ Checkpoints (model + base optimiser + z and u, via torch.distributed.checkpoint)
 ``ray.train.report`` every ``checkpoint_interval`` steps; a restarted worker group resumes from
 the latest. At the end, rank 0 writes the consolidated Hugging Face checkpoint.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,7 +37,11 @@ def shard_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module
     """FSDP2: one unit per decoder block, then the root (bf16 compute on GPU)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
+    policy = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if device.type == "cuda"
+        else MixedPrecisionPolicy()
+    )
     _, blocks = decoder_blocks(model)
     for block in blocks:
         fully_shard(block, mp_policy=policy)
@@ -131,8 +136,9 @@ def train_loop_per_worker(config: dict) -> None:
 
     checkpoint = newest_checkpoint(ray.train.get_checkpoint(), config.get("run_token"))
     # resuming, the checkpoint holds every weight: an in-worker warm start is not recomputed
-    model, tokenizer, init_s = _starting_model(cfg, config.get("init_location"), device, world,
-                                               one_shot=checkpoint is None)
+    model, tokenizer, init_s = _starting_model(
+        cfg, config.get("init_location"), device, world, one_shot=checkpoint is None
+    )
     teacher = _teacher(cfg, device, world)
     if world > 1:
         shard_model(model, device)
@@ -148,7 +154,10 @@ def train_loop_per_worker(config: dict) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             if not (Path(directory) / STATE_FILE).is_file():
-                raise RuntimeError(f"Ray Train run {context.get_experiment_name()!r} already finished (its last checkpoint is the exported model): choose a new --run-name")
+                raise RuntimeError(
+                    f"Ray Train run {context.get_experiment_name()!r} already finished (its last checkpoint is the "
+                    "exported model): choose a new --run-name"
+                )
             start = _load_state(model, admm, Path(directory))
         scheduler = torch.optim.lr_scheduler.LambdaLR(admm, lr_factor(cfg), last_epoch=start - 1)
         logger({"resumed_from_step": start}, start)
@@ -161,8 +170,11 @@ def train_loop_per_worker(config: dict) -> None:
     def on_checkpoint(step: int) -> None:
         with tempfile.TemporaryDirectory() as directory:
             _save_state(model, admm, step, Path(directory), config.get("run_token"))
-            ray.train.report({"step": step, "checkpoint_step": step}, checkpoint=Checkpoint.from_directory(directory),
-                             checkpoint_dir_name=f"{STEP_PREFIX}{step:08d}")
+            ray.train.report(
+                {"step": step, "checkpoint_step": step},
+                checkpoint=Checkpoint.from_directory(directory),
+                checkpoint_dir_name=f"{STEP_PREFIX}{step:08d}",
+            )
         for callback in config.get("after_checkpoint") or ():
             callback(step)
 
@@ -175,7 +187,9 @@ def train_loop_per_worker(config: dict) -> None:
     if init_s is not None:
         final["init_s"] = init_s
     if history:
-        final["final_val_loss_projected"] = next((h["val_loss_projected"] for h in reversed(history) if "val_loss_projected" in h), float("nan"))
+        final["final_val_loss_projected"] = next(
+            (h["val_loss_projected"] for h in reversed(history) if "val_loss_projected" in h), float("nan")
+        )
     if init_val_loss is not None:  # never worse than the start: the driver ships the start instead
         final["init_val_loss"] = init_val_loss
         final_loss = final["final_val_loss_projected"] if "final_val_loss_projected" in final else validation_loss()
@@ -188,14 +202,18 @@ def train_loop_per_worker(config: dict) -> None:
         logger({k: v for k, v in final.items() if isinstance(v, (int, float))}, cfg.steps)
         with tempfile.TemporaryDirectory() as directory:
             (Path(directory) / "kept.json").write_text(json.dumps(final))
-            ray.train.report({**final, "step": cfg.steps}, checkpoint=Checkpoint.from_directory(directory) if rank == 0 else None)
+            ray.train.report(
+                {**final, "step": cfg.steps}, checkpoint=Checkpoint.from_directory(directory) if rank == 0 else None
+            )
         return
     # The HF checkpoint is the run's last Ray Train checkpoint: Ray uploads it to the storage
     # path, where the driver and the evaluation tasks find it, whichever node they are on.
     with tempfile.TemporaryDirectory() as directory:
         final.update(_export(model, tokenizer, admm, cfg, directory, rank))
         logger({k: v for k, v in final.items() if isinstance(v, (int, float))}, cfg.steps)
-        ray.train.report({**final, "step": cfg.steps}, checkpoint=Checkpoint.from_directory(directory) if rank == 0 else None)
+        ray.train.report(
+            {**final, "step": cfg.steps}, checkpoint=Checkpoint.from_directory(directory) if rank == 0 else None
+        )
 
 
 def _starting_model(cfg: PruneConfig, init_location: str | None, device, world: int, one_shot: bool = True):
@@ -354,7 +372,9 @@ def _export(model, tokenizer, admm, cfg: PruneConfig, output: str, rank: int) ->
         (out / "sparsity_report.json").write_text(json.dumps(report, indent=1))
         if not report["all_ok"]:
             bad = next(r for r in report["matrices"] if not r["ok"])
-            raise RuntimeError(f"sparsity check failed: {bad['name']} has {bad['zeros']} zeros, expected >= {bad['expected_zeros']}")
+            raise RuntimeError(
+                f"sparsity check failed: {bad['name']} has {bad['zeros']} zeros, expected >= {bad['expected_zeros']}"
+            )
         export_model = model if not _distributed() else _unsharded_copy(cfg, full)
         export_pruned(export_model, tokenizer, cfg, out, report)
         result = {"overall_sparsity": report["overall_sparsity"]}
@@ -369,13 +389,24 @@ def _unsharded_copy(cfg: PruneConfig, full: dict) -> torch.nn.Module:
     missing, unexpected = model.load_state_dict(full, strict=False)
     tied = {name for name in missing if name.endswith("lm_head.weight")}
     if unexpected or set(missing) - tied:
-        raise RuntimeError(f"gathered state does not fit the model: missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]}")
+        raise RuntimeError(
+            f"gathered state does not fit the model: missing {sorted(set(missing) - tied)[:3]}, unexpected "
+            f"{unexpected[:3]}"
+        )
     return model
 
 
-def run_training(cfg: PruneConfig, tracking: dict | None, workers: int = 1, use_gpu: bool = False,
-                 storage_path: str | None = None, name: str | None = None, max_failures: int = 0,
-                 resources_per_worker: dict | None = None, extra: dict | None = None):
+def run_training(
+    cfg: PruneConfig,
+    tracking: dict | None,
+    workers: int = 1,
+    use_gpu: bool = False,
+    storage_path: str | None = None,
+    name: str | None = None,
+    max_failures: int = 0,
+    resources_per_worker: dict | None = None,
+    extra: dict | None = None,
+):
     """Run the TorchTrainer to completion; returns the ``ray.train.Result``.
 
     Its ``checkpoint`` is the exported Hugging Face model, its ``metrics`` the final numbers.
@@ -385,9 +416,21 @@ def run_training(cfg: PruneConfig, tracking: dict | None, workers: int = 1, use_
     """
     from pipelines.trainer import build_trainer
 
-    loop_config = {"cfg": cfg.model_dump(mode="json"), "tracking": tracking, "run_token": uuid.uuid4().hex,
-                   **(extra or {})}
-    trainer = build_trainer(_worker_entry, loop_config, workers=workers, use_gpu=use_gpu,
-                            resources_per_worker=resources_per_worker, name=name,
-                            storage_path=run_storage(storage_path), max_failures=max_failures, num_to_keep=2)
+    loop_config = {
+        "cfg": cfg.model_dump(mode="json"),
+        "tracking": tracking,
+        "run_token": uuid.uuid4().hex,
+        **(extra or {}),
+    }
+    trainer = build_trainer(
+        _worker_entry,
+        loop_config,
+        workers=workers,
+        use_gpu=use_gpu,
+        resources_per_worker=resources_per_worker,
+        name=name,
+        storage_path=run_storage(storage_path),
+        max_failures=max_failures,
+        num_to_keep=2,
+    )
     return trainer.fit()

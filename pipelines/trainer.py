@@ -4,14 +4,25 @@ What differs between the two (the worker function, its config, the Ray Train cal
 restarts and checkpoints) is a parameter; the backend (NCCL on GPU, gloo on CPU) and the shape
 of the run config are decided here once.
 """
+
 from __future__ import annotations
 
 from typing import Callable
 
 
-def build_trainer(worker: Callable[[dict], None], loop_config: dict, *, workers: int, use_gpu: bool,
-                  resources_per_worker: dict | None, name: str | None, storage_path: str,
-                  max_failures: int = 0, num_to_keep: int = 2, callbacks: list | None = None):
+def build_trainer(
+    worker: Callable[[dict], None],
+    loop_config: dict,
+    *,
+    workers: int,
+    use_gpu: bool,
+    resources_per_worker: dict | None,
+    name: str | None,
+    storage_path: str,
+    max_failures: int = 0,
+    num_to_keep: int = 2,
+    callbacks: list | None = None,
+):
     """A ``TorchTrainer`` running ``worker(loop_config)`` on ``workers`` Ray Train workers."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer

@@ -150,11 +150,7 @@ def user_tasks(include_path: str | Path) -> dict[str, Path]:
             "holding task YAML files (--lm-eval-include DIR)"
         )
     manager = TaskManager(include_path=str(folder.resolve()), include_defaults=False)
-    return {
-        name: Path(entry.yaml_path)
-        for name, entry in manager.task_index.items()
-        if entry.yaml_path is not None
-    }
+    return {name: Path(entry.yaml_path) for name, entry in manager.task_index.items() if entry.yaml_path is not None}
 
 
 def resolve_mode(mode: Mode) -> Literal["hub", "local"]:
@@ -209,19 +205,14 @@ def _finite(value) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _check_args(
-    checkpoint_dir: str, tasks: list[str], limit: int | None, batch_size: int, mode: str
-) -> None:
+def _check_args(checkpoint_dir: str, tasks: list[str], limit: int | None, batch_size: int, mode: str) -> None:
     if not Path(checkpoint_dir).is_dir():
         raise FileNotFoundError(
             f"checkpoint directory {checkpoint_dir!r} does not exist; give a directory written by "
             "save_pretrained (the pruned model of a run)"
         )
     if isinstance(tasks, str) or not tasks:
-        raise ValueError(
-            f"tasks must be a non-empty list of task names, got {tasks!r}; e.g. "
-            f"{list(PAPER_TASKS)}"
-        )
+        raise ValueError(f"tasks must be a non-empty list of task names, got {tasks!r}; e.g. {list(PAPER_TASKS)}")
     if len(set(tasks)) != len(tasks):
         raise ValueError(f"tasks {tasks!r} name a task twice")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
@@ -261,9 +252,7 @@ def run_zero_shot(
     with tempfile.TemporaryDirectory(prefix="elsa-lm-eval-") as scratch:
         plan = _plan(tasks, resolved, found, Path(scratch))
         paths = [scratch] + ([str(Path(include_path).expanduser().resolve())] if found else [])
-        manager = TaskManager(
-            include_path=paths, include_defaults=any(p.source == "hub" for p in plan)
-        )
+        manager = TaskManager(include_path=paths, include_defaults=any(p.source == "hub" for p in plan))
         try:
             output = _evaluate(checkpoint_dir, plan, manager, limit, batch_size, device)
         except ConnectionError as err:

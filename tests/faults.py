@@ -3,6 +3,7 @@
 Ray pickles these by value (``ray.cloudpickle.register_pickle_by_value``), so the workers need
 not import the tests folder; production code carries only the generic callback list.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -8,6 +8,7 @@
 - Every method on tiny Llama, OPT and GPT-2: exact per-matrix sparsity, 2:4, untouched
   non-target parameters, finite loss.
 """
+
 from __future__ import annotations
 
 import copy
@@ -160,8 +161,9 @@ def test_sparsegpt_update_is_the_least_squares_optimum_for_one_pruned_column():
     assert torch.allclose(new[:, keep].double(), optimum, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("pattern,sparsity", [(None, 0.5), (None, 0.7), ((2, 4), 0.5)],
-                         ids=["unstructured-0.5", "unstructured-0.7", "2:4"])  # N:M fixes 50%
+@pytest.mark.parametrize(
+    "pattern,sparsity", [(None, 0.5), (None, 0.7), ((2, 4), 0.5)], ids=["unstructured-0.5", "unstructured-0.7", "2:4"]
+)  # N:M fixes 50%
 def test_sparsegpt_reconstructs_better_than_magnitude_and_wanda(pattern, sparsity):
     x = _correlated_inputs(1024, 256, seed=4)
     weight = torch.randn(48, 256, generator=torch.Generator().manual_seed(5))
@@ -225,15 +227,16 @@ def test_layerwise_feeds_each_layer_the_inputs_of_the_pruned_prefix(arch, seqlen
     pruned_state = model.state_dict()
     for block in range(model.config.num_hidden_layers):
         reference = copy.deepcopy(original)
-        earlier = {k: v for k, v in pruned_state.items()
-                   if any(k.startswith(f"{prefix}.{j}.") for j in range(block))}
+        earlier = {k: v for k, v in pruned_state.items() if any(k.startswith(f"{prefix}.{j}.") for j in range(block))}
         reference.load_state_dict(earlier, strict=False)
         seen = {}
         handles = []
         for target in targets:
             if target.name.startswith(f"{prefix}.{block}."):
+
                 def hook(m, i, o, name=target.name):
                     seen[name] = i[0].reshape(-1, i[0].shape[-1])
+
                 handles.append(module_of(reference, target).register_forward_hook(hook))
         with torch.no_grad():
             reference(input_ids=calib, use_cache=False)
@@ -335,8 +338,9 @@ def test_method_settings_reach_the_method_from_the_command_line():
     from cli.main import make_parser
     from pipelines.cli import build_config
 
-    args = make_parser().parse_args(["prune", "--method", "sparsegpt", "--sparsity", "0.7",
-                                     "--sparsegpt-damp", "10", "--no-wanda-per-row"])
+    args = make_parser().parse_args(
+        ["prune", "--method", "sparsegpt", "--sparsity", "0.7", "--sparsegpt-damp", "10", "--no-wanda-per-row"]
+    )
     cfg = build_config(args)
     assert cfg.method_args == {"sparsegpt": {"damp": 10.0}, "wanda": {"per_row": False}}
     default, damped = _pruned(_cfg("sparsegpt")), _pruned(cfg)
@@ -347,7 +351,7 @@ def test_method_settings_reach_the_method_from_the_command_line():
     # a heavily damped Hessian is nearly the identity: SparseGPT's mask tends to magnitude's
     model = tiny_model("llama", VOCAB, seed=0)
     for target in find_targets(model, 0.7):
-        magnitude = (target.param.abs() >= target.param.abs().flatten().kthvalue(target.numel - target.keep).values)
+        magnitude = target.param.abs() >= target.param.abs().flatten().kthvalue(target.numel - target.keep).values
         agreement = ((damped[target.name] != 0) == magnitude).float().mean()
         default_agreement = ((default[target.name] != 0) == magnitude).float().mean()
         assert agreement >= default_agreement - 1e-6, target.name
@@ -365,13 +369,16 @@ def test_wanda_per_row_false_compares_over_the_whole_matrix():
     assert differs > 0
 
 
-@pytest.mark.parametrize("args, words", [
-    ({"sparsegpt": {"damp": 0}}, ["sparsegpt.damp", "--sparsegpt-damp"]),
-    ({"sparsegpt": {"blocksize": 0}}, ["sparsegpt.blocksize", "--sparsegpt-blocksize"]),
-    ({"sparsegpt": {"dampening": 1}}, ["sparsegpt.dampening"]),
-    ({"obs": {}}, ["obs", "no such method"]),
-    ({"elsa": {"lr": 1}}, ["elsa", "config fields"]),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        ({"sparsegpt": {"damp": 0}}, ["sparsegpt.damp", "--sparsegpt-damp"]),
+        ({"sparsegpt": {"blocksize": 0}}, ["sparsegpt.blocksize", "--sparsegpt-blocksize"]),
+        ({"sparsegpt": {"dampening": 1}}, ["sparsegpt.dampening"]),
+        ({"obs": {}}, ["obs", "no such method"]),
+        ({"elsa": {"lr": 1}}, ["elsa", "config fields"]),
+    ],
+)
 def test_bad_method_args_are_refused_by_name(args, words):
     with pytest.raises(ConfigError) as err:
         make_config({"method": "sparsegpt", "sparsity": 0.7, "method_args": args})

@@ -70,8 +70,7 @@ def _dashboard_deps_error() -> str | None:
 class LocalRayHead:
     """A `ray start --head` cluster owned by this test, ended by pid on exit."""
 
-    def __init__(self, *, num_cpus: int, autoscaling_config: dict | None = None,
-                 dashboard: bool = True):
+    def __init__(self, *, num_cpus: int, autoscaling_config: dict | None = None, dashboard: bool = True):
         self.num_cpus = num_cpus
         self.autoscaling_config = autoscaling_config
         self.dashboard = dashboard
@@ -86,10 +85,10 @@ class LocalRayHead:
         token = self.root / "auth_token"
         token.write_text(secrets.token_hex(32))
         token.chmod(0o600)
-        self.env = {k: v for k, v in os.environ.items()
-                    if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
-        self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token),
-                        RAY_USAGE_STATS_ENABLED="0")
+        self.env = {
+            k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+        }
+        self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_USAGE_STATS_ENABLED="0")
         # As on a cluster node, `python` is the interpreter that has Ray and this project: a job's
         # entrypoint (`python -m cli ...`) resolves it from the head's PATH, and pytest
         # run as `.venv/bin/python -m pytest` does not put the venv on PATH by itself.
@@ -109,12 +108,18 @@ class LocalRayHead:
 
     def _start(self) -> None:
         cmd = RAY_CLI + [
-            "start", "--head", f"--port={self.gcs_port}", f"--num-cpus={self.num_cpus}",
-            "--num-gpus=0", f"--temp-dir={self.root / 'ray'}", "--disable-usage-stats",
+            "start",
+            "--head",
+            f"--port={self.gcs_port}",
+            f"--num-cpus={self.num_cpus}",
+            "--num-gpus=0",
+            f"--temp-dir={self.root / 'ray'}",
+            "--disable-usage-stats",
             "--object-store-memory=200000000",
             f"--dashboard-agent-listen-port={_free_port()}",
             f"--include-dashboard={'true' if self.dashboard else 'false'}",
-            "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={self.dashboard_port}",
         ]
         env = dict(self.env)
         if self.autoscaling_config is not None:
@@ -124,8 +129,7 @@ class LocalRayHead:
             env["RAY_FAKE_CLUSTER"] = "1"
         log = self.root / "ray_start.log"
         with open(log, "w") as out:
-            proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+            proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
             self.sid = proc.pid  # the session leader's pid is the session id
             rc = proc.wait(timeout=120)
         if rc != 0:
@@ -206,9 +210,13 @@ class NodeTimeline:
     def __init__(self, head: LocalRayHead):
         self.stop_file = head.root / "poller.stop"
         self.samples: list[dict] = []
-        self.proc = subprocess.Popen([sys.executable, "-c", _POLLER, head.address, str(self.stop_file)],
-                                     env=head.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _POLLER, head.address, str(self.stop_file)],
+            env=head.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -271,23 +279,70 @@ def _run_workload(address: str, env: dict, workdir: Path) -> dict:
 
     model = _tiny_model(workdir)
     db = workdir / "mlflow.db"
-    command = [sys.executable, "-m", "cli", "tune", "--model", str(model), "--sparsity", "0.7",
-               "--trials", "2", "--steps", "4", "--seqlen", "64", "--batch-size", "2", "--eval-interval", "2",
-               "--val-blocks", "2", "--scheduler", "none", "--max-concurrent", "2",
-               "--trial-resources", json.dumps({"CPU": 0.5, "trainer": 1}), "--cpus-per-worker", "0.5",
-               "--address", address, "--storage-path", str(workdir / "storage"), "--name", "autoscale",
-               "--tracking-uri", f"sqlite:///{db}", "--experiment", "autoscale",
-               "--preset-out", str(workdir / "preset.yaml")]
-    proc = subprocess.run(command, env={**env, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
-                          cwd=workdir, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"elsa tune failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}"
+    command = [
+        sys.executable,
+        "-m",
+        "cli",
+        "tune",
+        "--model",
+        str(model),
+        "--sparsity",
+        "0.7",
+        "--trials",
+        "2",
+        "--steps",
+        "4",
+        "--seqlen",
+        "64",
+        "--batch-size",
+        "2",
+        "--eval-interval",
+        "2",
+        "--val-blocks",
+        "2",
+        "--scheduler",
+        "none",
+        "--max-concurrent",
+        "2",
+        "--trial-resources",
+        json.dumps({"CPU": 0.5, "trainer": 1}),
+        "--cpus-per-worker",
+        "0.5",
+        "--address",
+        address,
+        "--storage-path",
+        str(workdir / "storage"),
+        "--name",
+        "autoscale",
+        "--tracking-uri",
+        f"sqlite:///{db}",
+        "--experiment",
+        "autoscale",
+        "--preset-out",
+        str(workdir / "preset.yaml"),
+    ]
+    proc = subprocess.run(
+        command,
+        env={**env, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, (
+        f"elsa tune failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}"
+    )
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
     runs = client.search_runs([client.get_experiment_by_name("autoscale").experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     preset = workdir / "preset.yaml"
-    return {"parents": parents, "children": children, "stdout": proc.stdout,
-            "preset": yaml.safe_load(preset.read_text()) if preset.is_file() else None}
+    return {
+        "parents": parents,
+        "children": children,
+        "stdout": proc.stdout,
+        "preset": yaml.safe_load(preset.read_text()) if preset.is_file() else None,
+    }
 
 
 _WHO_HOLDS = textwrap.dedent("""
@@ -300,8 +355,13 @@ _WHO_HOLDS = textwrap.dedent("""
 
 def _alive_actors(head: LocalRayHead) -> str:
     """Alive actors and their nodes (what keeps a worker node from going idle), for a failure message."""
-    proc = subprocess.run([sys.executable, "-c", _WHO_HOLDS, head.dashboard_url], env=head.env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", _WHO_HOLDS, head.dashboard_url],
+        env=head.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return proc.stdout[-3000:] or proc.stderr[-3000:]
 
 
@@ -329,16 +389,18 @@ def test_fake_cluster_scales_up_for_trainer_work_and_back_down(capsys):
             marks["work submitted"] = time.time()
             results = _run_workload(head.address, head.env, head.root)
             marks["work finished"] = time.time()
-            during = [s for s in timeline.samples
-                      if marks["work submitted"] <= s["t"] <= marks["work finished"]]
+            during = [s for s in timeline.samples if marks["work submitted"] <= s["t"] <= marks["work finished"]]
             seen_workers = {w for s in during for w in s["workers"]}
             max_alive = max((len(s["workers"]) for s in during), default=0)
 
             try:
-                timeline.wait_for(lambda s: s["workers"] == [], SCALE_DOWN_TIMEOUT_S,
-                                  "the idle worker nodes to be removed")
+                timeline.wait_for(
+                    lambda s: s["workers"] == [], SCALE_DOWN_TIMEOUT_S, "the idle worker nodes to be removed"
+                )
             except TimeoutError as err:
-                raise AssertionError(f"{err}; alive actors (node id, class, name, detached):\n{_alive_actors(head)}") from None
+                raise AssertionError(
+                    f"{err}; alive actors (node id, class, name, detached):\n{_alive_actors(head)}"
+                ) from None
             marks["back to head only"] = time.time()
         finally:
             if timeline is not None:
@@ -357,9 +419,11 @@ def test_fake_cluster_scales_up_for_trainer_work_and_back_down(capsys):
     assert [e["sparsity"] for e in entries] == [0.7], results["preset"]
     assert entries[0]["config"].get("penalty") in ("coupled", "decoupled"), entries[0]
     with capsys.disabled():
-        print(f"  max alive workers during the work: {max_alive}; "
-              f"scale-down took {marks['back to head only'] - marks['work finished']:.1f}s "
-              f"after the work finished")
+        print(
+            f"  max alive workers during the work: {max_alive}; "
+            f"scale-down took {marks['back to head only'] - marks['work finished']:.1f}s "
+            f"after the work finished"
+        )
 
 
 _JOB_QUERY = textwrap.dedent("""
@@ -373,10 +437,33 @@ _JOB_QUERY = textwrap.dedent("""
 
 def _job_entrypoint(model: Path, out_dir: Path) -> list[str]:
     """`elsa prune` as `ray job submit` runs it: a tiny model, 2 steps, no evaluation."""
-    return ["python", "-m", "cli", "prune", "--model", str(model), "--sparsity", "0.5", "--steps", "2",
-            "--seqlen", "64", "--batch-size", "2", "--val-blocks", "2", "--output", str(out_dir / "pruned"),
-            "--tracking-uri", f"sqlite:///{out_dir / 'mlflow.db'}", "--experiment", "job-submit",
-            "--storage-path", str(out_dir / "storage"), "--no-eval"]
+    return [
+        "python",
+        "-m",
+        "cli",
+        "prune",
+        "--model",
+        str(model),
+        "--sparsity",
+        "0.5",
+        "--steps",
+        "2",
+        "--seqlen",
+        "64",
+        "--batch-size",
+        "2",
+        "--val-blocks",
+        "2",
+        "--output",
+        str(out_dir / "pruned"),
+        "--tracking-uri",
+        f"sqlite:///{out_dir / 'mlflow.db'}",
+        "--experiment",
+        "job-submit",
+        "--storage-path",
+        str(out_dir / "storage"),
+        "--no-eval",
+    ]
 
 
 def test_ray_job_submit_runs_elsa_prune():
@@ -398,12 +485,31 @@ def test_ray_job_submit_runs_elsa_prune():
             ray_job = RAY_CLI + ["job"]
             t = time.time()
             submit = subprocess.run(
-                ray_job + ["submit", "--address", head.dashboard_url, "--submission-id", job_id,
-                           "--working-dir", str(work / "wd"), "--"] + _job_entrypoint(model, work / "out"),
-                env=head.env, capture_output=True, text=True, timeout=300)
+                ray_job
+                + [
+                    "submit",
+                    "--address",
+                    head.dashboard_url,
+                    "--submission-id",
+                    job_id,
+                    "--working-dir",
+                    str(work / "wd"),
+                    "--",
+                ]
+                + _job_entrypoint(model, work / "out"),
+                env=head.env,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
             took = time.time() - t
-            query = subprocess.run([sys.executable, "-c", _JOB_QUERY, head.dashboard_url, job_id],
-                                   env=head.env, capture_output=True, text=True, timeout=60)
+            query = subprocess.run(
+                [sys.executable, "-c", _JOB_QUERY, head.dashboard_url, job_id],
+                env=head.env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
         assert head.leftover == [], f"processes left running: {head.leftover}"
         assert submit.returncode == 0, f"{submit.stdout[-2000:]}\n{submit.stderr[-3000:]}"
         assert query.returncode == 0, query.stderr[-3000:]

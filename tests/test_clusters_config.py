@@ -49,8 +49,15 @@ def _launcher_errors(cfg: dict) -> list[str]:
 
 # ------------------------------------------------------------------ every file
 def test_the_expected_configs_exist():
-    for rel in ["aws.yaml", "gcp.yaml", "fake_local.yaml", "kuberay/raycluster.yaml",
-                "kuberay/rayjob-tune.yaml", "kuberay/rayjob-prune.yaml", "mlflow/k8s.yaml"]:
+    for rel in [
+        "aws.yaml",
+        "gcp.yaml",
+        "fake_local.yaml",
+        "kuberay/raycluster.yaml",
+        "kuberay/rayjob-tune.yaml",
+        "kuberay/rayjob-prune.yaml",
+        "mlflow/k8s.yaml",
+    ]:
         assert rel in ALL_YAML, rel
     for rel in ["README.md", "mlflow/vm.md", "aws.env.example", "gcp.env.example", "docker/Dockerfile"]:
         assert (CLUSTERS / rel).is_file(), rel
@@ -68,15 +75,17 @@ def test_every_yaml_passes_the_validator(rel):
 
 
 def test_validator_cli_exit_status(tmp_path):
-    ok = subprocess.run([sys.executable, str(CLUSTERS / "validate.py")], cwd=REPO,
-                        capture_output=True, text=True, timeout=60)
+    ok = subprocess.run(
+        [sys.executable, str(CLUSTERS / "validate.py")], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
     assert ok.returncode == 0, ok.stdout + ok.stderr
     broken = _one("kuberay/raycluster.yaml")
     del broken["spec"]["headGroupSpec"]
     bad_file = tmp_path / "raycluster.yaml"
     bad_file.write_text(yaml.safe_dump(broken))
-    bad = subprocess.run([sys.executable, str(CLUSTERS / "validate.py"), str(bad_file)],
-                         capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        [sys.executable, str(CLUSTERS / "validate.py"), str(bad_file)], capture_output=True, text=True, timeout=60
+    )
     assert bad.returncode == 1 and "headGroupSpec is missing" in bad.stdout, bad.stdout
 
 
@@ -117,7 +126,8 @@ def test_cloud_launcher_shape(rel):
     for key in ("head_setup_commands", "worker_setup_commands"):
         cmds = cfg[key]
         assert cmds.index(next(c for c in cmds if "torch==" in c)) < cmds.index(
-            next(c for c in cmds if "elsa-prune" in c)), key
+            next(c for c in cmds if "elsa-prune" in c)
+        ), key
     assert cfg["file_mounts"]["~/elsa.env"] == f"clusters/{rel.split('.')[0]}.env"
 
 
@@ -133,10 +143,8 @@ def test_fake_local_matches_the_local_autoscaling_recipe():
 
 
 def _set_ref(cfg: dict, ref: str) -> None:
-    cfg["head_setup_commands"] = [re.sub(r"ELSA_REF=\S+", f"ELSA_REF={ref}", c)
-                                  for c in cfg["head_setup_commands"]]
-    cfg["worker_setup_commands"] = [re.sub(r"ELSA_REF=\S+", f"ELSA_REF={ref}", c)
-                                    for c in cfg["worker_setup_commands"]]
+    cfg["head_setup_commands"] = [re.sub(r"ELSA_REF=\S+", f"ELSA_REF={ref}", c) for c in cfg["head_setup_commands"]]
+    cfg["worker_setup_commands"] = [re.sub(r"ELSA_REF=\S+", f"ELSA_REF={ref}", c) for c in cfg["worker_setup_commands"]]
 
 
 def _drop_spot(cfg: dict) -> None:
@@ -145,30 +153,34 @@ def _drop_spot(cfg: dict) -> None:
 
 
 BROKEN_LAUNCHERS = {
-    "min_workers > max_workers":
-        (lambda c: c["available_node_types"]["gpu_1x"].update(min_workers=3, max_workers=2),
-         "min_workers 3 > max_workers 2"),
-    "typo in a node type field (Ray schema)":
-        (lambda c: c["available_node_types"]["gpu_1x"].update(min_worker=0),
-         "Ray rejects the config"),
-    "head_node_type not among the types (Ray)":
-        (lambda c: c.update(head_node_type="nope"), "head_node_type"),
-    "sum of min_workers above max_workers (Ray)":
-        (lambda c: c["available_node_types"]["gpu_1x"].update(min_workers=13, max_workers=13),
-         "Ray rejects the config"),
-    "work can land on the head":
-        (lambda c: c["available_node_types"]["head"].update(resources={"CPU": 8}), "CPU: 0"),
-    "GPU type does not scale from zero":
-        (lambda c: c["available_node_types"]["gpu_8x"].update(min_workers=1), "min_workers must be 0"),
-    "no 8-GPU type":
-        (lambda c: [c["available_node_types"].pop(k) for k in ("gpu_8x", "gpu_8x_spot")], "no 8-GPU"),
+    "min_workers > max_workers": (
+        lambda c: c["available_node_types"]["gpu_1x"].update(min_workers=3, max_workers=2),
+        "min_workers 3 > max_workers 2",
+    ),
+    "typo in a node type field (Ray schema)": (
+        lambda c: c["available_node_types"]["gpu_1x"].update(min_worker=0),
+        "Ray rejects the config",
+    ),
+    "head_node_type not among the types (Ray)": (lambda c: c.update(head_node_type="nope"), "head_node_type"),
+    "sum of min_workers above max_workers (Ray)": (
+        lambda c: c["available_node_types"]["gpu_1x"].update(min_workers=13, max_workers=13),
+        "Ray rejects the config",
+    ),
+    "work can land on the head": (lambda c: c["available_node_types"]["head"].update(resources={"CPU": 8}), "CPU: 0"),
+    "GPU type does not scale from zero": (
+        lambda c: c["available_node_types"]["gpu_8x"].update(min_workers=1),
+        "min_workers must be 0",
+    ),
+    "no 8-GPU type": (lambda c: [c["available_node_types"].pop(k) for k in ("gpu_8x", "gpu_8x_spot")], "no 8-GPU"),
     "no spot type": (_drop_spot, "no spot"),
     "install from a branch": (lambda c: _set_ref(c, "main"), "not a pinned version"),
     "idle timeout of a day": (lambda c: c.update(idle_timeout_minutes=1440), "idle_timeout_minutes"),
-    "dashboard open to the world":
-        (lambda c: c.update(head_start_ray_commands=[x.replace("127.0.0.1", "0.0.0.0")
-                                                      for x in c["head_start_ray_commands"]]),
-         "127.0.0.1"),
+    "dashboard open to the world": (
+        lambda c: c.update(
+            head_start_ray_commands=[x.replace("127.0.0.1", "0.0.0.0") for x in c["head_start_ray_commands"]]
+        ),
+        "127.0.0.1",
+    ),
     "no environment file": (lambda c: c["file_mounts"].pop("~/elsa.env"), "~/elsa.env"),
 }
 
@@ -219,8 +231,10 @@ def test_kuberay_manifests_carry_what_kuberay_needs():
     for rel in ["kuberay/raycluster.yaml", *RAYJOBS]:
         doc = _one(rel)
         assert doc["apiVersion"] == "ray.io/v1", rel
-    gpus = sorted(int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
-                  for g in _one("kuberay/raycluster.yaml")["spec"]["workerGroupSpecs"])
+    gpus = sorted(
+        int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+        for g in _one("kuberay/raycluster.yaml")["spec"]["workerGroupSpecs"]
+    )
     assert gpus == [1, 1, 8]
 
 
@@ -243,41 +257,62 @@ def _rayjob(rel="kuberay/rayjob-tune.yaml"):
 
 
 BROKEN_KUBERAY = {
-    "missing headGroupSpec":
-        (lambda d: d["spec"]["rayClusterSpec"].pop("headGroupSpec"), "headGroupSpec is missing"),
-    "missing workerGroupSpecs":
-        (lambda d: d["spec"]["rayClusterSpec"].pop("workerGroupSpecs"), "workerGroupSpecs is missing"),
-    "rayStartParams value not a string":
-        (lambda d: d["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"].update({"num-cpus": 0}),
-         "must be a string"),
-    "minReplicas > maxReplicas":
-        (lambda d: d["spec"]["rayClusterSpec"]["workerGroupSpecs"][0].update(minReplicas=3, maxReplicas=1),
-         "minReplicas <= replicas <= maxReplicas"),
-    "GPU group without a GPU limit":
-        (lambda d: [c["resources"]["limits"].pop("nvidia.com/gpu")
-                    for g in d["spec"]["rayClusterSpec"]["workerGroupSpecs"]
-                    for c in g["template"]["spec"]["containers"]],
-         "no worker group has an nvidia.com/gpu limit"),
-    "GPU group without the toleration":
-        (lambda d: d["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"].pop("tolerations"),
-         "toleration"),
-    "autoscaling off":
-        (lambda d: d["spec"]["rayClusterSpec"].update(enableInTreeAutoscaling=False), "enableInTreeAutoscaling"),
+    "missing headGroupSpec": (lambda d: d["spec"]["rayClusterSpec"].pop("headGroupSpec"), "headGroupSpec is missing"),
+    "missing workerGroupSpecs": (
+        lambda d: d["spec"]["rayClusterSpec"].pop("workerGroupSpecs"),
+        "workerGroupSpecs is missing",
+    ),
+    "rayStartParams value not a string": (
+        lambda d: d["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"].update({"num-cpus": 0}),
+        "must be a string",
+    ),
+    "minReplicas > maxReplicas": (
+        lambda d: d["spec"]["rayClusterSpec"]["workerGroupSpecs"][0].update(minReplicas=3, maxReplicas=1),
+        "minReplicas <= replicas <= maxReplicas",
+    ),
+    "GPU group without a GPU limit": (
+        lambda d: [
+            c["resources"]["limits"].pop("nvidia.com/gpu")
+            for g in d["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+            for c in g["template"]["spec"]["containers"]
+        ],
+        "no worker group has an nvidia.com/gpu limit",
+    ),
+    "GPU group without the toleration": (
+        lambda d: d["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"].pop("tolerations"),
+        "toleration",
+    ),
+    "autoscaling off": (
+        lambda d: d["spec"]["rayClusterSpec"].update(enableInTreeAutoscaling=False),
+        "enableInTreeAutoscaling",
+    ),
     "old apiVersion": (lambda d: d.update(apiVersion="ray.io/v1alpha1"), "apiVersion"),
     "entrypoint is not elsa": (lambda d: d["spec"].update(entrypoint="python train.py"), "elsa <command>"),
-    "entrypoint runs the wrong command":
-        (lambda d: d["spec"].update(entrypoint="elsa prune --model m --sparsity 0.5"), "expected `elsa tune`"),
-    "entrypoint relies on a variable":
-        (lambda d: d["spec"].update(entrypoint=d["spec"]["entrypoint"] + " --output $OUT"), "$VARIABLES"),
-    "cluster kept after the job":
-        (lambda d: d["spec"].update(shutdownAfterJobFinishes=False), "shutdownAfterJobFinishes"),
+    "entrypoint runs the wrong command": (
+        lambda d: d["spec"].update(entrypoint="elsa prune --model m --sparsity 0.5"),
+        "expected `elsa tune`",
+    ),
+    "entrypoint relies on a variable": (
+        lambda d: d["spec"].update(entrypoint=d["spec"]["entrypoint"] + " --output $OUT"),
+        "$VARIABLES",
+    ),
+    "cluster kept after the job": (
+        lambda d: d["spec"].update(shutdownAfterJobFinishes=False),
+        "shutdownAfterJobFinishes",
+    ),
     "no job deadline": (lambda d: d["spec"].pop("activeDeadlineSeconds"), "activeDeadlineSeconds"),
-    "unpinned image":
-        (lambda d: d["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
-         .update(image="rayproject/ray:latest"), "pinned tag"),
-    "jobs lack the MLflow URI":
-        (lambda d: d["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
-         .update(env=[]), "MLFLOW_TRACKING_URI"),
+    "unpinned image": (
+        lambda d: d["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0].update(
+            image="rayproject/ray:latest"
+        ),
+        "pinned tag",
+    ),
+    "jobs lack the MLflow URI": (
+        lambda d: d["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0].update(
+            env=[]
+        ),
+        "MLFLOW_TRACKING_URI",
+    ),
 }
 
 
@@ -319,7 +354,9 @@ def test_mlflow_server_binds_locally_or_behind_auth():
     assert any("password written into the backend URI" in e for e in V.mlflow_errors(password_in_uri))
 
     public = copy.deepcopy(docs)
-    next(d for d in public if d["kind"] == "Service" and d["metadata"]["name"] == "mlflow")["spec"]["type"] = "LoadBalancer"
+    next(d for d in public if d["kind"] == "Service" and d["metadata"]["name"] == "mlflow")["spec"]["type"] = (
+        "LoadBalancer"
+    )
     assert any("keep it ClusterIP" in e for e in V.mlflow_errors(public))
 
     sqlite = copy.deepcopy(docs)
@@ -347,7 +384,7 @@ def test_mlflow_auth_config_is_complete_and_holds_no_secret():
 
 def test_mlflow_vm_recipe_binds_to_localhost_by_default():
     text = (CLUSTERS / "mlflow/vm.md").read_text()
-    unit = text[text.index("[Service]"):text.index("[Install]")]
+    unit = text[text.index("[Service]") : text.index("[Install]")]
     assert "--host 127.0.0.1" in unit
     assert "--app-name basic-auth" in unit
     assert "postgresql://" in unit and "--artifacts-destination s3://" in unit
@@ -360,7 +397,8 @@ def _ray_pins() -> dict[str, set[str]]:
     for rel in ["aws.yaml", "gcp.yaml", "docker/Dockerfile"]:
         pins[rel] = set(re.findall(r"ray\[[\w,]+\]==([\d.]+)", (CLUSTERS / rel).read_text()))
     pins["docker/Dockerfile (base image)"] = set(
-        re.findall(r"rayproject/ray:([\d.]+)-", (CLUSTERS / "docker/Dockerfile").read_text()))
+        re.findall(r"rayproject/ray:([\d.]+)-", (CLUSTERS / "docker/Dockerfile").read_text())
+    )
     for rel in ["kuberay/raycluster.yaml", *RAYJOBS]:
         doc = _one(rel)
         spec = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
@@ -376,7 +414,8 @@ def test_one_ray_version_everywhere_and_it_is_the_tested_one():
     versions = {next(iter(v)) for v in pins.values()}
     assert len(versions) == 1, pins
     assert versions == {ray.__version__}, (
-        f"cluster configs pin Ray {versions}, the tests run Ray {ray.__version__}: bump the pins")
+        f"cluster configs pin Ray {versions}, the tests run Ray {ray.__version__}: bump the pins"
+    )
 
 
 def test_one_elsa_release_and_torch_everywhere():

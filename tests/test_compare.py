@@ -75,9 +75,7 @@ def store(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # the default name, see the cwd test
     client = mlflow.MlflowClient(tracking_uri=uri)
-    experiment_id = client.create_experiment(
-        "paper", artifact_location=(tmp_path / "artifacts").as_uri()
-    )
+    experiment_id = client.create_experiment("paper", artifact_location=(tmp_path / "artifacts").as_uri())
     client.create_experiment("empty", artifact_location=(tmp_path / "artifacts2").as_uri())
     ids = _log_runs(client, experiment_id)
     return uri, ids

@@ -6,6 +6,7 @@
 * The decoupled penalty step is the closed-form proximal step x - rho (x - z + u) after the base
   step, independent of the loss scale; the coupled one is not.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -36,11 +37,28 @@ def problem():
 
 
 CASES = {
-    "coupled-adam-magnitude": dict(penalty="coupled", base="adam", projection="magnitude", steps=1200, lr=3e-2, lmda=1.0, rho=None),
-    "coupled-adam-fisher": dict(penalty="coupled", base="adam", projection="fisher", steps=1200, lr=3e-2, lmda=1.0, rho=None),
-    "coupled-adam-loss-fisher": dict(penalty="coupled", base="adam", projection="fisher", steps=1200, lr=3e-2, lmda=1.0, rho=None, fisher_source="loss"),
-    "decoupled-sgd-derived-rho": dict(penalty="decoupled", base="sgd", projection="magnitude", steps=300, lr=0.5, lmda=1.0, rho=None),
-    "decoupled-sgd-rho": dict(penalty="decoupled", base="sgd", projection="magnitude", steps=300, lr=0.5, lmda=0.0, rho=0.3),
+    "coupled-adam-magnitude": dict(
+        penalty="coupled", base="adam", projection="magnitude", steps=1200, lr=3e-2, lmda=1.0, rho=None
+    ),
+    "coupled-adam-fisher": dict(
+        penalty="coupled", base="adam", projection="fisher", steps=1200, lr=3e-2, lmda=1.0, rho=None
+    ),
+    "coupled-adam-loss-fisher": dict(
+        penalty="coupled",
+        base="adam",
+        projection="fisher",
+        steps=1200,
+        lr=3e-2,
+        lmda=1.0,
+        rho=None,
+        fisher_source="loss",
+    ),
+    "decoupled-sgd-derived-rho": dict(
+        penalty="decoupled", base="sgd", projection="magnitude", steps=300, lr=0.5, lmda=1.0, rho=None
+    ),
+    "decoupled-sgd-rho": dict(
+        penalty="decoupled", base="sgd", projection="magnitude", steps=300, lr=0.5, lmda=0.0, rho=0.3
+    ),
 }
 
 
@@ -55,14 +73,21 @@ def test_sparse_least_squares_recovers_support_and_optimum(problem, case):
     steps = spec["steps"]
     base = torch.optim.Adam([x], lr=spec["lr"]) if spec["base"] == "adam" else torch.optim.SGD([x], lr=spec["lr"])
     settings = admm_settings(
-        total_steps=steps, lmda=PenaltySchedule(spec["lmda"]), interval=16, projection=spec["projection"],
-        penalty=spec["penalty"], rho=PenaltySchedule(spec["rho"]) if spec["rho"] else None,
-        fisher_source=spec.get("fisher_source", "adam"), beta2=0.999,
+        total_steps=steps,
+        lmda=PenaltySchedule(spec["lmda"]),
+        interval=16,
+        projection=spec["projection"],
+        penalty=spec["penalty"],
+        rho=PenaltySchedule(spec["rho"]) if spec["rho"] else None,
+        fisher_source=spec.get("fisher_source", "adam"),
+        beta2=0.999,
     )
     admm = ADMM(base, [target], settings)
     initial_support = set(admm._load(target, "z", x.detach()).nonzero()[:, 1].tolist())
     assert initial_support != set(support.tolist())  # it has to move away from the initial z
-    sched = torch.optim.lr_scheduler.LambdaLR(admm, lambda s: max(0.0, 1 - s / steps)) if spec["base"] == "adam" else None
+    sched = (
+        torch.optim.lr_scheduler.LambdaLR(admm, lambda s: max(0.0, 1 - s / steps)) if spec["base"] == "adam" else None
+    )
     for _ in range(steps):
         residual = A @ x[0] - b
         x.grad = (A.t() @ residual / N).unsqueeze(0)  # gradient of ||Ax - b||^2 / (2N)
@@ -88,9 +113,15 @@ def _setup(base_kind: str, penalty: str, rho: float | None, lmda: float, lr: flo
     bias = torch.nn.Parameter(torch.randn(8, generator=g))  # not a target: base step only
     target = Target("w", w, 0.5, None, 1)
     opt = torch.optim.SGD([w, bias], lr=lr) if base_kind == "sgd" else torch.optim.Adam([w, bias], lr=lr)
-    settings = admm_settings(total_steps=100, lmda=PenaltySchedule(lmda), interval=100, projection="magnitude",
-                            penalty=penalty, rho=PenaltySchedule(rho) if rho is not None else None,
-                            first_split="step")  # a z/u-update after step 1: a non-zero dual to test with
+    settings = admm_settings(
+        total_steps=100,
+        lmda=PenaltySchedule(lmda),
+        interval=100,
+        projection="magnitude",
+        penalty=penalty,
+        rho=PenaltySchedule(rho) if rho is not None else None,
+        first_split="step",
+    )  # a z/u-update after step 1: a non-zero dual to test with
     return w, bias, target, ADMM(opt, [target], settings), g
 
 
@@ -184,8 +215,15 @@ def _coupled_fisher_run(source: str, steps: int = 6, interval: int = 6):
     curvature = torch.rand(16, 32, generator=g) + 0.5  # loss 1e-4 * sum(c (w - w0)^2 + c w)
     anchor = w.detach().clone()
     target = Target("w", w, 0.75, None, 1)
-    settings = admm_settings(total_steps=steps, lmda=PenaltySchedule(1.0), interval=interval, projection="fisher",
-                            penalty="coupled", fisher_source=source, beta2=0.95)
+    settings = admm_settings(
+        total_steps=steps,
+        lmda=PenaltySchedule(1.0),
+        interval=interval,
+        projection="fisher",
+        penalty="coupled",
+        fisher_source=source,
+        beta2=0.95,
+    )
     admm = ADMM(torch.optim.Adam([w], lr=1e-2, betas=(0.9, 0.95)), [target], settings)
     grads, masks = [], [admm._load(target, "z", w.detach()) != 0]
     for _ in range(steps):

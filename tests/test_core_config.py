@@ -1,4 +1,5 @@
 """Config validation: every invalid value raises ConfigError whose message names the field."""
+
 from __future__ import annotations
 
 import pytest

@@ -7,6 +7,7 @@ after one step against g^2 itself (v_hat = g^2 exactly in fp32 arithmetic).
 torchao's optimiser compiles its step with torch.compile (about 45 s per tensor shape on these
 CPUs); the torchao tests run the same step eagerly by making torch.compile the identity.
 """
+
 from __future__ import annotations
 
 import math
@@ -89,7 +90,9 @@ def test_bnb_first_step_v_is_g_squared():
     from elsa.targets import Target
 
     target = Target("w", w, 0.5, None, 1)
-    admm = ADMM(base, [target], admm_settings(total_steps=4, lmda=PenaltySchedule(0.0), interval=100, projection="fisher"))
+    admm = ADMM(
+        base, [target], admm_settings(total_steps=4, lmda=PenaltySchedule(0.0), interval=100, projection="fisher")
+    )
     w.grad = grad.clone()
     admm.step()
     state = base.state[w]
@@ -104,7 +107,9 @@ def test_bnb_first_step_v_is_g_squared():
 def test_bnb_adam8bit_runs_admm_on_tiny_gpt2():
     """GPT-2's tiny matrices are all >= 4096 entries: every target gets 8-bit state."""
     model = tiny.tiny_model("gpt2", tiny.TINY_VOCAB_SIZE, seed=0)
-    cfg = make_config({"model": "tiny", "sparsity": 0.7, "optimizer": "adam8bit", "steps": 4, "interval": 2, "lr": 1e-3})
+    cfg = make_config(
+        {"model": "tiny", "sparsity": 0.7, "optimizer": "adam8bit", "steps": 4, "interval": 2, "lr": 1e-3}
+    )
     targets = find_targets(model, 0.7)
     base = bnb.optim.Adam8bit(model.parameters(), lr=1e-3, betas=(0.9, BETA2))
     from elsa.admm import ADMMSettings as S
@@ -133,9 +138,22 @@ def test_bnb_fp32_state_of_small_tensors_is_read():
 def test_bnb_adam8bit_prune_model_tiny_llama(tok):
     """End to end with the configured optimiser: Llama's k/v projections (32 x 64) are small."""
     model = tiny.tiny_model("llama", len(tok), seed=0)
-    cfg = make_config({"model": "tiny", "sparsity": 0.7, "optimizer": "adam8bit", "projection": "fisher",
-                       "z_dtype": "fp8_e4m3", "u_dtype": "bf16", "steps": 4, "interval": 2, "seqlen": 32,
-                       "val_blocks": 2, "eval_interval": 1000, "lr": 1e-3})
+    cfg = make_config(
+        {
+            "model": "tiny",
+            "sparsity": 0.7,
+            "optimizer": "adam8bit",
+            "projection": "fisher",
+            "z_dtype": "fp8_e4m3",
+            "u_dtype": "bf16",
+            "steps": 4,
+            "interval": 2,
+            "seqlen": 32,
+            "val_blocks": 2,
+            "eval_interval": 1000,
+            "lr": 1e-3,
+        }
+    )
     result = prune_model(cfg, model=model, tokenizer=tok)
     assert result.report["all_ok"]
     assert math.isfinite(result.summary["history"][-1]["val_loss_projected"])
@@ -157,8 +175,18 @@ def test_torchao_adamw8bit_runs_admm_on_tiny_llama(eager_torchao):
     model = tiny.tiny_model("llama", tiny.TINY_VOCAB_SIZE, seed=0)
     targets = find_targets(model, 0.7)
     base = eager_torchao(model.parameters(), lr=1e-3, betas=(0.9, BETA2), weight_decay=0.0)
-    admm = ADMM(base, targets, admm_settings(total_steps=4, lmda=PenaltySchedule(1e-2), interval=2, projection="fisher",
-                                            z_dtype="fp8_e4m3", u_dtype="bf16"))
+    admm = ADMM(
+        base,
+        targets,
+        admm_settings(
+            total_steps=4,
+            lmda=PenaltySchedule(1e-2),
+            interval=2,
+            projection="fisher",
+            z_dtype="fp8_e4m3",
+            u_dtype="bf16",
+        ),
+    )
     _lm_steps(model, admm, 4)
     quantised = [t for t in targets if type(base.state[t.param]["exp_avg_sq"]) is not torch.Tensor]
     assert quantised and len(quantised) < len(targets)  # both 8-bit and (small) fp32 states occur

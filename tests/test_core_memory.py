@@ -1,4 +1,5 @@
 """Bytes per pruned parameter: the analytic breakdown agrees with what live optimisers hold."""
+
 from __future__ import annotations
 
 import pytest
@@ -43,15 +44,28 @@ def _base(kind: str, params):
     return bnb.optim.Adam8bit(params, lr=1e-3)
 
 
-def _live(kind: str, z_dtype: str, u_dtype: str, z_sparse: bool, sparsity: float, steps: int = 3, fisher_source: str = "adam"):
+def _live(
+    kind: str, z_dtype: str, u_dtype: str, z_sparse: bool, sparsity: float, steps: int = 3, fisher_source: str = "adam"
+):
     torch.manual_seed(0)
     model = _Net()
     targets = find_targets(model, sparsity)
     assert len(targets) == 4 and all(t.numel >= 4096 for t in targets)
     projection = "magnitude" if kind == "sgd" else "fisher"
-    admm = ADMM(_base(kind, model.parameters()), targets, admm_settings(
-        total_steps=steps, lmda=PenaltySchedule(1e-2), interval=2, projection=projection,
-        z_dtype=z_dtype, u_dtype=u_dtype, z_sparse=z_sparse, fisher_source=fisher_source))
+    admm = ADMM(
+        _base(kind, model.parameters()),
+        targets,
+        admm_settings(
+            total_steps=steps,
+            lmda=PenaltySchedule(1e-2),
+            interval=2,
+            projection=projection,
+            z_dtype=z_dtype,
+            u_dtype=u_dtype,
+            z_sparse=z_sparse,
+            fisher_source=fisher_source,
+        ),
+    )
     g = torch.Generator().manual_seed(1)
     for _ in range(steps):
         admm.zero_grad()

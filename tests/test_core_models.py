@@ -5,6 +5,7 @@ the linear layers inside the blocks (counted independently here), embeddings / l
 biases are not pruned, GPT-2's Conv1D groups N:M along its input dimension (dim 0), and the
 projected model's validation loss falls during ADMM.
 """
+
 from __future__ import annotations
 
 import math
@@ -19,11 +20,20 @@ from elsa.config import make_config
 from elsa.targets import find_targets
 
 ARCHS = ["llama", "opt", "gemma2", "qwen2", "gpt2"]
-BLOCK_PREFIX = {"llama": "model.layers.", "gemma2": "model.layers.", "qwen2": "model.layers.",
-                "opt": "model.decoder.layers.", "gpt2": "transformer.h."}
-EMBEDDINGS = {"llama": ["model.embed_tokens.weight", "lm_head.weight"], "gemma2": ["model.embed_tokens.weight"],
-              "qwen2": ["model.embed_tokens.weight", "lm_head.weight"], "opt": ["model.decoder.embed_tokens.weight", "model.decoder.embed_positions.weight"],
-              "gpt2": ["transformer.wte.weight", "transformer.wpe.weight"]}
+BLOCK_PREFIX = {
+    "llama": "model.layers.",
+    "gemma2": "model.layers.",
+    "qwen2": "model.layers.",
+    "opt": "model.decoder.layers.",
+    "gpt2": "transformer.h.",
+}
+EMBEDDINGS = {
+    "llama": ["model.embed_tokens.weight", "lm_head.weight"],
+    "gemma2": ["model.embed_tokens.weight"],
+    "qwen2": ["model.embed_tokens.weight", "lm_head.weight"],
+    "opt": ["model.decoder.embed_tokens.weight", "model.decoder.embed_positions.weight"],
+    "gpt2": ["transformer.wte.weight", "transformer.wpe.weight"],
+}
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +55,9 @@ def _expected_targets(model, arch) -> dict[str, tuple[nn.Module, int]]:
 
 
 def _cfg(pattern: str, **extra):
-    values = dict(model="tiny", steps=3, interval=2, seqlen=32, batch_size=2, val_blocks=2, eval_interval=1000, lr=1e-3, seed=0)
+    values = dict(
+        model="tiny", steps=3, interval=2, seqlen=32, batch_size=2, val_blocks=2, eval_interval=1000, lr=1e-3, seed=0
+    )
     if pattern == "unstructured":
         values["sparsity"] = 0.7
     else:

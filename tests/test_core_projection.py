@@ -1,5 +1,6 @@
 """Projections against brute-force references: exact top-k with deterministic ties, the same mask
 when the matrix is row-sharded over two real processes (gloo), N:M, and the objective-aware score."""
+
 from __future__ import annotations
 
 import socket
@@ -55,7 +56,10 @@ def tied_scores(shape, levels: int, seed: int) -> torch.Tensor:
 def test_topk_matches_brute_force_with_ties(shape, levels, seed):
     score = tied_scores(shape, levels, seed)
     total = score.numel()
-    keeps = sorted({0, 1, 2, total // 3, total // 2, total - 1, total} | {int(k) for k in torch.randint(0, total + 1, (6,), generator=torch.Generator().manual_seed(seed))})
+    keeps = sorted(
+        {0, 1, 2, total // 3, total // 2, total - 1, total}
+        | {int(k) for k in torch.randint(0, total + 1, (6,), generator=torch.Generator().manual_seed(seed))}
+    )
     for keep in keeps:
         mask = topk_mask(score, keep)
         assert mask.dtype == torch.bool and mask.shape == score.shape
@@ -165,7 +169,9 @@ def test_fisher_projection_through_admm_reads_adams_v():
     param = torch.nn.Parameter(x0.clone())
     target = Target("w", param, 0.75, None, 1)
     base = torch.optim.Adam([param], lr=1e-2, betas=(0.9, 0.999))
-    admm = ADMM(base, [target], admm_settings(total_steps=10, lmda=PenaltySchedule(0.0), interval=100, projection="fisher"))
+    admm = ADMM(
+        base, [target], admm_settings(total_steps=10, lmda=PenaltySchedule(0.0), interval=100, projection="fisher")
+    )
     param.grad = grad.clone()
     admm.step()
     x1 = param.detach().clone()

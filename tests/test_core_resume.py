@@ -4,6 +4,7 @@ Bit-for-bit (torch.equal) on the weights, z, u and the base optimiser's state, t
 training loop (elsa.loop.train), with a cosine lambda schedule (so the dual rescale is carried),
 a resume point in the middle of a z/u interval, and state formats fp32 / int8 / fp8 / sparse z.
 """
+
 from __future__ import annotations
 
 import io
@@ -23,18 +24,37 @@ CASES = {
     "elsa-l-fp8-bf16": dict(z_dtype="fp8_e4m3", u_dtype="bf16"),
     "sparse-z-fp8-e5m2": dict(z_dtype="fp8_e5m2", u_dtype="int8", z_sparse=True),
     "sparse-z-fp32": dict(z_sparse=True),
-    "decoupled-rho-schedule": dict(penalty="decoupled", rho=0.05, rho_final=0.2, rho_schedule="linear", z_dtype="fp8_e4m3", u_dtype="bf16"),
+    "decoupled-rho-schedule": dict(
+        penalty="decoupled", rho=0.05, rho_final=0.2, rho_schedule="linear", z_dtype="fp8_e4m3", u_dtype="bf16"
+    ),
     "nm-2-4": dict(pattern="2:4", sparsity=None),
     "coupled-loss-fisher": dict(fisher_source="loss", z_dtype="fp8_e4m3", u_dtype="bf16"),
-    "adam8bit-magnitude": dict(optimizer="adam8bit", projection="magnitude", z_dtype="fp8_e4m3", u_dtype="bf16", z_sparse=True),
+    "adam8bit-magnitude": dict(
+        optimizer="adam8bit", projection="magnitude", z_dtype="fp8_e4m3", u_dtype="bf16", z_sparse=True
+    ),
 }
 
 
 def _cfg(**overrides):
-    base = dict(model="tiny", sparsity=0.7, steps=2 * N, interval=3, lr=3e-3, lmda=1e-3, lmda_final=1e-1,
-                lmda_schedule="cosine", seqlen=16, batch_size=2, eval_interval=1000, log_interval=1000)
+    base = dict(
+        model="tiny",
+        sparsity=0.7,
+        steps=2 * N,
+        interval=3,
+        lr=3e-3,
+        lmda=1e-3,
+        lmda_final=1e-1,
+        lmda_schedule="cosine",
+        seqlen=16,
+        batch_size=2,
+        eval_interval=1000,
+        log_interval=1000,
+    )
     base.update(overrides)
-    return make_config({k: v for k, v in base.items()}, {"sparsity": None} if "sparsity" in overrides and overrides["sparsity"] is None else None)
+    return make_config(
+        {k: v for k, v in base.items()},
+        {"sparsity": None} if "sparsity" in overrides and overrides["sparsity"] is None else None,
+    )
 
 
 def _batches(step: int, micro: int) -> torch.Tensor:
@@ -96,7 +116,9 @@ def _serialize(obj):
 RESUMES = [("fp32", False)] + [(case, True) for case in CASES]
 
 
-@pytest.mark.parametrize("case,serialize", RESUMES, ids=[f"{c}-{'torch.save' if s else 'in-memory'}" for c, s in RESUMES])
+@pytest.mark.parametrize(
+    "case,serialize", RESUMES, ids=[f"{c}-{'torch.save' if s else 'in-memory'}" for c, s in RESUMES]
+)
 def test_resume_is_bit_exact(case, serialize):
     cfg = _cfg(**CASES[case])
 

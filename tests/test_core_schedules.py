@@ -1,4 +1,5 @@
 """Penalty schedules in closed form, and the scaled dual kept consistent when lambda moves."""
+
 from __future__ import annotations
 
 import math
@@ -20,8 +21,12 @@ def test_schedules_closed_form(total):
         t = min(max(step / total, 0.0), 1.0)
         assert schedule_value("constant", l0, l1, step, total) == l0
         assert schedule_value("linear", l0, l1, step, total) == pytest.approx(l0 * (1 - t) + l1 * t, rel=1e-12)
-        assert schedule_value("cosine", l0, l1, step, total) == pytest.approx(l0 + (l1 - l0) * (1 - math.cos(math.pi * t)) / 2, rel=1e-12)
-        assert schedule_value("exponential", l0, l1, step, total) == pytest.approx(math.exp(math.log(l0) + t * (math.log(l1) - math.log(l0))), rel=1e-12)
+        assert schedule_value("cosine", l0, l1, step, total) == pytest.approx(
+            l0 + (l1 - l0) * (1 - math.cos(math.pi * t)) / 2, rel=1e-12
+        )
+        assert schedule_value("exponential", l0, l1, step, total) == pytest.approx(
+            math.exp(math.log(l0) + t * (math.log(l1) - math.log(l0))), rel=1e-12
+        )
         assert PenaltySchedule(l0, l1, "cosine").at(step, total) == schedule_value("cosine", l0, l1, step, total)
     # end points, midpoint and monotonicity of the cosine
     assert schedule_value("cosine", 0.0, 1.0, 0, 10) == 0.0
@@ -49,9 +54,13 @@ def _run(lmda: PenaltySchedule, steps: int, interval: int, u_dtype: str = "fp32"
     w = torch.nn.Parameter(torch.randn(12, 10, generator=g))
     center = torch.randn(12, 10, generator=g)
     target = Target("w", w, 0.6, None, 1)
-    admm = ADMM(torch.optim.SGD([w], lr=0.05), [target], admm_settings(
-        total_steps=steps, lmda=lmda, interval=interval, projection="magnitude", u_dtype=u_dtype,
-        first_split="step"))  # a dual from step 1 on, so every step has one to rescale
+    admm = ADMM(
+        torch.optim.SGD([w], lr=0.05),
+        [target],
+        admm_settings(
+            total_steps=steps, lmda=lmda, interval=interval, projection="magnitude", u_dtype=u_dtype, first_split="step"
+        ),
+    )  # a dual from step 1 on, so every step has one to rescale
     x = w.detach()
     history = [(admm.lmda, x.clone(), admm._load(target, "z", x).clone(), admm._load(target, "u", x).clone())]
     for _ in range(steps):
@@ -70,7 +79,9 @@ def test_dual_rescale_keeps_lambda_u_invariant_under_cosine(u_dtype):
         lmda_prev, _, _, u_prev = history[s - 1]
         lmda, x, z, u = history[s]
         assert lmda == pytest.approx(schedule_value("cosine", 1e-2, 1.0, s, steps), rel=1e-12)
-        if admm_settings(total_steps=steps, interval=interval, first_split="step").splits_after(s):  # z/u-update after s
+        if admm_settings(total_steps=steps, interval=interval, first_split="step").splits_after(
+            s
+        ):  # z/u-update after s
             # z = Proj(x + u_prev), u = u_prev + x - z, then rescaled from lambda_prev to lambda
             assert torch.equal(z != 0, topk_mask(magnitude_score(x + u_prev), target.keep))
             expected_y = lmda_prev * (u_prev + x - z)
@@ -107,8 +118,19 @@ def test_decoupled_with_explicit_rho_does_not_rescale_u_by_an_unused_lambda():
     u alone; rescaling u by lambda_old / lambda_new silently shrinks the dual's pull rho * u."""
     from elsa.config import ConfigError, make_config
 
-    values = {"sparsity": 0.5, "penalty": "decoupled", "rho": 0.1, "lmda": 1e-3, "lmda_final": 1.0,
-              "lmda_schedule": "cosine", "steps": 10, "interval": 100, "first_split": "step", "projection": "magnitude", "optimizer": "sgd"}
+    values = {
+        "sparsity": 0.5,
+        "penalty": "decoupled",
+        "rho": 0.1,
+        "lmda": 1e-3,
+        "lmda_final": 1.0,
+        "lmda_schedule": "cosine",
+        "steps": 10,
+        "interval": 100,
+        "first_split": "step",
+        "projection": "magnitude",
+        "optimizer": "sgd",
+    }
     try:
         cfg = make_config(values)
     except ConfigError as err:  # refusing the combination is an acceptable fix

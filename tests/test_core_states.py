@@ -1,5 +1,6 @@
 """ELSA-L storage formats: each round-trips within its format's error bound, sparse z is lossless
 with fp32 values, and the bitmask packing is the little-endian layout numpy also writes."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -15,7 +16,13 @@ FLOAT_BOUNDS = {
     "fp8_e4m3": dict(rel=2.0**-4, subnormal_step=2.0**-9),
     "fp8_e5m2": dict(rel=2.0**-3, subnormal_step=2.0**-16),
 }
-PAYLOAD = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2, "int8": torch.int8}
+PAYLOAD = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp8_e4m3": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
+    "int8": torch.int8,
+}
 VMAX = {"fp8_e4m3": 448.0, "fp8_e5m2": 57344.0, "int8": 127.0}
 
 
@@ -57,7 +64,9 @@ def test_round_trip_within_format_bound(fmt, seed):
         scale = float(x.abs().max()) / VMAX[fmt]
         assert float(entry["scale"]) == pytest.approx(scale, rel=1e-6)
         # normal values: relative; below the smallest normal: half a subnormal step, times the scale
-        allowed = torch.maximum(bound["rel"] * x.abs(), torch.full_like(x, bound["subnormal_step"] / 2 * scale)) + fp32_slack
+        allowed = (
+            torch.maximum(bound["rel"] * x.abs(), torch.full_like(x, bound["subnormal_step"] / 2 * scale)) + fp32_slack
+        )
         # the largest magnitude survives exactly (it maps onto vmax)
         i = int(x.abs().argmax())
         assert float(y.view(-1)[i]) == pytest.approx(float(x.view(-1)[i]), rel=1e-6)

@@ -114,8 +114,10 @@ def test_save_to_disk_and_snapshot_directories(tmp_path):
     assert load_text(str(tmp_path / "single"), None) == "\n\n".join(ROWS)
 
     splits = datasets.DatasetDict(
-        {"train": datasets.Dataset.from_dict({"text": ROWS[:2]}),
-         "test": datasets.Dataset.from_dict({"text": ROWS[2:]})}
+        {
+            "train": datasets.Dataset.from_dict({"text": ROWS[:2]}),
+            "test": datasets.Dataset.from_dict({"text": ROWS[2:]}),
+        }
     )
     splits.save_to_disk(str(tmp_path / "dict"))
     assert load_text(str(tmp_path / "dict"), "test") == ROWS[2]

@@ -1,4 +1,5 @@
 """A run whose finite loss explodes stops at that step: FAILED, one line, no export, good checkpoints kept."""
+
 from __future__ import annotations
 
 import json
@@ -37,9 +38,23 @@ def test_train_loop_stops_when_the_loss_explodes(tok):
     from elsa.loop import BatchSampler, LoopHooks, build_admm, train
     from elsa.tiny import tiny_model
 
-    cfg = make_config({"model": "x", "sparsity": 0.7, "steps": 12, "seqlen": 32, "batch_size": 2, "interval": 2,
-                       "eval_interval": 100, "lr": 1e3, "val_blocks": 1, "checkpoint_interval": 1,
-                       "penalty": "coupled", "init": "none", "bf16": False})  # the settings this was measured with
+    cfg = make_config(
+        {
+            "model": "x",
+            "sparsity": 0.7,
+            "steps": 12,
+            "seqlen": 32,
+            "batch_size": 2,
+            "interval": 2,
+            "eval_interval": 100,
+            "lr": 1e3,
+            "val_blocks": 1,
+            "checkpoint_interval": 1,
+            "penalty": "coupled",
+            "init": "none",
+            "bf16": False,
+        }
+    )  # the settings this was measured with
     model = tiny_model("llama", len(tok))
     admm, scheduler = build_admm(model, cfg)
     checkpoints: list[int] = []
@@ -62,10 +77,43 @@ def test_exploding_run_ends_failed_without_export(tmp_path, tiny_model_dir, ray_
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     out = tmp_path / "pruned"
-    rc = main(["prune", "--model", str(tiny_model_dir), "--sparsity", "0.7", "--steps", "12", "--seqlen", "32",
-               "--batch-size", "2", "--interval", "2", "--eval-interval", "100", "--lr", "1e3", "--val-blocks", "1",
-               "--checkpoint-interval", "1", "--cpus-per-worker", "1", "--output", str(out), "--experiment", "diverge",
-               "--no-eval", "--penalty", "coupled", "--init", "none", "--no-bf16"])
+    rc = main(
+        [
+            "prune",
+            "--model",
+            str(tiny_model_dir),
+            "--sparsity",
+            "0.7",
+            "--steps",
+            "12",
+            "--seqlen",
+            "32",
+            "--batch-size",
+            "2",
+            "--interval",
+            "2",
+            "--eval-interval",
+            "100",
+            "--lr",
+            "1e3",
+            "--val-blocks",
+            "1",
+            "--checkpoint-interval",
+            "1",
+            "--cpus-per-worker",
+            "1",
+            "--output",
+            str(out),
+            "--experiment",
+            "diverge",
+            "--no-eval",
+            "--penalty",
+            "coupled",
+            "--init",
+            "none",
+            "--no-bf16",
+        ]
+    )
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("elsa: error")]
     assert rc == 1, err[-3000:]

@@ -1,4 +1,5 @@
 """Dense and compressed exports of a pruned model: size, exact round trip, dtype, N:M pattern."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -18,9 +19,18 @@ def _wide_llama(tok, tie: bool):
     """A tiny Llama whose decoder matrices dominate its size, as in real models (width 256)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=1024, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=tie,
-                         bos_token_id=0, eos_token_id=0, pad_token_id=1)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        tie_word_embeddings=tie,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=1,
+    )
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32).eval()
 
@@ -64,8 +74,10 @@ def test_compressed_at_90_is_small_and_equals_the_dense_export(pruned90, tok, tm
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
     for name, tensor in sa.items():  # bit for bit, signs of zeros included
-        assert torch.equal(tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor,
-                           sb[name].view(torch.int16) if sb[name].dtype == torch.bfloat16 else sb[name]), name
+        assert torch.equal(
+            tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor,
+            sb[name].view(torch.int16) if sb[name].dtype == torch.bfloat16 else sb[name],
+        ), name
     assert b.lm_head.weight.data_ptr() == b.model.embed_tokens.weight.data_ptr()
     assert not hasattr(b.config, "elsa_sparse")  # re-saving the loaded model writes a dense checkpoint
     assert torch.equal(_logits(a, tok), _logits(b, tok))

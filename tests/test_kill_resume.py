@@ -6,6 +6,7 @@ no injected exception. Then: the run ends without error, resumed no earlier than
 complete checkpoint at the kill, its weights equal an uninterrupted run's, and the MLflow run
 (sqlite) holds each step's ``train_loss`` exactly once.
 """
+
 from __future__ import annotations
 
 import os
@@ -81,25 +82,46 @@ def test_sigkilled_worker_resumes_from_newest_checkpoint(tmp_path, tiny_model_di
     from pipelines.train_job import run_training
 
     extra = {"projection": "magnitude", "lr": 1e-2} if optimizer == "sgd" else {"lr": 1e-3}
-    cfg = make_config({"model": str(tiny_model_dir), "sparsity": 0.7, "steps": STEPS, "seqlen": 64, "batch_size": 2,
-                       "interval": 2, "eval_interval": 6, "val_blocks": 2, "checkpoint_interval": 2,
-                       "optimizer": optimizer, "init": "none", **extra})
+    cfg = make_config(
+        {
+            "model": str(tiny_model_dir),
+            "sparsity": 0.7,
+            "steps": STEPS,
+            "seqlen": 64,
+            "batch_size": 2,
+            "interval": 2,
+            "eval_interval": 6,
+            "val_blocks": 2,
+            "checkpoint_interval": 2,
+            "optimizer": optimizer,
+            "init": "none",
+            **extra,
+        }
+    )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_id = tracking.start_run(uri, "kill", cfg.model_dump(mode="json"))
     info = {"uri": uri, "run_id": run_id, "queue_dir": str(tmp_path / "queue"), "flush_s": 60}
     storage = tmp_path / "ray"
     record: dict = {}
     watcher = _kill_after_checkpoint(storage, 4, record)
-    killed = run_training(cfg, info, workers=2, storage_path=str(storage), name="killed", max_failures=1,
-                          resources_per_worker={"CPU": 0.5})
+    killed = run_training(
+        cfg,
+        info,
+        workers=2,
+        storage_path=str(storage),
+        name="killed",
+        max_failures=1,
+        resources_per_worker={"CPU": 0.5},
+    )
     watcher.join(timeout=5)
     assert "pid" in record, "the watcher never killed a worker"
     assert killed.error is None, killed.error
     resumed_from = STEPS - killed.metrics["steps_run"]
     assert resumed_from >= record["newest_at_kill"] >= 4  # the newest written checkpoint, not an older one
 
-    clean = run_training(cfg, None, workers=2, storage_path=str(storage), name="clean",
-                         resources_per_worker={"CPU": 0.5})
+    clean = run_training(
+        cfg, None, workers=2, storage_path=str(storage), name="clean", resources_per_worker={"CPU": 0.5}
+    )
     assert clean.error is None
     resumed_model, clean_model = _load(killed.checkpoint.path), _load(clean.checkpoint.path)
     for (name, a), b in zip(resumed_model.state_dict().items(), clean_model.state_dict().values()):

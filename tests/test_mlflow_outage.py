@@ -4,6 +4,7 @@ The server is killed (SIGKILL of its process group) right after the run is opene
 starts; restarted on the same port and database once the worker has journaled steps, or never
 (then ``elsa sync`` delivers later). Read back with MlflowClient.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,27 @@ import pytest
 
 from conftest import free_port
 
-BUDGET = ["--sparsity", "0.7", "--steps", "6", "--seqlen", "32", "--batch-size", "2", "--interval", "2",
-          "--eval-interval", "3", "--lr", "1e-3", "--val-blocks", "1", "--cpus-per-worker", "1", "--no-eval"]
+BUDGET = [
+    "--sparsity",
+    "0.7",
+    "--steps",
+    "6",
+    "--seqlen",
+    "32",
+    "--batch-size",
+    "2",
+    "--interval",
+    "2",
+    "--eval-interval",
+    "3",
+    "--lr",
+    "1e-3",
+    "--val-blocks",
+    "1",
+    "--cpus-per-worker",
+    "1",
+    "--no-eval",
+]
 
 
 class Server:
@@ -31,9 +51,22 @@ class Server:
         self.uri = f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 120) -> None:
-        command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-                   "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'db.sqlite'}",
-                   "--artifacts-destination", str(self.root / "artifacts")]
+        command = [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{self.root / 'db.sqlite'}",
+            "--artifacts-destination",
+            str(self.root / "artifacts"),
+        ]
         log = open(self.root / "server.log", "a")
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + timeout
@@ -153,8 +186,20 @@ def test_server_killed_and_restarted_mid_run(tmp_path, tiny_model_dir, ray_sessi
     _kill_when_ray_starts(monkeypatch, server)
     watcher = _restart_after_journaled_steps(server, tmp_path / "elsa-runs" / "mlflow-queue", 3)
     out = tmp_path / "pruned"
-    rc = main(["prune", "--model", str(tiny_model_dir), *BUDGET, "--output", str(out), "--tracking-uri", server.uri,
-               "--experiment", "outage"])
+    rc = main(
+        [
+            "prune",
+            "--model",
+            str(tiny_model_dir),
+            *BUDGET,
+            "--output",
+            str(out),
+            "--tracking-uri",
+            server.uri,
+            "--experiment",
+            "outage",
+        ]
+    )
     captured = capsys.readouterr()
     watcher.join(timeout=5)
     assert rc == 0, captured.err[-3000:]
@@ -180,8 +225,20 @@ def test_server_never_back_then_elsa_sync(tmp_path, tiny_model_dir, ray_session,
     monkeypatch.setenv("ELSA_TRACKING_FLUSH_S", "3")
     _kill_when_ray_starts(monkeypatch, server)
     out = tmp_path / "pruned"
-    rc = main(["prune", "--model", str(tiny_model_dir), *BUDGET, "--output", str(out), "--tracking-uri", server.uri,
-               "--experiment", "never-back"])
+    rc = main(
+        [
+            "prune",
+            "--model",
+            str(tiny_model_dir),
+            *BUDGET,
+            "--output",
+            str(out),
+            "--tracking-uri",
+            server.uri,
+            "--experiment",
+            "never-back",
+        ]
+    )
     captured = capsys.readouterr()
     assert rc == 0, captured.err[-3000:]
     assert any(out.glob("*.safetensors"))  # the model does not wait for MLflow

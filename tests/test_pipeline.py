@@ -3,6 +3,7 @@
 Every test here starts real components (a local Ray, sqlite MLflow stores, a real ``mlflow
 server`` on 127.0.0.1, lm-eval's harness) on a tiny Llama built locally.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,26 @@ from elsa.targets import find_targets, keep_count
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-BUDGET = ["--steps", "4", "--seqlen", "64", "--batch-size", "2", "--interval", "2", "--eval-interval", "2",
-          "--lr", "1e-3", "--val-blocks", "2", "--eval-seqlen", "64", "--eval-max-windows", "4"]
+BUDGET = [
+    "--steps",
+    "4",
+    "--seqlen",
+    "64",
+    "--batch-size",
+    "2",
+    "--interval",
+    "2",
+    "--eval-interval",
+    "2",
+    "--lr",
+    "1e-3",
+    "--val-blocks",
+    "2",
+    "--eval-seqlen",
+    "64",
+    "--eval-max-windows",
+    "4",
+]
 
 
 def _cli(args: list[str]) -> int:
@@ -76,9 +95,30 @@ def test_prune_two_fsdp_workers_end_to_end(tmp_path, tiny_model_dir, ray_session
     monkeypatch.chdir(tmp_path)
     tasks = _write_mc_task(tmp_path / "tasks")
     out = tmp_path / "pruned"
-    code = _cli(["prune", "--model", str(tiny_model_dir), "--sparsity", "0.7", *BUDGET, "--workers", "2",
-                 "--cpus-per-worker", "0.5", "--output", str(out), "--experiment", "pipeline-test",
-                 "--lm-eval-tasks", "elsa_local_mc", "--lm-eval-include", str(tasks), "--checkpoint-interval", "2"])
+    code = _cli(
+        [
+            "prune",
+            "--model",
+            str(tiny_model_dir),
+            "--sparsity",
+            "0.7",
+            *BUDGET,
+            "--workers",
+            "2",
+            "--cpus-per-worker",
+            "0.5",
+            "--output",
+            str(out),
+            "--experiment",
+            "pipeline-test",
+            "--lm-eval-tasks",
+            "elsa_local_mc",
+            "--lm-eval-include",
+            str(tasks),
+            "--checkpoint-interval",
+            "2",
+        ]
+    )
     assert code == 0
     model = _load(out)
     _assert_exact_sparsity(model, 0.7)
@@ -112,8 +152,22 @@ def test_prune_against_real_mlflow_server(tmp_path, tiny_model_dir, ray_session,
     import mlflow
 
     monkeypatch.chdir(tmp_path)
-    code = _cli(["prune", "--model", str(tiny_model_dir), "--sparsity", "0.8", *BUDGET, "--output", str(tmp_path / "out"),
-                 "--tracking-uri", mlflow_server, "--experiment", "server-test"])
+    code = _cli(
+        [
+            "prune",
+            "--model",
+            str(tiny_model_dir),
+            "--sparsity",
+            "0.8",
+            *BUDGET,
+            "--output",
+            str(tmp_path / "out"),
+            "--tracking-uri",
+            mlflow_server,
+            "--experiment",
+            "server-test",
+        ]
+    )
     assert code == 0
     client = mlflow.MlflowClient(tracking_uri=mlflow_server)
     (run,) = client.search_runs([client.get_experiment_by_name("server-test").experiment_id])
@@ -121,18 +175,34 @@ def test_prune_against_real_mlflow_server(tmp_path, tiny_model_dir, ray_session,
     assert run.data.params["sparsity"] == "0.8"
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 4
     assert "ppl_wikitext2-bundled" in run.data.metrics
-    assert "checkpoint/model.sparse.safetensors" in {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
+    assert "checkpoint/model.sparse.safetensors" in {
+        a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")
+    }
     assert not (tmp_path / "mlflow.db").exists()  # nothing went to the local default store
 
 
 def _train(tmp_path: Path, name: str, workers: int, **overrides):
     from pipelines.train_job import run_training
 
-    cfg = make_config({"model": str(overrides.pop("model")), "sparsity": 0.7, "steps": 6, "seqlen": 64, "batch_size": 2,
-                       "interval": 2, "eval_interval": 3, "lr": 1e-3, "val_blocks": 2, "init": "none", "bf16": False,
-                       **overrides})
-    result = run_training(cfg, None, workers=workers, storage_path=str(tmp_path / "ray"), name=name,
-                          resources_per_worker={"CPU": 0.5})
+    cfg = make_config(
+        {
+            "model": str(overrides.pop("model")),
+            "sparsity": 0.7,
+            "steps": 6,
+            "seqlen": 64,
+            "batch_size": 2,
+            "interval": 2,
+            "eval_interval": 3,
+            "lr": 1e-3,
+            "val_blocks": 2,
+            "init": "none",
+            "bf16": False,
+            **overrides,
+        }
+    )
+    result = run_training(
+        cfg, None, workers=workers, storage_path=str(tmp_path / "ray"), name=name, resources_per_worker={"CPU": 0.5}
+    )
     assert result.error is None, result.error
     return _load(result.checkpoint.path)
 
@@ -155,16 +225,36 @@ def test_worker_failure_resumes_from_checkpoint(tmp_path, tiny_model_dir, ray_se
     from faults import FailOnceAfterCheckpoint, by_value
     from pipelines.train_job import run_training
 
-    cfg = make_config({"model": str(tiny_model_dir), "sparsity": 0.7, "steps": 6, "seqlen": 64, "batch_size": 2,
-                       "interval": 2, "eval_interval": 3, "lr": 1e-3, "val_blocks": 2, "checkpoint_interval": 2})
+    cfg = make_config(
+        {
+            "model": str(tiny_model_dir),
+            "sparsity": 0.7,
+            "steps": 6,
+            "seqlen": 64,
+            "batch_size": 2,
+            "interval": 2,
+            "eval_interval": 3,
+            "lr": 1e-3,
+            "val_blocks": 2,
+            "checkpoint_interval": 2,
+        }
+    )
     marker = tmp_path / "failed-once"
-    failed = run_training(cfg, None, workers=2, storage_path=str(tmp_path / "ray"), name="resume",
-                          max_failures=1, resources_per_worker={"CPU": 0.5},
-                          extra={"after_checkpoint": [by_value(FailOnceAfterCheckpoint(4, str(marker)))]})
+    failed = run_training(
+        cfg,
+        None,
+        workers=2,
+        storage_path=str(tmp_path / "ray"),
+        name="resume",
+        max_failures=1,
+        resources_per_worker={"CPU": 0.5},
+        extra={"after_checkpoint": [by_value(FailOnceAfterCheckpoint(4, str(marker)))]},
+    )
     assert failed.error is None and marker.read_text() == "4"
     assert failed.metrics["steps_run"] == 2  # steps 5 and 6 only: it resumed from the checkpoint of step 4
-    clean = run_training(cfg, None, workers=2, storage_path=str(tmp_path / "ray"), name="clean",
-                         resources_per_worker={"CPU": 0.5})
+    clean = run_training(
+        cfg, None, workers=2, storage_path=str(tmp_path / "ray"), name="clean", resources_per_worker={"CPU": 0.5}
+    )
     assert clean.error is None
     resumed_model, clean_model = _load(failed.checkpoint.path), _load(clean.checkpoint.path)
     for (name, a), b in zip(resumed_model.state_dict().items(), clean_model.state_dict().values()):
@@ -194,13 +284,16 @@ def test_bad_input_fails_early_with_one_line(tmp_path, args, needle):
     assert not (tmp_path / "elsa-runs").exists()
 
 
-@pytest.mark.parametrize("options, cores, expected", [
-    ({"workers": 1}, 2, 2),        # one worker gets both cores of this machine, not Ray's default 1
-    ({"workers": 2}, 2, 1),
-    ({"workers": 1}, 64, 4),       # never more than the local Ray offers (the fixture's 4 CPUs)
-    ({"workers": 1, "address": "10.0.0.1:6379"}, 2, None),  # a cluster: Ray's default stands
-    ({"workers": 1, "gpu": True}, 2, None),
-])
+@pytest.mark.parametrize(
+    "options, cores, expected",
+    [
+        ({"workers": 1}, 2, 2),  # one worker gets both cores of this machine, not Ray's default 1
+        ({"workers": 2}, 2, 1),
+        ({"workers": 1}, 64, 4),  # never more than the local Ray offers (the fixture's 4 CPUs)
+        ({"workers": 1, "address": "10.0.0.1:6379"}, 2, None),  # a cluster: Ray's default stands
+        ({"workers": 1, "gpu": True}, 2, None),
+    ],
+)
 def test_local_runs_give_workers_the_machines_cores(ray_session, monkeypatch, options, cores, expected):
     from pipelines.ray_session import local_cores_per_task
 

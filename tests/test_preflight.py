@@ -6,6 +6,7 @@ the exit code (2 usage, 1 runtime), exactly one ``elsa: error`` line naming the 
 30 CPU seconds, no MLflow store or run folder in the working directory, the output directory not created,
 and no Ray started.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,26 @@ from pathlib import Path
 
 import pytest
 
-BASE = ["--sparsity", "0.7", "--steps", "2", "--seqlen", "32", "--batch-size", "2", "--interval", "1",
-        "--eval-seqlen", "32", "--eval-max-windows", "2", "--val-blocks", "1", "--experiment", "preflight"]
+BASE = [
+    "--sparsity",
+    "0.7",
+    "--steps",
+    "2",
+    "--seqlen",
+    "32",
+    "--batch-size",
+    "2",
+    "--interval",
+    "1",
+    "--eval-seqlen",
+    "32",
+    "--eval-max-windows",
+    "2",
+    "--val-blocks",
+    "1",
+    "--experiment",
+    "preflight",
+]
 
 
 def _text_file(path: Path, text: str) -> str:
@@ -89,42 +108,94 @@ CASES = [
     ("steps-zero", lambda t, m: ["--steps", "0"], 2, ["steps"]),
     ("warmup-negative", lambda t, m: ["--warmup-steps", "-1"], 2, ["warmup_steps"]),
     ("max-grad-norm-zero", lambda t, m: ["--max-grad-norm", "0"], 2, ["max_grad_norm"]),
-    ("nm-2-3-not-dividing", lambda t, m: ["--pattern", "2:3", "--sparsity", "0.3333333333333333"], 2,
-     ["--pattern", "2:3"]),
+    (
+        "nm-2-3-not-dividing",
+        lambda t, m: ["--pattern", "2:3", "--sparsity", "0.3333333333333333"],
+        2,
+        ["--pattern", "2:3"],
+    ),
     ("nm-2-128-not-dividing", lambda t, m: ["--pattern", "2:128", "--sparsity", "0.984375"], 2, ["--pattern", "128"]),
-    ("sparsity-map-matches-nothing", lambda t, m: ["--sparsity-map", _text_file(t / "map.json", '{"nothing.*": 0.5}')],
-     2, ["--sparsity-map"]),
+    (
+        "sparsity-map-matches-nothing",
+        lambda t, m: ["--sparsity-map", _text_file(t / "map.json", '{"nothing.*": 0.5}')],
+        2,
+        ["--sparsity-map"],
+    ),
     ("model-unknown-name", lambda t, m: ["--model", "no-such-model"], 2, ["--model", "no-such-model"]),
-    ("model-dir-without-config", lambda t, m: ["--model", _copy_model(m, t / "noconf", drop="config.json")], 2,
-     ["--model", "config.json"]),
-    ("model-safetensors-truncated", lambda t, m: ["--model", _copy_model(m, t / "trunc", damage=_truncate)], 2,
-     ["--model", "truncated"]),
-    ("model-safetensors-corrupt", lambda t, m: ["--model", _copy_model(m, t / "garbled", damage=_garble)], 2,
-     ["--model", "corrupt"]),
-    ("model-fake-gguf", lambda t, m: ["--model", _text_file(t / "fake.gguf", "not a gguf file")], 2,
-     ["--model", "GGUF"]),
-    ("model-hub-id-uncached-offline", lambda t, m: ["--model", "nobody-here/not-cached-model"], 1,
-     ["--model", "cache"]),
+    (
+        "model-dir-without-config",
+        lambda t, m: ["--model", _copy_model(m, t / "noconf", drop="config.json")],
+        2,
+        ["--model", "config.json"],
+    ),
+    (
+        "model-safetensors-truncated",
+        lambda t, m: ["--model", _copy_model(m, t / "trunc", damage=_truncate)],
+        2,
+        ["--model", "truncated"],
+    ),
+    (
+        "model-safetensors-corrupt",
+        lambda t, m: ["--model", _copy_model(m, t / "garbled", damage=_garble)],
+        2,
+        ["--model", "corrupt"],
+    ),
+    (
+        "model-fake-gguf",
+        lambda t, m: ["--model", _text_file(t / "fake.gguf", "not a gguf file")],
+        2,
+        ["--model", "GGUF"],
+    ),
+    (
+        "model-hub-id-uncached-offline",
+        lambda t, m: ["--model", "nobody-here/not-cached-model"],
+        1,
+        ["--model", "cache"],
+    ),
     ("data-missing-file", lambda t, m: ["--data", str(t / "absent.txt")], 2, ["--data"]),
     ("data-empty-file", lambda t, m: ["--data", _text_file(t / "empty.txt", "")], 2, ["--data", "tokens"]),
-    ("data-shorter-than-seqlen", lambda t, m: ["--data", _text_file(t / "short.txt", "just a few words here")], 2,
-     ["--data", "seqlen"]),
+    (
+        "data-shorter-than-seqlen",
+        lambda t, m: ["--data", _text_file(t / "short.txt", "just a few words here")],
+        2,
+        ["--data", "seqlen"],
+    ),
     ("data-binary", lambda t, m: ["--data", str(_binary(t / "blob.txt"))], 2, ["--data", "UTF-8", "blob.txt"]),
-    ("data-validation-split-too-small", lambda t, m: ["--data", _jsonl_small_tail(t / "rows.jsonl")], 2,
-     ["--data", "validation"]),
+    (
+        "data-validation-split-too-small",
+        lambda t, m: ["--data", _jsonl_small_tail(t / "rows.jsonl")],
+        2,
+        ["--data", "validation"],
+    ),
     ("data-evaluation-only", lambda t, m: ["--data", "wikitext2-bundled"], 2, ["--data", "evaluation-only"]),
     ("data-unknown-name", lambda t, m: ["--data", "no-such-corpus"], 2, ["--data", "no-such-corpus"]),
     ("eval-dataset-unknown", lambda t, m: ["--eval-datasets", "wikitext3"], 2, ["--eval-datasets", "wikitext3"]),
     ("lm-eval-task-unknown", lambda t, m: ["--lm-eval-tasks", "no_such_task"], 2, ["--lm-eval-tasks", "no_such_task"]),
-    ("lm-eval-include-missing", lambda t, m: ["--lm-eval-tasks", "x", "--lm-eval-include", str(t / "none")], 2,
-     ["--lm-eval-include"]),
-    ("config-not-yaml", lambda t, m: ["--config", _text_file(t / "bad.yaml", "lr: 1\nbetas: [0.9, 0.95\nsteps: 4\n")],
-     2, ["bad.yaml", "line"]),
+    (
+        "lm-eval-include-missing",
+        lambda t, m: ["--lm-eval-tasks", "x", "--lm-eval-include", str(t / "none")],
+        2,
+        ["--lm-eval-include"],
+    ),
+    (
+        "config-not-yaml",
+        lambda t, m: ["--config", _text_file(t / "bad.yaml", "lr: 1\nbetas: [0.9, 0.95\nsteps: 4\n")],
+        2,
+        ["bad.yaml", "line"],
+    ),
     ("config-missing", lambda t, m: ["--config", str(t / "missing.yaml")], 2, ["missing.yaml"]),
-    ("config-unknown-key", lambda t, m: ["--config", _text_file(t / "k.yaml", "learning_rate: 0.1\n")], 2,
-     ["learning_rate"]),
-    ("tracking-server-down-with-password", lambda t, m: ["--tracking-uri", "http://alice:s3cret@127.0.0.1:9"], 1,
-     ["unreachable", "alice:***@"]),
+    (
+        "config-unknown-key",
+        lambda t, m: ["--config", _text_file(t / "k.yaml", "learning_rate: 0.1\n")],
+        2,
+        ["learning_rate"],
+    ),
+    (
+        "tracking-server-down-with-password",
+        lambda t, m: ["--tracking-uri", "http://alice:s3cret@127.0.0.1:9"],
+        1,
+        ["unreachable", "alice:***@"],
+    ),
 ]
 
 
@@ -155,8 +226,15 @@ def test_bad_input_is_refused_before_ray(case, make_args, code, words, tmp_path,
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     ray_before = _ray_running()
     output = tmp_path / "out"
-    argv = ["prune", "--model", str(tiny_model_dir), *BASE, "--output", str(output),
-            *make_args(tmp_path, tiny_model_dir)]
+    argv = [
+        "prune",
+        "--model",
+        str(tiny_model_dir),
+        *BASE,
+        "--output",
+        str(output),
+        *make_args(tmp_path, tiny_model_dir),
+    ]
     started, cpu = time.perf_counter(), time.process_time()
     rc = main(argv)
     elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
@@ -179,18 +257,35 @@ def test_cases_are_many_and_distinct():
     assert len(CASES) >= 30 and len({c[0] for c in CASES}) == len(CASES)
 
 
-@pytest.mark.parametrize("extra, code, word", [
-    (["--lr", "-1"], 2, "lr"),
-    (["--output", "MODEL"], 2, "--output"),
-])
+@pytest.mark.parametrize(
+    "extra, code, word",
+    [
+        (["--lr", "-1"], 2, "lr"),
+        (["--output", "MODEL"], 2, "--output"),
+    ],
+)
 def test_bad_input_through_a_real_process(tmp_path, tiny_model_dir, extra, code, word):
     """The installed entry point: argparse, exit code and stderr as a user sees them."""
     extra = [str(tiny_model_dir) if a == "MODEL" else a for a in extra]
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
     result = subprocess.run(
-        [sys.executable, "-m", "cli", "prune", "--model", str(tiny_model_dir), *BASE,
-         "--output", str(tmp_path / "out"), *extra],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env,
+        [
+            sys.executable,
+            "-m",
+            "cli",
+            "prune",
+            "--model",
+            str(tiny_model_dir),
+            *BASE,
+            "--output",
+            str(tmp_path / "out"),
+            *extra,
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
     )
     lines = [line for line in result.stderr.splitlines() if line.startswith("elsa: error")]
     assert result.returncode == code, result.stderr[-2000:]
@@ -207,8 +302,9 @@ def test_good_input_passes_preflight_and_writes_nothing(tmp_path, tiny_model_dir
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    args = make_parser().parse_args(["prune", "--model", str(tiny_model_dir), *BASE, "--pattern", "2:4",
-                                     "--sparsity", "0.5"])
+    args = make_parser().parse_args(
+        ["prune", "--model", str(tiny_model_dir), *BASE, "--pattern", "2:4", "--sparsity", "0.5"]
+    )
     uri = preflight(build_config(args), RunOptions(output=str(tmp_path / "out")))
     assert uri.startswith("sqlite:///")
     assert list(tmp_path.iterdir()) == []

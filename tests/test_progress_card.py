@@ -1,4 +1,5 @@
 """The pieces of what a user sees and ships, without Ray: the progress line, the model card, cleanup."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -31,10 +32,25 @@ def test_card_front_matter_settings_results_and_protocol(tmp_path):
     (source / "README.md").write_text("---\nlicense: mit\nbase_model: org/base\n---\n# a model\n")
     info = source_info(str(source))
     assert info == {"base_model": "org/base", "license": "mit"}
-    metadata = {"config": {"model": str(source), "method": "elsa", "sparsity": 0.9, "pattern": "unstructured",
-                           "steps": 64, "lr": 1e-4, "penalty": "decoupled", "rho": 0.03, "eval_datasets": ["wikitext2"],
-                           "seqlen": 256, "eval_seqlen": 512, "eval_max_windows": 32},
-                "overall_sparsity": 0.9, "export_format": "compressed", "export_dtype": "bfloat16"}
+    metadata = {
+        "config": {
+            "model": str(source),
+            "method": "elsa",
+            "sparsity": 0.9,
+            "pattern": "unstructured",
+            "steps": 64,
+            "lr": 1e-4,
+            "penalty": "decoupled",
+            "rho": 0.03,
+            "eval_datasets": ["wikitext2"],
+            "seqlen": 256,
+            "eval_seqlen": 512,
+            "eval_max_windows": 32,
+        },
+        "overall_sparsity": 0.9,
+        "export_format": "compressed",
+        "export_dtype": "bfloat16",
+    }
     before = render_card(metadata, "elsa prune --sparsity 0.9", None, info)
     front = yaml.safe_load(before.split("---")[1])
     assert front == {"base_model": "org/base", "license": "mit", "tags": ["sparse", "elsa", "pruned"]}

@@ -3,6 +3,7 @@
 One real run (the CLI in a subprocess, stdout a pipe, its own local Ray, a sqlite MLflow store)
 on a tiny Llama at 90%, read back by several tests.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,20 +16,51 @@ import pytest
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-BUDGET = ["--steps", "4", "--seqlen", "64", "--batch-size", "2", "--interval", "2", "--eval-interval", "2",
-          "--lr", "1e-3", "--val-blocks", "2", "--eval-seqlen", "64", "--eval-max-windows", "4"]
+BUDGET = [
+    "--steps",
+    "4",
+    "--seqlen",
+    "64",
+    "--batch-size",
+    "2",
+    "--interval",
+    "2",
+    "--eval-interval",
+    "2",
+    "--lr",
+    "1e-3",
+    "--val-blocks",
+    "2",
+    "--eval-seqlen",
+    "64",
+    "--eval-max-windows",
+    "4",
+]
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_model_dir):
     work = tmp_path_factory.mktemp("publish")
-    args = ["prune", "--model", str(tiny_model_dir), "--sparsity", "0.9", *BUDGET, "--output", "out",
-            "--register", "tiny-elsa", "--experiment", "publish-test"]
+    args = [
+        "prune",
+        "--model",
+        str(tiny_model_dir),
+        "--sparsity",
+        "0.9",
+        *BUDGET,
+        "--output",
+        "out",
+        "--register",
+        "tiny-elsa",
+        "--experiment",
+        "publish-test",
+    ]
     env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, "-m", "cli", *args], cwd=work, capture_output=True, text=True,
-                          timeout=900, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cli", *args], cwd=work, capture_output=True, text=True, timeout=900, env=env
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return work, proc
 

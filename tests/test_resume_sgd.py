@@ -5,6 +5,7 @@ refused ("Missing optimizer state for parameter 'model.embed_tokens.weight'"): e
 an ``--optimizer sgd`` run failed. Here: 2N steps in one go equal N steps, ``_save_state``, a fresh
 model and optimiser, ``_load_state``, N steps, bit for bit.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -27,16 +28,32 @@ def _setup(cfg):
     return model, admm, scheduler
 
 
-@pytest.mark.parametrize("overrides", [
-    {"optimizer": "sgd", "projection": "magnitude", "lr": 1e-2},
-    {"optimizer": "adam"},
-    {"optimizer": "adamw", "weight_decay": 0.01},
-], ids=["sgd", "adam", "adamw"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"optimizer": "sgd", "projection": "magnitude", "lr": 1e-2},
+        {"optimizer": "adam"},
+        {"optimizer": "adamw", "weight_decay": 0.01},
+    ],
+    ids=["sgd", "adam", "adamw"],
+)
 def test_worker_checkpoint_resumes_bit_identically(tmp_path, overrides):
     from pipelines.train_job import _load_state, _save_state
 
-    cfg = make_config({"model": "tiny", "sparsity": 0.7, "steps": 2 * N, "interval": 2, "seqlen": 16, "batch_size": 2,
-                       "eval_interval": 1000, "log_interval": 1000, "lr_schedule": "constant", **overrides})
+    cfg = make_config(
+        {
+            "model": "tiny",
+            "sparsity": 0.7,
+            "steps": 2 * N,
+            "interval": 2,
+            "seqlen": 16,
+            "batch_size": 2,
+            "eval_interval": 1000,
+            "log_interval": 1000,
+            "lr_schedule": "constant",
+            **overrides,
+        }
+    )
     straight, admm, scheduler = _setup(cfg)
     train(straight, admm, scheduler, _batches, cfg, LoopHooks())
 

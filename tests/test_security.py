@@ -1,4 +1,5 @@
 """What listens where, and that secrets in URIs never reach the terminal or MLflow."""
+
 from __future__ import annotations
 
 import json
@@ -12,15 +13,28 @@ from pipelines.errors import one_line
 from pipelines.redact import redact
 
 
-@pytest.mark.parametrize("text, secret, kept", [
-    ("http://alice:s3cret@mlflow.internal:5000", "s3cret", "http://alice:***@mlflow.internal:5000"),
-    ("error talking to https://bob:p%40ss@host/api: refused", "p%40ss",
-     "error talking to https://bob:***@host/api: refused"),
-    ("https://ghp_TOKEN123@github.com/x", "ghp_TOKEN123", "https://***@github.com/x"),
-    ("s3://bucket/path?X-Amz-Signature=abcdef&token=xyz", "xyz", "s3://bucket/path?X-Amz-Signature=abcdef&token=***"),
-    ("postgresql://u:pw@db:5432/mlflow and sqlite:///x.db", "pw@",
-     "postgresql://u:***@db:5432/mlflow and sqlite:///x.db"),
-])
+@pytest.mark.parametrize(
+    "text, secret, kept",
+    [
+        ("http://alice:s3cret@mlflow.internal:5000", "s3cret", "http://alice:***@mlflow.internal:5000"),
+        (
+            "error talking to https://bob:p%40ss@host/api: refused",
+            "p%40ss",
+            "error talking to https://bob:***@host/api: refused",
+        ),
+        ("https://ghp_TOKEN123@github.com/x", "ghp_TOKEN123", "https://***@github.com/x"),
+        (
+            "s3://bucket/path?X-Amz-Signature=abcdef&token=xyz",
+            "xyz",
+            "s3://bucket/path?X-Amz-Signature=abcdef&token=***",
+        ),
+        (
+            "postgresql://u:pw@db:5432/mlflow and sqlite:///x.db",
+            "pw@",
+            "postgresql://u:***@db:5432/mlflow and sqlite:///x.db",
+        ),
+    ],
+)
 def test_redact_masks_secrets(text, secret, kept):
     masked = redact(text)
     assert secret not in masked
@@ -97,8 +111,9 @@ _LISTENERS = textwrap.dedent("""
 @pytest.mark.ray
 def test_local_ray_listens_on_loopback_only(tmp_path):
     """Every listening socket of the local Ray that the CLI starts (GCS, raylet, workers, agents) is 127.0.0.1."""
-    result = subprocess.run([sys.executable, "-c", _LISTENERS], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", _LISTENERS], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     line = next((x for x in result.stdout.splitlines() if x.startswith("LISTEN ")), None)
     assert line is not None, result.stderr[-3000:]
     addresses = json.loads(line.removeprefix("LISTEN "))

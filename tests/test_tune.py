@@ -4,6 +4,7 @@ The fast tests check the pieces without Ray. The Ray tests run real searches (Ra
 pipeline's Ray Train job, Optuna, ASHA, a sqlite MLflow store in tmp_path) on the tiny local
 model; each trial is a few steps of seqlen 32, so most of the time is actor start-up.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,26 +36,47 @@ def test_default_space_loads_and_maps_schedules():
     space = load_space()
     assert {"lr", "lmda", "lmda_schedule", "penalty", "rho", "rho_schedule"} <= set(space.dimensions)
     base = {"lmda": 2e-3, "lmda_schedule": "constant", "penalty": "coupled"}
-    cosine = space.overrides({"lr": 1e-3, "lmda": 1e-2, "lmda_schedule": "cosine", "penalty": "coupled", "rho": 0.1, "rho_schedule": "linear"}, base)
+    cosine = space.overrides(
+        {
+            "lr": 1e-3,
+            "lmda": 1e-2,
+            "lmda_schedule": "cosine",
+            "penalty": "coupled",
+            "rho": 0.1,
+            "rho_schedule": "linear",
+        },
+        base,
+    )
     assert cosine["lmda"] == 0.0 and cosine["lmda_final"] == 1e-2 and cosine["lmda_schedule"] == "cosine"
     assert cosine["rho"] is None and cosine["rho_schedule"] == "constant"  # coupled: rho means nothing
-    expo = space.overrides({"lmda": 1e-2, "lmda_schedule": "exponential", "penalty": "decoupled", "rho": 0.1, "rho_schedule": "cosine"}, base)
+    expo = space.overrides(
+        {"lmda": 1e-2, "lmda_schedule": "exponential", "penalty": "decoupled", "rho": 0.1, "rho_schedule": "cosine"},
+        base,
+    )
     assert expo["lmda"] == pytest.approx(1e-4) and expo["lmda_final"] == 1e-2
     assert expo["rho"] == pytest.approx(1e-3) and expo["rho_final"] == 0.1 and expo["rho_schedule"] == "cosine"
-    constant = space.overrides({"lmda": 5e-3, "lmda_schedule": "constant", "penalty": "decoupled", "rho": 0.05, "rho_schedule": "constant"}, {**base, "lmda_final": 1.0})
+    constant = space.overrides(
+        {"lmda": 5e-3, "lmda_schedule": "constant", "penalty": "decoupled", "rho": 0.05, "rho_schedule": "constant"},
+        {**base, "lmda_final": 1.0},
+    )
     cfg = trial_config({**base, "lmda_final": 1.0, "sparsity": 0.7, "model": "m"}, constant)
-    assert cfg.lmda == 5e-3 and cfg.lmda_final is None and cfg.rho == 0.05  # a constant schedule clears the base's final value
+    assert (
+        cfg.lmda == 5e-3 and cfg.lmda_final is None and cfg.rho == 0.05
+    )  # a constant schedule clears the base's final value
 
 
-@pytest.mark.parametrize("space, needle", [
-    ({"steps": {"choice": [1, 2]}}, "budget"),
-    ({"lmda_final": {"loguniform": [1e-4, 1e-2]}}, "derived"),
-    ({"lr": {"loguniform": [0, 1]}}, "low > 0"),
-    ({"lr": {"normal": [0, 1]}}, "exactly one of"),
-    ({"rho": {"loguniform": [1e-3, 2.0]}}, "inside (0, 1)"),
-    ({"learning_rate": {"choice": [1]}}, "not a PruneConfig field"),
-    ({"penalty": "coupled"}, "no field is searched"),
-])
+@pytest.mark.parametrize(
+    "space, needle",
+    [
+        ({"steps": {"choice": [1, 2]}}, "budget"),
+        ({"lmda_final": {"loguniform": [1e-4, 1e-2]}}, "derived"),
+        ({"lr": {"loguniform": [0, 1]}}, "low > 0"),
+        ({"lr": {"normal": [0, 1]}}, "exactly one of"),
+        ({"rho": {"loguniform": [1e-3, 2.0]}}, "inside (0, 1)"),
+        ({"learning_rate": {"choice": [1]}}, "not a PruneConfig field"),
+        ({"penalty": "coupled"}, "no field is searched"),
+    ],
+)
 def test_bad_space_is_refused_with_the_reason(space, needle):
     with pytest.raises(SpaceError, match=None) as err:
         parse_space(space, "space.yaml")
@@ -111,8 +133,26 @@ def test_nonfinite_error_is_found_inside_a_worker_group_error():
 def test_tune_flags_parse_into_a_request():
     from tune.cli import request_from_args
 
-    args = make_parser().parse_args(["tune", "--model", "m", "--sparsity", "0.7", "0.8", "--trials", "3", "--steps", "16",
-                                     "--trial-resources", '{"CPU": 1, "trainer": 1}', "--search", "random", "--name", "n"])
+    args = make_parser().parse_args(
+        [
+            "tune",
+            "--model",
+            "m",
+            "--sparsity",
+            "0.7",
+            "0.8",
+            "--trials",
+            "3",
+            "--steps",
+            "16",
+            "--trial-resources",
+            '{"CPU": 1, "trainer": 1}',
+            "--search",
+            "random",
+            "--name",
+            "n",
+        ]
+    )
     request, where = request_from_args(args)
     assert request.sparsities == [0.7, 0.8] and request.trials == 3 and request.config == {"steps": 16}
     assert request.trial_resources == {"CPU": 1, "trainer": 1} and request.search == "random" and request.name == "n"
@@ -139,7 +179,11 @@ def test_trial_that_cannot_be_placed_is_refused_before_anything_starts(tmp_path,
     from tune.runner import SearchError
 
     with pytest.raises(SearchError, match="trainer"):
-        _search(tmp_path, tiny_model_dir, ["--sparsity", "0.7", "--trials", "2", "--trial-resources", '{"CPU": 1, "trainer": 1}', "--name", "x"])
+        _search(
+            tmp_path,
+            tiny_model_dir,
+            ["--sparsity", "0.7", "--trials", "2", "--trial-resources", '{"CPU": 1, "trainer": 1}', "--name", "x"],
+        )
     assert not (tmp_path / "storage" / "x").exists()  # no state left behind: the name stays free
 
 
@@ -156,8 +200,19 @@ def _search(tmp_path, tiny_model_dir, argv: list[str], **kwargs):
     from tune.cli import request_from_args
     from tune.runner import run_search
 
-    args = make_parser().parse_args(["tune", "--model", str(tiny_model_dir), *BUDGET,
-                                     "--storage-path", str(tmp_path / "storage"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", *argv])
+    args = make_parser().parse_args(
+        [
+            "tune",
+            "--model",
+            str(tiny_model_dir),
+            *BUDGET,
+            "--storage-path",
+            str(tmp_path / "storage"),
+            "--tracking-uri",
+            f"sqlite:///{tmp_path / 'mlflow.db'}",
+            *argv,
+        ]
+    )
     request, where = request_from_args(args)
     return run_search(request, where, **kwargs)
 
@@ -177,7 +232,12 @@ def _no_leaked_actors(ray, timeout: float = 20.0) -> bool:
         if ray.available_resources().get("CPU", 0) == ray.cluster_resources().get("CPU", 0):
             return True
         time.sleep(0.5)
-    print("still held:", {k: v for k, v in ray.available_resources().items() if k == "CPU"}, "of", ray.cluster_resources().get("CPU"))
+    print(
+        "still held:",
+        {k: v for k, v in ray.available_resources().items() if k == "CPU"},
+        "of",
+        ray.cluster_resources().get("CPU"),
+    )
     return False
 
 
@@ -190,12 +250,42 @@ def test_search_stops_bad_trials_tracks_them_and_writes_a_preset(tmp_path, tiny_
     # outside the range. With grace period 1 and reduction factor 2, ASHA must stop every
     # absurd trial at its first report; --max-val-loss is raised so that ASHA, not the
     # divergence stopper, does it.
-    space = write_space(tmp_path / "space.yaml", {"lr": {"loguniform": [0.5, 2.0]}, "lmda": {"loguniform": [1e-4, 1e-2]},
-                                                  "lmda_schedule": {"choice": ["constant", "cosine"]}, "penalty": {"choice": ["coupled", "decoupled"]},
-                                                  "rho": {"loguniform": [1e-3, 0.3]}, "rho_schedule": {"choice": ["constant", "linear"]}})
+    space = write_space(
+        tmp_path / "space.yaml",
+        {
+            "lr": {"loguniform": [0.5, 2.0]},
+            "lmda": {"loguniform": [1e-4, 1e-2]},
+            "lmda_schedule": {"choice": ["constant", "cosine"]},
+            "penalty": {"choice": ["coupled", "decoupled"]},
+            "rho": {"loguniform": [1e-3, 0.3]},
+            "rho_schedule": {"choice": ["constant", "linear"]},
+        },
+    )
     started = time.perf_counter()
-    report = _search(tmp_path, tiny_model_dir, ["--sparsity", "0.8", "--trials", "4", "--steps", "4", "--eval-interval", "1",
-                                                "--space", space, "--grace-period", "1", "--reduction-factor", "2", "--max-val-loss", "1e4", "--name", "asha"])
+    report = _search(
+        tmp_path,
+        tiny_model_dir,
+        [
+            "--sparsity",
+            "0.8",
+            "--trials",
+            "4",
+            "--steps",
+            "4",
+            "--eval-interval",
+            "1",
+            "--space",
+            space,
+            "--grace-period",
+            "1",
+            "--reduction-factor",
+            "2",
+            "--max-val-loss",
+            "1e4",
+            "--name",
+            "asha",
+        ],
+    )
     print(f"4-trial search: {time.perf_counter() - started:.1f} s")
     (outcome,) = report.outcomes
     assert not report.interrupted and len(outcome.rows) == 4
@@ -209,7 +299,8 @@ def test_search_stops_bad_trials_tracks_them_and_writes_a_preset(tmp_path, tiny_
     assert stopped and all(row.step < 4 for row in stopped)
     assert all(0.5 <= row.sample["lr"] <= 2.0 for row in outcome.rows[1:])
     assert outcome.best is not None and outcome.best.val_loss_projected == min(
-        r.val_loss_projected for r in outcome.rows if r.outcome == "completed")
+        r.val_loss_projected for r in outcome.rows if r.outcome == "completed"
+    )
 
     # MLflow: one parent with the space and the seed, one child per trial, closed with the right status
     client, runs = _runs(report.tracking_uri)
@@ -232,10 +323,16 @@ def test_search_stops_bad_trials_tracks_them_and_writes_a_preset(tmp_path, tiny_
     # the best configuration as a preset file, logged to the parent, read by `elsa prune --preset`
     preset = Path(report.preset_file)
     entry = yaml.safe_load(preset.read_text())["presets"][0]
-    assert entry["trial_id"] == outcome.best.trial_id and entry["mlflow_run_id"] == children[entry["trial_id"]].info.run_id
+    assert (
+        entry["trial_id"] == outcome.best.trial_id and entry["mlflow_run_id"] == children[entry["trial_id"]].info.run_id
+    )
     assert entry["val_loss_projected"] == pytest.approx(outcome.best.val_loss_projected)
     assert preset.name in [a.path for a in client.list_artifacts(parent.info.run_id)]
-    cfg = build_config(make_parser().parse_args(["prune", "--model", str(tiny_model_dir), "--sparsity", "0.8", "--preset", str(preset)]))
+    cfg = build_config(
+        make_parser().parse_args(
+            ["prune", "--model", str(tiny_model_dir), "--sparsity", "0.8", "--preset", str(preset)]
+        )
+    )
     for key, value in entry["config"].items():
         assert getattr(cfg, key) == value
     assert cfg.lr == outcome.best.sample["lr"] and cfg.preset.startswith(preset.name)
@@ -248,8 +345,26 @@ def test_nonfinite_trial_is_stopped_and_marked_not_crashed(tmp_path, tiny_model_
     # lr 1e30 makes the weights inf after one step, so the training loss of step 2 is NaN and the
     # worker loop raises NonFiniteLossError (no evaluation runs before it: eval_interval = steps).
     space = write_space(tmp_path / "space.yaml", {"lr": {"choice": [1e30]}, "lmda": {"loguniform": [1e-4, 1e-2]}})
-    report = _search(tmp_path, tiny_model_dir, ["--sparsity", "0.7", "--trials", "2", "--steps", "3", "--eval-interval", "3",
-                                                "--space", space, "--name", "nan", "--max-concurrent", "2"])
+    report = _search(
+        tmp_path,
+        tiny_model_dir,
+        [
+            "--sparsity",
+            "0.7",
+            "--trials",
+            "2",
+            "--steps",
+            "3",
+            "--eval-interval",
+            "3",
+            "--space",
+            space,
+            "--name",
+            "nan",
+            "--max-concurrent",
+            "2",
+        ],
+    )
     (outcome,) = report.outcomes
     assert [row.outcome for row in outcome.rows] == ["nonfinite_loss", "nonfinite_loss"]  # the search went on
     assert all(row.val_loss_projected == NONFINITE_LOSS and row.step == 2 for row in outcome.rows)
@@ -284,11 +399,26 @@ def _interrupt_after(count: int, marker: Path):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path, tiny_model_dir, ray_session, fast_reports):
+def test_interrupted_search_resumes_without_rerunning_finished_trials(
+    tmp_path, tiny_model_dir, ray_session, fast_reports
+):
     from tune.cli import run_tune
 
-    argv = ["--sparsity", "0.7", "--trials", "2", "--steps", "2", "--eval-interval", "1", "--scheduler", "none", "--name", "resume"]
-    first = _search(tmp_path, tiny_model_dir, argv, extra_callbacks=[_interrupt_after(1, tmp_path / 'interrupted')])
+    argv = [
+        "--sparsity",
+        "0.7",
+        "--trials",
+        "2",
+        "--steps",
+        "2",
+        "--eval-interval",
+        "1",
+        "--scheduler",
+        "none",
+        "--name",
+        "resume",
+    ]
+    first = _search(tmp_path, tiny_model_dir, argv, extra_callbacks=[_interrupt_after(1, tmp_path / "interrupted")])
     assert first.interrupted and first.preset_file is None
     finished = {row.trial_id for row in first.outcomes[0].rows if row.outcome == "completed"}
     assert len(finished) == 1
@@ -296,7 +426,14 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path, 
     parent_id = first.outcomes[0].parent_run_id
     assert client.get_run(parent_id).info.status == "KILLED"
 
-    common = ["--storage-path", str(tmp_path / "storage"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--name", "resume"]
+    common = [
+        "--storage-path",
+        str(tmp_path / "storage"),
+        "--tracking-uri",
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "--name",
+        "resume",
+    ]
     with pytest.raises(Exception, match="already exists"):  # the same name without --resume is refused
         run_tune(make_parser().parse_args(["tune", "--model", str(tiny_model_dir), "--sparsity", "0.7", *common]))
     assert run_tune(make_parser().parse_args(["tune", "--resume", *common])) == 0
@@ -310,7 +447,11 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path, 
             assert child.data.tags["attempts"] == "1"
             assert sorted(m.step for m in client.get_metric_history(child.info.run_id, "val_loss_projected")) == [1, 2]
     assert client.get_run(parent_id).info.status == "FINISHED"
-    trial_dirs = [d for d in (tmp_path / "storage" / "resume" / "sparsity-0.7").iterdir() if d.is_dir() and d.name.startswith("run_trial")]
+    trial_dirs = [
+        d
+        for d in (tmp_path / "storage" / "resume" / "sparsity-0.7").iterdir()
+        if d.is_dir() and d.name.startswith("run_trial")
+    ]
     assert len(trial_dirs) == 2
     preset = yaml.safe_load((tmp_path / "storage" / "resume" / "best_presets.yaml").read_text())["presets"]
     assert len(preset) == 1 and preset[0]["sparsity"] == 0.7 and math.isfinite(preset[0]["val_loss_projected"])

@@ -1,4 +1,5 @@
 """Warm start, distillation and the budget rule (issue 13), on tiny models and real components."""
+
 from __future__ import annotations
 
 import pytest
@@ -10,8 +11,20 @@ from elsa.targets import find_targets
 
 
 def _tiny_cfg(tiny_model_dir, **overrides):
-    return make_config({"model": str(tiny_model_dir), "sparsity": 0.7, "steps": 4, "seqlen": 64, "batch_size": 2,
-                        "interval": 2, "eval_interval": 2, "val_blocks": 2, "calib_blocks": 8, **overrides})
+    return make_config(
+        {
+            "model": str(tiny_model_dir),
+            "sparsity": 0.7,
+            "steps": 4,
+            "seqlen": 64,
+            "batch_size": 2,
+            "interval": 2,
+            "eval_interval": 2,
+            "val_blocks": 2,
+            "calib_blocks": 8,
+            **overrides,
+        }
+    )
 
 
 # ------------------------------------------------------------------------------------- KD loss
@@ -37,8 +50,12 @@ def test_kd_term_matches_an_independent_kl():
     s, t = torch.randn(3, 5, 7), torch.randn(3, 5, 7)
     temperature = 1.7
     p_t = torch.softmax(t / temperature, -1)
-    expected = torch.nn.functional.kl_div(torch.log_softmax(s / temperature, -1).reshape(-1, 7), p_t.reshape(-1, 7),
-                                          reduction="batchmean") * temperature**2
+    expected = (
+        torch.nn.functional.kl_div(
+            torch.log_softmax(s / temperature, -1).reshape(-1, 7), p_t.reshape(-1, 7), reduction="batchmean"
+        )
+        * temperature**2
+    )
     assert float(kd_term(s, t, temperature)) == pytest.approx(float(expected), rel=1e-5)
     assert float(kd_term(s, t, temperature)) > 0
 
@@ -143,10 +160,43 @@ def _prune_cli(tmp_path, tiny_model_dir, name: str, *extra: str):
     from cli.main import main
 
     out = tmp_path / name
-    code = main(["prune", "--model", str(tiny_model_dir), "--sparsity", "0.7", "--steps", "4", "--seqlen", "64",
-                 "--batch-size", "2", "--interval", "2", "--eval-interval", "2", "--val-blocks", "2",
-                 "--calib-blocks", "8", "--eval-seqlen", "64", "--eval-max-windows", "2", "--cpus-per-worker", "0.5",
-                 "--output", str(out), "--experiment", "warm", "--run-name", name, "--no-eval", *extra])
+    code = main(
+        [
+            "prune",
+            "--model",
+            str(tiny_model_dir),
+            "--sparsity",
+            "0.7",
+            "--steps",
+            "4",
+            "--seqlen",
+            "64",
+            "--batch-size",
+            "2",
+            "--interval",
+            "2",
+            "--eval-interval",
+            "2",
+            "--val-blocks",
+            "2",
+            "--calib-blocks",
+            "8",
+            "--eval-seqlen",
+            "64",
+            "--eval-max-windows",
+            "2",
+            "--cpus-per-worker",
+            "0.5",
+            "--output",
+            str(out),
+            "--experiment",
+            "warm",
+            "--run-name",
+            name,
+            "--no-eval",
+            *extra,
+        ]
+    )
     assert code == 0
     return out
 
@@ -168,8 +218,22 @@ def test_pipeline_warm_start_keeps_the_better_and_says_so(tmp_path, tiny_model_d
     from elsa.models import load_model
 
     monkeypatch.chdir(tmp_path)
-    shipped = load_model(str(_prune_cli(tmp_path, tiny_model_dir, "wrecked", "--init", "sparsegpt", "--lr", "0.5",
-                                        "--rho", "0.05", "--keep-checkpoints")))
+    shipped = load_model(
+        str(
+            _prune_cli(
+                tmp_path,
+                tiny_model_dir,
+                "wrecked",
+                "--init",
+                "sparsegpt",
+                "--lr",
+                "0.5",
+                "--rho",
+                "0.05",
+                "--keep-checkpoints",
+            )
+        )
+    )
     run = _run_of(tmp_path, "wrecked")
     assert run.info.status == "FINISHED" and run.data.tags["kept"] == "init"
     assert run.data.metrics["init_val_loss"] < run.data.metrics["final_val_loss_projected"]
@@ -181,19 +245,25 @@ def test_pipeline_warm_start_keeps_the_better_and_says_so(tmp_path, tiny_model_d
         assert torch.equal(a, b), name
 
 
-
 @pytest.mark.ray
 @pytest.mark.slow
 def test_kd_with_two_fsdp_workers_gives_the_masks_of_one(tmp_path, tiny_model_dir, ray_session):
     from elsa.export import load_checkpoint
     from pipelines.train_job import run_training
 
-    cfg = _tiny_cfg(tiny_model_dir, init="none", loss="ntp+kd", kd_temperature=2.0, lr=1e-3, rho=0.05, steps=6,
-                    bf16=False)  # fp32: the 1- and 2-worker sums differ only by reduction order
+    cfg = _tiny_cfg(
+        tiny_model_dir, init="none", loss="ntp+kd", kd_temperature=2.0, lr=1e-3, rho=0.05, steps=6, bf16=False
+    )  # fp32: the 1- and 2-worker sums differ only by reduction order
     models = []
     for workers in (1, 2):
-        result = run_training(cfg, None, workers=workers, storage_path=str(tmp_path / "ray"), name=f"kd{workers}",
-                              resources_per_worker={"CPU": 0.5})
+        result = run_training(
+            cfg,
+            None,
+            workers=workers,
+            storage_path=str(tmp_path / "ray"),
+            name=f"kd{workers}",
+            resources_per_worker={"CPU": 0.5},
+        )
         assert result.error is None, result.error
         models.append(load_checkpoint(result.checkpoint.path)[0])  # the compressed export
     for a, b in zip(find_targets(models[0], 0.7), find_targets(models[1], 0.7)):

@@ -4,6 +4,7 @@ The method-config flags are those of ``elsa prune`` that define a trial's budget
 settings (the searched fields come from ``--space``); anything else goes in ``--config FILE``.
 Precedence: PruneConfig defaults < --config < flags < the sampled values of a trial.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,26 +16,58 @@ from tune.search import DEFAULT_MAX_VAL_LOSS, SCHEDULERS, SEARCHERS
 
 # PruneConfig fields offered as flags: the budget and the settings that are usually fixed.
 CONFIG_FLAGS = (
-    "steps", "seqlen", "batch_size", "grad_accum", "eval_interval", "val_blocks", "data", "seed",
-    "interval", "projection", "optimizer", "lr_schedule", "warmup_steps", "max_grad_norm",
-    "checkpoint_interval", "log_interval", "pattern", "bf16",
+    "steps",
+    "seqlen",
+    "batch_size",
+    "grad_accum",
+    "eval_interval",
+    "val_blocks",
+    "data",
+    "seed",
+    "interval",
+    "projection",
+    "optimizer",
+    "lr_schedule",
+    "warmup_steps",
+    "max_grad_norm",
+    "checkpoint_interval",
+    "log_interval",
+    "pattern",
+    "bf16",
 )
 
 
 def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``elsa tune`` (called by :func:`cli.main.make_parser`)."""
     what = parser.add_argument_group("what to search")
-    what.add_argument("--model", default=None, help="model alias, local directory, GGUF file or hub id (default: smollm2-135m)")
-    what.add_argument("--sparsity", type=float, nargs="+", default=None, help="one search per sparsity, e.g. 0.7 0.8 0.9")
+    what.add_argument(
+        "--model", default=None, help="model alias, local directory, GGUF file or hub id (default: smollm2-135m)"
+    )
+    what.add_argument(
+        "--sparsity", type=float, nargs="+", default=None, help="one search per sparsity, e.g. 0.7 0.8 0.9"
+    )
     what.add_argument("--trials", type=int, default=8, help="trials per sparsity (the Table 5 seed is the first)")
     what.add_argument("--space", default=None, help="YAML search space (default: tune/spaces/default.yaml)")
     what.add_argument("--search", choices=SEARCHERS, default="optuna", help="search algorithm")
     what.add_argument("--search-seed", type=int, default=0, help="seed of the search algorithm")
-    what.add_argument("--scheduler", choices=SCHEDULERS, default="asha", help="early stopping on the projected validation loss")
-    what.add_argument("--grace-period", type=int, default=None, help="steps before ASHA may stop a trial (default: --eval-interval)")
-    what.add_argument("--reduction-factor", type=float, default=2.0, help="ASHA keeps the best 1/r of trials at each rung")
-    what.add_argument("--max-val-loss", type=float, default=DEFAULT_MAX_VAL_LOSS, help="a projected validation loss above this is divergence: the trial is stopped and marked")
-    what.add_argument("--export", action="store_true", help="write every trial's pruned checkpoint (off: trials only measure)")
+    what.add_argument(
+        "--scheduler", choices=SCHEDULERS, default="asha", help="early stopping on the projected validation loss"
+    )
+    what.add_argument(
+        "--grace-period", type=int, default=None, help="steps before ASHA may stop a trial (default: --eval-interval)"
+    )
+    what.add_argument(
+        "--reduction-factor", type=float, default=2.0, help="ASHA keeps the best 1/r of trials at each rung"
+    )
+    what.add_argument(
+        "--max-val-loss",
+        type=float,
+        default=DEFAULT_MAX_VAL_LOSS,
+        help="a projected validation loss above this is divergence: the trial is stopped and marked",
+    )
+    what.add_argument(
+        "--export", action="store_true", help="write every trial's pruned checkpoint (off: trials only measure)"
+    )
 
     method = parser.add_argument_group("method config shared by every trial (PruneConfig fields)")
     method.add_argument("--config", default=None, help="YAML config file (flat PruneConfig fields)")
@@ -42,18 +75,28 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
 
     run = parser.add_argument_group("where and how to run")
     run.add_argument("--max-concurrent", type=int, default=1, help="trials running at once")
-    run.add_argument("--trial-resources", default='{"CPU": 0.5}', help="JSON: Ray resources each trial's driver asks for, e.g. '{\"CPU\": 1, \"trainer\": 1}'")
+    run.add_argument(
+        "--trial-resources",
+        default='{"CPU": 0.5}',
+        help='JSON: Ray resources each trial\'s driver asks for, e.g. \'{"CPU": 1, "trainer": 1}\'',
+    )
     run.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers per trial (FSDP2 when > 1)")
     run.add_argument("--cpus-per-worker", type=float, default=0.5, help="CPUs each trial's worker asks for")
     run.add_argument("--gpu", action="store_true", help="one GPU per worker")
     run.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else local)")
-    run.add_argument("--storage-path", default=None, help="Tune/Train storage: a path or URI (default: $ELSA_STORAGE or ./elsa-runs)")
+    run.add_argument(
+        "--storage-path", default=None, help="Tune/Train storage: a path or URI (default: $ELSA_STORAGE or ./elsa-runs)"
+    )
     run.add_argument("--tracking-uri", default=None, help="MLflow URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
     run.add_argument("--experiment", default=None, help="MLflow experiment (default: elsa-tune)")
     run.add_argument("--name", default=None, help="search name under --storage-path (needed to resume)")
     run.add_argument("--resume", action="store_true", help="continue the search --name (finished trials are not rerun)")
     run.add_argument("--resume-errored", action="store_true", help="with --resume: also resume trials that crashed")
-    run.add_argument("--preset-out", default=None, help="preset file for the best configurations (default: <storage>/<name>/best_presets.yaml)")
+    run.add_argument(
+        "--preset-out",
+        default=None,
+        help="preset file for the best configurations (default: <storage>/<name>/best_presets.yaml)",
+    )
 
 
 def _trial_resources(text: str) -> dict:
@@ -62,7 +105,10 @@ def _trial_resources(text: str) -> dict:
     except json.JSONDecodeError as err:
         raise ValueError(f"--trial-resources {text!r} is not JSON ({err.msg}); e.g. '{{\"CPU\": 1}}'") from None
     if not isinstance(value, dict) or not all(isinstance(v, (int, float)) and v >= 0 for v in value.values()):
-        raise ValueError(f"--trial-resources {text!r} must map resource names to non-negative numbers, e.g. '{{\"CPU\": 1, \"trainer\": 1}}'")
+        raise ValueError(
+            f"--trial-resources {text!r} must map resource names to non-negative numbers, e.g. "
+            f'\'{{"CPU": 1, "trainer": 1}}\''
+        )
     return value
 
 
@@ -74,7 +120,7 @@ def request_from_args(args: argparse.Namespace):
     config.update({name: getattr(args, name) for name in CONFIG_FLAGS if getattr(args, name, None) is not None})
     for key in ("model", "sparsity"):
         config.pop(key, None)
-    file_model = (load_yaml(args.config).get("model") if args.config else None)
+    file_model = load_yaml(args.config).get("model") if args.config else None
     request = SearchRequest(
         model=args.model or file_model or PruneConfig.model_fields["model"].default,
         sparsities=list(args.sparsity or []),
@@ -96,31 +142,56 @@ def request_from_args(args: argparse.Namespace):
         name=args.name,
         experiment=args.experiment or DEFAULT_EXPERIMENT,
     )
-    where = Where(storage_path=args.storage_path, address=args.address, tracking_uri=args.tracking_uri, preset_out=args.preset_out, resume=args.resume, resume_errored=args.resume_errored)
+    where = Where(
+        storage_path=args.storage_path,
+        address=args.address,
+        tracking_uri=args.tracking_uri,
+        preset_out=args.preset_out,
+        resume=args.resume,
+        resume_errored=args.resume_errored,
+    )
     return request, where
 
 
 def summary(report) -> str:
     """What the user reads at the end: every trial, the best against the seed, where things went."""
-    lines = [f"search      {report.name} ({report.root})", f"mlflow      {report.tracking_uri}", f"wall time   {report.wall_s:.1f} s"]
+    lines = [
+        f"search      {report.name} ({report.root})",
+        f"mlflow      {report.tracking_uri}",
+        f"wall time   {report.wall_s:.1f} s",
+    ]
     for outcome in report.outcomes:
         lines.append("")
-        lines.append(f"sparsity {outcome.sparsity:g}: parent run {outcome.parent_run_id}, {len(outcome.rows)} trials"
-                     + (" (interrupted)" if outcome.interrupted else ""))
+        lines.append(
+            f"sparsity {outcome.sparsity:g}: parent run {outcome.parent_run_id}, {len(outcome.rows)} trials"
+            + (" (interrupted)" if outcome.interrupted else "")
+        )
         lines.append(f"  {'trial':<13}{'outcome':<16}{'step':>6}  {'val_loss_proj':>13}  config")
         for row in outcome.rows:
             value = "-" if row.val_loss_projected is None else f"{row.val_loss_projected:.5g}"
             config = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.sample.items())
-            lines.append(f"  {row.trial_id:<13}{row.outcome + (' (seed)' if row.is_seed else ''):<16}{row.step:>6}  {value:>13}  {config}")
+            lines.append(
+                f"  {row.trial_id:<13}{row.outcome + (' (seed)' if row.is_seed else ''):<16}{row.step:>6}  "
+                f"{value:>13}  {config}"
+            )
         if outcome.seed is not None:
-            lines.append(f"  seed ({outcome.seed_source}): {outcome.seed.outcome}, val_loss_projected {outcome.seed.val_loss_projected}")
+            lines.append(
+                f"  seed ({outcome.seed_source}): {outcome.seed.outcome}, val_loss_projected "
+                f"{outcome.seed.val_loss_projected}"
+            )
         if outcome.best is not None:
-            lines.append(f"  best: trial {outcome.best.trial_id} (run {outcome.best.mlflow_run_id}), val_loss_projected {outcome.best.val_loss_projected:.5g}")
+            lines.append(
+                f"  best: trial {outcome.best.trial_id} (run {outcome.best.mlflow_run_id}), val_loss_projected "
+                f"{outcome.best.val_loss_projected:.5g}"
+            )
         else:
             lines.append("  best: none (no trial completed its budget)")
     if report.preset_file:
         lines.append("")
-        lines.append(f"preset file {report.preset_file}  (use: elsa prune --preset {report.preset_file} --model ... --sparsity ...)")
+        lines.append(
+            f"preset file {report.preset_file}  (use: elsa prune --preset {report.preset_file} --model ... "
+            "--sparsity ...)"
+        )
     return "\n".join(lines)
 
 

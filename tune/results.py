@@ -4,6 +4,7 @@ Why the best is chosen among *completed* trials by their *last* projected valida
 early-stopped trial's number comes from an earlier step and is not comparable, and ``elsa prune
 --preset`` will run the whole budget. Diverged trials never win.
 """
+
 from __future__ import annotations
 
 import re
@@ -124,7 +125,11 @@ def preset_entry(model: str, outcome: SparsityOutcome, space: SearchSpace, base:
         "budget": {k: base.get(k) for k in ("steps", "seqlen", "batch_size", "grad_accum", "data", "val_blocks")},
     }
     if outcome.seed is not None:
-        entry["seed"] = {"source": outcome.seed_source, "val_loss_projected": outcome.seed.val_loss_projected, "outcome": outcome.seed.outcome}
+        entry["seed"] = {
+            "source": outcome.seed_source,
+            "val_loss_projected": outcome.seed.val_loss_projected,
+            "outcome": outcome.seed.outcome,
+        }
     return entry
 
 

@@ -8,6 +8,7 @@ interrupted search resumes where it stopped: finished sparsities are skipped, an
 Tuner is restored with ``Tuner.restore`` (finished trials are not rerun; trials cut off mid-run
 restart, resuming from their last Ray Train checkpoint when ``checkpoint_interval`` is set).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -123,14 +124,24 @@ def _fit_check(request: SearchRequest, address: str | None, echo) -> int:
     total = ray.cluster_resources()
     for name, amount in request.trial_resources.items():
         if total.get(name, 0) < amount:
-            raise SearchError(f"--trial-resources asks for {amount} {name}, but this Ray instance has {total.get(name, 0)}: lower it, or join a cluster with --address")
+            raise SearchError(
+                f"--trial-resources asks for {amount} {name}, but this Ray instance has {total.get(name, 0)}: lower "
+                "it, or join a cluster with --address"
+            )
     per_trial = request.trial_resources.get("CPU", 0) + request.workers_per_trial * (request.cpus_per_worker or 1.0)
     cpus = total.get("CPU", 0)
     if per_trial > cpus:
-        raise SearchError(f"one trial needs {per_trial:g} CPUs (driver {request.trial_resources.get('CPU', 0):g} + {request.workers_per_trial} x {request.cpus_per_worker or 1:g}) but Ray has {cpus:g}: lower --cpus-per-worker or --trial-resources")
+        raise SearchError(
+            f"one trial needs {per_trial:g} CPUs (driver {request.trial_resources.get('CPU', 0):g} + "
+            f"{request.workers_per_trial} x {request.cpus_per_worker or 1:g}) but Ray has {cpus:g}: lower "
+            "--cpus-per-worker or --trial-resources"
+        )
     fits = max(1, int(cpus // per_trial + 1e-9))
     if request.max_concurrent > fits:
-        echo(f"note: {cpus:g} CPUs hold {fits} trial(s) of {per_trial:g} CPUs at a time; --max-concurrent {request.max_concurrent} lowered to {fits}")
+        echo(
+            f"note: {cpus:g} CPUs hold {fits} trial(s) of {per_trial:g} CPUs at a time; --max-concurrent "
+            f"{request.max_concurrent} lowered to {fits}"
+        )
         return fits
     return request.max_concurrent
 
@@ -150,7 +161,10 @@ def run_search(request: SearchRequest, where: Where, echo=print, extra_callbacks
     bases = {s: _base_config(request, s) for s in request.sparsities}  # every config error, before Ray
     batch = next(iter(bases.values()))["batch_size"]
     if batch % request.workers_per_trial:
-        raise SearchError(f"--batch-size {batch} must be a multiple of --workers-per-trial {request.workers_per_trial} (each worker takes its slice of every batch)")
+        raise SearchError(
+            f"--batch-size {batch} must be a multiple of --workers-per-trial {request.workers_per_trial} (each "
+            "worker takes its slice of every batch)"
+        )
     steps = next(iter(bases.values()))["steps"]
     eval_interval = next(iter(bases.values()))["eval_interval"]
     grace = request.grace_period or min(eval_interval, steps)
@@ -164,7 +178,21 @@ def run_search(request: SearchRequest, where: Where, echo=print, extra_callbacks
     for sparsity in request.sparsities:
         key = _sparsity_key(sparsity)
         entry = saved["sparsities"].setdefault(key, {})
-        outcome = _search_one(request, where, space, bases[sparsity], sparsity, entry, root, uri, grace, concurrency, echo, extra_callbacks, saved)
+        outcome = _search_one(
+            request,
+            where,
+            space,
+            bases[sparsity],
+            sparsity,
+            entry,
+            root,
+            uri,
+            grace,
+            concurrency,
+            echo,
+            extra_callbacks,
+            saved,
+        )
         outcomes.append(outcome)
         entry.update(status="interrupted" if outcome.interrupted else "done")
         state.write(root, saved)
@@ -196,28 +224,55 @@ def _open_state(request: SearchRequest, where: Where, storage: str) -> tuple[Sea
     request = dataclasses.replace(request, name=request.name or default_name(request.model))
     root = state.join(storage, request.name)
     if state.read(root) is not None:
-        raise SearchError(f"a search named {request.name!r} already exists under {storage}: add --resume to continue it, or choose another --name")
+        raise SearchError(
+            f"a search named {request.name!r} already exists under {storage}: add --resume to continue it, or "
+            "choose another --name"
+        )
     space = load_space(request.space)
-    space_data = {**{n: {d.kind: list(d.args)} for n, d in space.dimensions.items()}, **space.fixed, "options": {"start_fraction": space.start_fraction}}
-    saved = {"request": dataclasses.asdict(request), "space": space_data, "sparsities": {}, "status": "running", "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+    space_data = {
+        **{n: {d.kind: list(d.args)} for n, d in space.dimensions.items()},
+        **space.fixed,
+        "options": {"start_fraction": space.start_fraction},
+    }
+    saved = {
+        "request": dataclasses.asdict(request),
+        "space": space_data,
+        "sparsities": {},
+        "status": "running",
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
     return request, space_data, saved
 
 
-def _parent_params(request: SearchRequest, space: SearchSpace, seed_point: dict, seed_source: str, grace: int, concurrency: int) -> dict:
+def _parent_params(
+    request: SearchRequest, space: SearchSpace, seed_point: dict, seed_source: str, grace: int, concurrency: int
+) -> dict:
     """The parent run's parameters beyond the shared config: the space, the seed, the settings."""
     params = {f"space.{k}": v for k, v in space.describe().items()}
     params.update({f"seed.{k}": v for k, v in seed_point.items()})
-    params.update({
-        "seed.source": seed_source, "search.algorithm": request.search, "search.scheduler": request.scheduler,
-        "search.trials": request.trials, "search.grace_period": grace, "search.reduction_factor": request.reduction_factor,
-        "search.max_concurrent": concurrency, "search.trial_resources": request.trial_resources,
-        "search.workers_per_trial": request.workers_per_trial, "search.cpus_per_worker": request.cpus_per_worker,
-        "search.max_val_loss": request.max_val_loss, "search.seed": request.search_seed, "search.space_file": request.space or "default",
-    })
+    params.update(
+        {
+            "seed.source": seed_source,
+            "search.algorithm": request.search,
+            "search.scheduler": request.scheduler,
+            "search.trials": request.trials,
+            "search.grace_period": grace,
+            "search.reduction_factor": request.reduction_factor,
+            "search.max_concurrent": concurrency,
+            "search.trial_resources": request.trial_resources,
+            "search.workers_per_trial": request.workers_per_trial,
+            "search.cpus_per_worker": request.cpus_per_worker,
+            "search.max_val_loss": request.max_val_loss,
+            "search.seed": request.search_seed,
+            "search.space_file": request.space or "default",
+        }
+    )
     return params
 
 
-def _search_one(request, where, space, base, sparsity, entry, root, uri, grace, concurrency, echo, extra_callbacks, saved) -> SparsityOutcome:
+def _search_one(
+    request, where, space, base, sparsity, entry, root, uri, grace, concurrency, echo, extra_callbacks, saved
+) -> SparsityOutcome:
     from ray import tune as ray_tune
 
     from pipelines.ray_session import local_cores_per_task
@@ -234,21 +289,37 @@ def _search_one(request, where, space, base, sparsity, entry, root, uri, grace, 
         runs.reopen(uri, parent)
     else:
         parent = runs.open_parent(
-            uri, request.experiment, base, _parent_params(request, space, seed.point, seed.source, grace, concurrency),
-            run_name=f"{request.name}@{sparsity:g}", tags={"search": request.name, "sparsity": str(sparsity)},
+            uri,
+            request.experiment,
+            base,
+            _parent_params(request, space, seed.point, seed.source, grace, concurrency),
+            run_name=f"{request.name}@{sparsity:g}",
+            tags={"search": request.name, "sparsity": str(sparsity)},
         )
         entry["parent_run_id"] = parent
         state.write(root, saved)
-    echo(f"{key}: MLflow parent run {parent} ({uri}, experiment {request.experiment!r}); seed {seed.source}: {seed.point}")
+    echo(
+        f"{key}: MLflow parent run {parent} ({uri}, experiment {request.experiment!r}); seed {seed.source}: "
+        f"{seed.point}"
+    )
     context = TrialContext(
-        base=base, space=space, search_name=request.name, tracking_uri=uri, experiment=request.experiment,
-        parent_run_id=parent, train_storage=state.join(root, "train", key), workers=request.workers_per_trial,
-        use_gpu=request.gpu, cpus_per_worker=request.cpus_per_worker, export=request.export,
+        base=base,
+        space=space,
+        search_name=request.name,
+        tracking_uri=uri,
+        experiment=request.experiment,
+        parent_run_id=parent,
+        train_storage=state.join(root, "train", key),
+        workers=request.workers_per_trial,
+        use_gpu=request.gpu,
+        cpus_per_worker=request.cpus_per_worker,
+        export=request.export,
         train_env={k: v for k, v in os.environ.items() if k.startswith("RAY_TRAIN_")},
         threads_per_worker=local_cores_per_task(where.address, request.gpu, concurrency * request.workers_per_trial),
     )
     trainable = ray_tune.with_resources(
-        ray_tune.with_parameters(run_trial, context=context), ray_tune.PlacementGroupFactory([dict(request.trial_resources)])
+        ray_tune.with_parameters(run_trial, context=context),
+        ray_tune.PlacementGroupFactory([dict(request.trial_resources)]),
     )
     started = time.perf_counter()
     try:
@@ -256,7 +327,9 @@ def _search_one(request, where, space, base, sparsity, entry, root, uri, grace, 
             if not where.resume:
                 raise SearchError(f"{experiment_path} holds a Tune experiment already: add --resume")
             echo(f"{key}: restoring the Tune experiment at {experiment_path}")
-            tuner = ray_tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=where.resume_errored)
+            tuner = ray_tune.Tuner.restore(
+                experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=where.resume_errored
+            )
         else:
             tuner = ray_tune.Tuner(
                 trainable,
@@ -275,13 +348,21 @@ def _search_one(request, where, space, base, sparsity, entry, root, uri, grace, 
                     name=key,
                     storage_path=root,
                     stop=DivergenceStopper(request.max_val_loss),
-                    callbacks=[runs.TrialRunsCallback(uri, request.experiment, parent, base["steps"], request.max_val_loss), *(extra_callbacks or [])],
+                    callbacks=[
+                        runs.TrialRunsCallback(uri, request.experiment, parent, base["steps"], request.max_val_loss),
+                        *(extra_callbacks or []),
+                    ],
                     failure_config=ray_tune.FailureConfig(max_failures=0),
                 ),
             )
         grid = tuner.fit()
     except BaseException as err:
-        runs.finish(uri, parent, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED", {"error": f"{type(err).__name__}: {err}"})
+        runs.finish(
+            uri,
+            parent,
+            "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED",
+            {"error": f"{type(err).__name__}: {err}"},
+        )
         raise
     outcome = _summarise(grid, request, space, base, sparsity, parent, experiment_path, seed, uri)
     outcome.wall_s = time.perf_counter() - started
@@ -293,11 +374,15 @@ def _search_one(request, where, space, base, sparsity, entry, root, uri, grace, 
 
 def _summarise(grid, request, space, base, sparsity, parent, experiment_path, seed, uri) -> SparsityOutcome:
     rows = trial_rows(grid, base["steps"], request.max_val_loss, seed.point)
-    children = {run.data.tags.get("trial_id"): run.info.run_id for run in runs.children(uri, request.experiment, parent)}
+    children = {
+        run.data.tags.get("trial_id"): run.info.run_id for run in runs.children(uri, request.experiment, parent)
+    }
     for row in rows:
         row.mlflow_run_id = children.get(row.trial_id)
     finished = grid.num_terminated + grid.num_errors
-    outcome = SparsityOutcome(sparsity, parent, experiment_path, rows, best_row(rows), next((r for r in rows if r.is_seed), None), seed.source)
+    outcome = SparsityOutcome(
+        sparsity, parent, experiment_path, rows, best_row(rows), next((r for r in rows if r.is_seed), None), seed.source
+    )
     outcome.interrupted = finished < request.trials
     return outcome
 

@@ -9,6 +9,7 @@ themselves (FINISHED, or FAILED with ``nonfinite_loss`` when the worker raised
 ``NonFiniteLossError``). Children are found by tags (``search_parent``, ``trial_id``), so a
 restarted trial (after a resume) keeps logging to the run it started.
 """
+
 from __future__ import annotations
 
 import logging
@@ -54,7 +55,9 @@ def find_child(uri: str, experiment: str, parent_run_id: str, trial_id: str):
     if found is None:
         return None
     runs = mlflow_client.search_runs(
-        [found.experiment_id], filter_string=f"tags.{PARENT_TAG} = '{parent_run_id}' and tags.trial_id = '{trial_id}'", max_results=1
+        [found.experiment_id],
+        filter_string=f"tags.{PARENT_TAG} = '{parent_run_id}' and tags.trial_id = '{trial_id}'",
+        max_results=1,
     )
     return runs[0] if runs else None
 
@@ -65,10 +68,16 @@ def children(uri: str, experiment: str, parent_run_id: str) -> list:
     found = mlflow_client.get_experiment_by_name(experiment)
     if found is None:
         return []
-    return list(mlflow_client.search_runs([found.experiment_id], filter_string=f"tags.{PARENT_TAG} = '{parent_run_id}'", max_results=10000))
+    return list(
+        mlflow_client.search_runs(
+            [found.experiment_id], filter_string=f"tags.{PARENT_TAG} = '{parent_run_id}'", max_results=10000
+        )
+    )
 
 
-def open_child(uri: str, experiment: str, parent_run_id: str, trial_id: str, cfg_dict: dict, sample: dict, tags: dict) -> str:
+def open_child(
+    uri: str, experiment: str, parent_run_id: str, trial_id: str, cfg_dict: dict, sample: dict, tags: dict
+) -> str:
     """The trial's run: created on its first start, reopened (``attempts`` + 1) on a restart."""
     existing = find_child(uri, experiment, parent_run_id, trial_id)
     mlflow_client = tracking.client(uri)
@@ -80,7 +89,9 @@ def open_child(uri: str, experiment: str, parent_run_id: str, trial_id: str, cfg
         return run_id
     all_tags = {PARENT_TAG: parent_run_id, "trial_id": trial_id, "attempts": "1", **tags}
     searched = {f"search.{k}": v for k, v in sample.items()}
-    return _start(uri, experiment, cfg_dict, searched, run_name=f"trial-{trial_id}", tags=all_tags, parent_run_id=parent_run_id)
+    return _start(
+        uri, experiment, cfg_dict, searched, run_name=f"trial-{trial_id}", tags=all_tags, parent_run_id=parent_run_id
+    )
 
 
 def finish(uri: str, run_id: str, status: str, tags: dict | None = None) -> None:
@@ -157,7 +168,12 @@ class TrialRunsCallback(ray_tune.Callback):
             step = int(last.get("step", 0) or 0)
             reason = diverged(last, self.max_val_loss)
             if reason:
-                finish(self.uri, run.info.run_id, "FAILED", {reason: "true", "stopped_at_step": step, "stopped_early": str(step < self.steps).lower()})
+                finish(
+                    self.uri,
+                    run.info.run_id,
+                    "FAILED",
+                    {reason: "true", "stopped_at_step": step, "stopped_early": str(step < self.steps).lower()},
+                )
             elif step < self.steps:
                 finish(self.uri, run.info.run_id, "KILLED", {"stopped_early": "true", "stopped_at_step": step})
             else:  # reached the last step; stopped while finishing (e.g. ASHA's last rung)

@@ -11,6 +11,7 @@ Why these choices:
 * A diverged trial (NaN/inf loss, or a loss beyond ``max_val_loss``) is stopped at once by
   :class:`DivergenceStopper` rather than left to burn its budget.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,7 +46,9 @@ def make_searcher(kind: str, seed_points: list[dict], trials: int, seed: int):
             from ray.tune.search.hyperopt import HyperOptSearch
             import hyperopt  # noqa: F401
         except ImportError:
-            raise ValueError("--search hyperopt needs the hyperopt package: pip install hyperopt (or use --search optuna)") from None
+            raise ValueError(
+                "--search hyperopt needs the hyperopt package: pip install hyperopt (or use --search optuna)"
+            ) from None
         return HyperOptSearch(metric=METRIC, mode=MODE, points_to_evaluate=seed_points or None, random_state_seed=seed)
     if kind == "random":
         from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -61,14 +64,21 @@ def make_scheduler(kind: str, max_t: int, grace_period: int, reduction_factor: f
     if kind != "asha":
         raise ValueError(f"--scheduler {kind!r} is unknown; choose one of {', '.join(SCHEDULERS)}")
     if grace_period < 1 or grace_period > max_t:
-        raise ValueError(f"--grace-period {grace_period} must be between 1 and --steps {max_t} (it counts optimiser steps)")
+        raise ValueError(
+            f"--grace-period {grace_period} must be between 1 and --steps {max_t} (it counts optimiser steps)"
+        )
     if reduction_factor <= 1:
         raise ValueError(f"--reduction-factor {reduction_factor} must be > 1")
     # stop_last_trials=False: a trial that reached the last step finishes normally (its final
     # projection and report run) instead of being cut off by the rung at max_t.
     return ray_tune.schedulers.ASHAScheduler(
-        time_attr=TIME_ATTR, metric=METRIC, mode=MODE, max_t=max_t, grace_period=grace_period,
-        reduction_factor=reduction_factor, stop_last_trials=False,
+        time_attr=TIME_ATTR,
+        metric=METRIC,
+        mode=MODE,
+        max_t=max_t,
+        grace_period=grace_period,
+        reduction_factor=reduction_factor,
+        stop_last_trials=False,
     )
 
 

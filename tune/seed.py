@@ -5,6 +5,7 @@ Why: the published setting is the best prior anyone has; evaluating it first (Tu
 and gives the searcher a real baseline to beat. Only the searched keys are taken from the table:
 the paper's budget (4096 steps x 8 x 2048 tokens) is not imposed on the user's trials.
 """
+
 from __future__ import annotations
 
 import json
@@ -70,11 +71,15 @@ def paper_seed(space: SearchSpace, model: str, sparsity: float) -> SeedPoint:
             continue
         value = table[name]
         if dim.kind == "choice" and value not in dim.args:
-            notes.append(f"the paper's {name}={value} is not among the choices {list(dim.args)}; the seed uses {dim.neutral()}")
+            notes.append(
+                f"the paper's {name}={value} is not among the choices {list(dim.args)}; the seed uses {dim.neutral()}"
+            )
             point[name] = dim.neutral()
             continue
         if dim.kind != "choice" and not dim.contains(value):
-            notes.append(f"the paper's {name}={value:g} lies outside the searched range {list(dim.args)}; evaluated as given")
+            notes.append(
+                f"the paper's {name}={value:g} lies outside the searched range {list(dim.args)}; evaluated as given"
+            )
         point[name] = value
     for note in notes:
         log.warning("seed: %s", note)

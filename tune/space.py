@@ -13,6 +13,7 @@ turns it into the start/final pair PruneConfig needs (see ``tune/spaces/default.
 Defining the searched lambda as the final value keeps one meaning across schedules: it is the
 number Table 5 reports, so the paper's setting is a point of the space whatever its schedule.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,7 +30,21 @@ DEFAULT_SPACE = "default.yaml"
 KINDS = ("loguniform", "uniform", "choice")
 # Fields that define what a trial is measured on: they must be equal across trials, so they come
 # from the command line or --config, never from the space.
-BUDGET_FIELDS = ("model", "method", "sparsity", "pattern", "sparsity_map", "steps", "seqlen", "batch_size", "grad_accum", "data", "val_blocks", "eval_interval", "seed")
+BUDGET_FIELDS = (
+    "model",
+    "method",
+    "sparsity",
+    "pattern",
+    "sparsity_map",
+    "steps",
+    "seqlen",
+    "batch_size",
+    "grad_accum",
+    "data",
+    "val_blocks",
+    "eval_interval",
+    "seed",
+)
 # Fields the schedule mapping writes; a space sets them through lmda / rho / *_schedule.
 DERIVED_FIELDS = ("lmda_final", "rho_final")
 OPTIONS = {"start_fraction": 0.01}
@@ -180,18 +195,29 @@ def parse_space(data: dict, source: str = "<space>") -> SearchSpace:
         if name == "options":
             continue
         if name not in PruneConfig.model_fields:
-            raise SpaceError(f"{source}: {name!r} is not a PruneConfig field (e.g. lr, lmda, lmda_schedule, penalty, rho, rho_schedule, interval)")
+            raise SpaceError(
+                f"{source}: {name!r} is not a PruneConfig field (e.g. lr, lmda, lmda_schedule, penalty, rho, "
+                "rho_schedule, interval)"
+            )
         if name in BUDGET_FIELDS:
-            raise SpaceError(f"{source}: {name!r} is part of the budget every trial shares; set it with --{name.replace('_', '-')} or --config, not in the space")
+            raise SpaceError(
+                f"{source}: {name!r} is part of the budget every trial shares; set it with "
+                f"--{name.replace('_', '-')} or --config, not in the space"
+            )
         if name in DERIVED_FIELDS:
             prefix = name.removesuffix("_final")
-            raise SpaceError(f"{source}: {name!r} is derived from {prefix!r} and {prefix}_schedule ({prefix} is the value the schedule ends at); search {prefix!r} instead")
+            raise SpaceError(
+                f"{source}: {name!r} is derived from {prefix!r} and {prefix}_schedule ({prefix} is the value the "
+                f"schedule ends at); search {prefix!r} instead"
+            )
         if isinstance(spec, dict):
             dimensions[name] = _dimension(name, spec, source)
         else:
             fixed[name] = spec
     if not dimensions:
-        raise SpaceError(f"{source}: no field is searched; give at least one dimension, e.g. lr: {{loguniform: [1.0e-5, 1.0e-2]}}")
+        raise SpaceError(
+            f"{source}: no field is searched; give at least one dimension, e.g. lr: {{loguniform: [1.0e-5, 1.0e-2]}}"
+        )
     rho = dimensions.get("rho")
     if rho is not None and rho.kind != "choice" and not (0.0 < rho.args[0] and rho.args[1] < 1.0):
         raise SpaceError(f"{source}: rho range {list(rho.args)} must lie strictly inside (0, 1)")
@@ -200,7 +226,9 @@ def parse_space(data: dict, source: str = "<space>") -> SearchSpace:
 
 def _dimension(name: str, spec: dict, source: str) -> Dimension:
     if len(spec) != 1 or next(iter(spec)) not in KINDS:
-        raise SpaceError(f"{source}: {name}: write exactly one of {', '.join(f'{k}: [...]' for k in KINDS)}, got {spec!r}")
+        raise SpaceError(
+            f"{source}: {name}: write exactly one of {', '.join(f'{k}: [...]' for k in KINDS)}, got {spec!r}"
+        )
     kind, args = next(iter(spec.items()))
     if not isinstance(args, list) or not args:
         raise SpaceError(f"{source}: {name}.{kind} needs a non-empty list, got {args!r}")

@@ -7,6 +7,7 @@ means ``elsa tune --name N --storage-path P --resume`` needs nothing else, and t
 cannot silently differ from the interrupted one. Works on local paths and on any URI pyarrow can
 open (s3://, gs://), like Ray's own storage.
 """
+
 from __future__ import annotations
 
 import json

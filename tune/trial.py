@@ -7,6 +7,7 @@ to Tune. The workers run :func:`pipelines.train_job.train_loop_per_worker` uncha
 is exactly an ``elsa prune`` of that configuration (minus the downstream evaluation: trials are
 judged on held-out calibration text only, never on the evaluation sets).
 """
+
 from __future__ import annotations
 
 import math
@@ -126,15 +127,33 @@ def run_trial(config: dict, context: TrialContext) -> None:
     cfg_dict = cfg.model_dump(mode="json")
     uri = context.tracking_uri
     run_id = runs.open_child(
-        uri, context.experiment, context.parent_run_id, trial_id, cfg_dict, config,
+        uri,
+        context.experiment,
+        context.parent_run_id,
+        trial_id,
+        cfg_dict,
+        config,
         tags={"search": context.search_name, "trial_dir": tune_context.get_trial_dir()},
     )
     resources = {"CPU": context.cpus_per_worker} if context.cpus_per_worker else None
-    loop_config = {"cfg": cfg_dict, "tracking": {"uri": uri, "run_id": run_id}, "export": context.export,
-                   "threads": context.threads_per_worker}
-    trainer = build_trainer(train_worker, loop_config, workers=context.workers, use_gpu=context.use_gpu,
-                            resources_per_worker=resources, name=trial_id, storage_path=context.train_storage,
-                            max_failures=0, num_to_keep=1, callbacks=[SearchReportCallback()])
+    loop_config = {
+        "cfg": cfg_dict,
+        "tracking": {"uri": uri, "run_id": run_id},
+        "export": context.export,
+        "threads": context.threads_per_worker,
+    }
+    trainer = build_trainer(
+        train_worker,
+        loop_config,
+        workers=context.workers,
+        use_gpu=context.use_gpu,
+        resources_per_worker=resources,
+        name=trial_id,
+        storage_path=context.train_storage,
+        max_failures=0,
+        num_to_keep=1,
+        callbacks=[SearchReportCallback()],
+    )
     try:
         trainer.fit()
     except Exception as err:

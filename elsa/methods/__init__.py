@@ -10,6 +10,7 @@ receives progress metrics; the return value holds summary numbers (e.g. wall tim
 ``run`` the model's target matrices are exactly sparse. ``elsa prune --method X`` differs only in
 the name.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Protocol
@@ -62,7 +63,12 @@ def method_for(cfg, name: str | None = None) -> PruningMethod:
 def _load_builtin() -> None:
     import importlib
 
-    for module in ("elsa.methods.admm_method", "elsa.methods.magnitude", "elsa.methods.wanda", "elsa.methods.sparsegpt"):
+    for module in (
+        "elsa.methods.admm_method",
+        "elsa.methods.magnitude",
+        "elsa.methods.wanda",
+        "elsa.methods.sparsegpt",
+    ):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as err:  # a method module not written yet must not hide the others

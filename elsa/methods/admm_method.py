@@ -1,4 +1,5 @@
 """ELSA as a registered pruning method: the ADMM loop on one process (CPU or one GPU)."""
+
 from __future__ import annotations
 
 import time

@@ -21,6 +21,7 @@ recorded for sample 0 (batch 1: masks and rotary tables broadcast over the batch
 every sample. Blocks run over ``CHUNK`` samples at a time: one sample per call left a CPU
 SparseGPT pass at 80% dominated by per-call overhead (py-spy: 77% of samples in the block calls).
 """
+
 from __future__ import annotations
 
 import time

@@ -3,6 +3,7 @@
 The simplest baseline and the one every other method must beat. It needs no calibration data
 (``calib`` is accepted and ignored) and no layer-by-layer pass: each matrix is independent.
 """
+
 from __future__ import annotations
 
 import time

@@ -10,6 +10,7 @@ On the command line each setting is a flag ``--<method>-<setting>`` (``--sparseg
 Pure pydantic, no torch: validating a config stays cheap. ELSA's own settings are the fields
 of :class:`elsa.config.PruneConfig` itself.
 """
+
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field

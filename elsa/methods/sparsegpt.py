@@ -25,6 +25,7 @@ diagonal). Inputs that never fire (zero diagonal) get a unit diagonal so the fac
 their weights, which do not affect the layer's output on the calibration data, compete for the
 mask by the same saliency as the others.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -162,7 +163,12 @@ class SparseGPT(LayerwiseMethod):
 
     def prune(self, target: Target, stats: InputHessian) -> None:
         new, mask = sparsegpt_prune(
-            rows_view(target.param, target), stats.matrix(), target.keep, target.nm,
-            self.settings.blocksize, self.settings.damp, target.name,
+            rows_view(target.param, target),
+            stats.matrix(),
+            target.keep,
+            target.nm,
+            self.settings.blocksize,
+            self.settings.damp,
+            target.name,
         )
         apply_mask(target, rows_view(mask, target), rows_view(new, target))

@@ -11,6 +11,7 @@ ablation finds per-row better than per-matrix for LLMs). The rows keep near-equa
 exactly to the matrix's ``keep`` (:func:`row_keep_counts`), so the per-matrix sparsity contract
 holds; ``per_row: false`` (``--wanda-per-row``) compares over the whole matrix instead. N:M compares within each group.
 """
+
 from __future__ import annotations
 
 import torch
