@@ -146,7 +146,7 @@ def paired_ratio(a: list[float], b: list[float]) -> float:
     return statistics.median(x / y for x, y in zip(a, b))
 
 
-def main() -> None:
+def _parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--intermediate", type=int, default=688)
@@ -171,29 +171,24 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "overhead.json"))
     args = parser.parse_args()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    args = parser.parse_args()
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
     for name in names:
         if name not in VARIANTS:
             parser.error(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
         if name in BASE_OF and BASE_OF[name] not in names:
             parser.error(f"variant {name!r} needs its base {BASE_OF[name]!r} in --variants")
+    return args, names
 
+
+def _interleaved_runs(args, names: list[str]) -> dict:
+    """Every variant on its own model, taking turns ``--round`` steps at a time (same load for all)."""
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(2, TINY_VOCAB_SIZE, (args.batch, args.seqlen), generator=g) for _ in range(16)]
     runs = {}
     for name in names:
         model = build_model(args)
         runs[name] = {"model": model, "opt": build_optimizer(name, model, args), "step": [], "opt_step": [], "k": 0}
-    n_params = sum(p.numel() for p in runs[names[0]]["model"].parameters())
-    n_pruned = sum(t.numel for t in find_targets(runs[names[0]]["model"], args.sparsity))
-    print(
-        f"model: {n_params / 1e6:.2f}M parameters, {n_pruned / 1e6:.2f}M pruned; batch {args.batch} x {args.seqlen}; "
-        f"{torch.get_num_threads()} threads; interval {args.interval}",
-        flush=True,
-    )
-
     for name in names:  # warm-up (allocations, first z/u-update at ADMM step 1)
         run = runs[name]
         for _ in range(args.warmup):
@@ -215,6 +210,10 @@ def main() -> None:
                 flush=True,
             )
 
+    return runs
+
+
+def _timing(runs: dict, args, names: list[str]) -> dict:
     timing = {}
     for name in names:
         run = runs[name]
@@ -225,6 +224,10 @@ def main() -> None:
             )
             entry["zu_update"] = time_update_split(run["opt"], args.zu_repeats)
         timing[name] = entry
+    return timing
+
+
+def _overhead(runs: dict, timing: dict, args) -> dict:
     overhead = {}
     for name, base in BASE_OF.items():
         if name not in timing:
@@ -246,6 +249,10 @@ def main() -> None:
             "optimizer_step_extra_ms_median": (a["optimizer_step"]["median_s"] - b["optimizer_step"]["median_s"]) * 1e3,
         }
 
+    return overhead
+
+
+def _memory(runs: dict, args) -> dict:
     memory = {}
     for name, case in MEMORY_CASES.items():
         entry = {"analytic": state_bytes_per_param(sparsity=args.sparsity, **case)}
@@ -253,6 +260,10 @@ def main() -> None:
             entry["measured"] = measured_state_bytes_per_param(runs[name]["opt"])
         memory[name] = entry
 
+    return memory
+
+
+def _print_report(runs: dict, names: list[str], timing: dict, overhead: dict, memory: dict, args) -> None:
     print(
         "\ntime per step, min / median / mean over", len(runs[names[0]]["step"]), "steps (optimiser step alone: min):"
     )
@@ -288,6 +299,23 @@ def main() -> None:
             line += f"; measured states {entry['measured']['states']:.3f}"
         print(line)
 
+
+def main() -> None:
+    args, names = _parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    runs = _interleaved_runs(args, names)
+    n_params = sum(p.numel() for p in runs[names[0]]["model"].parameters())
+    n_pruned = sum(t.numel for t in find_targets(runs[names[0]]["model"], args.sparsity))
+    print(
+        f"model: {n_params / 1e6:.2f}M parameters, {n_pruned / 1e6:.2f}M pruned; batch {args.batch} x {args.seqlen}; "
+        f"{torch.get_num_threads()} threads; interval {args.interval}",
+        flush=True,
+    )
+
+    timing = _timing(runs, args, names)
+    overhead, memory = _overhead(runs, timing, args), _memory(runs, args)
+    _print_report(runs, names, timing, overhead, memory, args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(

@@ -116,7 +116,7 @@ def summarise(result: dict, steps: list[int]) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parse_args(argv: list[str] | None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--steps", type=int, default=24)
@@ -130,7 +130,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--skip-first", type=int, default=2, help="warm-up steps left out of the medians")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "pipeline_overhead.json"))
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parse_args(argv)
 
     overrides = {
         "model": args.model,

@@ -15,6 +15,19 @@ import time
 import torch
 
 
+def _elsa_fields(cfg, summary: dict) -> dict:
+    """What decides an ELSA cell's cost and quality, beside its penalty."""
+    kept = ("kept", "init_s", "init_val_loss", "final_val_loss_projected")
+    return {
+        "steps": cfg.steps,
+        "penalty": cfg.penalty,
+        "init": cfg.init,
+        "loss": cfg.loss,
+        "lr": cfg.lr,
+        **{k: summary[k] for k in kept if k in summary},
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", required=True, help="PruneConfig fields as JSON; method 'dense' skips pruning")
@@ -65,16 +78,8 @@ def main(argv: list[str] | None = None) -> dict:
         "val_curve": [(h["step"], h["val_loss_projected"]) for h in history if "val_loss_projected" in h],
         "final_train_loss": history[-1]["train_loss"] if history else None,
     }
-    if cfg.method == "elsa":  # what decides a cell's cost and quality, beside its penalty
-        summary = result.summary
-        record.update(
-            steps=cfg.steps,
-            penalty=cfg.penalty,
-            init=cfg.init,
-            loss=cfg.loss,
-            lr=cfg.lr,
-            **{k: summary[k] for k in ("kept", "init_s", "init_val_loss", "final_val_loss_projected") if k in summary},
-        )
+    if cfg.method == "elsa":
+        record.update(_elsa_fields(cfg, result.summary))
     with open(args.out, "w") as handle:
         json.dump(record, handle)
     return record

@@ -20,6 +20,32 @@ import time
 import torch
 
 
+def _save_start(args, fields: dict) -> dict:
+    """Run the one-shot method ``--save-start`` and save its weights to ``--start``."""
+    from safetensors.torch import save_file
+
+    from elsa.api import prune_model
+    from elsa.config import make_config
+    from elsa.loop import BatchSampler
+    from elsa.models import load_model, load_tokenizer
+    from elsa.perplexity import mean_nll
+
+    cfg = make_config({**fields, "method": args.save_start})
+    model, tokenizer = load_model(cfg.model), load_tokenizer(cfg.model)
+    started = time.perf_counter()
+    prune_model(cfg, model=model, tokenizer=tokenizer)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))  # lm_head shares the embedding
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if not (tied and "lm_head" in k)}, args.start)
+    record = {
+        "saved": args.start,
+        "method": args.save_start,
+        "wall_s": time.perf_counter() - started,
+        "val_loss": mean_nll(model, BatchSampler(tokenizer, cfg).validation()),
+    }
+    print(json.dumps(record))
+    return record
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -31,9 +57,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-ppl", action="store_true", help="skip the WikiText-2 perplexity")
     args = parser.parse_args(argv)
 
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
-    from elsa.api import evaluate_perplexity, prune_model
+    from elsa.api import evaluate_perplexity
     from elsa.config import make_config
     from elsa.loop import BatchSampler
     from elsa.methods import get_method
@@ -43,22 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     fields = {"sparsity": 0.8, "val_blocks": 8, "init": "none", **json.loads(args.cfg)}
     torch.manual_seed(0)
     if args.save_start:
-        cfg = make_config({**fields, "method": args.save_start})
-        model, tokenizer = load_model(cfg.model), load_tokenizer(cfg.model)
-        started = time.perf_counter()
-        prune_model(cfg, model=model, tokenizer=tokenizer)
-        tied = bool(getattr(model.config, "tie_word_embeddings", False))  # lm_head shares the embedding
-        save_file(
-            {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and "lm_head" in k)}, args.start
-        )
-        record = {
-            "saved": args.start,
-            "method": args.save_start,
-            "wall_s": time.perf_counter() - started,
-            "val_loss": mean_nll(model, BatchSampler(tokenizer, cfg).validation()),
-        }
-        print(json.dumps(record))
-        return record
+        return _save_start(args, fields)
     cfg = make_config(fields)
     model, tokenizer = load_model(cfg.model), load_tokenizer(cfg.model)
     if args.start:

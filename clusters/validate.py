@@ -29,22 +29,31 @@ ELSA's rules, in one place:
 from __future__ import annotations
 
 import copy
+import importlib.util
 import logging
 import re
-import shlex
 import sys
 from pathlib import Path
-from typing import Iterable
 
 import yaml
 
 HERE = Path(__file__).resolve().parent
 
+
+def _rules(name: str):
+    """A sibling module of rules, by path (this file runs as a script, not as a package)."""
+    spec = importlib.util.spec_from_file_location(f"elsa_clusters_{name}", HERE / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_kube = _rules("kube_rules")
+kuberay_errors, mlflow_errors, REQUIRED_ENV = _kube.kuberay_errors, _kube.mlflow_errors, _kube.REQUIRED_ENV
+
 PINNED_INSTALL = "elsa-prune[pipeline,lowbit] @ git+"
 UNPINNED_REFS = {"", "main", "master", "head", "latest", "develop", "trunk"}
-REQUIRED_ENV = ("MLFLOW_TRACKING_URI", "ELSA_STORAGE")
 STORAGE_SCHEME = {"aws": "s3://", "gcp": "gs://"}
-GPU_KEY = "nvidia.com/gpu"
 
 
 # --------------------------------------------------------------------------- io
@@ -118,21 +127,42 @@ def launcher_errors(config: dict, base_dir: Path | None = None) -> list[str]:
     """Ray's schema plus ELSA's rules for a cluster launcher YAML (see module doc)."""
     errors = ray_schema_errors(config)
     provider = str((config.get("provider") or {}).get("type", ""))
-    fake = provider.startswith("fake")
-    types = config.get("available_node_types") or {}
-    head_name = config.get("head_node_type")
-    head = types.get(head_name) or {}
-    global_max = config.get("max_workers")
+    errors += _head_errors(config)
+    type_errors, gpu_counts, spot_types = _worker_type_errors(config, provider)
+    errors += type_errors
+    idle = config.get("idle_timeout_minutes")
+    if provider.startswith("fake"):
+        if not isinstance(idle, (int, float)) or not 0 < idle <= 1:
+            errors.append("fake cluster: idle_timeout_minutes should be short (0 < t <= 1)")
+        return errors
+    if not isinstance(idle, (int, float)) or not 1 <= idle <= 30:
+        errors.append(f"idle_timeout_minutes {idle!r}: use 1..30 (GPU nodes bill while idle)")
+    if 1 not in gpu_counts:
+        errors.append("no 1-GPU worker type (tune trials)")
+    if 8 not in gpu_counts:
+        errors.append("no 8-GPU worker type (FSDP prunes)")
+    if not spot_types:
+        errors.append("no spot / preemptible worker type")
+    return errors + _command_errors(config) + _mount_errors(config, provider, base_dir)
 
+
+def _head_errors(config: dict) -> list[str]:
+    head_name = config.get("head_node_type")
+    head = (config.get("available_node_types") or {}).get(head_name) or {}
+    errors = []
     if (head.get("resources") or {}).get("CPU") != 0:
         errors.append(f"head type {head_name!r} must advertise resources: {{CPU: 0}} so no work lands on it")
     if head.get("max_workers", 0) not in (0, None):
         errors.append("the head type must not be scaled (max_workers 0)")
+    return errors
 
-    gpu_counts = []
-    spot_types = []
-    for name, node_type in types.items():
-        if name == head_name:
+
+def _worker_type_errors(config: dict, provider: str) -> tuple[list[str], list, list[str]]:
+    """Errors of the worker types, their GPU counts, and the spot / preemptible ones."""
+    errors, gpu_counts, spot_types = [], [], []
+    global_max = config.get("max_workers")
+    for name, node_type in (config.get("available_node_types") or {}).items():
+        if name == config.get("head_node_type"):
             continue
         lo, hi = node_type.get("min_workers", 0), node_type.get("max_workers")
         if not isinstance(lo, int) or not isinstance(hi, (int, type(None))):
@@ -151,28 +181,17 @@ def launcher_errors(config: dict, base_dir: Path | None = None) -> list[str]:
             gpu_counts.append(gpus)
         if _is_spot(provider, node_type.get("node_config") or {}):
             spot_types.append(name)
+    return errors, gpu_counts, spot_types
 
-    idle = config.get("idle_timeout_minutes")
-    if fake:
-        if not isinstance(idle, (int, float)) or not 0 < idle <= 1:
-            errors.append("fake cluster: idle_timeout_minutes should be short (0 < t <= 1)")
-        return errors
 
-    if not isinstance(idle, (int, float)) or not 1 <= idle <= 30:
-        errors.append(f"idle_timeout_minutes {idle!r}: use 1..30 (GPU nodes bill while idle)")
-    if 1 not in gpu_counts:
-        errors.append("no 1-GPU worker type (tune trials)")
-    if 8 not in gpu_counts:
-        errors.append("no 8-GPU worker type (FSDP prunes)")
-    if not spot_types:
-        errors.append("no spot / preemptible worker type")
-
+def _command_errors(config: dict) -> list[str]:
+    """The head starts Ray with no CPUs and a loopback dashboard; nodes install a pinned ELSA."""
+    errors = []
     head_start = _commands(config, "head_start_ray_commands")
     if not re.search(r"--num-cpus[= ]0\b", head_start):
         errors.append("head_start_ray_commands: start the head with --num-cpus=0")
     if "--dashboard-host=127.0.0.1" not in head_start:
         errors.append("head_start_ray_commands: bind the dashboard to 127.0.0.1 (reach it with `ray dashboard`)")
-
     setup = _commands(config, "setup_commands", "head_setup_commands", "worker_setup_commands")
     if PINNED_INSTALL not in setup:
         errors.append(f"setup commands never install {PINNED_INSTALL!r}...")
@@ -184,198 +203,32 @@ def launcher_errors(config: dict, base_dir: Path | None = None) -> list[str]:
             errors.append(f"ELSA_REF={ref!r} is not a pinned version")
     if refs and "@${ELSA_REF}" not in setup:
         errors.append("the install line must use @${ELSA_REF}")
-
-    mounts = config.get("file_mounts") or {}
-    if "~/.ray/auth_token" not in mounts:
-        errors.append("file_mounts: ship the Ray auth token (~/.ray/auth_token) to every node")
-    env_local = mounts.get("~/elsa.env")
-    if env_local is None:
-        errors.append("file_mounts: mount the job environment file at ~/elsa.env")
-    else:
-        example = (base_dir or Path.cwd()) / (str(env_local) + ".example")
-        if not example.is_file():
-            errors.append(f"no example env file {example} for ~/elsa.env")
-        else:
-            env = read_env_file(example)
-            for key in REQUIRED_ENV:
-                if not env.get(key):
-                    errors.append(f"{example.name}: {key} is not set")
-            scheme = STORAGE_SCHEME.get(provider)
-            if scheme and not env.get("ELSA_STORAGE", "").startswith(scheme):
-                errors.append(f"{example.name}: ELSA_STORAGE must be a {scheme} URI on {provider}")
-            if env.get("RAY_AUTH_MODE") != "token":
-                errors.append(f"{example.name}: set RAY_AUTH_MODE=token")
     if "elsa.env" not in setup:
         errors.append("setup commands never load ~/elsa.env into the environment")
     return errors
 
 
-# ---------------------------------------------------------------- KubeRay
-def _containers(pod_template: dict) -> list[dict]:
-    return ((pod_template or {}).get("spec") or {}).get("containers") or []
-
-
-def _check_group(where: str, group: dict, errors: list[str]) -> None:
-    params = group.get("rayStartParams")
-    if not isinstance(params, dict):
-        errors.append(f"{where}: rayStartParams missing (use {{}} for none)")
-    else:
-        for k, v in params.items():
-            if not isinstance(v, str):
-                errors.append(
-                    f"{where}: rayStartParams.{k} must be a string (KubeRay's CRD is map[string]string), got {v!r}"
-                )
-    containers = _containers(group.get("template"))
-    if not containers:
-        errors.append(f"{where}: template.spec.containers is empty")
-    for c in containers:
-        image = str(c.get("image", ""))
-        tag = image.rsplit("/", 1)[-1].partition(":")[2]
-        if not tag or tag == "latest":
-            errors.append(f"{where}: image {image!r} needs a pinned tag")
-
-
-def _env_names(containers: Iterable[dict]) -> set[str]:
-    return {e.get("name") for c in containers for e in c.get("env") or []}
-
-
-def raycluster_spec_errors(spec: dict, where: str) -> list[str]:
-    errors: list[str] = []
-    if spec.get("enableInTreeAutoscaling") is not True:
-        errors.append(f"{where}: enableInTreeAutoscaling must be true")
-    if not spec.get("rayVersion"):
-        errors.append(f"{where}: set rayVersion (KubeRay needs >= 2.52 for token auth)")
-    if (spec.get("authOptions") or {}).get("mode") != "token":
-        errors.append(f"{where}: authOptions.mode must be token")
-    head = spec.get("headGroupSpec")
-    if not isinstance(head, dict):
-        errors.append(f"{where}: headGroupSpec is missing")
-    else:
-        _check_group(f"{where}.headGroupSpec", head, errors)
-        if (head.get("rayStartParams") or {}).get("num-cpus") != "0":
-            errors.append(f'{where}.headGroupSpec: rayStartParams num-cpus must be "0" (no work on the head)')
-        missing = set(REQUIRED_ENV) - _env_names(_containers(head.get("template")))
-        if missing:
-            errors.append(f"{where}.headGroupSpec: containers lack env {sorted(missing)}")
-    groups = spec.get("workerGroupSpecs")
-    if not isinstance(groups, list) or not groups:
-        errors.append(f"{where}: workerGroupSpecs is missing or empty")
-        return errors
-    gpu_groups = 0
-    for i, g in enumerate(groups):
-        name = g.get("groupName") or f"#{i}"
-        w = f"{where}.workerGroupSpecs[{name}]"
-        if not g.get("groupName"):
-            errors.append(f"{w}: groupName is missing")
-        _check_group(w, g, errors)
-        lo, hi = g.get("minReplicas"), g.get("maxReplicas")
-        if not isinstance(lo, int) or not isinstance(hi, int):
-            errors.append(f"{w}: minReplicas and maxReplicas must be integers")
-            continue
-        replicas = g.get("replicas", lo)
-        if not isinstance(replicas, int) or not lo <= replicas <= hi:
-            errors.append(f"{w}: need minReplicas <= replicas <= maxReplicas, got {lo}, {replicas}, {hi}")
-        if lo != 0:
-            errors.append(f"{w}: minReplicas must be 0 (scale from zero), got {lo}")
-        containers = _containers(g.get("template"))
-        missing = set(REQUIRED_ENV) - _env_names(containers)
-        if missing:
-            errors.append(f"{w}: containers lack env {sorted(missing)}")
-        limits = ((containers[0].get("resources") or {}).get("limits") or {}) if containers else {}
-        requests = ((containers[0].get("resources") or {}).get("requests") or {}) if containers else {}
-        if GPU_KEY in limits:
-            gpu_groups += 1
-            if not str(limits[GPU_KEY]).isdigit() or int(limits[GPU_KEY]) < 1:
-                errors.append(f"{w}: {GPU_KEY} limit must be a whole number >= 1")
-            if GPU_KEY in requests and str(requests[GPU_KEY]) != str(limits[GPU_KEY]):
-                errors.append(f"{w}: {GPU_KEY} request must equal the limit")
-            tolerations = ((g.get("template") or {}).get("spec") or {}).get("tolerations") or []
-            if not any(t.get("key") == GPU_KEY for t in tolerations):
-                errors.append(f"{w}: GPU group needs a toleration for the {GPU_KEY} taint")
-    if not gpu_groups:
-        errors.append(f"{where}: no worker group has an {GPU_KEY} limit")
-    return errors
-
-
-def kuberay_errors(doc: dict, expect_command: str | None = None) -> list[str]:
-    """Fields KubeRay needs plus ELSA's rules, for a RayCluster or RayJob."""
-    errors: list[str] = []
-    kind = doc.get("kind")
-    name = (doc.get("metadata") or {}).get("name", "?")
-    where = f"{kind}/{name}"
-    if doc.get("apiVersion") != "ray.io/v1":
-        errors.append(f"{where}: apiVersion must be ray.io/v1, got {doc.get('apiVersion')!r}")
-    spec = doc.get("spec") or {}
-    if kind == "RayCluster":
-        errors += raycluster_spec_errors(spec, where)
-    elif kind == "RayJob":
-        entry = str(spec.get("entrypoint") or "")
-        try:
-            argv = shlex.split(entry)
-        except ValueError as e:
-            argv = []
-            errors.append(f"{where}: entrypoint does not parse: {e}")
-        if argv[:1] != ["elsa"] or len(argv) < 2:
-            errors.append(f"{where}: entrypoint must run `elsa <command> ...`, got {entry[:60]!r}")
-        elif expect_command and argv[1] != expect_command:
-            errors.append(f"{where}: entrypoint runs `elsa {argv[1]}`, expected `elsa {expect_command}`")
-        if "$" in entry:
-            errors.append(f"{where}: entrypoint uses $VARIABLES; the submitter pod's shell would expand them")
-        if spec.get("shutdownAfterJobFinishes") is not True:
-            errors.append(f"{where}: shutdownAfterJobFinishes must be true")
-        if not isinstance(spec.get("activeDeadlineSeconds"), int):
-            errors.append(f"{where}: set activeDeadlineSeconds (a cap on what a stuck job can cost)")
-        cluster = spec.get("rayClusterSpec")
-        if not isinstance(cluster, dict):
-            errors.append(f"{where}: rayClusterSpec is missing")
-        else:
-            errors += raycluster_spec_errors(cluster, f"{where}.rayClusterSpec")
-    else:
-        errors.append(f"{where}: kind must be RayCluster or RayJob")
-    return errors
-
-
-# ---------------------------------------------------------------- MLflow
-def _flag(args: list[str], name: str) -> str | None:
-    for i, a in enumerate(args):
-        if a == name and i + 1 < len(args):
-            return args[i + 1]
-        if a.startswith(name + "="):
-            return a.split("=", 1)[1]
-    return None
-
-
-def mlflow_errors(docs: list[dict]) -> list[str]:
-    """The tracking server binds to 127.0.0.1, or listens wider only behind auth."""
-    errors: list[str] = []
-    servers = []
-    for d in docs:
-        if d.get("kind") == "Service" and (d.get("spec") or {}).get("type", "ClusterIP") != "ClusterIP":
-            errors.append(
-                f"Service/{d['metadata']['name']}: keep it ClusterIP (reach the UI with kubectl port-forward)"
-            )
-        if d.get("kind") in ("Deployment", "StatefulSet"):
-            for c in _containers((d.get("spec") or {}).get("template")):
-                # `sh -c "<script>"` is common: look at the words of every part.
-                argv = [w for a in (c.get("command") or []) + (c.get("args") or []) for w in shlex.split(str(a))]
-                for i, w in enumerate(argv[:-1]):
-                    if w.endswith("mlflow") and argv[i + 1] == "server":
-                        servers.append((d["metadata"]["name"], argv[i + 2 :]))
-                        break
-    if not servers:
-        errors.append("no container runs `mlflow server`")
-    for name, argv in servers:
-        host = _flag(argv, "--host") or "127.0.0.1"
-        if host not in ("127.0.0.1", "localhost") and _flag(argv, "--app-name") != "basic-auth":
-            errors.append(f"{name}: mlflow server listens on {host} without --app-name basic-auth")
-        backend = _flag(argv, "--backend-store-uri") or ""
-        if not backend.startswith("postgresql"):
-            errors.append(f"{name}: backend store should be PostgreSQL, got {backend!r}")
-        if re.search(r"postgresql(\+\w+)?://[^/@]*:[^/@]*@", backend):
-            errors.append(f"{name}: password written into the backend URI; use PGPASSWORD from a Secret")
-        dest = _flag(argv, "--artifacts-destination") or ""
-        if not dest.startswith(("s3://", "gs://")):
-            errors.append(f"{name}: --artifacts-destination should be an s3:// or gs:// URI, got {dest!r}")
+def _mount_errors(config: dict, provider: str, base_dir: Path | None) -> list[str]:
+    """The auth token and the job environment (with a complete example file) reach every node."""
+    errors = []
+    mounts = config.get("file_mounts") or {}
+    if "~/.ray/auth_token" not in mounts:
+        errors.append("file_mounts: ship the Ray auth token (~/.ray/auth_token) to every node")
+    env_local = mounts.get("~/elsa.env")
+    if env_local is None:
+        return errors + ["file_mounts: mount the job environment file at ~/elsa.env"]
+    example = (base_dir or Path.cwd()) / (str(env_local) + ".example")
+    if not example.is_file():
+        return errors + [f"no example env file {example} for ~/elsa.env"]
+    env = read_env_file(example)
+    for key in REQUIRED_ENV:
+        if not env.get(key):
+            errors.append(f"{example.name}: {key} is not set")
+    scheme = STORAGE_SCHEME.get(provider)
+    if scheme and not env.get("ELSA_STORAGE", "").startswith(scheme):
+        errors.append(f"{example.name}: ELSA_STORAGE must be a {scheme} URI on {provider}")
+    if env.get("RAY_AUTH_MODE") != "token":
+        errors.append(f"{example.name}: set RAY_AUTH_MODE=token")
     return errors
 
 

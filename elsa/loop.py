@@ -182,6 +182,20 @@ def _device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _accumulate_gradients(model, batches, step: int, cfg: PruneConfig, teacher, device) -> tuple[float, int]:
+    """The x-update's gradient of one step, over ``cfg.grad_accum`` micro-batches: (loss, tokens)."""
+    loss_sum = torch.zeros((), device=device)
+    tokens = 0
+    for micro in range(cfg.grad_accum):
+        ids = batches(step, micro).to(device)
+        tokens += ids.numel()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(cfg, device)):
+            loss = training_loss(model, ids, cfg, teacher) / cfg.grad_accum
+        loss.backward()
+        loss_sum += loss.detach()
+    return float(loss_sum), tokens
+
+
 def train(
     model: torch.nn.Module,
     admm: ADMM,
@@ -202,16 +216,7 @@ def train(
     guard = DivergenceGuard()
     for step in range(start_step, cfg.steps):
         started = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        tokens = 0
-        for micro in range(cfg.grad_accum):
-            ids = batches(step, micro).to(device)
-            tokens += ids.numel()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(cfg, device)):
-                loss = training_loss(model, ids, cfg, teacher) / cfg.grad_accum
-            loss.backward()
-            loss_sum += loss.detach()
-        loss_value = float(loss_sum)
+        loss_value, tokens = _accumulate_gradients(model, batches, step, cfg, teacher, device)
         if not math.isfinite(loss_value):
             admm.zero_grad()
             raise NonFiniteLossError(
@@ -225,12 +230,8 @@ def train(
         scheduler.step()
         admm.zero_grad()
         done = step + 1
-        metrics = {
-            "train_loss": loss_value,
-            "lr": lr,
-            "lmda": admm.lmda,
-            "tokens_per_s": tokens / (time.perf_counter() - started),
-        }
+        metrics = {"train_loss": loss_value, "lr": lr, "lmda": admm.lmda}
+        metrics["tokens_per_s"] = tokens / (time.perf_counter() - started)
         if admm.rho is not None:
             metrics["rho"] = admm.rho
         if grad_norm is not None:

@@ -10,7 +10,6 @@ the latest. At the end, rank 0 writes the consolidated Hugging Face checkpoint.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import tempfile
 import time
@@ -22,6 +21,7 @@ import torch.distributed as dist
 
 from elsa.config import PruneConfig
 from pipelines.storage import run_storage
+from pipelines.worker_state import STATE_FILE, STEP_PREFIX, load_state, newest_checkpoint, save_state
 from elsa.export import export_pruned
 from elsa.loop import BatchSampler, LoopHooks, build_admm, lr_factor, train
 from elsa.models import load_model, load_tokenizer
@@ -29,8 +29,6 @@ from elsa.perplexity import nll_sum
 from elsa.distill import freeze
 from elsa.warm_start import kept_solution, one_shot_start
 from elsa.targets import decoder_blocks, sparsity_report
-
-STATE_FILE = "elsa_state.json"
 
 
 def shard_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -67,66 +65,9 @@ def _validation_loss(model, blocks: torch.Tensor, rank: int, world: int):
     return compute
 
 
-def _save_state(model, admm, step: int, directory: Path, run_token: str | None = None) -> None:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
-    with _no_initialising_step(model):
-        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, admm)}
-    dcp.save(state, checkpoint_id=str(directory))
-    if not _distributed() or dist.get_rank() == 0:
-        (directory / STATE_FILE).write_text(json.dumps({"step": step, "run": run_token}))
-
-
-def _load_state(model, admm, directory: Path) -> int:
-    """Restore model and optimiser (z, u, Adam) in place; returns the step to resume from."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        get_optimizer_state_dict,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
-
-    optim_state = get_optimizer_state_dict(model, admm)  # first: it initialises the base state
-    state = {"model": get_model_state_dict(model), "optim": optim_state}
-    dcp.load(state, checkpoint_id=str(directory))
-    set_model_state_dict(model, state["model"])
-    with _no_initialising_step(model):
-        set_optimizer_state_dict(model, admm, state["optim"], options=_optimizer_load_options(admm))
-    return int(json.loads((directory / STATE_FILE).read_text())["step"])
-
-
-@contextlib.contextmanager
-def _no_initialising_step(model):
-    """torch.distributed.checkpoint "initialises" an optimiser without state by a zero-gradient
-    step, unless some gradient exists. With plain SGD (never any state for the dense parameters)
-    that step ran at every checkpoint save and after every load, and for ADMM it is a real step:
-    step count + 1, a z/u-update when due, the decoupled pull. Zero gradients, set only for the
-    duration of the call, make torch skip it; an optimiser that has state is unaffected."""
-    added = [p for p in model.parameters() if p.requires_grad and p.grad is None]
-    for param in added:
-        param.grad = torch.zeros_like(param)
-    try:
-        yield
-    finally:
-        for param in added:
-            param.grad = None
-
-
-def _optimizer_load_options(admm):
-    """Plain SGD keeps no state for the parameters ADMM does not prune (embeddings, norms), so
-    torch's strict check ("Missing optimizer state for parameter ...") would refuse every SGD
-    checkpoint; other base optimisers keep state for every parameter and stay strict."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return StateDictOptions(strict=not isinstance(admm.base, torch.optim.SGD))
-
-
 def train_loop_per_worker(config: dict) -> None:
     """Entry point of every Ray Train worker. ``config``: {"cfg": dict, "tracking": ..., "export": bool}."""
     import ray.train
-    from ray.train import Checkpoint
 
     cfg = PruneConfig(**config["cfg"])
     context = ray.train.get_context()
@@ -152,15 +93,36 @@ def train_loop_per_worker(config: dict) -> None:
 
     start = 0
     if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            if not (Path(directory) / STATE_FILE).is_file():
-                raise RuntimeError(
-                    f"Ray Train run {context.get_experiment_name()!r} already finished (its last checkpoint is the "
-                    "exported model): choose a new --run-name"
-                )
-            start = _load_state(model, admm, Path(directory))
+        start = _resume(checkpoint, model, admm, context.get_experiment_name())
         scheduler = torch.optim.lr_scheduler.LambdaLR(admm, lr_factor(cfg), last_epoch=start - 1)
         logger({"resumed_from_step": start}, start)
+
+    hooks = _worker_hooks(model, admm, config, logger, validation_loss)
+    started = time.perf_counter()
+    history = train(model, admm, scheduler, sampler, cfg, hooks, start_step=start, teacher=teacher)
+    final = {"train_s": time.perf_counter() - started, "steps_run": cfg.steps - start}
+    admm.final_projection()
+    if init_s is not None:
+        final["init_s"] = init_s
+    final.update(_final_losses(history, init_val_loss, validation_loss))
+    _deliver(final, model, tokenizer, admm, cfg, config, rank, logger)
+
+
+def _resume(checkpoint, model, admm, run_name: str) -> int:
+    """Restore the worker's state from ``checkpoint``; returns the step it was written after."""
+    with checkpoint.as_directory() as directory:
+        if not (Path(directory) / STATE_FILE).is_file():
+            raise RuntimeError(
+                f"Ray Train run {run_name!r} already finished (its last checkpoint is the "
+                "exported model): choose a new --run-name"
+            )
+        return load_state(model, admm, Path(directory))
+
+
+def _worker_hooks(model, admm, config: dict, logger, validation_loss) -> LoopHooks:
+    """Metrics to MLflow (and Tune's schedulers), checkpoints to Ray Train, then the test callbacks."""
+    import ray.train
+    from ray.train import Checkpoint
 
     def on_metrics(metrics: dict, step: int) -> None:
         logger(metrics, step)
@@ -169,7 +131,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     def on_checkpoint(step: int) -> None:
         with tempfile.TemporaryDirectory() as directory:
-            _save_state(model, admm, step, Path(directory), config.get("run_token"))
+            save_state(model, admm, step, Path(directory), config.get("run_token"))
             ray.train.report(
                 {"step": step, "checkpoint_step": step},
                 checkpoint=Checkpoint.from_directory(directory),
@@ -178,14 +140,12 @@ def train_loop_per_worker(config: dict) -> None:
         for callback in config.get("after_checkpoint") or ():
             callback(step)
 
-    hooks = LoopHooks(on_metrics=on_metrics, on_checkpoint=on_checkpoint, validation_loss=validation_loss)
-    started = time.perf_counter()
-    history = train(model, admm, scheduler, sampler, cfg, hooks, start_step=start, teacher=teacher)
-    train_seconds = time.perf_counter() - started
-    admm.final_projection()
-    final = {"train_s": train_seconds, "steps_run": cfg.steps - start}
-    if init_s is not None:
-        final["init_s"] = init_s
+    return LoopHooks(on_metrics=on_metrics, on_checkpoint=on_checkpoint, validation_loss=validation_loss)
+
+
+def _final_losses(history: list[dict], init_val_loss: float | None, validation_loss) -> dict:
+    """The last projected validation loss and, after a warm start, which solution is kept."""
+    final: dict = {}
     if history:
         final["final_val_loss_projected"] = next(
             (h["val_loss_projected"] for h in reversed(history) if "val_loss_projected" in h), float("nan")
@@ -194,26 +154,33 @@ def train_loop_per_worker(config: dict) -> None:
         final["init_val_loss"] = init_val_loss
         final_loss = final["final_val_loss_projected"] if "final_val_loss_projected" in final else validation_loss()
         final["kept"] = kept_solution(init_val_loss, final_loss)
+    return final
+
+
+def _deliver(final: dict, model, tokenizer, admm, cfg: PruneConfig, config: dict, rank: int, logger) -> None:
+    """The run's last report: metrics only (Tune trials), a marker (the start is kept), or the export.
+
+    The export is the run's last Ray Train checkpoint: Ray uploads it to the storage path, where
+    the driver and the evaluation tasks find it, whichever node they are on.
+    """
+    import ray.train
+    from ray.train import Checkpoint
+
+    def numbers() -> dict:
+        return {k: v for k, v in final.items() if isinstance(v, (int, float))}
+
     if not config.get("export", True):  # Tune trials: measure only, no HF checkpoint
-        logger({k: v for k, v in final.items() if isinstance(v, (int, float))}, cfg.steps)
+        logger(numbers(), cfg.steps)
         ray.train.report({**final, "step": cfg.steps})
         return
-    if final.get("kept") == "init":  # no export; a marker checkpoint carries the final metrics to the driver
-        logger({k: v for k, v in final.items() if isinstance(v, (int, float))}, cfg.steps)
-        with tempfile.TemporaryDirectory() as directory:
-            (Path(directory) / "kept.json").write_text(json.dumps(final))
-            ray.train.report(
-                {**final, "step": cfg.steps}, checkpoint=Checkpoint.from_directory(directory) if rank == 0 else None
-            )
-        return
-    # The HF checkpoint is the run's last Ray Train checkpoint: Ray uploads it to the storage
-    # path, where the driver and the evaluation tasks find it, whichever node they are on.
     with tempfile.TemporaryDirectory() as directory:
-        final.update(_export(model, tokenizer, admm, cfg, directory, rank))
-        logger({k: v for k, v in final.items() if isinstance(v, (int, float))}, cfg.steps)
-        ray.train.report(
-            {**final, "step": cfg.steps}, checkpoint=Checkpoint.from_directory(directory) if rank == 0 else None
-        )
+        if final.get("kept") == "init":  # no export; a marker checkpoint carries the final metrics
+            (Path(directory) / "kept.json").write_text(json.dumps(final))
+        else:
+            final.update(_export(model, tokenizer, admm, cfg, directory, rank))
+        logger(numbers(), cfg.steps)
+        checkpoint = Checkpoint.from_directory(directory) if rank == 0 else None
+        ray.train.report({**final, "step": cfg.steps}, checkpoint=checkpoint)
 
 
 def _starting_model(cfg: PruneConfig, init_location: str | None, device, world: int, one_shot: bool = True):
@@ -245,80 +212,6 @@ def _teacher(cfg: PruneConfig, device, world: int):
     if world > 1:
         shard_model(teacher, device)
     return freeze(teacher)
-
-
-STEP_PREFIX = "elsa_step_"
-
-
-def newest_checkpoint(registered, run_token: str | None):
-    """On a restart, the newest complete checkpoint in the run's storage, not only the last one Ray registered.
-
-    Why: Ray Train registers a reported checkpoint when its controller next polls the worker; a
-    worker killed in between (SIGKILL, a lost node) leaves the newest checkpoint uploaded but
-    unknown, and the restart would redo every step since the one before (measured: 19 of 29), or
-    all of them when none was registered yet. A folder counts when every byte range its
-    torch.distributed.checkpoint metadata names is there and its ``elsa_state.json`` carries this
-    ``fit()``'s ``run_token``: a fresh run never picks up folders an earlier run left under the name.
-    """
-    if not run_token:
-        return registered
-    try:
-        import pyarrow.fs as pafs
-        import ray.train
-        from ray.train import Checkpoint
-
-        storage = ray.train.get_context().get_storage()
-        fs, root = storage.storage_filesystem, storage.experiment_fs_path
-        state_file = fs.get_file_info(f"{registered.path}/{STATE_FILE}") if registered is not None else None
-        if state_file is not None and state_file.type != pafs.FileType.File:
-            return registered  # the exported model: the run had finished
-        registered_step = _checkpoint_step(registered) if registered is not None else None
-        best, best_step = registered, registered_step if registered_step is not None else -1
-
-        for info in fs.get_file_info(pafs.FileSelector(root, recursive=False)):
-            if info.type != pafs.FileType.Directory or not info.base_name.startswith(STEP_PREFIX):
-                continue
-            step = int(info.base_name.removeprefix(STEP_PREFIX))
-            if step > best_step and _complete(fs, info.path, run_token):
-                best, best_step = Checkpoint(info.path, fs), step
-        return best
-    except Exception:  # noqa: BLE001 - a Ray without this developer API: what Ray registered
-        return registered
-
-
-def _complete(fs, path: str, run_token: str | None = None) -> bool:
-    """Every byte range that the checkpoint's metadata names is there, and the state file of this
-    run too (several ranks upload into one folder, each its own shard files, in no given order)."""
-    import pickle
-
-    import pyarrow.fs as pafs
-
-    try:
-        with fs.open_input_file(f"{path}/{STATE_FILE}") as handle:
-            state = json.loads(handle.read())
-    except (OSError, ValueError):
-        return False
-    if run_token is not None and state.get("run") != run_token:
-        return False
-    try:
-        with fs.open_input_file(f"{path}/.metadata") as handle:
-            metadata = pickle.loads(handle.read())  # written by torch's dcp.save into our own storage
-    except (OSError, pickle.UnpicklingError, EOFError):
-        return False
-    needed: dict[str, int] = {}
-    for item in (getattr(metadata, "storage_data", None) or {}).values():
-        name = item.relative_path
-        needed[name] = max(needed.get(name, 0), item.offset + item.length)
-    for name, size in needed.items():
-        found = fs.get_file_info(f"{path}/{name}")
-        if found.type != pafs.FileType.File or found.size < size:
-            return False
-    return bool(needed)
-
-
-def _checkpoint_step(checkpoint) -> int | None:
-    name = checkpoint.path.rstrip("/").rsplit("/", 1)[-1]
-    return int(name.removeprefix(STEP_PREFIX)) if name.startswith(STEP_PREFIX) else None
 
 
 _LOGGERS: list = []  # this worker's queued loggers, closed by _worker_entry

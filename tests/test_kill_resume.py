@@ -40,7 +40,7 @@ def _trainer_pids() -> list[int]:
 
 
 def _complete_steps(root: Path) -> list[int]:
-    from pipelines.train_job import STEP_PREFIX, _complete
+    from pipelines.worker_state import STEP_PREFIX, complete as _complete
 
     import pyarrow.fs as pafs
 

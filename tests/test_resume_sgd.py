@@ -38,7 +38,7 @@ def _setup(cfg):
     ids=["sgd", "adam", "adamw"],
 )
 def test_worker_checkpoint_resumes_bit_identically(tmp_path, overrides):
-    from pipelines.train_job import _load_state, _save_state
+    from pipelines.worker_state import load_state as _load_state, save_state as _save_state
 
     cfg = make_config(
         {

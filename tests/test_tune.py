@@ -176,7 +176,7 @@ def test_searchers_are_built_or_refused_clearly():
 
 @pytest.mark.ray
 def test_trial_that_cannot_be_placed_is_refused_before_anything_starts(tmp_path, tiny_model_dir, ray_session):
-    from tune.runner import SearchError
+    from tune.errors import SearchError
 
     with pytest.raises(SearchError, match="trainer"):
         _search(

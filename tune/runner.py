@@ -12,7 +12,6 @@ restart, resuming from their last Ray Train checkpoint when ``checkpoint_interva
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -21,19 +20,15 @@ from pathlib import Path
 from elsa.config import make_config
 from pipelines import tracking
 from pipelines.storage import run_storage
-from tune import runs, state
-from tune.results import SparsityOutcome, best_row, merge_entries, preset_entry, trial_rows
-from tune.search import DEFAULT_MAX_VAL_LOSS, DivergenceStopper, make_scheduler, make_searcher
-from tune.seed import paper_seed
-from tune.space import SearchSpace, load_space, parse_space
-from tune.trial import TrialContext, run_trial
+from tune import state
+from tune.errors import SearchError
+from tune.one_sparsity import Search, search_one, sparsity_key
+from tune.results import SparsityOutcome, merge_entries, preset_entry
+from tune.search import DEFAULT_MAX_VAL_LOSS, make_scheduler
+from tune.space import load_space, parse_space
 
 DEFAULT_EXPERIMENT = "elsa-tune"
 PRESET_FILE = "best_presets.yaml"
-
-
-class SearchError(RuntimeError):
-    """The search cannot start or resume as asked; the message says what to change."""
 
 
 @dataclass
@@ -87,10 +82,6 @@ class SearchReport:
 def default_name(model: str) -> str:
     slug = "".join(c if c.isalnum() else "-" for c in Path(model).name.lower()).strip("-") or "model"
     return f"tune-{slug}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def _sparsity_key(sparsity: float) -> str:
-    return f"sparsity-{sparsity:g}"
 
 
 def _check_request(request: SearchRequest) -> None:
@@ -173,26 +164,12 @@ def run_search(request: SearchRequest, where: Where, echo=print, extra_callbacks
     init_ray(where.address)
     concurrency = _fit_check(request, where.address, echo)
     state.write(root, saved)  # only now: a search refused above leaves no state behind its name
+    search = Search(request, where, space, root, uri, grace, concurrency, saved, echo, extra_callbacks or [])
     outcomes: list[SparsityOutcome] = []
     interrupted = False
     for sparsity in request.sparsities:
-        key = _sparsity_key(sparsity)
-        entry = saved["sparsities"].setdefault(key, {})
-        outcome = _search_one(
-            request,
-            where,
-            space,
-            bases[sparsity],
-            sparsity,
-            entry,
-            root,
-            uri,
-            grace,
-            concurrency,
-            echo,
-            extra_callbacks,
-            saved,
-        )
+        entry = saved["sparsities"].setdefault(sparsity_key(sparsity), {})
+        outcome = search_one(search, bases[sparsity], sparsity, entry)
         outcomes.append(outcome)
         entry.update(status="interrupted" if outcome.interrupted else "done")
         state.write(root, saved)
@@ -242,171 +219,6 @@ def _open_state(request: SearchRequest, where: Where, storage: str) -> tuple[Sea
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     return request, space_data, saved
-
-
-def _parent_params(
-    request: SearchRequest, space: SearchSpace, seed_point: dict, seed_source: str, grace: int, concurrency: int
-) -> dict:
-    """The parent run's parameters beyond the shared config: the space, the seed, the settings."""
-    params = {f"space.{k}": v for k, v in space.describe().items()}
-    params.update({f"seed.{k}": v for k, v in seed_point.items()})
-    params.update(
-        {
-            "seed.source": seed_source,
-            "search.algorithm": request.search,
-            "search.scheduler": request.scheduler,
-            "search.trials": request.trials,
-            "search.grace_period": grace,
-            "search.reduction_factor": request.reduction_factor,
-            "search.max_concurrent": concurrency,
-            "search.trial_resources": request.trial_resources,
-            "search.workers_per_trial": request.workers_per_trial,
-            "search.cpus_per_worker": request.cpus_per_worker,
-            "search.max_val_loss": request.max_val_loss,
-            "search.seed": request.search_seed,
-            "search.space_file": request.space or "default",
-        }
-    )
-    return params
-
-
-def _search_one(
-    request, where, space, base, sparsity, entry, root, uri, grace, concurrency, echo, extra_callbacks, saved
-) -> SparsityOutcome:
-    from ray import tune as ray_tune
-
-    from pipelines.ray_session import local_cores_per_task
-
-    key = _sparsity_key(sparsity)
-    experiment_path = state.join(root, key)
-    seed = paper_seed(space, request.model, sparsity)
-    if entry.get("status") == "done" and entry.get("parent_run_id"):
-        echo(f"{key}: already finished (MLflow parent run {entry['parent_run_id']}); reading its results")
-        grid = ray_tune.ResultGrid(ray_tune.ExperimentAnalysis(experiment_path))
-        return _summarise(grid, request, space, base, sparsity, entry["parent_run_id"], experiment_path, seed, uri)
-    if entry.get("parent_run_id"):
-        parent = entry["parent_run_id"]
-        runs.reopen(uri, parent)
-    else:
-        parent = runs.open_parent(
-            uri,
-            request.experiment,
-            base,
-            _parent_params(request, space, seed.point, seed.source, grace, concurrency),
-            run_name=f"{request.name}@{sparsity:g}",
-            tags={"search": request.name, "sparsity": str(sparsity)},
-        )
-        entry["parent_run_id"] = parent
-        state.write(root, saved)
-    echo(
-        f"{key}: MLflow parent run {parent} ({uri}, experiment {request.experiment!r}); seed {seed.source}: "
-        f"{seed.point}"
-    )
-    context = TrialContext(
-        base=base,
-        space=space,
-        search_name=request.name,
-        tracking_uri=uri,
-        experiment=request.experiment,
-        parent_run_id=parent,
-        train_storage=state.join(root, "train", key),
-        workers=request.workers_per_trial,
-        use_gpu=request.gpu,
-        cpus_per_worker=request.cpus_per_worker,
-        export=request.export,
-        train_env={k: v for k, v in os.environ.items() if k.startswith("RAY_TRAIN_")},
-        threads_per_worker=local_cores_per_task(where.address, request.gpu, concurrency * request.workers_per_trial),
-    )
-    trainable = ray_tune.with_resources(
-        ray_tune.with_parameters(run_trial, context=context),
-        ray_tune.PlacementGroupFactory([dict(request.trial_resources)]),
-    )
-    started = time.perf_counter()
-    try:
-        if ray_tune.Tuner.can_restore(experiment_path):
-            if not where.resume:
-                raise SearchError(f"{experiment_path} holds a Tune experiment already: add --resume")
-            echo(f"{key}: restoring the Tune experiment at {experiment_path}")
-            tuner = ray_tune.Tuner.restore(
-                experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=where.resume_errored
-            )
-        else:
-            tuner = ray_tune.Tuner(
-                trainable,
-                param_space=space.param_space(),
-                tune_config=ray_tune.TuneConfig(
-                    search_alg=make_searcher(request.search, [seed.point], request.trials, request.search_seed),
-                    scheduler=make_scheduler(request.scheduler, base["steps"], grace, request.reduction_factor),
-                    num_samples=request.trials,
-                    max_concurrent_trials=concurrency,
-                    # A stopped trial's actor must die: only then do its Ray Train controller and
-                    # workers (owned by that actor) die with it. A reused actor would keep the
-                    # stopped trainer running, and holding its CPUs, in the background.
-                    reuse_actors=False,
-                ),
-                run_config=ray_tune.RunConfig(
-                    name=key,
-                    storage_path=root,
-                    stop=DivergenceStopper(request.max_val_loss),
-                    callbacks=[
-                        runs.TrialRunsCallback(uri, request.experiment, parent, base["steps"], request.max_val_loss),
-                        *(extra_callbacks or []),
-                    ],
-                    failure_config=ray_tune.FailureConfig(max_failures=0),
-                ),
-            )
-        grid = tuner.fit()
-    except BaseException as err:
-        runs.finish(
-            uri,
-            parent,
-            "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED",
-            {"error": f"{type(err).__name__}: {err}"},
-        )
-        raise
-    outcome = _summarise(grid, request, space, base, sparsity, parent, experiment_path, seed, uri)
-    outcome.wall_s = time.perf_counter() - started
-    if outcome.interrupted:
-        runs.close_interrupted(uri, request.experiment, parent)
-    _log_parent(uri, parent, outcome)
-    return outcome
-
-
-def _summarise(grid, request, space, base, sparsity, parent, experiment_path, seed, uri) -> SparsityOutcome:
-    rows = trial_rows(grid, base["steps"], request.max_val_loss, seed.point)
-    children = {
-        run.data.tags.get("trial_id"): run.info.run_id for run in runs.children(uri, request.experiment, parent)
-    }
-    for row in rows:
-        row.mlflow_run_id = children.get(row.trial_id)
-    finished = grid.num_terminated + grid.num_errors
-    outcome = SparsityOutcome(
-        sparsity, parent, experiment_path, rows, best_row(rows), next((r for r in rows if r.is_seed), None), seed.source
-    )
-    outcome.interrupted = finished < request.trials
-    return outcome
-
-
-def _log_parent(uri: str, parent: str, outcome: SparsityOutcome) -> None:
-    metrics = {
-        "trials_completed": outcome.count("completed"),
-        "trials_stopped_early": outcome.count("stopped_early"),
-        "trials_diverged": outcome.count("nonfinite_loss") + outcome.count("exploded_loss"),
-        "trials_failed": outcome.count("error"),
-        "search_wall_s": outcome.wall_s,
-    }
-    if outcome.best is not None:
-        metrics["best_val_loss_projected"] = outcome.best.val_loss_projected
-    if outcome.seed is not None and outcome.seed.val_loss_projected is not None:
-        metrics["seed_val_loss_projected"] = outcome.seed.val_loss_projected
-    tracking.log_metrics(uri, parent, {k: v for k, v in metrics.items() if v is not None and math.isfinite(float(v))})
-    tags = {"seed_source": outcome.seed_source}
-    if outcome.best is not None:
-        tags.update(best_trial_id=outcome.best.trial_id, best_run_id=outcome.best.mlflow_run_id or "")
-    if outcome.interrupted:
-        runs.finish(uri, parent, "KILLED", {**tags, "interrupted": "true"})
-    else:
-        runs.finish(uri, parent, "FINISHED", tags)
 
 
 def _write_presets(request, where, space, bases, outcomes, root, uri) -> str:

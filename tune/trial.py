@@ -110,6 +110,16 @@ def _failed_step(message: str, default: int) -> int:
     return int(match.group(1)) if match else default
 
 
+def _report_diverged(uri: str, run_id: str, message: str, steps: int) -> None:
+    """A diverged trial is a result, not a crash: close its run first (the report below makes
+    Tune stop this trial), then tell the searcher how bad it was."""
+    from ray import tune as ray_tune
+
+    step = _failed_step(message, steps)
+    runs.finish(uri, run_id, "FAILED", {"nonfinite_loss": "true", "stopped_at_step": step, "error": message})
+    ray_tune.report({METRIC: NONFINITE_LOSS, "nonfinite_loss": 1, "step": step})
+
+
 def run_trial(config: dict, context: TrialContext) -> None:
     """The trainable: one pruning run with the sampled ``config``, reported to Tune."""
     from ray import tune as ray_tune
@@ -164,10 +174,6 @@ def run_trial(config: dict, context: TrialContext) -> None:
             # here although nothing went wrong. The search's TrialRunsCallback knows which it
             # was (a stop or a real error) and closes the run accordingly.
             raise
-        # A diverged trial is a result, not a crash: close its run first (the report below
-        # makes Tune stop this trial), then tell the searcher how bad it was.
-        step = _failed_step(message, cfg.steps)
-        runs.finish(uri, run_id, "FAILED", {"nonfinite_loss": "true", "stopped_at_step": step, "error": message})
-        ray_tune.report({METRIC: NONFINITE_LOSS, "nonfinite_loss": 1, "step": step})
+        _report_diverged(uri, run_id, message, cfg.steps)
         return
     runs.finish(uri, run_id, "FINISHED", {"stopped_early": "false"})

@@ -188,6 +188,28 @@ def _targets_by_block(targets: list[Target], prefix: str, n_blocks: int) -> list
     return grouped
 
 
+def _prune_block(model, block, call, hidden, targets, make_stats: MakeStats, prune_layer: PruneLayer) -> None:
+    """Feed the block's inputs through it once, accumulating each target's statistics, then prune."""
+    stats = {id(t): make_stats(t) for t in targets}
+    handles = []
+    for target in targets:
+        acc = stats[id(target)]
+
+        def hook(module, inputs, output, acc=acc):
+            x = inputs[0]
+            acc.add(x.detach().reshape(-1, x.shape[-1]))
+
+        handles.append(module_of(model, target).register_forward_hook(hook))
+    try:
+        for chunk in hidden.split(CHUNK):
+            call(block, chunk)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for target in targets:
+        prune_layer(target, stats[id(target)])
+
+
 def prune_layerwise(
     model: nn.Module,
     calib: torch.Tensor,
@@ -217,26 +239,7 @@ def prune_layerwise(
             hidden = capture_first_inputs(model, blocks, calib)
             for index, (block, call) in enumerate(zip(blocks, calls)):
                 block_start = time.perf_counter()
-                layer_targets = grouped[index]
-                stats = {id(t): make_stats(t) for t in layer_targets}
-                handles = []
-                for target in layer_targets:
-                    acc = stats[id(target)]
-
-                    def hook(module, inputs, output, acc=acc):
-                        x = inputs[0]
-                        acc.add(x.detach().reshape(-1, x.shape[-1]))
-
-                    handles.append(module_of(model, target).register_forward_hook(hook))
-                try:
-                    for chunk in hidden.split(CHUNK):
-                        call(block, chunk)
-                finally:
-                    for handle in handles:
-                        handle.remove()
-                for target in layer_targets:
-                    prune_layer(target, stats[id(target)])
-                del stats
+                _prune_block(model, block, call, hidden, grouped[index], make_stats, prune_layer)
                 hidden = torch.cat([call(block, chunk) for chunk in hidden.split(CHUNK)], dim=0)
                 if log is not None:
                     log({"block": index, "block_s": time.perf_counter() - block_start}, index)

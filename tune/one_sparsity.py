@@ -1,0 +1,218 @@
+"""One sparsity's search: its MLflow parent run, one Tune ``Tuner`` (new or restored), its outcome.
+
+:func:`tune.runner.run_search` calls :func:`search_one` for each sparsity in turn with the
+:class:`Search` they share (the request, where it runs, the space, the state record).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from pipelines import tracking
+from tune import runs, state
+from tune.errors import SearchError
+from tune.results import SparsityOutcome, best_row, trial_rows
+from tune.search import DivergenceStopper, make_scheduler, make_searcher
+from tune.seed import SeedPoint, paper_seed
+from tune.space import SearchSpace
+from tune.trial import TrialContext, run_trial
+
+
+@dataclass
+class Search:
+    """What every sparsity of one search shares."""
+
+    request: object  # tune.runner.SearchRequest
+    where: object  # tune.runner.Where
+    space: SearchSpace
+    root: str  # the search's folder: state, Tune experiments, trial storage
+    uri: str  # MLflow
+    grace: int  # ASHA's grace period, in steps
+    concurrency: int  # trials at once
+    saved: dict  # the state record (tune.state), rewritten as runs open
+    echo: Callable[[str], None]
+    callbacks: list  # extra Tune callbacks
+
+
+def sparsity_key(sparsity: float) -> str:
+    return f"sparsity-{sparsity:g}"
+
+
+def search_one(search: Search, base: dict, sparsity: float, entry: dict) -> SparsityOutcome:
+    """Search ``sparsity`` (or read its finished results); ``entry`` is its part of the state record."""
+    from ray import tune as ray_tune
+
+    request, key = search.request, sparsity_key(sparsity)
+    experiment_path = state.join(search.root, key)
+    seed = paper_seed(search.space, request.model, sparsity)
+    if entry.get("status") == "done" and entry.get("parent_run_id"):
+        search.echo(f"{key}: already finished (MLflow parent run {entry['parent_run_id']}); reading its results")
+        grid = ray_tune.ResultGrid(ray_tune.ExperimentAnalysis(experiment_path))
+        return _summarise(search, grid, base, sparsity, entry["parent_run_id"], experiment_path, seed)
+    parent = _open_parent(search, base, sparsity, entry, seed)
+    search.echo(
+        f"{key}: MLflow parent run {parent} ({search.uri}, experiment {request.experiment!r}); seed {seed.source}: "
+        f"{seed.point}"
+    )
+    started = time.perf_counter()
+    try:
+        grid = _tuner(search, base, sparsity, parent, seed, experiment_path).fit()
+    except BaseException as err:
+        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+        runs.finish(search.uri, parent, status, {"error": f"{type(err).__name__}: {err}"})
+        raise
+    outcome = _summarise(search, grid, base, sparsity, parent, experiment_path, seed)
+    outcome.wall_s = time.perf_counter() - started
+    if outcome.interrupted:
+        runs.close_interrupted(search.uri, request.experiment, parent)
+    _log_parent(search.uri, parent, outcome)
+    return outcome
+
+
+def _open_parent(search: Search, base: dict, sparsity: float, entry: dict, seed: SeedPoint) -> str:
+    """The sparsity's MLflow parent run: reopened on resume, else created and recorded."""
+    if entry.get("parent_run_id"):
+        runs.reopen(search.uri, entry["parent_run_id"])
+        return entry["parent_run_id"]
+    request = search.request
+    parent = runs.open_parent(
+        search.uri,
+        request.experiment,
+        base,
+        _parent_params(search, seed),
+        run_name=f"{request.name}@{sparsity:g}",
+        tags={"search": request.name, "sparsity": str(sparsity)},
+    )
+    entry["parent_run_id"] = parent
+    state.write(search.root, search.saved)
+    return parent
+
+
+def _trial_context(search: Search, base: dict, sparsity: float, parent: str) -> TrialContext:
+    from pipelines.ray_session import local_cores_per_task
+
+    request = search.request
+    return TrialContext(
+        base=base,
+        space=search.space,
+        search_name=request.name,
+        tracking_uri=search.uri,
+        experiment=request.experiment,
+        parent_run_id=parent,
+        train_storage=state.join(search.root, "train", sparsity_key(sparsity)),
+        workers=request.workers_per_trial,
+        use_gpu=request.gpu,
+        cpus_per_worker=request.cpus_per_worker,
+        export=request.export,
+        train_env={k: v for k, v in os.environ.items() if k.startswith("RAY_TRAIN_")},
+        threads_per_worker=local_cores_per_task(
+            search.where.address, request.gpu, search.concurrency * request.workers_per_trial
+        ),
+    )
+
+
+def _tuner(search: Search, base: dict, sparsity: float, parent: str, seed: SeedPoint, experiment_path: str):
+    """A new Tuner for the sparsity, or the interrupted one restored (resume only)."""
+    from ray import tune as ray_tune
+
+    request, key = search.request, sparsity_key(sparsity)
+    trainable = ray_tune.with_resources(
+        ray_tune.with_parameters(run_trial, context=_trial_context(search, base, sparsity, parent)),
+        ray_tune.PlacementGroupFactory([dict(request.trial_resources)]),
+    )
+    if ray_tune.Tuner.can_restore(experiment_path):
+        if not search.where.resume:
+            raise SearchError(f"{experiment_path} holds a Tune experiment already: add --resume")
+        search.echo(f"{key}: restoring the Tune experiment at {experiment_path}")
+        return ray_tune.Tuner.restore(
+            experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=search.where.resume_errored
+        )
+    callbacks = [runs.TrialRunsCallback(search.uri, request.experiment, parent, base["steps"], request.max_val_loss)]
+    return ray_tune.Tuner(
+        trainable,
+        param_space=search.space.param_space(),
+        tune_config=ray_tune.TuneConfig(
+            search_alg=make_searcher(request.search, [seed.point], request.trials, request.search_seed),
+            scheduler=make_scheduler(request.scheduler, base["steps"], search.grace, request.reduction_factor),
+            num_samples=request.trials,
+            max_concurrent_trials=search.concurrency,
+            # A stopped trial's actor must die: only then do its Ray Train controller and
+            # workers (owned by that actor) die with it. A reused actor would keep the
+            # stopped trainer running, and holding its CPUs, in the background.
+            reuse_actors=False,
+        ),
+        run_config=ray_tune.RunConfig(
+            name=key,
+            storage_path=search.root,
+            stop=DivergenceStopper(request.max_val_loss),
+            callbacks=[*callbacks, *search.callbacks],
+            failure_config=ray_tune.FailureConfig(max_failures=0),
+        ),
+    )
+
+
+def _parent_params(search: Search, seed: SeedPoint) -> dict:
+    """The parent run's parameters beyond the shared config: the space, the seed, the settings."""
+    request = search.request
+    params = {f"space.{k}": v for k, v in search.space.describe().items()}
+    params.update({f"seed.{k}": v for k, v in seed.point.items()})
+    params.update(
+        {
+            "seed.source": seed.source,
+            "search.algorithm": request.search,
+            "search.scheduler": request.scheduler,
+            "search.trials": request.trials,
+            "search.grace_period": search.grace,
+            "search.reduction_factor": request.reduction_factor,
+            "search.max_concurrent": search.concurrency,
+            "search.trial_resources": request.trial_resources,
+            "search.workers_per_trial": request.workers_per_trial,
+            "search.cpus_per_worker": request.cpus_per_worker,
+            "search.max_val_loss": request.max_val_loss,
+            "search.seed": request.search_seed,
+            "search.space_file": request.space or "default",
+        }
+    )
+    return params
+
+
+def _summarise(search: Search, grid, base, sparsity, parent, experiment_path, seed) -> SparsityOutcome:
+    request = search.request
+    rows = trial_rows(grid, base["steps"], request.max_val_loss, seed.point)
+    children = {
+        run.data.tags.get("trial_id"): run.info.run_id for run in runs.children(search.uri, request.experiment, parent)
+    }
+    for row in rows:
+        row.mlflow_run_id = children.get(row.trial_id)
+    finished = grid.num_terminated + grid.num_errors
+    outcome = SparsityOutcome(
+        sparsity, parent, experiment_path, rows, best_row(rows), next((r for r in rows if r.is_seed), None), seed.source
+    )
+    outcome.interrupted = finished < request.trials
+    return outcome
+
+
+def _log_parent(uri: str, parent: str, outcome: SparsityOutcome) -> None:
+    metrics = {
+        "trials_completed": outcome.count("completed"),
+        "trials_stopped_early": outcome.count("stopped_early"),
+        "trials_diverged": outcome.count("nonfinite_loss") + outcome.count("exploded_loss"),
+        "trials_failed": outcome.count("error"),
+        "search_wall_s": outcome.wall_s,
+    }
+    if outcome.best is not None:
+        metrics["best_val_loss_projected"] = outcome.best.val_loss_projected
+    if outcome.seed is not None and outcome.seed.val_loss_projected is not None:
+        metrics["seed_val_loss_projected"] = outcome.seed.val_loss_projected
+    tracking.log_metrics(uri, parent, {k: v for k, v in metrics.items() if v is not None and math.isfinite(float(v))})
+    tags = {"seed_source": outcome.seed_source}
+    if outcome.best is not None:
+        tags.update(best_trial_id=outcome.best.trial_id, best_run_id=outcome.best.mlflow_run_id or "")
+    if outcome.interrupted:
+        runs.finish(uri, parent, "KILLED", {**tags, "interrupted": "true"})
+    else:
+        runs.finish(uri, parent, "FINISHED", tags)
