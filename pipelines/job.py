@@ -192,14 +192,11 @@ def _prune(cfg: PruneConfig, options: RunOptions, tracking_info: dict) -> tuple[
 
 
 def _oneshot(cfg_dict: dict, options: RunOptions, location: str, tracking_info: dict | None) -> dict:
-    """Run a one-shot method as one Ray task that writes its checkpoint to ``location``."""
-    import ray
+    from pipelines.oneshot import run_one_shot
 
-    from pipelines.oneshot import oneshot_task
-
-    cpus = options.cpus_per_worker or local_cores_per_task(options.address, options.gpu, 1) or 1
-    resources = {"num_gpus": 1} if options.gpu else {"num_cpus": cpus}
-    return ray.get(oneshot_task.options(**resources).remote(cfg_dict, location, tracking_info))
+    return run_one_shot(
+        cfg_dict, location, tracking_info, address=options.address, gpu=options.gpu, cpus=options.cpus_per_worker
+    )
 
 
 @contextlib.contextmanager

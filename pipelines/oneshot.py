@@ -32,3 +32,15 @@ def oneshot_task(cfg_dict: dict, location: str, tracking_info: dict | None) -> d
         export_pruned(result.model, result.tokenizer, cfg, out, result.report)
         upload(out, location)
     return {"overall_sparsity": result.report["overall_sparsity"], "prune_s": result.wall_s}
+
+
+def run_one_shot(
+    cfg_dict: dict, location: str, tracking_info: dict | None, *, address: str | None, gpu: bool, cpus: float | None
+) -> dict:
+    """The one-shot method of ``cfg_dict`` as one Ray task writing its model to ``location``
+    (a prune run's result, or the warm start ELSA runs and Tune trials begin from)."""
+    from pipelines.ray_session import local_cores_per_task
+
+    cpus = cpus or local_cores_per_task(address, gpu, 1) or 1
+    resources = {"num_gpus": 1} if gpu else {"num_cpus": cpus}
+    return ray.get(oneshot_task.options(**resources).remote(cfg_dict, location, tracking_info))

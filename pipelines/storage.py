@@ -32,6 +32,16 @@ def run_storage(storage_path: str | None) -> str:
     return absolute(storage_path or os.environ.get("ELSA_STORAGE", "elsa-runs"))
 
 
+def holds(location: str, name: str) -> bool:
+    """Whether the folder ``location`` (a path or URI) holds a file ``name``."""
+    if not is_uri(location):
+        return (Path(absolute(location)) / name).is_file()
+    import pyarrow.fs as pafs
+
+    filesystem, path = pafs.FileSystem.from_uri(location)
+    return filesystem.get_file_info(f"{path.rstrip('/')}/{name}").type == pafs.FileType.File
+
+
 def checkpoint_uri(checkpoint) -> str:
     """The location of a ``ray.train.Checkpoint`` as a path or URI."""
     kind = checkpoint.filesystem.type_name

@@ -319,6 +319,10 @@ def test_search_stops_bad_trials_tracks_them_and_writes_a_preset(tmp_path, tiny_
         assert "val_loss_projected" in child.data.metrics and child.data.params["sparsity"] == "0.8"
     history = client.get_metric_history(children[seed.trial_id].info.run_id, "val_loss_projected")
     assert sorted(m.step for m in history) == [1, 2, 3, 4]
+    # the budget rule's SparseGPT start is computed once for the sparsity, not in every trial
+    assert (Path(report.root) / "init" / "sparsity-0.8" / "config.json").is_file()
+    assert parent.data.metrics["init_s"] > 0
+    assert not any("init_s" in child.data.metrics for child in children.values())
 
     # the best configuration as a preset file, logged to the parent, read by `elsa prune --preset`
     preset = Path(report.preset_file)

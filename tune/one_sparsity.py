@@ -18,7 +18,7 @@ from tune.errors import SearchError
 from tune.results import SparsityOutcome, best_row, trial_rows
 from tune.search import DivergenceStopper, make_scheduler, make_searcher
 from tune.seed import SeedPoint, paper_seed
-from tune.space import SearchSpace
+from tune.space import SearchSpace, trial_config
 from tune.trial import TrialContext, run_trial
 
 
@@ -60,7 +60,8 @@ def search_one(search: Search, base: dict, sparsity: float, entry: dict) -> Spar
     )
     started = time.perf_counter()
     try:
-        grid = _tuner(search, base, sparsity, parent, seed, experiment_path).fit()
+        init_location = _shared_start(search, base, sparsity, parent)
+        grid = _tuner(search, base, sparsity, parent, seed, experiment_path, init_location).fit()
     except BaseException as err:
         status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
         runs.finish(search.uri, parent, status, {"error": f"{type(err).__name__}: {err}"})
@@ -92,7 +93,45 @@ def _open_parent(search: Search, base: dict, sparsity: float, entry: dict, seed:
     return parent
 
 
-def _trial_context(search: Search, base: dict, sparsity: float, parent: str) -> TrialContext:
+# fields that decide the one-shot start: searching any of them gives every trial its own start
+START_FIELDS = frozenset(
+    {"model", "sparsity", "pattern", "sparsity_map", "init", "method_args", "data", "seqlen", "calib_blocks", "seed"}
+)
+
+
+def _shared_start(search: Search, base: dict, sparsity: float, parent: str) -> str | None:
+    """The warm start every trial begins from, computed once per sparsity (None: each trial's own).
+
+    Why: the one-shot start (SparseGPT by the budget rule) depends on none of the searched
+    settings (lr, lambda, penalty, rho), yet computed in each trial it cost every trial its
+    minutes again. Written to the search's folder; a resumed search reuses it.
+    """
+    from pipelines.oneshot import run_one_shot
+    from pipelines.storage import holds
+
+    cfg = trial_config(base, search.space.overrides({}, base))
+    if cfg.init == "none" or START_FIELDS & set(search.space.dimensions):
+        return None
+    location = state.join(search.root, "init", sparsity_key(sparsity))
+    if holds(location, "config.json"):
+        return location
+    request = search.request
+    started = time.perf_counter()  # before any trial: the machine's cores are the one-shot pass's
+    run_one_shot(
+        {**cfg.model_dump(mode="json"), "method": cfg.init},
+        location,
+        None,
+        address=search.where.address,
+        gpu=request.gpu,
+        cpus=None,
+    )
+    seconds = time.perf_counter() - started
+    tracking.log_metrics(search.uri, parent, {"init_s": seconds})
+    search.echo(f"{sparsity_key(sparsity)}: {cfg.init} start for every trial written in {seconds:.0f} s ({location})")
+    return location
+
+
+def _trial_context(search: Search, base: dict, sparsity: float, parent: str, init_location: str | None) -> TrialContext:
     from pipelines.ray_session import local_cores_per_task
 
     request = search.request
@@ -112,16 +151,19 @@ def _trial_context(search: Search, base: dict, sparsity: float, parent: str) -> 
         threads_per_worker=local_cores_per_task(
             search.where.address, request.gpu, search.concurrency * request.workers_per_trial
         ),
+        init_location=init_location,
     )
 
 
-def _tuner(search: Search, base: dict, sparsity: float, parent: str, seed: SeedPoint, experiment_path: str):
+def _tuner(
+    search: Search, base: dict, sparsity: float, parent: str, seed: SeedPoint, experiment_path: str, init_location
+):
     """A new Tuner for the sparsity, or the interrupted one restored (resume only)."""
     from ray import tune as ray_tune
 
     request, key = search.request, sparsity_key(sparsity)
     trainable = ray_tune.with_resources(
-        ray_tune.with_parameters(run_trial, context=_trial_context(search, base, sparsity, parent)),
+        ray_tune.with_parameters(run_trial, context=_trial_context(search, base, sparsity, parent, init_location)),
         ray_tune.PlacementGroupFactory([dict(request.trial_resources)]),
     )
     if ray_tune.Tuner.can_restore(experiment_path):

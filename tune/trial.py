@@ -40,6 +40,7 @@ class TrialContext:
     export: bool = False  # keep each trial's pruned model as its Train run's last checkpoint (costly)
     train_env: dict | None = None  # RAY_TRAIN_* settings of the search's environment (see run_trial)
     threads_per_worker: int | None = None  # torch threads of each worker (None: Ray's OMP default)
+    init_location: str | None = None  # the warm start all trials share, written once (tune.one_sparsity)
 
 
 class SearchReportCallback(TuneReportCallback):
@@ -152,6 +153,8 @@ def run_trial(config: dict, context: TrialContext) -> None:
         "export": context.export,
         "threads": context.threads_per_worker,
     }
+    if context.init_location:
+        loop_config["init_location"] = context.init_location
     trainer = build_trainer(
         train_worker,
         loop_config,
