@@ -14,6 +14,7 @@ import os
 import typing
 
 from elsa.config import ConfigError, PruneConfig, load_yaml, make_config
+from pipelines.tracking import DEFAULT_EXPERIMENT
 
 # options of the run rather than of the method (see pipelines.job.RunOptions)
 _RUN_OPTIONS = (
@@ -112,6 +113,12 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("where and how to run")
     group.add_argument("--config", help="YAML config file (flat PruneConfig fields)")
     group.add_argument(
+        "--resume",
+        default=None,
+        metavar="RUN_ID",
+        help="continue this MLflow run after its driver died (its own config, storage and newest checkpoint)",
+    )
+    group.add_argument(
         "--output",
         default=None,
         help="also copy the exported model into this local directory (the "
@@ -147,7 +154,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--tracking-uri", default=None, help="MLflow URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)"
     )
-    group.add_argument("--experiment", default="elsa", help="MLflow experiment")
+    group.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment")
     group.add_argument("--run-name", default=None)
     group.add_argument("--no-eval", action="store_true", help="skip the downstream evaluation")
     group.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --output")
@@ -198,13 +205,29 @@ def build_config(args: argparse.Namespace) -> PruneConfig:
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
-    from pipelines.job import RunOptions, run_prune, summary_table
+    from pipelines.job import RunOptions, resume_prune, run_prune, summary_table
 
-    cfg = build_config(args)
     options = RunOptions(**{name: getattr(args, name) for name in _RUN_OPTIONS}, command=args.command_line)
-    result = run_prune(cfg, options)
+    if args.resume:
+        _check_resume_flags(args)
+        result = resume_prune(args.resume, options)
+    else:
+        result = run_prune(build_config(args), options)
     print(summary_table(result))
     return 0
+
+
+def _check_resume_flags(args: argparse.Namespace) -> None:
+    """``--resume`` continues a run with the config it started with: method flags would be ignored."""
+    from pipelines.preflight import UsageError
+
+    given = [name for name in PruneConfig.model_fields if getattr(args, name, None) is not None]
+    given += ["config"] * bool(args.config) + ["state_dtypes"] * bool(args.state_dtypes) + list(_method_args(args))
+    moved = [name for name in ("run_name", "storage_path") if getattr(args, name) is not None]
+    moved += ["experiment"] * (args.experiment != DEFAULT_EXPERIMENT)
+    if given or moved:
+        flags = ", ".join(_option(name) for name in given + moved)
+        raise UsageError(f"--resume continues the run with its own config, name and storage: drop {flags}")
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -262,7 +285,7 @@ def add_commands(commands) -> None:
     evaluate.set_defaults(handler=_cmd_eval)
 
     compare = commands.add_parser("compare", help="table and plots of an MLflow experiment's runs")
-    compare.add_argument("--experiment", default="elsa")
+    compare.add_argument("--experiment", default=DEFAULT_EXPERIMENT)
     compare.add_argument("--tracking-uri", default=None)
     compare.add_argument("--out", default="outputs/compare")
     compare.set_defaults(handler=_cmd_compare)

@@ -8,10 +8,12 @@ never costs the pruned model; the MLflow run is closed FAILED with the reason on
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
 import time
+import uuid
 from dataclasses import dataclass, field
 
 from elsa.config import PruneConfig
@@ -21,6 +23,7 @@ from pipelines.redact import redact
 from pipelines.ray_session import init_ray, local_cores_per_task
 
 log = logging.getLogger(__name__)
+RESUME_TAG = "elsa.resume"  # the run's config, Ray Train name, storage and checkpoint token (JSON)
 
 
 @dataclass
@@ -45,6 +48,8 @@ class RunOptions:
     register: str | None = None  # MLflow registered model to add a version to
     command: str | None = None  # the command line, for the model card
     progress: bool = True  # the progress line on stdout during training
+    run_token: str | None = None  # marks this run's checkpoints in the storage (None: a new one)
+    resuming: bool = False  # `elsa prune --resume RUN_ID`: same run, storage, name and token
 
 
 @dataclass
@@ -72,9 +77,9 @@ def run_prune(cfg: PruneConfig, options: RunOptions, echo=print) -> JobResult:
 
     After the run is opened, MLflow is written through journals on local disk
     (:mod:`pipelines.outbox`): a tracking server that goes away costs neither the training nor
-    the model; what it missed is delivered when it returns, or later by ``elsa sync``.
+    the model; what it missed is delivered when it returns, or later by ``elsa sync``. The run
+    carries what ``elsa prune --resume RUN_ID`` needs to continue it if this driver dies.
     """
-    from pipelines.outbox import Outbox, queue_root
     from pipelines.storage import run_storage
 
     uri = preflight(cfg, options)
@@ -87,9 +92,59 @@ def run_prune(cfg: PruneConfig, options: RunOptions, echo=print) -> JobResult:
         tags={"workers": str(options.workers), **options.extra_tags},
         parent_run_id=options.parent_run_id,
     )
+    options = dataclasses.replace(
+        options,
+        run_name=options.run_name or f"elsa-{run_id[:8]}",
+        storage_path=run_storage(options.storage_path),
+        run_token=uuid.uuid4().hex,
+    )
+    record = {"config": cfg_dict, "name": options.run_name, "storage": options.storage_path, "token": options.run_token}
+    tracking.client(uri).set_tag(run_id, RESUME_TAG, json.dumps(record))
     echo(f"MLflow run {run_id} ({redact(uri)}, experiment {options.experiment!r})")
+    return _execute(cfg, options, uri, run_id, echo)
+
+
+def resume_prune(run_id: str, options: RunOptions, echo=print) -> JobResult:
+    """Continue run ``run_id`` whose driver died: same config, Ray Train run, storage and MLflow run.
+
+    Ray Train restores the newest checkpoint of the run's storage; steps already journaled are
+    not logged again (pipelines.outbox), and a warm start already written is not recomputed.
+    """
+    from pipelines.preflight import UsageError
+
+    uri = tracking.resolve_tracking_uri(options.tracking_uri)
+    tracking.check_reachable(uri)
+    try:
+        run = tracking.client(uri).get_run(run_id)
+    except Exception as err:  # noqa: BLE001 - MLflow raises its own types for "not found"
+        raise UsageError(f"--resume {run_id}: no such MLflow run at {redact(uri)} ({one_line(err)})") from None
+    if RESUME_TAG not in run.data.tags:
+        raise UsageError(f"--resume {run_id}: not a run started by elsa prune (it has no {RESUME_TAG} tag)")
+    if run.info.status == "FINISHED":
+        raise UsageError(f"--resume {run_id}: the run FINISHED already; its model is the run's 'checkpoint' artifact")
+    record = json.loads(run.data.tags[RESUME_TAG])
+    cfg = PruneConfig(**record["config"])
+    experiment = tracking.client(uri).get_experiment(run.info.experiment_id).name
+    options = dataclasses.replace(
+        options,
+        experiment=experiment,
+        run_name=record["name"],
+        storage_path=record["storage"],
+        run_token=record["token"],
+        resuming=True,
+    )
+    preflight(cfg, options)
+    tracking.client(uri).update_run(run_id, status="RUNNING")
+    echo(f"resuming MLflow run {run_id} (Ray Train run {record['name']!r} in {record['storage']})")
+    return _execute(cfg, options, uri, run_id, echo)
+
+
+def _execute(cfg: PruneConfig, options: RunOptions, uri: str, run_id: str, echo) -> JobResult:
+    """Train (or prune one-shot), publish and evaluate the export, close the run."""
+    from pipelines.outbox import Outbox, queue_root
+
     started = time.perf_counter()
-    queue = str(queue_root(run_storage(options.storage_path)))
+    queue = str(queue_root(options.storage_path))
     outbox = Outbox(uri, run_id, queue, "driver")
     flush_s = float(os.environ.get("ELSA_TRACKING_FLUSH_S", "60"))
     try:
@@ -149,20 +204,20 @@ def _prune(cfg: PruneConfig, options: RunOptions, tracking_info: dict) -> tuple[
     Returns the final metrics and the storage location (path or URI) of the exported
     checkpoint, which every node can read.
     """
-    from pipelines.storage import checkpoint_uri, run_storage
+    from pipelines.storage import checkpoint_uri, holds
 
-    name = options.run_name or f"elsa-{tracking_info['run_id'][:8]}"
-    storage = run_storage(options.storage_path)
+    name, storage = options.run_name, options.storage_path
     if cfg.method != "elsa":
         location = f"{storage.rstrip('/')}/{name}/export"
         return _oneshot(cfg.model_dump(mode="json"), options, location, tracking_info), location
     from pipelines.train_job import run_training
 
-    extra, init_metrics = {}, {}
+    extra, init_metrics = {"run_token": options.run_token}, {}
     if cfg.init != "none":  # the warm start: an upstream task writes the one-shot solution to storage
         extra["init_location"] = f"{storage.rstrip('/')}/{name}/init"
         init_cfg = {**cfg.model_dump(mode="json"), "method": cfg.init}
-        init_metrics = _oneshot(init_cfg, options, extra["init_location"], None)
+        if not (options.resuming and holds(extra["init_location"], "config.json")):
+            init_metrics = _oneshot(init_cfg, options, extra["init_location"], None)
     cpus = options.cpus_per_worker or local_cores_per_task(options.address, options.gpu, options.workers)
     resources = {"CPU": cpus} if cpus else None
     result = run_training(

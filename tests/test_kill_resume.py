@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -131,3 +133,81 @@ def test_sigkilled_worker_resumes_from_newest_checkpoint(tmp_path, tiny_model_di
     steps = [m.step for m in client.get_metric_history(run_id, "train_loss")]
     assert sorted(steps) == list(range(1, STEPS + 1))  # each step exactly once, the redone ones included
     assert [m.value for m in client.get_metric_history(run_id, "resumed_from_step")] == [float(resumed_from)]
+
+
+DRIVER_RUN = [
+    "--sparsity", "0.7", "--steps", str(STEPS), "--seqlen", "64", "--batch-size", "2", "--interval", "2",
+    "--eval-interval", "6", "--val-blocks", "2", "--checkpoint-interval", "2", "--lr", "1e-3", "--no-eval",
+    "--calib-blocks", "4",
+]  # fmt: skip
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and everything it started (its local Ray too): a lost head node."""
+    import psutil
+
+    root = psutil.Process(pid)
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+
+
+def _cli(args: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    return subprocess.run(
+        [sys.executable, "-m", "cli", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def test_driver_killed_then_resume_run_id_finishes_bit_identically(tmp_path, tiny_model_dir):
+    """`elsa prune` (its own Ray) is SIGKILLed with all it started after the step-4 checkpoint;
+    `elsa prune --resume RUN_ID` continues the same MLflow run from the newest checkpoint, logs
+    each step once, does not recompute the warm start, and ships the weights of an uninterrupted run."""
+    import mlflow
+
+    work = tmp_path / "work"
+    work.mkdir()
+    command = ["prune", "--model", str(tiny_model_dir), *DRIVER_RUN]
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "cli", *command, "--output", "killed"],
+        cwd=work,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")},
+    )
+    deadline, newest = time.time() + 600, []
+    while time.time() < deadline and driver.poll() is None:
+        newest = _complete_steps(work / "elsa-runs")
+        if newest and newest[-1] >= 4:
+            _kill_tree(driver.pid)
+            break
+        time.sleep(0.05)
+    driver.wait(timeout=60)
+    assert newest and newest[-1] >= 4, "the driver ended before its step-4 checkpoint"
+    assert newest[-1] < STEPS
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("elsa").experiment_id])
+    assert run.info.status == "RUNNING"  # nobody closed it: the driver died
+    refused = _cli(["prune", "--resume", run.info.run_id, "--sparsity", "0.5"], work)
+    assert refused.returncode == 2 and "--sparsity" in refused.stderr
+
+    (start,) = (work / "elsa-runs").glob("*/init/config.json")  # the warm start, written before the kill
+    written = start.stat().st_mtime_ns
+    resumed = _cli(["prune", "--resume", run.info.run_id, "--no-eval", "--output", "resumed"], work)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
+    assert sorted(steps) == list(range(1, STEPS + 1))  # each step once, the redone ones included
+    (resumed_from,) = [m.value for m in client.get_metric_history(run.info.run_id, "resumed_from_step")]
+    assert resumed_from >= newest[-1]
+    assert start.stat().st_mtime_ns == written  # the warm start was not redone
+
+    clean = _cli([*command, "--output", "clean", "--experiment", "clean"], work)
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    resumed_model, clean_model = _load(work / "resumed"), _load(work / "clean")
+    for (name, a), b in zip(resumed_model.state_dict().items(), clean_model.state_dict().values()):
+        assert torch.equal(a, b), name
