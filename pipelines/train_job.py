@@ -120,7 +120,7 @@ def _resume(checkpoint, model, admm, run_name: str) -> int:
 
 
 def _worker_hooks(model, admm, config: dict, logger, validation_loss) -> LoopHooks:
-    """Metrics to MLflow (and Tune's schedulers), checkpoints to Ray Train, then the test callbacks."""
+    """Metrics to MLflow (and Tune's schedulers), checkpoints to Ray Train."""
     import ray.train
     from ray.train import Checkpoint
 
@@ -137,8 +137,6 @@ def _worker_hooks(model, admm, config: dict, logger, validation_loss) -> LoopHoo
                 checkpoint=Checkpoint.from_directory(directory),
                 checkpoint_dir_name=f"{STEP_PREFIX}{step:08d}",
             )
-        for callback in config.get("after_checkpoint") or ():
-            callback(step)
 
     return LoopHooks(on_metrics=on_metrics, on_checkpoint=on_checkpoint, validation_loss=validation_loss)
 
@@ -304,8 +302,7 @@ def run_training(
 
     Its ``checkpoint`` is the exported Hugging Face model, its ``metrics`` the final numbers.
     ``extra`` entries join the workers' config: ``init_location`` (the warm start's folder) and
-    ``after_checkpoint``, callables of the step run by every worker after each checkpoint
-    (tests inject faults with it; the pipeline passes none).
+    ``run_token`` (marks this run's checkpoints; ``elsa prune --resume`` passes the original).
     """
     from pipelines.trainer import build_trainer
 

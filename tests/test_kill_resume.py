@@ -22,9 +22,9 @@ import torch
 
 from elsa.config import make_config
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(2400)]  # two 2-worker runs
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(1800)]
 
-STEPS = 12
+STEPS = 8
 
 
 def _trainer_pids() -> list[int]:
@@ -76,7 +76,9 @@ def _load(directory):
     return load_checkpoint(directory)[0]  # reads the compressed export (the default at >= 50%)
 
 
-@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+# SGD (no optimiser state for unpruned parameters) resumes bit-identically through the same
+# save/load path in tests/test_resume_sgd.py, in process; the SIGKILL run here is Adam (the default).
+@pytest.mark.parametrize("optimizer", ["adam"])
 def test_sigkilled_worker_resumes_from_newest_checkpoint(tmp_path, tiny_model_dir, ray_session, optimizer):
     import mlflow
 
@@ -196,7 +198,9 @@ def test_driver_killed_then_resume_run_id_finishes_bit_identically(tmp_path, tin
 
     (start,) = (work / "elsa-runs").glob("*/init/config.json")  # the warm start, written before the kill
     written = start.stat().st_mtime_ns
-    resumed = _cli(["prune", "--resume", run.info.run_id, "--no-eval", "--output", "resumed"], work)
+    resumed = _cli(
+        ["prune", "--resume", run.info.run_id, "--no-eval", "--output", "resumed", "--keep-checkpoints"], work
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     run = client.get_run(run.info.run_id)
     assert run.info.status == "FINISHED"
