@@ -17,6 +17,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+# Ray Train's controller polls its workers every 2 s and a report waits for the next poll: on
+# tiny runs of a few seconds that wait dominates. Read by the process calling fit() (this one,
+# or the `elsa` subprocesses that inherit it); real runs keep Ray's default.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 
 def free_port() -> int:

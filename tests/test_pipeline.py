@@ -88,8 +88,10 @@ def _write_mc_task(directory: Path) -> Path:
     return directory
 
 
-def test_prune_two_fsdp_workers_end_to_end(tmp_path, tiny_model_dir, ray_session, monkeypatch):
-    """2 gloo workers with FSDP2: exact sparsity, loadable checkpoint, MLflow run complete, eval metrics."""
+def test_prune_two_fsdp_workers_end_to_end(tmp_path, tiny_model_dir, ray_session, mlflow_server, monkeypatch):
+    """2 gloo workers with FSDP2 logging to a real ``mlflow server``: exact sparsity, loadable
+    checkpoint, MLflow run complete, eval metrics, ``elsa eval`` from the run's artifacts. (The
+    embedded sqlite store is what the other pipeline tests and tests/test_publish.py use.)"""
     import mlflow
 
     monkeypatch.chdir(tmp_path)
@@ -111,6 +113,8 @@ def test_prune_two_fsdp_workers_end_to_end(tmp_path, tiny_model_dir, ray_session
             str(out),
             "--experiment",
             "pipeline-test",
+            "--tracking-uri",
+            mlflow_server,
             "--lm-eval-tasks",
             "elsa_local_mc",
             "--lm-eval-include",
@@ -124,7 +128,8 @@ def test_prune_two_fsdp_workers_end_to_end(tmp_path, tiny_model_dir, ray_session
     _assert_exact_sparsity(model, 0.7)
     assert (out / "model.sparse.safetensors").is_file() and not list(out.glob("*.bin"))
 
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    assert not (tmp_path / "mlflow.db").exists()  # nothing went to the local default store
     experiment = client.get_experiment_by_name("pipeline-test")
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FINISHED"
@@ -142,43 +147,10 @@ def test_prune_two_fsdp_workers_end_to_end(tmp_path, tiny_model_dir, ray_session
     assert "checkpoint/model.sparse.safetensors" in logged
 
     # elsa eval: the checkpoint comes back from the run's artifacts, the result goes to the run
-    assert _cli(["eval", "--run", run.info.run_id, "--eval-seqlen", "64", "--eval-max-windows", "4"]) == 0
+    evaluate = ["eval", "--run", run.info.run_id, "--tracking-uri", mlflow_server]
+    assert _cli([*evaluate, "--eval-seqlen", "64", "--eval-max-windows", "4"]) == 0
     history = client.get_metric_history(run.info.run_id, "ppl_wikitext2-bundled")
     assert len(history) == 2 and history[0].value == pytest.approx(history[1].value, rel=1e-6)
-
-
-def test_prune_against_real_mlflow_server(tmp_path, tiny_model_dir, ray_session, mlflow_server, monkeypatch):
-    """The same job logging to a real mlflow server, read back with MlflowClient."""
-    import mlflow
-
-    monkeypatch.chdir(tmp_path)
-    code = _cli(
-        [
-            "prune",
-            "--model",
-            str(tiny_model_dir),
-            "--sparsity",
-            "0.8",
-            *BUDGET,
-            "--output",
-            str(tmp_path / "out"),
-            "--tracking-uri",
-            mlflow_server,
-            "--experiment",
-            "server-test",
-        ]
-    )
-    assert code == 0
-    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
-    (run,) = client.search_runs([client.get_experiment_by_name("server-test").experiment_id])
-    assert run.info.status == "FINISHED"
-    assert run.data.params["sparsity"] == "0.8"
-    assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 4
-    assert "ppl_wikitext2-bundled" in run.data.metrics
-    assert "checkpoint/model.sparse.safetensors" in {
-        a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")
-    }
-    assert not (tmp_path / "mlflow.db").exists()  # nothing went to the local default store
 
 
 def _train(tmp_path: Path, name: str, workers: int, **overrides):
