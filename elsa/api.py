@@ -9,7 +9,7 @@ Used by notebooks, tests, the benchmark and (piece by piece) the Ray worker::
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -28,7 +28,6 @@ class PruneResult:
     report: dict  # per-matrix sparsity (elsa.targets.sparsity_report)
     summary: dict  # the method's numbers (wall time, history...)
     wall_s: float
-    metrics: dict = field(default_factory=dict)  # evaluation results, when asked for
 
 
 def prune_model(cfg: PruneConfig, model=None, tokenizer=None, log=None) -> PruneResult:

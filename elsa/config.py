@@ -19,8 +19,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from elsa.schedules import SCHEDULES
 from elsa.states import FORMATS
 
-METHODS = ("elsa", "magnitude", "wanda", "sparsegpt")
-OPTIMIZERS = ("adam", "adamw", "sgd", "adam8bit")
 ADAM_FAMILY = ("adam", "adamw", "adam8bit")
 _NM = re.compile(r"^(\d+):(\d+)$")
 
@@ -42,10 +40,48 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
     return n, m
 
 
-class PruneConfig(BaseModel):
-    """All settings of one pruning run (defaults: a small CPU run of the bundled SmolLM2)."""
+class EvalSettings(BaseModel):
+    """How a pruned model is evaluated: after ``elsa prune``, by ``elsa eval``, on re-evaluation.
+
+    One typed model for all three; :class:`PruneConfig` extends it, so a run's config carries
+    its evaluation protocol and every default is stated here once.
+    """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+    eval_datasets: list[str] = Field(default_factory=lambda: ["wikitext2-bundled"])
+    eval_seqlen: int | None = None  # default: the run's seqlen (elsa eval: PruneConfig's default)
+    eval_max_windows: int | None = 32
+    lm_eval_tasks: list[str] = Field(default_factory=list)
+    lm_eval_limit: int | None = None
+    lm_eval_include: str | None = None  # a directory of extra lm-eval task YAMLs
+
+    @field_validator("eval_seqlen", "eval_max_windows", "lm_eval_limit")
+    @classmethod
+    def _unset_or_positive(cls, value: int | None, info) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError(f"{info.field_name}={value} must be >= 1 (or unset)")
+        return value
+
+    def window(self) -> int:  # tokens per perplexity window
+        return self.eval_seqlen or PruneConfig.model_fields["seqlen"].default
+
+    def evaluation(self) -> "EvalSettings":
+        """These settings alone (a PruneConfig's, its own seqlen standing in for an unset eval_seqlen)."""
+        values = {name: getattr(self, name) for name in EvalSettings.model_fields}
+        values["eval_seqlen"] = self.eval_seqlen or getattr(self, "seqlen", None)
+        return EvalSettings(**values)
+
+
+def make_eval_settings(values: dict[str, Any]) -> EvalSettings:  # fields given (None: the default)
+    try:
+        return EvalSettings(**{k: v for k, v in values.items() if v is not None})
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err)) from None
+
+
+class PruneConfig(EvalSettings):
+    """All settings of one pruning run (defaults: a small CPU run of the bundled SmolLM2)."""
 
     # what to prune
     model: str = "smollm2-135m"
@@ -61,10 +97,9 @@ class PruneConfig(BaseModel):
     lmda_final: float | None = None
     lmda_schedule: str = "constant"
     interval: int | None = None  # steps between z/u-updates; None: the budget rule's (elsa/budget.py)
-    # first z/u-update: "interval" after the first full x-update of `interval` steps (textbook
-    # ADMM from z0 = Proj(x0), u0 = 0); "step" right after step 1, as the authors' code. The
-    # latter sets u to the whole pruned mass before x has moved (decoupled, 70%, 64 steps on
-    # SmolLM2: ppl 453 with the residual stuck at 0.65, against 295 with it falling to 0.12).
+    # first z/u-update: "interval" after the first x-update of `interval` steps (textbook ADMM from
+    # z0 = Proj(x0), u0 = 0); "step" after step 1 (authors' code: u gets the whole pruned mass
+    # before x moves; decoupled, 70%, 64 steps on SmolLM2: ppl 453 against 295).
     first_split: Literal["step", "interval"] = "interval"
     projection: Literal["magnitude", "fisher"] = "fisher"
     # v of the fisher projection: "adam" (the paper: Adam's second moment) or "loss" (coupled
@@ -107,12 +142,6 @@ class PruneConfig(BaseModel):
     calib_blocks: int = 128  # one-shot baselines: calibration blocks of seqlen
     val_blocks: int = 8  # held-out calibration-text blocks for the projected validation loss
     eval_interval: int = 32
-    eval_datasets: list[str] = Field(default_factory=lambda: ["wikitext2-bundled"])
-    eval_seqlen: int | None = None  # default: seqlen
-    eval_max_windows: int | None = 32
-    lm_eval_tasks: list[str] = Field(default_factory=list)
-    lm_eval_limit: int | None = None
-    lm_eval_include: str | None = None  # a directory of extra lm-eval task YAMLs
     seed: int = 0
 
     # running
@@ -279,13 +308,6 @@ class PruneConfig(BaseModel):
     def _not_negative(cls, value: int, info) -> int:
         if value < 0:
             raise ValueError(f"{info.field_name}={value} must be >= 0")
-        return value
-
-    @field_validator("eval_seqlen", "eval_max_windows", "lm_eval_limit")
-    @classmethod
-    def _unset_or_positive(cls, value: int | None, info) -> int | None:
-        if value is not None and value < 1:
-            raise ValueError(f"{info.field_name}={value} must be >= 1 (or unset)")
         return value
 
     @model_validator(mode="after")

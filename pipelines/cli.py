@@ -13,7 +13,7 @@ import argparse
 import os
 import typing
 
-from elsa.config import ConfigError, PruneConfig, load_yaml, make_config
+from elsa.config import ConfigError, EvalSettings, PruneConfig, load_yaml, make_config
 from pipelines.tracking import DEFAULT_EXPERIMENT
 
 # options of the run rather than of the method (see pipelines.job.RunOptions)
@@ -58,7 +58,8 @@ def _strip_optional(annotation):
 def add_config_options(group, names=None) -> None:
     """One option per PruneConfig field (or the fields in ``names``), typed from its annotation;
     default None (= unset). The one generator of method flags, for ``elsa prune`` and ``elsa tune``."""
-    for name in names or PruneConfig.model_fields:
+    own = [name for name in PruneConfig.model_fields if name not in EvalSettings.model_fields]
+    for name in names or [*own, *EvalSettings.model_fields]:
         if name == "method_args":
             _add_method_options(group)
             continue
@@ -272,12 +273,9 @@ def add_commands(commands) -> None:
 
     evaluate = commands.add_parser("eval", help="re-evaluate a checkpoint directory or an MLflow run")
     evaluate.add_argument("--run", required=True, help="checkpoint directory or MLflow run id")
-    evaluate.add_argument("--eval-datasets", nargs="*", default=["wikitext2-bundled"])
-    evaluate.add_argument("--eval-seqlen", type=int, default=256)
-    evaluate.add_argument("--eval-max-windows", type=int, default=32)
-    evaluate.add_argument("--lm-eval-tasks", nargs="*", default=[])
-    evaluate.add_argument("--lm-eval-limit", type=int, default=None)
-    evaluate.add_argument("--lm-eval-include", default=None, help="directory of extra lm-eval task YAMLs")
+    add_config_options(
+        evaluate.add_argument_group("evaluation (default: as elsa prune evaluates)"), EvalSettings.model_fields
+    )
     evaluate.add_argument("--gpu", action="store_true")
     evaluate.add_argument("--address", default=None)
     evaluate.add_argument("--tracking-uri", default=None)

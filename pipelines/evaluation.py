@@ -11,6 +11,8 @@ import time
 
 import ray
 
+from elsa.config import EvalSettings
+
 
 @ray.remote
 def perplexity_task(location: str, dataset: str, seqlen: int, max_windows: int | None) -> dict:
@@ -45,21 +47,21 @@ def zero_shot_task(location: str, tasks: list[str], limit: int | None, include_p
     return metrics
 
 
-def run_evaluation(location: str, cfg, use_gpu: bool = False, echo=None) -> tuple[dict, dict]:
+def run_evaluation(location: str, settings: EvalSettings, use_gpu: bool = False, echo=None) -> tuple[dict, dict]:
     """Launch every evaluation at once; returns (metrics, errors by evaluation name).
 
     ``location``: the checkpoint's directory or storage URI, readable from any node. ``echo``
     (e.g. ``print``) gets one line per evaluation as it finishes, with its time and numbers.
     """
     resources = {"num_gpus": 1} if use_gpu else {"num_cpus": 1}
-    seqlen = cfg.eval_seqlen or cfg.seqlen
+    seqlen = settings.window()
     pending = {
-        f"ppl_{name}": perplexity_task.options(**resources).remote(location, name, seqlen, cfg.eval_max_windows)
-        for name in cfg.eval_datasets
+        f"ppl_{name}": perplexity_task.options(**resources).remote(location, name, seqlen, settings.eval_max_windows)
+        for name in settings.eval_datasets
     }
-    if cfg.lm_eval_tasks:
+    if settings.lm_eval_tasks:
         pending["zero_shot"] = zero_shot_task.options(**resources).remote(
-            location, list(cfg.lm_eval_tasks), cfg.lm_eval_limit, cfg.lm_eval_include
+            location, list(settings.lm_eval_tasks), settings.lm_eval_limit, settings.lm_eval_include
         )
     metrics, errors = {}, {}
     names = {ref: name for name, ref in pending.items()}

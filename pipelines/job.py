@@ -42,8 +42,6 @@ class RunOptions:
     max_failures: int = 0
     cpus_per_worker: float | None = None
     overwrite: bool = False
-    parent_run_id: str | None = None
-    extra_tags: dict = field(default_factory=dict)
     keep_checkpoints: bool = False  # keep the run's storage folder (Ray Train checkpoints, export)
     register: str | None = None  # MLflow registered model to add a version to
     command: str | None = None  # the command line, for the model card
@@ -89,8 +87,7 @@ def run_prune(cfg: PruneConfig, options: RunOptions, echo=print) -> JobResult:
         options.experiment,
         cfg_dict,
         run_name=options.run_name,
-        tags={"workers": str(options.workers), **options.extra_tags},
-        parent_run_id=options.parent_run_id,
+        tags={"workers": str(options.workers)},
     )
     options = dataclasses.replace(
         options,
@@ -284,7 +281,9 @@ def _publish(cfg: PruneConfig, options: RunOptions, outbox, location: str, echo)
         from pipelines.evaluation import run_evaluation
 
         echo("evaluating: " + ", ".join(cfg.eval_datasets + list(cfg.lm_eval_tasks)))
-        metrics, errors = run_evaluation(location, cfg, use_gpu=options.gpu, echo=echo if options.progress else None)
+        metrics, errors = run_evaluation(
+            location, cfg.evaluation(), use_gpu=options.gpu, echo=echo if options.progress else None
+        )
         outbox.metrics(metrics, 0)
         if errors:
             outbox.tags({"eval_errors": json.dumps(errors)})

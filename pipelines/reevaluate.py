@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from types import SimpleNamespace
 
+from elsa.config import EvalSettings, make_eval_settings
 from pipelines import tracking
 
 
@@ -29,15 +29,7 @@ def reevaluate(args) -> str:
     from pipelines.evaluation import run_evaluation
     from pipelines.ray_session import init_ray
 
-    eval_cfg = SimpleNamespace(
-        eval_datasets=list(args.eval_datasets),
-        eval_seqlen=args.eval_seqlen,
-        seqlen=args.eval_seqlen,
-        eval_max_windows=args.eval_max_windows,
-        lm_eval_tasks=list(args.lm_eval_tasks),
-        lm_eval_limit=args.lm_eval_limit,
-        lm_eval_include=getattr(args, "lm_eval_include", None),
-    )
+    settings = make_eval_settings({name: getattr(args, name, None) for name in EvalSettings.model_fields})
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
     with tempfile.TemporaryDirectory() as scratch:
         run_id = None
@@ -48,7 +40,7 @@ def reevaluate(args) -> str:
             run_id = args.run
             checkpoint = _checkpoint_from_run(uri, run_id, Path(scratch))
         init_ray(args.address)
-        metrics, errors = run_evaluation(checkpoint, eval_cfg, use_gpu=args.gpu, echo=print)
+        metrics, errors = run_evaluation(checkpoint, settings, use_gpu=args.gpu, echo=print)
         if run_id:
             tracking.log_metrics(uri, run_id, metrics)
     lines = [f"{'checkpoint' if run_id is None else 'run'}  {args.run}"]
