@@ -183,14 +183,12 @@ class PruneConfig(EvalSettings):
     @field_validator("method_args")
     @classmethod
     def _method_args_known(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        from pydantic import ValidationError as SettingsError
-
         from elsa.methods.settings import method_settings
 
         for name, args in value.items():
             try:
                 method_settings(name, args)
-            except SettingsError as err:
+            except ValidationError as err:
                 first = err.errors()[0]
                 where = ".".join(str(p) for p in first["loc"])
                 flag = f"--{name}-{where.replace('_', '-')}"

@@ -111,8 +111,9 @@ def resume_prune(run_id: str, options: RunOptions, echo=print) -> JobResult:
 
     uri = tracking.resolve_tracking_uri(options.tracking_uri)
     tracking.check_reachable(uri)
+    mlflow_client = tracking.client(uri)
     try:
-        run = tracking.client(uri).get_run(run_id)
+        run = mlflow_client.get_run(run_id)
     except Exception as err:  # noqa: BLE001 - MLflow raises its own types for "not found"
         raise UsageError(f"--resume {run_id}: no such MLflow run at {redact(uri)} ({one_line(err)})") from None
     if RESUME_TAG not in run.data.tags:
@@ -121,7 +122,7 @@ def resume_prune(run_id: str, options: RunOptions, echo=print) -> JobResult:
         raise UsageError(f"--resume {run_id}: the run FINISHED already; its model is the run's 'checkpoint' artifact")
     record = json.loads(run.data.tags[RESUME_TAG])
     cfg = PruneConfig(**record["config"])
-    experiment = tracking.client(uri).get_experiment(run.info.experiment_id).name
+    experiment = mlflow_client.get_experiment(run.info.experiment_id).name
     options = dataclasses.replace(
         options,
         experiment=experiment,
@@ -131,7 +132,7 @@ def resume_prune(run_id: str, options: RunOptions, echo=print) -> JobResult:
         resuming=True,
     )
     preflight(cfg, options)
-    tracking.client(uri).update_run(run_id, status="RUNNING")
+    mlflow_client.update_run(run_id, status="RUNNING")
     echo(f"resuming MLflow run {run_id} (Ray Train run {record['name']!r} in {record['storage']})")
     return _execute(cfg, options, uri, run_id, echo)
 

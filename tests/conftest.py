@@ -72,54 +72,76 @@ def ray_session():
         ray.shutdown()
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real ``mlflow server`` on 127.0.0.1 (sqlite backend, local artifact root)."""
-    root = tmp_path_factory.mktemp("mlflow_server")
-    port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-        "--backend-store-uri",
-        f"sqlite:///{root / 'db.sqlite'}",
-        "--artifacts-destination",
-        str(root / "artifacts"),
-    ]
-    log = open(root / "server.log", "w")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    try:
+class MlflowServer:
+    """A real ``mlflow server`` on 127.0.0.1 (sqlite backend, local artifact root) in its own
+    process group; it can be killed (a crash) and started again on the same port and database."""
+
+    def __init__(self, root: Path):
+        self.root, self.port, self.process = root, free_port(), None
+        self.uri = f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 120) -> None:
+        command = [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{self.root / 'db.sqlite'}",
+            "--artifacts-destination",
+            str(self.root / "artifacts"),
+        ]
+        with open(self.root / "server.log", "a") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + timeout
         while True:
             try:
-                with urllib.request.urlopen(uri + "/health", timeout=2) as response:
+                with urllib.request.urlopen(self.uri + "/health", timeout=2) as response:
                     if response.status == 200:
-                        break
+                        return
             except OSError:
                 pass
-            if process.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-            time.sleep(1)
-        yield uri
-    finally:
+            if self.process.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"mlflow server did not start: {(self.root / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+
+    def kill(self) -> None:
+        """SIGKILL the server's process group, as a crash would."""
+        self._signal(signal.SIGKILL)
+        self.process.wait(timeout=30)
+        _wait_group_gone(self.process.pid)
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it does not end within 30 s."""
+        self._signal(signal.SIGTERM)
         try:
-            os.killpg(process.pid, signal.SIGTERM)
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self._signal(signal.SIGKILL)
+        _wait_group_gone(self.process.pid)
+
+    def _signal(self, sig: int) -> None:
+        try:
+            os.killpg(self.process.pid, sig)
         except ProcessLookupError:
             pass
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-        _wait_group_gone(process.pid)
-        log.close()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """The session's real ``mlflow server``; yields its URI."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow_server"))
+    server.start()
+    try:
+        yield server.uri
+    finally:
+        server.stop()
 
 
 def _wait_group_gone(pgid: int, timeout: float = 20.0) -> None:

@@ -7,18 +7,13 @@ starts; restarted on the same port and database once the worker has journaled st
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import free_port
+from conftest import MlflowServer
 
 BUDGET = [
     "--sparsity",
@@ -43,62 +38,11 @@ BUDGET = [
 ]
 
 
-class Server:
-    """An mlflow server that can be killed and restarted on the same port and database."""
-
-    def __init__(self, root: Path):
-        self.root, self.port, self.process = root, free_port(), None
-        self.uri = f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 120) -> None:
-        command = [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{self.root / 'db.sqlite'}",
-            "--artifacts-destination",
-            str(self.root / "artifacts"),
-        ]
-        log = open(self.root / "server.log", "a")
-        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            try:
-                with urllib.request.urlopen(self.uri + "/health", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.5)
-        raise RuntimeError("mlflow server did not start: " + (self.root / "server.log").read_text()[-2000:])
-
-    def kill(self) -> None:
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.process.wait(timeout=30)
-        deadline = time.time() + 20
-        while time.time() < deadline:
-            try:
-                os.killpg(self.process.pid, 0)
-                time.sleep(0.2)
-            except ProcessLookupError:
-                return
-
-
 @pytest.fixture
 def server(tmp_path):
     root = tmp_path / "server"
     root.mkdir()
-    srv = Server(root)
+    srv = MlflowServer(root)
     srv.start()
     yield srv
     srv.kill()

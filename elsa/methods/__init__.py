@@ -27,6 +27,16 @@ class PruningMethod(Protocol):
     def run(self, model: torch.nn.Module, tokenizer, cfg, calib: torch.Tensor, log: Log) -> dict: ...
 
 
+class OneShotMethod:
+    """A one-shot method: built from its typed settings (elsa/methods/settings.py), default if none."""
+
+    one_shot = True
+    Settings: type
+
+    def __init__(self, settings=None):
+        self.settings = settings if settings is not None else self.Settings()
+
+
 _REGISTRY: dict[str, type] = {}
 
 

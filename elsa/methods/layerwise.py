@@ -31,6 +31,7 @@ from typing import Any, Callable, Protocol
 import torch
 from torch import nn
 
+from elsa.methods import OneShotMethod
 from elsa.projection import nm_mask, topk_mask
 from elsa.targets import Target, config_targets, decoder_blocks, verify_sparsity
 
@@ -254,18 +255,12 @@ def prune_layerwise(
     }
 
 
-class LayerwiseMethod:
+class LayerwiseMethod(OneShotMethod):
     """The skeleton the calibrated one-shot methods share: the config's targets, one sequential pass.
 
     A subclass names its ``Settings`` (elsa/methods/settings.py) and says what a layer's inputs
     accumulate (:meth:`stats`) and how one matrix is pruned from that (:meth:`prune`).
     """
-
-    one_shot = True
-    Settings: type
-
-    def __init__(self, settings=None):
-        self.settings = settings if settings is not None else self.Settings()
 
     def stats(self, target: Target) -> InputStats:
         raise NotImplementedError

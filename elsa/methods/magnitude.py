@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from elsa.methods import register
+from elsa.methods import OneShotMethod, register
 from elsa.methods.layerwise import apply_mask, score_mask
 from elsa.methods.settings import MagnitudeSettings
 from elsa.projection import magnitude_score
@@ -18,12 +18,8 @@ from elsa.targets import config_targets, verify_sparsity
 
 
 @register("magnitude")
-class Magnitude:
-    one_shot = True
+class Magnitude(OneShotMethod):
     Settings = MagnitudeSettings
-
-    def __init__(self, settings=None):
-        self.settings = settings if settings is not None else self.Settings()
 
     def run(self, model: torch.nn.Module, tokenizer, cfg, calib: torch.Tensor, log) -> dict:
         start = time.perf_counter()
