@@ -8,6 +8,7 @@ that decides), WikiText-2 perplexity (for the record only), wall and step time, 
 
     python bench/settings_probe.py --save-start sparsegpt --cfg '{"sparsity": 0.8}' --start /tmp/sgpt-80.safetensors
     python bench/settings_probe.py --start /tmp/sgpt-80.safetensors --cfg '{"steps": 32, "lr": 6e-4, "interval": 2}'
+    python bench/settings_probe.py --start /tmp/sgpt-80.safetensors --cfg '{"steps": 150}' --long-val 512
 """
 
 from __future__ import annotations
@@ -46,6 +47,24 @@ def _save_start(args, fields: dict) -> dict:
     return record
 
 
+def _nll_by_position(model, blocks: torch.Tensor, split: int) -> tuple[float, float]:
+    """Mean next-token NLL of the predictions at positions < ``split`` and at positions >= ``split``:
+    whether a model trained on ``split``-token blocks got worse beyond the length it was trained on."""
+    import torch.nn.functional as F
+
+    sums, counts = [0.0, 0.0], [0, 0]
+    model.eval()
+    with torch.no_grad():
+        for block in blocks:
+            logits = model(input_ids=block[None]).logits[0, :-1].float()
+            nll = F.cross_entropy(logits, block[1:], reduction="none")
+            for half, part in enumerate((nll[: split - 1], nll[split - 1 :])):
+                sums[half] += float(part.double().sum())
+                counts[half] += part.numel()
+    model.train()
+    return sums[0] / counts[0], sums[1] / max(counts[1], 1)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -55,6 +74,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--save-start", help="run this one-shot method, save its weights to --start, and stop")
     parser.add_argument("--tag", default="")
     parser.add_argument("--no-ppl", action="store_true", help="skip the WikiText-2 perplexity")
+    parser.add_argument(
+        "--long-val",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also measure held-out N-token blocks: NLL of the first and the second half (before / after)",
+    )
     args = parser.parse_args(argv)
 
     from safetensors.torch import load_file
@@ -80,6 +106,12 @@ def main(argv: list[str] | None = None) -> dict:
             )
     val = BatchSampler(tokenizer, cfg).validation()
     start_loss = mean_nll(model, val) if args.start else None
+    long_val = None
+    if args.long_val:
+        from elsa.data import calibration_blocks
+
+        long_val = calibration_blocks(tokenizer, cfg.data, cfg.val_blocks, args.long_val, 7, split="validation")
+        long_start = _nll_by_position(model, long_val, args.long_val // 2)
     started = time.perf_counter()
     summary = get_method("elsa").run(model, tokenizer, cfg, None, None)
     wall = time.perf_counter() - started
@@ -90,6 +122,16 @@ def main(argv: list[str] | None = None) -> dict:
         "cfg": json.loads(args.cfg),
         "init_val": start_loss,
         "final_val": mean_nll(model, val),
+        **(
+            {
+                f"long_val_{args.long_val}": {
+                    "start": long_start,
+                    "final": _nll_by_position(model, long_val, args.long_val // 2),
+                }
+            }
+            if long_val is not None
+            else {}
+        ),
         "ppl": None
         if args.no_ppl
         else evaluate_perplexity(model, tokenizer, ["wikitext2-bundled"], 512, 32)["ppl_wikitext2-bundled"],

@@ -14,6 +14,7 @@ import os
 import typing
 
 from elsa.config import ConfigError, EvalSettings, PruneConfig, load_yaml, make_config
+from pipelines.capacity import RESOURCE_TIMEOUT_S
 from pipelines.tracking import DEFAULT_EXPERIMENT
 
 # options of the run rather than of the method (see pipelines.job.RunOptions)
@@ -29,6 +30,7 @@ _RUN_OPTIONS = (
     "no_eval",
     "max_failures",
     "cpus_per_worker",
+    "resource_timeout",
     "overwrite",
     "keep_checkpoints",
     "register",
@@ -148,6 +150,13 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         "workers when Ray starts locally, 1 on a joined cluster",
     )
     group.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else local)")
+    group.add_argument(
+        "--resource-timeout",
+        type=float,
+        default=RESOURCE_TIMEOUT_S,
+        metavar="SECONDS",
+        help="on a joined cluster, how long to wait (asking its autoscaler) for nodes that hold the workers",
+    )
     group.add_argument("--storage-path", default=None, help="Ray Train storage: a path or s3://, gs:// URI")
     group.add_argument(
         "--max-failures", type=int, default=0, help="worker-group restarts, each resuming from the last checkpoint"

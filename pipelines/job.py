@@ -18,11 +18,14 @@ from dataclasses import dataclass, field
 
 from elsa.config import PruneConfig
 from pipelines import tracking
+from pipelines.capacity import RESOURCE_TIMEOUT_S
 from pipelines.errors import one_line
+from pipelines.progress import BlockLine, ProgressLine, ProgressPrinter
 from pipelines.redact import redact
 from pipelines.ray_session import init_ray, local_cores_per_task
 
 log = logging.getLogger(__name__)
+DRIVER_METRICS = ("init_s", "kept_init")  # an ELSA run's numbers the driver has and its worker had not
 RESUME_TAG = "elsa.resume"  # the run's config, Ray Train name, storage and checkpoint token (JSON)
 
 
@@ -41,6 +44,7 @@ class RunOptions:
     no_eval: bool = False
     max_failures: int = 0
     cpus_per_worker: float | None = None
+    resource_timeout: float = RESOURCE_TIMEOUT_S  # seconds a joined cluster may take to provide the nodes
     overwrite: bool = False
     keep_checkpoints: bool = False  # keep the run's storage folder (Ray Train checkpoints, export)
     register: str | None = None  # MLflow registered model to add a version to
@@ -61,12 +65,20 @@ class JobResult:
     export: dict = field(default_factory=dict)  # format, dtype, weights_bytes, registered
 
 
-def preflight(cfg: PruneConfig, options: RunOptions) -> str:
-    """Everything checkable before Ray starts (see :mod:`pipelines.preflight`), then the tracking server."""
+def preflight(cfg: PruneConfig, options: RunOptions, echo=print) -> str:
+    """Everything checkable before Ray starts (see :mod:`pipelines.preflight`), the tracking server,
+    and on a joined cluster a bounded wait for nodes that hold the workers (:mod:`pipelines.capacity`)."""
     from pipelines.preflight import preflight_checks
 
     uri = tracking.resolve_tracking_uri(options.tracking_uri)
     preflight_checks(cfg, options, uri)
+    if options.address or os.environ.get("RAY_ADDRESS"):
+        from pipelines.capacity import run_bundles, wait_for_capacity
+
+        init_ray(options.address)
+        workers = options.workers if cfg.method == "elsa" else 1
+        bundles = run_bundles(workers, options.cpus_per_worker, options.gpu)
+        wait_for_capacity(bundles, options.resource_timeout, echo)
     return uri
 
 
@@ -80,7 +92,7 @@ def run_prune(cfg: PruneConfig, options: RunOptions, echo=print) -> JobResult:
     """
     from pipelines.storage import run_storage
 
-    uri = preflight(cfg, options)
+    uri = preflight(cfg, options, echo)
     cfg_dict = cfg.model_dump(mode="json")
     run_id = tracking.start_run(
         uri,
@@ -131,7 +143,7 @@ def resume_prune(run_id: str, options: RunOptions, echo=print) -> JobResult:
         run_token=record["token"],
         resuming=True,
     )
-    preflight(cfg, options)
+    preflight(cfg, options, echo)
     mlflow_client.update_run(run_id, status="RUNNING")
     echo(f"resuming MLflow run {run_id} (Ray Train run {record['name']!r} in {record['storage']})")
     return _execute(cfg, options, uri, run_id, echo)
@@ -147,18 +159,12 @@ def _execute(cfg: PruneConfig, options: RunOptions, uri: str, run_id: str, echo)
     flush_s = float(os.environ.get("ELSA_TRACKING_FLUSH_S", "60"))
     try:
         init_ray(options.address)
-        with _progress(cfg, options) as sink:
-            info = {
-                "uri": uri,
-                "run_id": run_id,
-                "queue_dir": queue,
-                "flush_s": flush_s,
-                **({"progress": sink} if sink else {}),
-            }
-            train_metrics, location = _prune(cfg, options, info)
+        info = {"uri": uri, "run_id": run_id, "queue_dir": queue, "flush_s": flush_s}
+        train_metrics, location = _prune(cfg, options, info, echo)
         if "kept_init" in train_metrics:
             outbox.tags({"kept": "init" if train_metrics["kept_init"] else "elsa"})
-        outbox.metrics(train_metrics, cfg.steps)
+        by_worker = cfg.method == "elsa"  # ELSA's worker logged its final numbers; the driver adds its own
+        outbox.metrics({k: v for k, v in train_metrics.items() if not by_worker or k in DRIVER_METRICS}, cfg.steps)
         outbox.tags({"checkpoint_location": location})
         metrics, errors, export = _publish(cfg, options, outbox, location, echo)
         metrics = {**train_metrics, **metrics}
@@ -196,7 +202,7 @@ def _flush(queue: str, run_id: str, uri: str, wait_s: float, echo) -> str | None
             pause = min(pause * 2, 15.0)
 
 
-def _prune(cfg: PruneConfig, options: RunOptions, tracking_info: dict) -> tuple[dict, str]:
+def _prune(cfg: PruneConfig, options: RunOptions, tracking_info: dict, echo) -> tuple[dict, str]:
     """ELSA trains under Ray Train; one-shot baselines run as one Ray task.
 
     Returns the final metrics and the storage location (path or URI) of the exported
@@ -207,28 +213,20 @@ def _prune(cfg: PruneConfig, options: RunOptions, tracking_info: dict) -> tuple[
     name, storage = options.run_name, options.storage_path
     if cfg.method != "elsa":
         location = f"{storage.rstrip('/')}/{name}/export"
-        return _oneshot(cfg.model_dump(mode="json"), options, location, tracking_info), location
-    from pipelines.train_job import run_training
+        return _oneshot(cfg.model_dump(mode="json"), options, location, tracking_info, echo, cfg.method), location
+    from pipelines.train_job import finished_result
 
     extra, init_metrics = {"run_token": options.run_token}, {}
     if cfg.init != "none":  # the warm start: an upstream task writes the one-shot solution to storage
         extra["init_location"] = f"{storage.rstrip('/')}/{name}/init"
         init_cfg = {**cfg.model_dump(mode="json"), "method": cfg.init}
         if not (options.resuming and holds(extra["init_location"], "config.json")):
-            init_metrics = _oneshot(init_cfg, options, extra["init_location"], None)
-    cpus = options.cpus_per_worker or local_cores_per_task(options.address, options.gpu, options.workers)
-    resources = {"CPU": cpus} if cpus else None
-    result = run_training(
-        cfg,
-        tracking_info,
-        workers=options.workers,
-        use_gpu=options.gpu,
-        storage_path=storage,
-        name=name,
-        max_failures=options.max_failures,
-        resources_per_worker=resources,
-        extra=extra,
-    )
+            init_metrics = _oneshot(init_cfg, options, extra["init_location"], None, echo, f"{cfg.init} (warm start)")
+    result = finished_result(storage, name, cfg.steps) if options.resuming else None
+    if result is not None:
+        echo(f"training had finished before the driver stopped: publishing Ray Train run {name!r}'s result")
+    else:
+        result = _train(cfg, options, tracking_info, extra)
     if result.error:
         raise result.error
     metrics = {
@@ -244,23 +242,51 @@ def _prune(cfg: PruneConfig, options: RunOptions, tracking_info: dict) -> tuple[
     return metrics, checkpoint_uri(result.checkpoint)
 
 
-def _oneshot(cfg_dict: dict, options: RunOptions, location: str, tracking_info: dict | None) -> dict:
+def _train(cfg: PruneConfig, options: RunOptions, tracking_info: dict, extra: dict):
+    """The ADMM run under Ray Train, with the driver's progress line; returns its ``ray.train.Result``."""
+    from pipelines.train_job import run_training
+
+    cpus = options.cpus_per_worker or local_cores_per_task(options.address, options.gpu, options.workers)
+    resources = {"CPU": cpus} if cpus else None
+    with _progress(options, ProgressLine(cfg.steps, cfg.batch_size * cfg.grad_accum * cfg.seqlen)) as sink:
+        return run_training(
+            cfg,
+            {**tracking_info, **({"progress": sink} if sink else {})},
+            workers=options.workers,
+            use_gpu=options.gpu,
+            storage_path=options.storage_path,
+            name=options.run_name,
+            max_failures=options.max_failures,
+            resources_per_worker=resources,
+            extra=extra,
+        )
+
+
+def _oneshot(cfg_dict: dict, options: RunOptions, location: str, tracking_info: dict | None, echo, label: str) -> dict:
+    """One one-shot stage (a method run, or ELSA's warm start) with its per-block progress line."""
     from pipelines.oneshot import run_one_shot
 
-    return run_one_shot(
-        cfg_dict, location, tracking_info, address=options.address, gpu=options.gpu, cpus=options.cpus_per_worker
-    )
+    if options.progress:
+        echo(f"{label}: one-shot pruning of {cfg_dict['model']}")
+    with _progress(options, BlockLine(label)) as sink:
+        return run_one_shot(
+            cfg_dict,
+            location,
+            tracking_info,
+            address=options.address,
+            gpu=options.gpu,
+            cpus=options.cpus_per_worker,
+            progress=sink,
+        )
 
 
 @contextlib.contextmanager
-def _progress(cfg: PruneConfig, options: RunOptions):
-    """The driver's progress line during training (ELSA only: one-shot methods have no steps)."""
-    if cfg.method != "elsa" or not options.progress:
+def _progress(options: RunOptions, line):
+    """The driver's progress line (``line``: training steps, or the one-shot stage's blocks)."""
+    if not options.progress:
         yield None
         return
-    from pipelines.progress import ProgressPrinter
-
-    with ProgressPrinter(cfg.steps, cfg.batch_size * cfg.grad_accum * cfg.seqlen) as printer:
+    with ProgressPrinter(line) as printer:
         yield printer.sink()
 
 

@@ -8,7 +8,8 @@ run's end) is appended to a JSON-lines journal in the run's storage (``<queue>/<
 bounded flush (driver) sends what is pending, oldest first, and retries later when the server is
 down. Metrics keep the timestamp of their first journaling, so a record sent twice (delivered,
 but the cursor not yet advanced when the process died) is dropped by MLflow as a duplicate row;
-a restarted worker skips the (metric, step) pairs already journaled, so each step is logged once.
+a writer skips the (metric, step) pairs it journaled already, so a restarted worker or a resumed
+driver logs each step once.
 ``elsa sync`` delivers whatever a run left behind.
 """
 
@@ -47,6 +48,7 @@ class Outbox:
         self.journal = self.folder / f"{writer}.jsonl"
         self.cursor_file = self.folder / f"{writer}.sent"
         self._lock = threading.Lock()
+        self._seen: set[tuple[str, int]] | None = None  # (metric, step) pairs journaled, read on first use
 
     # writing -----------------------------------------------------------------------------
     def put(self, record: dict) -> None:
@@ -62,9 +64,18 @@ class Outbox:
                 os.fsync(handle.fileno())
 
     def metrics(self, values: dict, step: int) -> None:
-        numbers = {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        """Journal the numeric ``values`` at ``step``, except (metric, step) pairs journaled before."""
+        step = int(step or 0)
+        if self._seen is None:
+            self._seen = {(k, r["step"]) for r in self.records() if r["kind"] == "metrics" for k in r["values"]}
+        numbers = {
+            k: float(v)
+            for k, v in values.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and (k, step) not in self._seen
+        }
+        self._seen.update((k, step) for k in numbers)
         if numbers:
-            self.put({"kind": "metrics", "step": int(step or 0), "ts": int(time.time() * 1000), "values": numbers})
+            self.put({"kind": "metrics", "step": step, "ts": int(time.time() * 1000), "values": numbers})
 
     def tags(self, values: dict) -> None:
         self.put({"kind": "tags", "values": {k: redact(str(v))[:5000] for k, v in values.items()}})
@@ -164,7 +175,6 @@ class QueuedRunLogger:
     def __init__(self, uri: str, run_id: str, root: str):
         self.uri, self.run_id, self.root = uri, run_id, root
         self._outbox: Outbox | None = None
-        self._seen: set[tuple[str, int]] | None = None
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
         self._closing = False
@@ -178,16 +188,12 @@ class QueuedRunLogger:
     def _start(self) -> Outbox:
         if self._outbox is None:
             self._outbox = Outbox(self.uri, self.run_id, self.root, "worker")
-            self._seen = {(k, r["step"]) for r in self._outbox.records() if r["kind"] == "metrics" for k in r["values"]}
             self._thread = threading.Thread(target=self._run, name="elsa-mlflow-outbox", daemon=True)
             self._thread.start()
         return self._outbox
 
     def __call__(self, metrics: dict, step: int) -> None:
-        outbox = self._start()
-        fresh = {k: v for k, v in metrics.items() if (k, int(step or 0)) not in self._seen}
-        self._seen.update((k, int(step or 0)) for k in fresh)
-        outbox.metrics(fresh, step)
+        self._start().metrics(metrics, step)
         self._wake.set()
 
     def _run(self) -> None:
@@ -215,6 +221,26 @@ class QueuedRunLogger:
         self._wake.set()
         self._thread.join(timeout)
         return len(self._outbox.pending())
+
+
+def metrics_sink(tracking: dict | None, progress=None):
+    """Where a Ray task's step metrics go: the driver's progress line (``progress``), and the run's
+    journal when ``tracking`` names a ``queue_dir`` (else MLflow's client). Returns (log, the
+    journal's logger or None: close it with a bounded wait when the task ends)."""
+    sinks, journal = [progress] if progress is not None else [], None
+    if tracking and tracking.get("queue_dir"):
+        journal = QueuedRunLogger(tracking["uri"], tracking["run_id"], tracking["queue_dir"])
+        sinks.append(journal)
+    elif tracking:
+        from pipelines.tracking import RunLogger
+
+        sinks.append(RunLogger(tracking["uri"], tracking["run_id"]))
+
+    def log(metrics: dict, step: int) -> None:
+        for sink in sinks:
+            sink(metrics, step)
+
+    return log, journal
 
 
 def runs_in(root: str | Path) -> list[str]:

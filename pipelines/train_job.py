@@ -219,23 +219,11 @@ def _make_logger(tracking: dict | None, rank: int):
     """Rank 0's metrics sink: the run's MLflow journal (or the client), and the driver's progress line."""
     if rank != 0 or not tracking:
         return lambda metrics, step: None
-    if tracking.get("queue_dir"):
-        from pipelines.outbox import QueuedRunLogger
+    from pipelines.outbox import metrics_sink
 
-        mlflow_logger = QueuedRunLogger(tracking["uri"], tracking["run_id"], tracking["queue_dir"])
-        _LOGGERS.append((mlflow_logger, float(tracking.get("flush_s", 60.0))))
-    else:
-        from pipelines.tracking import RunLogger
-
-        mlflow_logger = RunLogger(tracking["uri"], tracking["run_id"])
-    progress = tracking.get("progress")  # the driver's progress line (pipelines.progress)
-    if progress is None:
-        return mlflow_logger
-
-    def log(metrics: dict, step: int) -> None:
-        progress(metrics, step)
-        mlflow_logger(metrics, step)
-
+    log, journal = metrics_sink(tracking, tracking.get("progress"))
+    if journal is not None:
+        _LOGGERS.append((journal, float(tracking.get("flush_s", 60.0))))
     return log
 
 
@@ -324,3 +312,22 @@ def run_training(
         num_to_keep=2,
     )
     return trainer.fit()
+
+
+def finished_result(storage_path: str, name: str, steps: int):
+    """The ``ray.train.Result`` of Ray Train run ``name`` if its training had finished, else None.
+
+    Finished means its last report is the final one (the export, or the marker that the start was
+    kept: ``train_s`` and step ``steps``). ``elsa prune --resume`` of a run whose driver died after
+    training then publishes that result instead of starting the workers again.
+    """
+    from ray.train import Result
+
+    try:
+        result = Result.from_path(f"{storage_path.rstrip('/')}/{name}")
+    except Exception:  # noqa: BLE001 - no run folder or no snapshot yet: nothing finished
+        return None
+    metrics = result.metrics or {}
+    if result.checkpoint is None or metrics.get("step") != steps or "train_s" not in metrics:
+        return None
+    return result

@@ -402,6 +402,11 @@ def test_fake_cluster_scales_up_for_trainer_work_and_back_down(capsys):
                     f"{err}; alive actors (node id, class, name, detached):\n{_alive_actors(head)}"
                 ) from None
             marks["back to head only"] = time.time()
+
+            # elsa prune waits (bounded) for a node that holds its worker; the autoscaler adds one
+            prune = _prune_on(head, _tiny_model(head.root), head.root / "prune", ["--resource-timeout", "120"])
+            marks["prune finished"] = time.time()
+            during_prune = [s for s in timeline.samples if marks["back to head only"] <= s["t"]]
         finally:
             if timeline is not None:
                 timeline.close()
@@ -418,6 +423,9 @@ def test_fake_cluster_scales_up_for_trainer_work_and_back_down(capsys):
     entries = (results["preset"] or {}).get("presets") or []
     assert [e["sparsity"] for e in entries] == [0.7], results["preset"]
     assert entries[0]["config"].get("penalty") in ("coupled", "decoupled"), entries[0]
+    assert prune.returncode == 0, f"{prune.stdout[-3000:]}\n{prune.stderr[-3000:]}"
+    assert "waiting up to 120 s (--resource-timeout)" in prune.stdout, prune.stdout[-3000:]
+    assert any(s["workers"] for s in during_prune), "no worker node was added for the waiting prune run"
     with capsys.disabled():
         print(
             f"  max alive workers during the work: {max_alive}; "
@@ -466,6 +474,16 @@ def _job_entrypoint(model: Path, out_dir: Path) -> list[str]:
     ]
 
 
+def _prune_on(head: LocalRayHead, model: Path, out_dir: Path, extra: list[str]) -> subprocess.CompletedProcess:
+    """`elsa prune` of the tiny model as a driver that joins ``head`` (1 CPU per worker)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    command = _job_entrypoint(model, out_dir)
+    command[:3] = [sys.executable, "-m", "cli"]
+    command += ["--address", head.address, "--cpus-per-worker", "1", *extra]
+    env = {**head.env, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run(command, env=env, cwd=out_dir, capture_output=True, text=True, timeout=600)
+
+
 def test_ray_job_submit_runs_elsa_prune():
     if (err := _dashboard_deps_error()) is not None:
         pytest.skip(f"`ray job submit` needs the dashboard (pip install 'ray[default]'): {err}")
@@ -510,7 +528,15 @@ def test_ray_job_submit_runs_elsa_prune():
                 text=True,
                 timeout=60,
             )
+            # 2 workers of 1 CPU on a 1-CPU cluster without an autoscaler: a bounded wait, then exit 1
+            t = time.time()
+            starved = _prune_on(head, model, work / "starved", ["--workers", "2", "--resource-timeout", "3"])
+            starved_s = time.time() - t
         assert head.leftover == [], f"processes left running: {head.leftover}"
+        assert starved.returncode == 1, f"{starved.stdout[-2000:]}\n{starved.stderr[-3000:]}"
+        assert "--resource-timeout 3 s" in starved.stderr and "2 x {CPU: 1}" in starved.stderr, starved.stderr
+        assert "waiting up to 3 s" in starved.stdout and starved_s < 90
+        assert not (work / "starved" / "mlflow.db").exists()  # refused before the MLflow run
         assert submit.returncode == 0, f"{submit.stdout[-2000:]}\n{submit.stderr[-3000:]}"
         assert query.returncode == 0, query.stderr[-3000:]
         info = json.loads(query.stdout.strip().splitlines()[-1])

@@ -51,7 +51,23 @@ def _complete_steps(root: Path) -> list[int]:
     return sorted(int(p.name.removeprefix(STEP_PREFIX)) for p in folders)
 
 
-def _kill_after_checkpoint(root: Path, step: int, record: dict) -> threading.Thread:
+def _last_journaled_step(queue: Path) -> int:
+    """The newest step whose train_loss the workers journaled (pipelines.outbox), 0 if none."""
+    import json
+
+    steps = [0]
+    for journal in queue.glob("*/worker.jsonl"):
+        for line in journal.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("kind") == "metrics" and "train_loss" in record["values"]:
+                steps.append(record["step"])
+    return max(steps)
+
+
+def _kill_after_checkpoint(root: Path, step: int, record: dict, queue: Path) -> threading.Thread:
     def watch():
         deadline = time.time() + 600
         while time.time() < deadline:
@@ -61,7 +77,9 @@ def _kill_after_checkpoint(root: Path, step: int, record: dict) -> threading.Thr
                 if pids:
                     record["newest_at_kill"] = _complete_steps(root)[-1]
                     record["pid"] = pids[0]
+                    record["killed_at"] = time.time()
                     os.kill(pids[0], signal.SIGKILL)
+                    record["step_at_kill"] = _last_journaled_step(queue)  # rank 0 may log one more step
                     return
             time.sleep(0.05)
 
@@ -79,7 +97,7 @@ def _load(directory):
 # SGD (no optimiser state for unpruned parameters) resumes bit-identically through the same
 # save/load path in tests/test_resume_sgd.py, in process; the SIGKILL run here is Adam (the default).
 @pytest.mark.parametrize("optimizer", ["adam"])
-def test_sigkilled_worker_resumes_from_newest_checkpoint(tmp_path, tiny_model_dir, ray_session, optimizer):
+def test_sigkilled_worker_resumes_from_newest_checkpoint(tmp_path, tiny_model_dir, ray_session, optimizer, capsys):
     import mlflow
 
     from pipelines import tracking
@@ -107,7 +125,7 @@ def test_sigkilled_worker_resumes_from_newest_checkpoint(tmp_path, tiny_model_di
     info = {"uri": uri, "run_id": run_id, "queue_dir": str(tmp_path / "queue"), "flush_s": 60}
     storage = tmp_path / "ray"
     record: dict = {}
-    watcher = _kill_after_checkpoint(storage, 4, record)
+    watcher = _kill_after_checkpoint(storage, 4, record, tmp_path / "queue")
     killed = run_training(
         cfg,
         info,
@@ -134,7 +152,18 @@ def test_sigkilled_worker_resumes_from_newest_checkpoint(tmp_path, tiny_model_di
     client = mlflow.MlflowClient(tracking_uri=uri)
     steps = [m.step for m in client.get_metric_history(run_id, "train_loss")]
     assert sorted(steps) == list(range(1, STEPS + 1))  # each step exactly once, the redone ones included
-    assert [m.value for m in client.get_metric_history(run_id, "resumed_from_step")] == [float(resumed_from)]
+    (resumed,) = client.get_metric_history(run_id, "resumed_from_step")
+    assert resumed.value == float(resumed_from)
+    # what the kill cost: steps done again, and seconds from the SIGKILL to the restored state
+    redone = max(record["step_at_kill"] - resumed_from, 0)
+    to_resume = resumed.timestamp / 1000 - record["killed_at"]
+    assert redone <= 3 and 0 < to_resume < 300
+    with capsys.disabled():
+        print(
+            f"\nSIGKILL of worker pid {record['pid']} after step {record['step_at_kill']} (newest checkpoint "
+            f"{record['newest_at_kill']}): resumed from step {resumed_from}, {redone} step(s) redone, "
+            f"{to_resume:.1f} s from the kill to the restored state"
+        )
 
 
 DRIVER_RUN = [
@@ -212,6 +241,20 @@ def test_driver_killed_then_resume_run_id_finishes_bit_identically(tmp_path, tin
 
     clean = _cli([*command, "--output", "clean", "--experiment", "clean"], work)
     assert clean.returncode == 0, clean.stderr[-3000:]
+    # the warm start's progress line, per decoder block (2 in the tiny model); its last state is always printed
+    assert "sparsegpt (warm start): block 2/2 (100%) |" in clean.stdout, clean.stdout[-3000:]
     resumed_model, clean_model = _load(work / "resumed"), _load(work / "clean")
     for (name, a), b in zip(resumed_model.state_dict().items(), clean_model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+    # a driver that died after the training had finished: --resume publishes Ray Train's result
+    client.update_run(run.info.run_id, status="RUNNING")
+    again = _cli(["prune", "--resume", run.info.run_id, "--no-eval", "--output", "again"], work)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "training had finished" in again.stdout
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train_loss")) == steps
+    assert len(client.get_metric_history(run.info.run_id, "resumed_from_step")) == 1  # no worker ran
+    assert len(client.get_metric_history(run.info.run_id, "final_val_loss_projected")) == 1  # the driver's too
+    for (name, a), b in zip(_load(work / "again").state_dict().items(), resumed_model.state_dict().values()):
         assert torch.equal(a, b), name

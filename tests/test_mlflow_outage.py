@@ -92,6 +92,23 @@ def test_outbox_delivers_in_order_once_after_an_outage(tmp_path, server):
     assert _steps(client, run_id, "lr") == [6]
 
 
+def test_a_writer_journals_each_metric_and_step_once(tmp_path):
+    """No server: the driver's journal, reopened (a resumed run), skips the pairs it holds already."""
+    from pipelines.outbox import Outbox
+
+    first = Outbox("http://127.0.0.1:9", "run", tmp_path, "driver")
+    first.metrics({"final_val_loss": 5.0, "kept_init": 0, "flag": True}, 32)
+    reopened = Outbox("http://127.0.0.1:9", "run", tmp_path, "driver")
+    reopened.metrics({"final_val_loss": 4.0, "ppl": 219.6}, 32)
+    reopened.metrics({"final_val_loss": 3.0}, 33)
+    values = [(r["step"], r["values"]) for r in reopened.records()]
+    assert values == [
+        (32, {"final_val_loss": 5.0, "kept_init": 0.0}),
+        (32, {"ppl": 219.6}),
+        (33, {"final_val_loss": 3.0}),
+    ]
+
+
 def _kill_when_ray_starts(monkeypatch, server) -> None:
     import pipelines.job as job
 

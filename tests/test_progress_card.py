@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from elsa.model_card import render_card, source_info
-from pipelines.progress import ProgressLine
+from pipelines.progress import BlockLine, ProgressLine
 from pipelines.publish import remove_run_storage
 
 
@@ -23,6 +23,18 @@ def test_progress_line_rate_eta_and_latest_values():
     assert line.text() == "step 3/10 (30%) | 256 tok/s | loss 6.25 | primal 0.5 | val(proj) 6.75 | ETA 14s"
     line.update({"step": 10, "time": 120.0, "overall_sparsity": 0.7})  # final numbers: not a step
     assert line.step == 3
+
+
+def test_block_line_counts_blocks_time_per_block_and_eta():
+    line = BlockLine("sparsegpt (warm start)")
+    line.update({"step": 0.0, "time": 1.0, "train_loss": 5.0})  # not a block: ignored
+    assert line.step == 0
+    line.update({"block": 0, "blocks": 30, "block_s": 4.0, "step": 0.0, "time": 1.0})
+    line.update({"block": 1, "blocks": 30, "block_s": 6.0, "step": 1.0, "time": 2.0})
+    # 2 of 30 blocks in 10 s: 5 s a block, 28 left = 140 s
+    assert line.text() == "sparsegpt (warm start): block 2/30 (7%) | 5.0 s/block | ETA 2m20s"
+    line.update({"block": 29, "blocks": 30, "block_s": 5.0})
+    assert line.step == line.total == 30 and line.text().endswith("| ETA 0s")
 
 
 def test_card_front_matter_settings_results_and_protocol(tmp_path):
@@ -112,7 +124,7 @@ def test_printer_rewrites_in_place_on_a_terminal_and_prints_lines_otherwise(tty)
     from pipelines.progress import ProgressPrinter
 
     queue, stream = _ListQueue(), _Stream(tty)
-    printer = ProgressPrinter(4, 100, stream=stream, interval=3600, queue=queue)
+    printer = ProgressPrinter(ProgressLine(4, 100), stream=stream, interval=3600, queue=queue)
     printer._drain()  # nothing yet: nothing printed
     printer._print()
     assert stream.getvalue() == ""

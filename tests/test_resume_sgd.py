@@ -1,4 +1,5 @@
-"""The Ray Train worker's checkpoint (torch.distributed.checkpoint of model + ADMM) resumes for every base optimiser.
+"""The Ray Train worker's checkpoint (torch.distributed.checkpoint of model + ADMM) resumes for every base optimiser
+(SGD, Adam, AdamW, bitsandbytes' 8-bit Adam).
 
 Plain SGD keeps no state for the parameters that are not pruned, which torch's strict loader
 refused ("Missing optimizer state for parameter 'model.embed_tokens.weight'"): every restart of
@@ -34,8 +35,9 @@ def _setup(cfg):
         {"optimizer": "sgd", "projection": "magnitude", "lr": 1e-2},
         {"optimizer": "adam"},
         {"optimizer": "adamw", "weight_decay": 0.01},
+        {"optimizer": "adam8bit"},
     ],
-    ids=["sgd", "adam", "adamw"],
+    ids=["sgd", "adam", "adamw", "adam8bit"],
 )
 def test_worker_checkpoint_resumes_bit_identically(tmp_path, overrides):
     from pipelines.worker_state import load_state as _load_state, save_state as _save_state
@@ -56,6 +58,9 @@ def test_worker_checkpoint_resumes_bit_identically(tmp_path, overrides):
     )
     straight, admm, scheduler = _setup(cfg)
     train(straight, admm, scheduler, _batches, cfg, LoopHooks())
+    if cfg.optimizer == "adam8bit":  # the states really are 8-bit (bitsandbytes keeps small tensors fp32)
+        codes = [t for state in admm.base.state.values() for t in state.values() if torch.is_tensor(t)]
+        assert any(t.dtype == torch.uint8 for t in codes)
 
     first, admm, scheduler = _setup(cfg)
     train(first, admm, scheduler, _batches, cfg.model_copy(update={"steps": N}), LoopHooks())

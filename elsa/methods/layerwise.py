@@ -243,7 +243,7 @@ def prune_layerwise(
                 _prune_block(model, block, call, hidden, grouped[index], make_stats, prune_layer)
                 hidden = torch.cat([call(block, chunk) for chunk in hidden.split(CHUNK)], dim=0)
                 if log is not None:
-                    log({"block": index, "block_s": time.perf_counter() - block_start}, index)
+                    log({"block": index, "blocks": len(blocks), "block_s": time.perf_counter() - block_start}, index)
     finally:
         model.train(was_training)
     report = verify_sparsity(targets)
