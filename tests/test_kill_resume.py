@@ -94,9 +94,10 @@ def _load(directory):
     return load_checkpoint(directory)[0]  # reads the compressed export (the default at >= 50%)
 
 
-# SGD (no optimiser state for unpruned parameters) resumes bit-identically through the same
-# save/load path in tests/test_resume_sgd.py, in process; the SIGKILL run here is Adam (the default).
-@pytest.mark.parametrize("optimizer", ["adam"])
+# Adam (the default) and SGD (no optimiser state for unpruned parameters, which torch's loader
+# refused); AdamW and bitsandbytes' 8-bit Adam resume bit-identically through the same save/load
+# path in tests/test_resume_sgd.py, in process.
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
 def test_sigkilled_worker_resumes_from_newest_checkpoint(tmp_path, tiny_model_dir, ray_session, optimizer, capsys):
     import mlflow
 

@@ -96,6 +96,8 @@ CASES = [
     ("cpus-per-worker-zero", lambda t, m: ["--cpus-per-worker", "0"], 2, ["--cpus-per-worker"]),
     ("cpus-per-worker-too-many", lambda t, m: ["--cpus-per-worker", "4096"], 2, ["--cpus-per-worker", "4096"]),
     ("workers-beyond-cpus", lambda t, m: _too_many_workers(), 2, ["--workers", "CPUs"]),
+    ("resource-timeout-zero", lambda t, m: ["--resource-timeout", "0"], 2, ["--resource-timeout"]),
+    ("resource-timeout-nan", lambda t, m: ["--resource-timeout", "nan"], 2, ["--resource-timeout"]),
     ("batch-not-multiple-of-workers", lambda t, m: ["--batch-size", "3", "--workers", "2"], 2, ["--batch-size"]),
     ("lr-minus-one", lambda t, m: ["--lr", "-1"], 2, ["lr"]),
     ("lr-negative-exponent", lambda t, m: ["--lr", "-1e-3"], 2, ["lr"]),
