@@ -65,7 +65,7 @@ def _nll_by_position(model, blocks: torch.Tensor, split: int) -> tuple[float, fl
     return sums[0] / counts[0], sums[1] / max(counts[1], 1)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--cfg", default="{}", help="PruneConfig fields as JSON (sparsity 0.8, val_blocks 8 by default)"
@@ -81,12 +81,24 @@ def main(argv: list[str] | None = None) -> dict:
         metavar="N",
         help="also measure held-out N-token blocks: NLL of the first and the second half (before / after)",
     )
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def _load_start(model, path: str, cfg) -> None:
+    """Replace the model's weights by the saved start (a tied lm_head may be missing)."""
     from safetensors.torch import load_file
+
+    missing, unexpected = model.load_state_dict(load_file(path), strict=False)
+    if unexpected or any("lm_head" not in name for name in missing):
+        raise SystemExit(f"{path} does not fit {cfg.model}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = _parse_args(argv)
 
     from elsa.api import evaluate_perplexity
     from elsa.config import make_config
+    from elsa.data import calibration_blocks
     from elsa.loop import BatchSampler
     from elsa.methods import get_method
     from elsa.models import load_model, load_tokenizer
@@ -99,39 +111,26 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = make_config(fields)
     model, tokenizer = load_model(cfg.model), load_tokenizer(cfg.model)
     if args.start:
-        missing, unexpected = model.load_state_dict(load_file(args.start), strict=False)
-        if unexpected or any("lm_head" not in name for name in missing):
-            raise SystemExit(
-                f"{args.start} does not fit {cfg.model}: missing {missing[:3]}, unexpected {unexpected[:3]}"
-            )
+        _load_start(model, args.start, cfg)
     val = BatchSampler(tokenizer, cfg).validation()
     start_loss = mean_nll(model, val) if args.start else None
-    long_val = None
+    long_val, long_record = None, {}
     if args.long_val:
-        from elsa.data import calibration_blocks
-
         long_val = calibration_blocks(tokenizer, cfg.data, cfg.val_blocks, args.long_val, 7, split="validation")
-        long_start = _nll_by_position(model, long_val, args.long_val // 2)
+        long_record = {"start": _nll_by_position(model, long_val, args.long_val // 2)}
     started = time.perf_counter()
     summary = get_method("elsa").run(model, tokenizer, cfg, None, None)
     wall = time.perf_counter() - started
     history = summary.pop("history")
+    if long_val is not None:
+        long_record["final"] = _nll_by_position(model, long_val, args.long_val // 2)
     record = {
         "tag": args.tag,
         "start": args.start,
         "cfg": json.loads(args.cfg),
         "init_val": start_loss,
         "final_val": mean_nll(model, val),
-        **(
-            {
-                f"long_val_{args.long_val}": {
-                    "start": long_start,
-                    "final": _nll_by_position(model, long_val, args.long_val // 2),
-                }
-            }
-            if long_val is not None
-            else {}
-        ),
+        **({f"long_val_{args.long_val}": long_record} if long_record else {}),
         "ppl": None
         if args.no_ppl
         else evaluate_perplexity(model, tokenizer, ["wikitext2-bundled"], 512, 32)["ppl_wikitext2-bundled"],
