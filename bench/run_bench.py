@@ -140,9 +140,16 @@ def read_results(out_dir: Path) -> list[dict]:
     return json.loads(path.read_text())["results"] if path.is_file() else []
 
 
-def residual_curve_text(curve: list | None) -> str:
-    """``0.43 > 0.21 > 0.09`` from ``[[step, residual], ...]`` (each z/u-update), or ``-``."""
-    return " > ".join(f"{value:.2f}" for _, value in curve) if curve else "-"
+def residual_curve_text(curve: list | None, points: int = 8) -> str:
+    """``0.43 > 0.21 > 0.09`` from ``[[step, residual], ...]`` (z/u-updates), or ``-``.
+
+    At most ``points`` values, evenly spaced and always the first and last, so that a long run's
+    225 updates do not fill a table cell; results.json keeps every one."""
+    if not curve:
+        return "-"
+    count = min(points, len(curve))
+    picked = sorted({round(i * (len(curve) - 1) / max(count - 1, 1)) for i in range(count)})
+    return " > ".join(f"{curve[i][1]:.2f}" for i in picked)
 
 
 def write_reports(results: list[dict], out_dir: Path, metric: str, args) -> None:
