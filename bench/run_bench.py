@@ -148,7 +148,7 @@ def residual_curve_text(curve: list | None, points: int = 8) -> str:
     if not curve:
         return "-"
     count = min(points, len(curve))
-    picked = sorted({round(i * (len(curve) - 1) / max(count - 1, 1)) for i in range(count)})
+    picked = [round(i * (len(curve) - 1) / max(count - 1, 1)) for i in range(count)]  # spacing >= 1: distinct
     return " > ".join(f"{curve[i][1]:.2f}" for i in picked)
 
 
