@@ -365,6 +365,12 @@ def _alive_actors(head: LocalRayHead) -> str:
     return proc.stdout[-3000:] or proc.stderr[-3000:]
 
 
+def _monitor_log(head: LocalRayHead, chars: int = 4000) -> str:
+    """The tail of the autoscaler's own log (why it did or did not launch a node), for a failure message."""
+    logs = sorted((head.root / "ray").glob("session_latest/logs/monitor.*"))
+    return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-chars:]}" for p in logs) or "(no monitor log)"
+
+
 # --------------------------------------------------------------------------- tests
 @pytest.mark.slow
 def test_fake_cluster_scales_up_for_trainer_work_and_back_down(capsys):
@@ -404,7 +410,10 @@ def test_fake_cluster_scales_up_for_trainer_work_and_back_down(capsys):
             marks["back to head only"] = time.time()
 
             # elsa prune waits (bounded) for a node that holds its worker; the autoscaler adds one
-            prune = _prune_on(head, _tiny_model(head.root), head.root / "prune", ["--resource-timeout", "120"])
+            prune = _prune_on(head, _tiny_model(head.root), head.root / "prune", ["--resource-timeout", "300"])
+            prune_log = (
+                "" if prune.returncode == 0 else f"{prune.stdout[-3000:]}\n{prune.stderr[-3000:]}\n{_monitor_log(head)}"
+            )
             marks["prune finished"] = time.time()
             during_prune = [s for s in timeline.samples if marks["back to head only"] <= s["t"]]
         finally:
@@ -423,8 +432,8 @@ def test_fake_cluster_scales_up_for_trainer_work_and_back_down(capsys):
     entries = (results["preset"] or {}).get("presets") or []
     assert [e["sparsity"] for e in entries] == [0.7], results["preset"]
     assert entries[0]["config"].get("penalty") in ("coupled", "decoupled"), entries[0]
-    assert prune.returncode == 0, f"{prune.stdout[-3000:]}\n{prune.stderr[-3000:]}"
-    assert "waiting up to 120 s (--resource-timeout)" in prune.stdout, prune.stdout[-3000:]
+    assert prune.returncode == 0, prune_log
+    assert "waiting up to 300 s (--resource-timeout)" in prune.stdout, prune.stdout[-3000:]
     assert any(s["workers"] for s in during_prune), "no worker node was added for the waiting prune run"
     with capsys.disabled():
         print(
