@@ -45,7 +45,9 @@ def cell_config(method: str, sparsity: float, args) -> dict:
     }
     if method == "elsa":
         return {**elsa, "calib_blocks": args.calib_blocks}
-    elsa.update(init="none", interval=args.interval, projection="fisher", bf16=False)  # as these cells first ran
+    elsa.update(
+        init="none", interval=args.interval, projection="fisher", bf16=False, allocation="uniform"
+    )  # as first run
     if method == "elsa-coupled":
         from elsa.presets import paper_preset
 

@@ -23,6 +23,7 @@ def _elsa_fields(cfg, summary: dict) -> dict:
         "penalty": cfg.penalty,
         "init": cfg.init,
         "loss": cfg.loss,
+        "allocation": cfg.allocation,
         "lr": cfg.lr,
         **{k: summary[k] for k in kept if k in summary},
     }

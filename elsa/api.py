@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from elsa.allocation import resolve_allocation
 from elsa.config import PruneConfig
 from elsa.data import calibration_blocks, eval_windows
 from elsa.methods import method_for
@@ -28,6 +29,7 @@ class PruneResult:
     report: dict  # per-matrix sparsity (elsa.targets.sparsity_report)
     summary: dict  # the method's numbers (wall time, history...)
     wall_s: float
+    cfg: PruneConfig  # the run's config, its allocation resolved (elsa/allocation.py)
 
 
 def prune_model(cfg: PruneConfig, model=None, tokenizer=None, log=None) -> PruneResult:
@@ -35,12 +37,13 @@ def prune_model(cfg: PruneConfig, model=None, tokenizer=None, log=None) -> Prune
     model = model if model is not None else load_model(cfg.model)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
     method = method_for(cfg)
-    calib = calibration_blocks(tokenizer, cfg.data, cfg.calib_blocks, cfg.seqlen, cfg.seed) if method.one_shot else None
     started = time.perf_counter()
+    cfg = resolve_allocation(model, tokenizer, cfg)
+    calib = calibration_blocks(tokenizer, cfg.data, cfg.calib_blocks, cfg.seqlen, cfg.seed) if method.one_shot else None
     summary = method.run(model, tokenizer, cfg, calib, log or (lambda metrics, step: None))
     wall = time.perf_counter() - started
     report = verify_sparsity(config_targets(model, cfg))
-    return PruneResult(model, tokenizer, report, summary, wall)
+    return PruneResult(model, tokenizer, report, summary, wall, cfg)
 
 
 def evaluate_perplexity(

@@ -34,6 +34,7 @@ PAPER_INTERVAL = 32  # the paper's, for the coupled penalty
 RHO, RHO_FINAL, RHO_SCHEDULE = 0.005, 0.05, "linear"
 INIT = "sparsegpt"
 LOSS = "ntp"
+ALLOCATION = "owl"  # ELSA's per-block sparsity; one-shot methods stay uniform (the papers' protocol)
 LR = 6e-4
 LR_LONG = 3e-4
 SHORT_STEPS = 100
@@ -46,12 +47,13 @@ def budget_settings(steps: int, sparsity: float | None, method: str, penalty: st
         return {
             "init": "none",
             "loss": LOSS,
+            "allocation": "uniform",
             "penalty": "coupled",
             "lr": COUPLED_LR,
             "rho_schedule": "constant",
             "interval": PAPER_INTERVAL,
         }
-    chosen: dict = {"init": INIT, "loss": LOSS, "penalty": PENALTY}
+    chosen: dict = {"init": INIT, "loss": LOSS, "penalty": PENALTY, "allocation": ALLOCATION}
     if (penalty or PENALTY) == "coupled":
         return {**chosen, "lr": COUPLED_LR, "rho_schedule": "constant", "interval": PAPER_INTERVAL}
     short = steps <= SHORT_STEPS

@@ -90,7 +90,13 @@ class PruneConfig(EvalSettings):
     method_args: dict[str, dict[str, Any]] = Field(default_factory=dict)
     sparsity: float | None = None
     pattern: str = "unstructured"
-    sparsity_map: str | None = None  # JSON/YAML file {weight name or glob: sparsity}
+    # JSON/YAML file {weight name or glob: sparsity}; a dict is a resolved allocation (elsa/allocation.py)
+    sparsity_map: str | dict[str, float] | None = None
+    # sparsity per decoder block: "uniform", or "owl" (outlier-weighted, computed on the dense model
+    # in the run); None: the budget rule's. owl_m, owl_lambda: OWL's outlier threshold and band
+    allocation: Literal["uniform", "owl"] | None = None
+    owl_m: float = 3.0
+    owl_lambda: float = 0.08
 
     # ADMM (ELSA.md): x-, z-, u-updates and the penalty
     lmda: float = 2e-3
@@ -178,6 +184,8 @@ class PruneConfig(EvalSettings):
             filled.update(zip(rho_fields, rho_group))
         if filled.get("rho_schedule") is None:
             filled["rho_schedule"] = "constant"
+        if data.get("allocation") is None and (parse_pattern(pattern) is not None or data.get("sparsity_map")):
+            filled["allocation"] = "uniform"  # N:M and a user's own map fix every matrix's sparsity
         return filled
 
     @field_validator("method_args")
@@ -246,8 +254,8 @@ class PruneConfig(EvalSettings):
     @field_validator("lr")
     @classmethod
     def _lr_positive(cls, value: float | None) -> float | None:
-        if value is not None and not value > 0:
-            raise ValueError(f"lr={value} must be > 0")
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"lr={value} must be a finite number > 0 (e.g. --lr 1e-4)")
         return value
 
     @field_validator("lmda", "lmda_final")
@@ -264,13 +272,6 @@ class PruneConfig(EvalSettings):
             raise ValueError(
                 f"rho={value} must be strictly between 0 and 1 (the fraction of x - z + u removed per step)"
             )
-        return value
-
-    @field_validator("lr")
-    @classmethod
-    def _lr_finite(cls, value: float) -> float:
-        if not math.isfinite(value):
-            raise ValueError(f"lr={value} must be a finite number > 0 (e.g. --lr 1e-4)")
         return value
 
     @field_validator("betas")
@@ -322,6 +323,13 @@ class PruneConfig(EvalSettings):
                 )
         elif self.sparsity is None and self.sparsity_map is None:
             raise ValueError("sparsity is required (e.g. --sparsity 0.7) unless a sparsity_map is given")
+        if self.allocation == "owl" and (nm is not None or isinstance(self.sparsity_map, str)):
+            raise ValueError(
+                "allocation=owl sets each block's sparsity itself: drop it (--allocation uniform) with "
+                f"pattern={self.pattern} or a sparsity_map"
+            )
+        if not (self.owl_m > 0 and 0 <= self.owl_lambda < 0.5):
+            raise ValueError(f"owl_m={self.owl_m} must be > 0 and owl_lambda={self.owl_lambda} in [0, 0.5)")
         if self.projection == "fisher" and self.method == "elsa" and self.optimizer not in ADAM_FAMILY:
             raise ValueError(
                 f"projection=fisher needs Adam's second moment, but optimizer={self.optimizer}: "

@@ -143,9 +143,9 @@ def find_targets(
 
 
 def config_targets(model: nn.Module, cfg) -> list[Target]:
-    """The matrices ``cfg`` prunes (uniform sparsity, N:M, or its per-matrix sparsity map): the one
-    builder every method and the ADMM loop use."""
-    sparsity_map = load_sparsity_map(cfg.sparsity_map) if cfg.sparsity_map else None
+    """The matrices ``cfg`` prunes (uniform sparsity, N:M, or its per-matrix sparsity map: a file,
+    or a dict resolved from ``allocation: owl``): the one builder every method and the ADMM loop use."""
+    sparsity_map = load_sparsity_map(cfg.sparsity_map) if isinstance(cfg.sparsity_map, str) else cfg.sparsity_map
     return find_targets(model, cfg.sparsity, cfg.nm, sparsity_map)
 
 

@@ -17,6 +17,7 @@ def oneshot_task(cfg_dict: dict, location: str, tracking_info: dict | None, prog
     """Prune, verify, and put the checkpoint at ``location`` (shared storage) for the driver."""
     import tempfile
 
+    from elsa.allocation import ALLOCATION_FILE
     from elsa.api import prune_model
     from elsa.config import PruneConfig
     from elsa.export import export_pruned
@@ -33,7 +34,9 @@ def oneshot_task(cfg_dict: dict, location: str, tracking_info: dict | None, prog
     with tempfile.TemporaryDirectory() as directory:
         out = Path(directory)
         (out / "sparsity_report.json").write_text(json.dumps(result.report, indent=1))
-        export_pruned(result.model, result.tokenizer, cfg, out, result.report)
+        if isinstance(result.cfg.sparsity_map, dict):  # an allocation this run computed: ADMM reads it
+            (out / ALLOCATION_FILE).write_text(json.dumps(result.cfg.sparsity_map, indent=1))
+        export_pruned(result.model, result.tokenizer, result.cfg, out, result.report)
         upload(out, location)
     return {"overall_sparsity": result.report["overall_sparsity"], "prune_s": result.wall_s}
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from elsa.allocation import ALLOCATION_FILE, resolve_allocation
 from elsa.config import PruneConfig
 from pipelines.storage import run_storage
 from pipelines.worker_state import STATE_FILE, STEP_PREFIX, load_state, newest_checkpoint, save_state
@@ -77,7 +78,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     checkpoint = newest_checkpoint(ray.train.get_checkpoint(), config.get("run_token"))
     # resuming, the checkpoint holds every weight: an in-worker warm start is not recomputed
-    model, tokenizer, init_s = _starting_model(
+    model, tokenizer, init_s, cfg = _starting_model(
         cfg, config.get("init_location"), device, world, one_shot=checkpoint is None
     )
     teacher = _teacher(cfg, device, world)
@@ -186,20 +187,30 @@ def _starting_model(cfg: PruneConfig, init_location: str | None, device, world: 
 
     With ``cfg.init`` set and no upstream solution (Tune trials, the single-process API), the
     one-shot method runs here, before sharding, on every rank; rank 0's result is broadcast so
-    that thread-count differences between ranks cannot split the solution.
-    Returns (model, tokenizer, one-shot seconds or None).
+    that thread-count differences between ranks cannot split the solution. The same holds for
+    an ``owl`` allocation: the upstream stage's map is read beside its solution, else rank 0's
+    is computed on the dense model and broadcast.
+    Returns (model, tokenizer, one-shot seconds or None, cfg with its allocation resolved).
     """
     from pipelines.storage import materialized
 
     if init_location:
         with materialized(init_location) as directory:
-            return load_model(directory).to(device), load_tokenizer(directory), None
+            allocation = Path(directory) / ALLOCATION_FILE
+            if cfg.allocation == "owl" and allocation.is_file():
+                cfg = cfg.model_copy(update={"sparsity_map": json.loads(allocation.read_text())})
+            return load_model(directory).to(device), load_tokenizer(directory), None, cfg
     model, tokenizer = load_model(cfg.model).to(device), load_tokenizer(cfg.model)
+    if cfg.allocation == "owl" and world > 1:
+        shared = [resolve_allocation(model, tokenizer, cfg).sparsity_map if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(shared, src=0)
+        cfg = cfg.model_copy(update={"sparsity_map": shared[0]})
+    cfg = resolve_allocation(model, tokenizer, cfg)
     init_s = one_shot_start(model, tokenizer, cfg) if cfg.init != "none" and one_shot else None
     if init_s is not None and world > 1:
         for tensor in model.state_dict().values():
             dist.broadcast(tensor, src=0)
-    return model, tokenizer, init_s
+    return model, tokenizer, init_s, cfg
 
 
 def _teacher(cfg: PruneConfig, device, world: int):

@@ -1,0 +1,102 @@
+"""Non-uniform sparsity across decoder blocks: OWL's outlier-weighted allocation.
+
+Why: at 70-90% the blocks do not suffer equally. OWL (Yin et al., 2024) observes that blocks
+whose Wanda scores |W_ij| * ||X_j|| hold more outliers (scores above ``m`` times the block's mean)
+lose more when pruned, and gives each block a density proportional to its outlier ratio,
+rescaled to the band [1 - S - lam, 1 - S + lam] and shifted so that the blocks' mean sparsity
+is S. Every decoder block has the same matrices, so the overall sparsity of the targets stays S.
+
+The scores come from one dense forward over the one-shot methods' calibration blocks (hooks on
+every target layer), before anything is pruned. :func:`resolve_allocation` turns the config's
+``allocation: owl`` into a per-matrix sparsity map held in the config itself (levels rounded to
+4 decimals, so that a recomputation on resume gives the same keep counts); every later builder
+of the targets (the one-shot start, ADMM, the export's report) reads that map.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from elsa.data import calibration_blocks
+from elsa.targets import Target, config_targets, decoder_blocks
+
+CHUNK = 16  # calibration blocks per forward
+ALLOCATION_FILE = "sparsity_map.json"  # beside a one-shot solution in storage: the sparsities it used
+
+
+def input_norms(model: nn.Module, targets: list[Target], calib: torch.Tensor) -> dict[str, torch.Tensor]:
+    """||X_j||_2 over every calibration token, per target layer, on the dense model."""
+    sums: dict[str, torch.Tensor] = {}
+    handles = []
+    for target in targets:
+        module = model.get_submodule(target.name.rsplit(".", 1)[0])
+
+        def hook(module, inputs, output, name=target.name):
+            x = inputs[0].detach().float()
+            sq = x.reshape(-1, x.shape[-1]).pow(2).sum(dim=0)
+            sums[name] = sums[name] + sq if name in sums else sq
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            for chunk in calib.split(CHUNK):
+                model(input_ids=chunk)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: sq.sqrt() for name, sq in sums.items()}
+
+
+def block_outlier_ratios(
+    model: nn.Module, targets: list[Target], norms: dict[str, torch.Tensor], m: float
+) -> list[float]:
+    """Per decoder block: the share of its targets' Wanda scores above ``m`` x the block's mean."""
+    prefix, blocks = decoder_blocks(model)
+    ratios = []
+    for index in range(len(blocks)):
+        inside = [t for t in targets if t.name.startswith(f"{prefix}.{index}.")]
+        scores = []
+        for target in inside:
+            weight = target.param.detach().float().abs()
+            scale = norms[target.name][None, :] if target.input_dim == 1 else norms[target.name][:, None]
+            scores.append((weight * scale).reshape(-1))
+        flat = torch.cat(scores)
+        ratios.append(float((flat > m * flat.mean()).float().mean()))
+    return ratios
+
+
+def owl_block_sparsities(ratios: list[float], sparsity: float, lam: float) -> list[float]:
+    """Block sparsities in [S - lam, S + lam] with mean S; more outliers, lower sparsity."""
+    r = torch.tensor(ratios, dtype=torch.float64)
+    spread = r.max() - r.min()
+    density = (r - r.min()) / spread * 2 * lam if spread > 0 else torch.zeros_like(r)
+    density = density - density.mean() + (1.0 - sparsity)
+    levels = [round(level, 4) for level in (1.0 - density).tolist()]
+    bad = [s for s in levels if not 0.0 <= s < 1.0]
+    if bad:
+        raise ValueError(
+            f"OWL with lambda={lam} at sparsity {sparsity} puts a block at sparsity {bad[0]:.3f}, outside "
+            f"[0, 1); use a smaller lambda"
+        )
+    return levels
+
+
+def owl_sparsity_map(
+    model: nn.Module, targets: list[Target], calib: torch.Tensor, sparsity: float, m: float, lam: float
+) -> dict[str, float]:
+    """``{weight name: sparsity}`` for every target, from OWL's block allocation."""
+    norms = input_norms(model, targets, calib)
+    levels = owl_block_sparsities(block_outlier_ratios(model, targets, norms, m), sparsity, lam)
+    prefix, _ = decoder_blocks(model)
+    return {t.name: levels[int(t.name[len(prefix) + 1 :].split(".")[0])] for t in targets}
+
+
+def resolve_allocation(model: nn.Module, tokenizer, cfg):
+    """``cfg`` with ``allocation: owl`` turned into its sparsity map, computed on ``model`` (which
+    must still be dense); any other config unchanged."""
+    if cfg.allocation != "owl" or isinstance(cfg.sparsity_map, dict):
+        return cfg
+    calib = calibration_blocks(tokenizer, cfg.data, cfg.calib_blocks, cfg.seqlen, cfg.seed)
+    smap = owl_sparsity_map(model, config_targets(model, cfg), calib, cfg.sparsity, cfg.owl_m, cfg.owl_lambda)
+    return cfg.model_copy(update={"sparsity_map": smap})
