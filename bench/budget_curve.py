@@ -3,7 +3,8 @@
 Reads a results directory written by ``bench/run_bench.py`` (ELSA cells of the ``elsa`` method,
 one per ``--steps``, and the one-shot cells) and writes, for one sparsity, ``budget_curve.md``
 (a table) and ``budget_curve.png`` (log-log: wall seconds of the whole prune, warm start
-included, against WikiText-2 perplexity). The 0-step point is the warm start alone (its
+included, against WikiText-2 perplexity); cells from before the ``allocation`` field ran
+uniform. The 0-step point is the warm start alone (its
 one-shot cell). Wall times are only comparable when every cell ran alone on the machine:
 ``torch_threads`` of each cell is in the table.
 
@@ -29,14 +30,15 @@ def curve_rows(results: list[dict], sparsity: float) -> list[dict]:
 
 def table(rows: list[dict], dense: float | None) -> str:
     lines = [
-        "| method | steps | wall s (prune, warm start included) | ppl | ppl / dense | kept | threads |",
-        "|---|---|---|---|---|---|---|",
+        "| method | steps | allocation | wall s (prune, warm start included) | ppl | ppl / dense | kept | threads |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ratio = f"{r[METRIC] / dense:.2f}" if dense else "-"
         steps = r.get("steps", "-")
         lines.append(
-            f"| {r['method']} | {steps} | {r['prune_s']:.0f} | {r[METRIC]:.1f} | {ratio} | {r.get('kept', '-')} "
+            f"| {r['method']} | {steps} | {r.get('allocation', 'uniform')} | {r['prune_s']:.0f} | {r[METRIC]:.1f} "
+            f"| {ratio} | {r.get('kept', '-')} "
             f"| {r.get('torch_threads', '-')} |"
         )
     return "\n".join(lines)
@@ -47,9 +49,12 @@ def plot(rows: list[dict], out_png: Path, sparsity: float) -> Path:
 
     figure = _new_figure(6.0, 4.2)
     axes = figure.add_subplot(1, 1, 1)
-    elsa = [r for r in rows if r["method"] == "elsa"]
-    if elsa:
-        axes.plot([r["prune_s"] for r in elsa], [r[METRIC] for r in elsa], "o-", label="ELSA defaults (steps marked)")
+    for allocation in ("owl", "uniform"):  # one line per allocation: the defaults changed in session 9
+        elsa = [r for r in rows if r["method"] == "elsa" and r.get("allocation", "uniform") == allocation]
+        if not elsa:
+            continue
+        label = f"ELSA, {allocation} allocation (steps marked)"
+        axes.plot([r["prune_s"] for r in elsa], [r[METRIC] for r in elsa], "o-", label=label)
         for r in elsa:
             axes.annotate(
                 str(r["steps"]), (r["prune_s"], r[METRIC]), textcoords="offset points", xytext=(4, 4), fontsize=8

@@ -9,6 +9,8 @@ that decides), WikiText-2 perplexity (for the record only), wall and step time, 
     python bench/settings_probe.py --save-start sparsegpt --cfg '{"sparsity": 0.8}' --start /tmp/sgpt-80.safetensors
     python bench/settings_probe.py --start /tmp/sgpt-80.safetensors --cfg '{"steps": 32, "lr": 6e-4, "interval": 2}'
     python bench/settings_probe.py --start /tmp/sgpt-80.safetensors --cfg '{"steps": 150}' --long-val 512
+    python bench/settings_probe.py --save-start sparsegpt --cfg '{"sparsity": 0.8, "allocation": "owl"}' \
+        --start /tmp/owl-80.safetensors
 """
 
 from __future__ import annotations
@@ -96,6 +98,7 @@ def _load_start(model, path: str, cfg) -> None:
 def main(argv: list[str] | None = None) -> dict:
     args = _parse_args(argv)
 
+    from elsa.allocation import resolve_allocation
     from elsa.api import evaluate_perplexity
     from elsa.config import make_config
     from elsa.data import calibration_blocks
@@ -110,6 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
         return _save_start(args, fields)
     cfg = make_config(fields)
     model, tokenizer = load_model(cfg.model), load_tokenizer(cfg.model)
+    cfg = resolve_allocation(model, tokenizer, cfg)  # on the dense model, as a run does
     if args.start:
         _load_start(model, args.start, cfg)
     val = BatchSampler(tokenizer, cfg).validation()

@@ -8,12 +8,14 @@ is S. Every decoder block has the same matrices, so the overall sparsity of the 
 
 The scores come from one dense forward over the one-shot methods' calibration blocks (hooks on
 every target layer), before anything is pruned. :func:`resolve_allocation` turns the config's
-``allocation: owl`` into a per-matrix sparsity map held in the config itself (levels rounded to
-4 decimals, so that a recomputation on resume gives the same keep counts); every later builder
+``allocation: owl`` into a per-matrix sparsity map held in the config itself (levels rounded up
+to 4 decimals, so that a recomputation on resume gives the same keep counts); every later builder
 of the targets (the one-shot start, ADMM, the export's report) reads that map.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -72,7 +74,8 @@ def owl_block_sparsities(ratios: list[float], sparsity: float, lam: float) -> li
     spread = r.max() - r.min()
     density = (r - r.min()) / spread * 2 * lam if spread > 0 else torch.zeros_like(r)
     density = density - density.mean() + (1.0 - sparsity)
-    levels = [round(level, 4) for level in (1.0 - density).tolist()]
+    # up to the 4th decimal: the mean stays >= S, and a recomputation gives the same keep counts
+    levels = [math.ceil(level * 1e4 - 1e-6) / 1e4 for level in (1.0 - density).tolist()]
     bad = [s for s in levels if not 0.0 <= s < 1.0]
     if bad:
         raise ValueError(

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import math
 import re
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from elsa.schedules import SCHEDULES
@@ -93,10 +91,11 @@ class PruneConfig(EvalSettings):
     # JSON/YAML file {weight name or glob: sparsity}; a dict is a resolved allocation (elsa/allocation.py)
     sparsity_map: str | dict[str, float] | None = None
     # sparsity per decoder block: "uniform", or "owl" (outlier-weighted, computed on the dense model
-    # in the run); None: the budget rule's. owl_m, owl_lambda: OWL's outlier threshold and band
+    # in the run); None: the budget rule's. owl_m: OWL's outlier threshold; owl_lambda: its band's
+    # half-width (None: the rule's, elsa/budget.py)
     allocation: Literal["uniform", "owl"] | None = None
     owl_m: float = 3.0
-    owl_lambda: float = 0.08
+    owl_lambda: float | None = None
 
     # ADMM (ELSA.md): x-, z-, u-updates and the penalty
     lmda: float = 2e-3
@@ -168,7 +167,7 @@ class PruneConfig(EvalSettings):
         """Fill the fields left unset from the budget rule (elsa/budget.py), before validation."""
         if not isinstance(data, dict):
             return data
-        from elsa.budget import budget_settings
+        from elsa.budget import budget_settings, owl_lambda
 
         steps = data.get("steps") or cls.model_fields["steps"].default
         pattern = data.get("pattern") or cls.model_fields["pattern"].default
@@ -186,6 +185,8 @@ class PruneConfig(EvalSettings):
             filled["rho_schedule"] = "constant"
         if data.get("allocation") is None and (parse_pattern(pattern) is not None or data.get("sparsity_map")):
             filled["allocation"] = "uniform"  # N:M and a user's own map fix every matrix's sparsity
+        if data.get("owl_lambda") is None and sparsity is not None:
+            filled["owl_lambda"] = owl_lambda(sparsity)
         return filled
 
     @field_validator("method_args")
@@ -328,7 +329,7 @@ class PruneConfig(EvalSettings):
                 "allocation=owl sets each block's sparsity itself: drop it (--allocation uniform) with "
                 f"pattern={self.pattern} or a sparsity_map"
             )
-        if not (self.owl_m > 0 and 0 <= self.owl_lambda < 0.5):
+        if not (self.owl_m > 0 and 0 <= (self.owl_lambda or 0) < 0.5):
             raise ValueError(f"owl_m={self.owl_m} must be > 0 and owl_lambda={self.owl_lambda} in [0, 0.5)")
         if self.projection == "fisher" and self.method == "elsa" and self.optimizer not in ADAM_FAMILY:
             raise ValueError(
@@ -375,29 +376,3 @@ def make_config(*layers: dict[str, Any] | None) -> PruneConfig:
         return PruneConfig(**merged)
     except ValidationError as err:
         raise ConfigError(_format_errors(err)) from None
-
-
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML (or JSON) config file into a flat dictionary."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    data = _parse_yaml(path)
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping of field: value")
-    return data
-
-
-def _parse_yaml(path: Path) -> Any:
-    """The file's YAML, or a ConfigError naming the file and line (yaml's own text names neither)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text ({err.reason} at byte {err.start})") from None
-    try:
-        return yaml.safe_load(text) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"config file {str(path)!r}{where} is not valid YAML: {problem}") from None

@@ -34,6 +34,7 @@ _SETTINGS = (
     "interval",
     "init",
     "loss",
+    "allocation",
     "projection",
     "optimizer",
     "data",

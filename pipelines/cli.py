@@ -13,7 +13,8 @@ import argparse
 import os
 import typing
 
-from elsa.config import ConfigError, EvalSettings, PruneConfig, load_yaml, make_config
+from elsa.config import ConfigError, EvalSettings, PruneConfig, make_config
+from elsa.config_files import load_yaml
 from pipelines.capacity import RESOURCE_TIMEOUT_S
 from pipelines.tracking import DEFAULT_EXPERIMENT
 

@@ -105,6 +105,8 @@ def train_loop_per_worker(config: dict) -> None:
     admm.final_projection()
     if init_s is not None:
         final["init_s"] = init_s
+    if isinstance(cfg.sparsity_map, dict):  # an OWL allocation: the band its blocks span
+        final.update(sparsity_min=min(cfg.sparsity_map.values()), sparsity_max=max(cfg.sparsity_map.values()))
     final.update(_final_losses(history, init_val_loss, validation_loss))
     _deliver(final, model, tokenizer, admm, cfg, config, rank, logger)
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from elsa.config import PruneConfig, load_yaml
+from elsa.config import PruneConfig
+from elsa.config_files import load_yaml
 from pipelines.cli import add_config_options
 from tune.search import DEFAULT_MAX_VAL_LOSS, SCHEDULERS, SEARCHERS
 
