@@ -74,7 +74,7 @@ def test_the_rule_gives_elsa_owl_and_keeps_uniform_where_sparsities_are_fixed(tm
     from elsa.presets import paper_preset
 
     assert make_config({"sparsity": 0.8}).allocation == "owl"
-    for sparsity, lam in ((0.7, 0.08), (0.8, 0.08), (0.9, 0.05), (0.95, 0.025)):  # no block past (1 + S) / 2
+    for sparsity, lam in ((0.7, 0.08), (0.8, 0.08), (0.9, 0.05), (0.95, 0.025)):  # the spread narrows at high S
         assert make_config({"sparsity": sparsity}).owl_lambda == pytest.approx(lam)
     assert make_config({"sparsity": 0.9, "owl_lambda": 0.02}).owl_lambda == 0.02
     assert make_config({"sparsity": 0.8, "method": "sparsegpt"}).allocation == "uniform"
