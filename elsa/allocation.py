@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from elsa.data import calibration_blocks
-from elsa.targets import Target, config_targets, decoder_blocks
+from elsa.methods.wanda import InputNorms, wanda_score
+from elsa.targets import Target, config_targets, decoder_blocks, targets_by_block
 
 CHUNK = 16  # calibration blocks per forward
 ALLOCATION_FILE = "sparsity_map.json"  # beside a one-shot solution in storage: the sparsities it used
@@ -30,15 +31,15 @@ ALLOCATION_FILE = "sparsity_map.json"  # beside a one-shot solution in storage: 
 
 def input_norms(model: nn.Module, targets: list[Target], calib: torch.Tensor) -> dict[str, torch.Tensor]:
     """||X_j||_2 over every calibration token, per target layer, on the dense model."""
-    sums: dict[str, torch.Tensor] = {}
+    stats: dict[str, InputNorms] = {}
     handles = []
     for target in targets:
         module = model.get_submodule(target.name.rsplit(".", 1)[0])
 
         def hook(module, inputs, output, name=target.name):
-            x = inputs[0].detach().float()
-            sq = x.reshape(-1, x.shape[-1]).pow(2).sum(dim=0)
-            sums[name] = sums[name] + sq if name in sums else sq
+            x = inputs[0].detach()
+            x = x.reshape(-1, x.shape[-1])
+            stats.setdefault(name, InputNorms(x.shape[-1], x.device)).add(x)
 
         handles.append(module.register_forward_hook(hook))
     try:
@@ -48,7 +49,7 @@ def input_norms(model: nn.Module, targets: list[Target], calib: torch.Tensor) ->
     finally:
         for handle in handles:
             handle.remove()
-    return {name: sq.sqrt() for name, sq in sums.items()}
+    return {name: norms.norms() for name, norms in stats.items()}
 
 
 def block_outlier_ratios(
@@ -57,14 +58,8 @@ def block_outlier_ratios(
     """Per decoder block: the share of its targets' Wanda scores above ``m`` x the block's mean."""
     prefix, blocks = decoder_blocks(model)
     ratios = []
-    for index in range(len(blocks)):
-        inside = [t for t in targets if t.name.startswith(f"{prefix}.{index}.")]
-        scores = []
-        for target in inside:
-            weight = target.param.detach().float().abs()
-            scale = norms[target.name][None, :] if target.input_dim == 1 else norms[target.name][:, None]
-            scores.append((weight * scale).reshape(-1))
-        flat = torch.cat(scores)
+    for inside in targets_by_block(targets, prefix, len(blocks)):
+        flat = torch.cat([wanda_score(t.param, norms[t.name], t.input_dim).reshape(-1) for t in inside])
         ratios.append(float((flat > m * flat.mean()).float().mean()))
     return ratios
 
@@ -92,8 +87,9 @@ def owl_sparsity_map(
     """``{weight name: sparsity}`` for every target, from OWL's block allocation."""
     norms = input_norms(model, targets, calib)
     levels = owl_block_sparsities(block_outlier_ratios(model, targets, norms, m), sparsity, lam)
-    prefix, _ = decoder_blocks(model)
-    return {t.name: levels[int(t.name[len(prefix) + 1 :].split(".")[0])] for t in targets}
+    prefix, blocks = decoder_blocks(model)
+    grouped = targets_by_block(targets, prefix, len(blocks))
+    return {t.name: level for level, inside in zip(levels, grouped) for t in inside}
 
 
 def resolve_allocation(model: nn.Module, tokenizer, cfg):

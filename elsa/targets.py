@@ -142,6 +142,15 @@ def find_targets(
     return targets
 
 
+def targets_by_block(targets: list[Target], prefix: str, n_blocks: int) -> list[list[Target]]:
+    """``targets`` grouped by the decoder block (``{prefix}.{index}.``) that holds them."""
+    grouped: list[list[Target]] = [[] for _ in range(n_blocks)]
+    for target in targets:
+        index = int(target.name[len(prefix) + 1 :].split(".", 1)[0])
+        grouped[index].append(target)
+    return grouped
+
+
 def config_targets(model: nn.Module, cfg) -> list[Target]:
     """The matrices ``cfg`` prunes (uniform sparsity, N:M, or its per-matrix sparsity map: a file,
     or a dict resolved from ``allocation: owl``): the one builder every method and the ADMM loop use."""

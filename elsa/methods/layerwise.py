@@ -33,7 +33,7 @@ from torch import nn
 
 from elsa.methods import OneShotMethod
 from elsa.projection import nm_mask, topk_mask
-from elsa.targets import Target, config_targets, decoder_blocks, verify_sparsity
+from elsa.targets import Target, config_targets, decoder_blocks, targets_by_block, verify_sparsity
 
 
 class InputStats(Protocol):
@@ -181,14 +181,6 @@ def _check_calib(calib: torch.Tensor) -> None:
         )
 
 
-def _targets_by_block(targets: list[Target], prefix: str, n_blocks: int) -> list[list[Target]]:
-    grouped: list[list[Target]] = [[] for _ in range(n_blocks)]
-    for target in targets:
-        index = int(target.name[len(prefix) + 1 :].split(".", 1)[0])
-        grouped[index].append(target)
-    return grouped
-
-
 def _prune_block(model, block, call, hidden, targets, make_stats: MakeStats, prune_layer: PruneLayer) -> None:
     """Feed the block's inputs through it once, accumulating each target's statistics, then prune."""
     stats = {id(t): make_stats(t) for t in targets}
@@ -229,7 +221,7 @@ def prune_layerwise(
     _check_calib(calib)
     start = time.perf_counter()
     prefix, blocks = decoder_blocks(model)
-    grouped = _targets_by_block(targets, prefix, len(blocks))
+    grouped = targets_by_block(targets, prefix, len(blocks))
     device = next(model.parameters()).device
     calib = calib.to(device)
     was_training = model.training
