@@ -77,6 +77,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tag", default="")
     parser.add_argument("--no-ppl", action="store_true", help="skip the WikiText-2 perplexity")
     parser.add_argument(
+        "--freeze-embeddings", action="store_true", help="keep the (tied) embedding matrix at its start value"
+    )
+    parser.add_argument(
         "--long-val",
         type=int,
         default=0,
@@ -122,6 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.long_val:
         long_val = calibration_blocks(tokenizer, cfg.data, cfg.val_blocks, args.long_val, 7, split="validation")
         long_record = {"start": _nll_by_position(model, long_val, args.long_val // 2)}
+    if args.freeze_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
     started = time.perf_counter()
     summary = get_method("elsa").run(model, tokenizer, cfg, None, None)
     wall = time.perf_counter() - started
@@ -132,6 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
         "tag": args.tag,
         "start": args.start,
         "cfg": json.loads(args.cfg),
+        "freeze_embeddings": args.freeze_embeddings,
         "init_val": start_loss,
         "final_val": mean_nll(model, val),
         **({f"long_val_{args.long_val}": long_record} if long_record else {}),
