@@ -28,16 +28,27 @@ def curve_rows(results: list[dict], sparsity: float) -> list[dict]:
     return oneshot + elsa
 
 
+def _embeddings(row: dict) -> str:
+    """Cells from before the ``train_embeddings`` field (session 11) trained them."""
+    return "frozen" if row.get("train_embeddings") is False else "trained"
+
+
+def _curve(row: dict) -> str:
+    return f"{row.get('allocation', 'uniform')} allocation, embeddings {_embeddings(row)}"
+
+
 def table(rows: list[dict], dense: float | None) -> str:
     lines = [
-        "| method | steps | allocation | wall s (prune, warm start included) | ppl | ppl / dense | kept | threads |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | steps | allocation | embeddings | wall s (prune, warm start included) | ppl | ppl / dense | kept "
+        "| threads |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ratio = f"{r[METRIC] / dense:.2f}" if dense else "-"
         steps = r.get("steps", "-")
         lines.append(
-            f"| {r['method']} | {steps} | {r.get('allocation', 'uniform')} | {r['prune_s']:.0f} | {r[METRIC]:.1f} "
+            f"| {r['method']} | {steps} | {r.get('allocation', 'uniform')} | {_embeddings(r)} | {r['prune_s']:.0f} "
+            f"| {r[METRIC]:.1f} "
             f"| {ratio} | {r.get('kept', '-')} "
             f"| {r.get('torch_threads', '-')} |"
         )
@@ -49,11 +60,10 @@ def plot(rows: list[dict], out_png: Path, sparsity: float) -> Path:
 
     figure = _new_figure(6.0, 4.2)
     axes = figure.add_subplot(1, 1, 1)
-    for allocation in ("owl", "uniform"):  # one line per allocation: the defaults changed in session 9
-        elsa = [r for r in rows if r["method"] == "elsa" and r.get("allocation", "uniform") == allocation]
-        if not elsa:
-            continue
-        label = f"ELSA, {allocation} allocation (steps marked)"
+    elsa_rows = [r for r in rows if r["method"] == "elsa"]
+    for curve in dict.fromkeys(map(_curve, elsa_rows)):  # one line per default: they changed in sessions 9 and 11
+        elsa = [r for r in elsa_rows if _curve(r) == curve]
+        label = f"ELSA, {curve} (steps marked)"
         axes.plot([r["prune_s"] for r in elsa], [r[METRIC] for r in elsa], "o-", label=label)
         for r in elsa:
             axes.annotate(

@@ -202,7 +202,8 @@ def write_reports(results: list[dict], out_dir: Path, metric: str, args) -> None
     for r in sorted(ok, key=lambda r: (r["sparsity"], METHODS.index(r["method"]), r.get("steps") or 0)):
         ratio = f"{r[metric] / dense:.2f}" if dense else "-"
         steps = r.get("config", {}).get("steps", "-") if r["method"].startswith("elsa") else "-"
-        steps = f"{steps} ({r['init']}, {r['loss']}, kept {r['kept']})" if r.get("kept") else steps
+        frozen = ", embeddings frozen" if r.get("train_embeddings") is False else ""
+        steps = f"{steps} ({r['init']}, {r['loss']}{frozen}, kept {r['kept']})" if r.get("kept") else steps
         lines.append(
             f"| {r['method']} | {r['sparsity']:.1f} | {r[metric]:.2f} | {ratio} | {r['prune_s']:.0f} | "
             f"{r['peak_rss_mb']:.0f} "

@@ -24,6 +24,7 @@ def _elsa_fields(cfg, summary: dict) -> dict:
         "init": cfg.init,
         "loss": cfg.loss,
         "allocation": cfg.allocation,
+        "train_embeddings": cfg.train_embeddings,
         "lr": cfg.lr,
         **{k: summary[k] for k in kept if k in summary},
     }

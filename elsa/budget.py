@@ -11,6 +11,10 @@ every budget:
 * penalty ``decoupled``, rho rising linearly from ``RHO`` to ``RHO_FINAL`` (the exact proximal
   pull, independent of the gradient's scale);
 * loss ``ntp`` (distillation measured and kept as an option: ``--loss ntp+kd``);
+* the token embedding and output head (tied in SmolLM2, never pruned) frozen: trained on the
+  calibration text they lower the held-out loss less and raise the evaluation perplexity. At 90%,
+  300 steps from the OWL SparseGPT start (held-out 8.371): 5.589 frozen against 5.769 trained
+  (WikiText-2 557.6 against 699.8), and 1.78 s a step against 2.02, 0.4 GB less memory;
 * allocation ``owl`` (elsa/allocation.py): each decoder block's sparsity from its share of
   Wanda-score outliers on the dense model (m 3, lambda 0.08 but at most (1 - S) / 2), mean S. At
   80%, the SparseGPT start's held-out loss (8 blocks) is 6.726 uniform, 6.589 / 6.505 with m 5 and
@@ -39,6 +43,7 @@ PAPER_INTERVAL = 32  # the paper's, for the coupled penalty
 RHO, RHO_FINAL, RHO_SCHEDULE = 0.005, 0.05, "linear"
 INIT = "sparsegpt"
 LOSS = "ntp"
+TRAIN_EMBEDDINGS = False
 ALLOCATION = "owl"  # ELSA's per-block sparsity; one-shot methods stay uniform (the papers' protocol)
 OWL_LAMBDA = 0.08  # half-width of OWL's band of block sparsities, narrowed at high sparsity
 LR = 6e-4
@@ -53,6 +58,7 @@ def budget_settings(steps: int, sparsity: float | None, method: str, penalty: st
         return {
             "init": "none",
             "loss": LOSS,
+            "train_embeddings": True,
             "allocation": "uniform",
             "penalty": "coupled",
             "lr": COUPLED_LR,
@@ -60,11 +66,13 @@ def budget_settings(steps: int, sparsity: float | None, method: str, penalty: st
             "interval": PAPER_INTERVAL,
         }
     chosen: dict = {"init": INIT, "loss": LOSS, "penalty": PENALTY, "allocation": ALLOCATION}
-    if (penalty or PENALTY) == "coupled":
-        return {**chosen, "lr": COUPLED_LR, "rho_schedule": "constant", "interval": PAPER_INTERVAL}
+    if (penalty or PENALTY) == "coupled":  # the paper's settings: every weight trained
+        coupled = {"lr": COUPLED_LR, "rho_schedule": "constant", "interval": PAPER_INTERVAL, "train_embeddings": True}
+        return {**chosen, **coupled}
     short = steps <= SHORT_STEPS
     return {
         **chosen,
+        "train_embeddings": TRAIN_EMBEDDINGS,
         "lr": LR if short else LR_LONG,
         "interval": INTERVAL if short else INTERVAL_LONG,
         "rho_group": (RHO, RHO_FINAL, RHO_SCHEDULE),

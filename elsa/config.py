@@ -139,6 +139,8 @@ class PruneConfig(EvalSettings):
     # training loss: next-token ("ntp"), distillation from the dense starting model ("kd"), or
     # (1 - kd_weight) * ntp + kd_weight * kd; kd is T^2 * KL(teacher || student) at temperature T
     loss: Literal["ntp", "kd", "ntp+kd"] | None = None
+    # train the (unpruned) token embedding and output head with the rest; None: the budget rule's
+    train_embeddings: bool | None = None
     kd_temperature: float = 1.0
     kd_weight: float = 0.5
 

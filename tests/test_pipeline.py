@@ -186,8 +186,11 @@ def test_one_and_two_workers_give_the_same_masks(tmp_path, tiny_model_dir, ray_s
     One run covers both sharded paths that a single process does not have: the paper's coupled
     penalty (its objective-aware projection reads Adam's sharded second moment) and distillation
     from the frozen dense teacher, sharded like the student (fp32: the 1- and 2-worker sums differ
-    only by reduction order). The decoupled penalty shares the coupled one's sharded projection."""
-    distil = {"penalty": "coupled", "loss": "ntp+kd", "kd_temperature": 2.0}
+    only by reduction order), with the student's embedding frozen inside FSDP's root unit (the
+    budget rule's default). The decoupled penalty shares the coupled one's sharded projection."""
+    from elsa.models import load_model
+
+    distil = {"penalty": "coupled", "loss": "ntp+kd", "kd_temperature": 2.0, "train_embeddings": False}
     single = _train(tmp_path, "one", 1, model=tiny_model_dir, **distil)
     sharded = _train(tmp_path, "two", 2, model=tiny_model_dir, **distil)
     masks_one, masks_two = _masks(single), _masks(sharded)
@@ -195,6 +198,8 @@ def test_one_and_two_workers_give_the_same_masks(tmp_path, tiny_model_dir, ray_s
         assert torch.equal(mask, masks_two[name]), name
     for (name, a), b in zip(single.state_dict().items(), sharded.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    start = load_model(str(tiny_model_dir)).get_input_embeddings().weight
+    assert torch.equal(sharded.get_input_embeddings().weight, start)
 
 
 def _run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:

@@ -86,6 +86,7 @@ def test_budget_rule_fills_the_documented_settings(steps):
 
     cfg = make_config({"sparsity": 0.8, "steps": steps})
     assert cfg.penalty == budget.PENALTY and cfg.init == budget.INIT and cfg.loss == budget.LOSS
+    assert cfg.train_embeddings is budget.TRAIN_EMBEDDINGS is False
     assert cfg.interval == (budget.INTERVAL if steps <= budget.SHORT_STEPS else budget.INTERVAL_LONG)
     assert cfg.lr == (budget.LR if steps <= budget.SHORT_STEPS else budget.LR_LONG)
     assert (cfg.rho, cfg.rho_final, cfg.rho_schedule) == (budget.RHO, budget.RHO_FINAL, budget.RHO_SCHEDULE)
@@ -97,6 +98,8 @@ def test_budget_rule_keeps_what_the_user_set():
     assert cfg.rho is None and cfg.rho_schedule == "constant"  # the user's derived rho, not the rule's
     coupled = make_config({"sparsity": 0.8, "penalty": "coupled"})
     assert coupled.rho is None and coupled.rho_schedule == "constant" and coupled.interval == 32
+    assert coupled.train_embeddings is True  # the paper's: every weight trained
+    assert make_config({"sparsity": 0.8, "train_embeddings": True}).train_embeddings is True
     oneshot = make_config({"sparsity": 0.8, "method": "sparsegpt"})
     assert oneshot.init == "none"
 
@@ -106,7 +109,23 @@ def test_paper_preset_keeps_the_papers_settings():
 
     cfg = make_config(paper_preset("smollm2-135m", 0.7), {"sparsity": 0.7})
     assert (cfg.penalty, cfg.init, cfg.loss, cfg.lr, cfg.lmda) == ("coupled", "none", "ntp", 1e-4, 2e-3)
-    assert cfg.rho is None
+    assert cfg.rho is None and cfg.train_embeddings is True
+
+
+@pytest.mark.parametrize("train_embeddings", [False, True])
+def test_frozen_embeddings_keep_their_start_values_while_the_blocks_train(tiny_model_dir, train_embeddings):
+    """The rule's default (frozen) leaves the embedding and output head bit-identical; trained, they move."""
+    from elsa.api import prune_model
+    from elsa.models import load_model, load_tokenizer
+
+    cfg = _tiny_cfg(tiny_model_dir, init="none", lr=3e-3, train_embeddings=train_embeddings)
+    start = load_model(str(tiny_model_dir))
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    model = prune_model(cfg, model=load_model(str(tiny_model_dir)), tokenizer=tokenizer).model
+    for get in ("get_input_embeddings", "get_output_embeddings"):
+        moved = not torch.equal(getattr(model, get)().weight, getattr(start, get)().weight)
+        assert moved is train_embeddings, get
+    assert any(not torch.equal(t.param, start.get_parameter(t.name)) for t in config_targets(model, cfg))
 
 
 # ---------------------------------------------------------------------------------- warm start
