@@ -48,10 +48,17 @@ SCALE_DOWN_TIMEOUT_S = 120
 
 
 # --------------------------------------------------------------------------- helpers
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """n distinct free ports: all n sockets are held open while choosing, since a port closed and
+    asked for again can come back (CI once got the dashboard's port for its agent too)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def _node_ip() -> str:
@@ -76,8 +83,7 @@ class LocalRayHead:
         self.dashboard = dashboard
         self.root = Path(tempfile.mkdtemp(prefix="elsa-rc-", dir="/tmp"))  # short: socket paths
         self.ip = _node_ip()
-        self.gcs_port = _free_port()
-        self.dashboard_port = _free_port()
+        self.gcs_port, self.dashboard_port, self.agent_port = _free_ports(3)
         self.address = f"{self.ip}:{self.gcs_port}"
         self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
         self.sid: int | None = None
@@ -116,7 +122,7 @@ class LocalRayHead:
             f"--temp-dir={self.root / 'ray'}",
             "--disable-usage-stats",
             "--object-store-memory=200000000",
-            f"--dashboard-agent-listen-port={_free_port()}",
+            f"--dashboard-agent-listen-port={self.agent_port}",
             f"--include-dashboard={'true' if self.dashboard else 'false'}",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={self.dashboard_port}",

@@ -108,13 +108,15 @@ def test_exact_sparsity_per_matrix(arch, pattern, tok):
             continue
         new_zeros = (p.detach() == 0) & (before[name] != 0)
         assert int(new_zeros.sum()) == 0, f"{name} was pruned"
-    for emb in EMBEDDINGS[arch][:1]:  # embeddings are trained, not frozen
-        assert not torch.equal(after[emb].detach(), before[emb])
+    for emb in EMBEDDINGS[arch][:1]:  # the budget rule freezes the embeddings of a decoupled run
+        assert torch.equal(after[emb].detach(), before[emb])
 
 
 def test_projected_validation_loss_falls(tok):
     model = tiny.tiny_model("llama", len(tok), seed=0)
-    cfg = _cfg("unstructured", steps=16, interval=4, eval_interval=4, lr=3e-3, lmda=1e-2)
+    # a random-init tiny model has nothing in its embedding worth keeping: train it here (the loop's
+    # claim, not the budget rule's, is under test)
+    cfg = _cfg("unstructured", steps=16, interval=4, eval_interval=4, lr=3e-3, lmda=1e-2, train_embeddings=True)
     result = prune_model(cfg, model=model, tokenizer=tok)
     losses = [h["val_loss_projected"] for h in result.summary["history"] if "val_loss_projected" in h]
     assert len(losses) == 4 and all(math.isfinite(v) for v in losses)

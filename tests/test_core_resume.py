@@ -150,7 +150,8 @@ def test_state_dict_keeps_storage_formats():
     model = _model()
     admm, _ = _run(model, cfg, 0, 2)
     state = admm.state_dict()
-    index = {id(p): i for i, p in enumerate(model.parameters())}
+    ordered = [p for group in admm.param_groups for p in group["params"]]  # the optimiser's own order
+    index = {id(p): i for i, p in enumerate(ordered)}  # (frozen embeddings are not in it)
     target = admm.targets[0]
     saved = state["state"][index[id(target.param)]]
     assert saved["admm_z_q"].dtype == torch.float8_e4m3fn and saved["admm_z_q"].shape == target.shape

@@ -144,13 +144,14 @@ def test_kept_solution_prefers_the_lower_loss_and_never_a_non_finite_one():
 @pytest.mark.parametrize("lr, expect", [(3e-3, None), (0.5, "init")])
 def test_warm_start_never_ends_worse_than_its_one_shot_start(tiny_model_dir, lr, expect):
     """From SparseGPT: the returned model's held-out loss is at most SparseGPT's, and the run says
-    which one it kept; a run that wrecks the model (lr 0.5) hands back SparseGPT's exact weights."""
+    which one it kept; a run that wrecks the model (lr 0.5, on the embeddings too) hands back
+    SparseGPT's exact weights."""
     from elsa.api import prune_model
     from elsa.loop import BatchSampler
     from elsa.models import load_model, load_tokenizer
     from elsa.perplexity import mean_nll
 
-    cfg = _tiny_cfg(tiny_model_dir, init="sparsegpt", lr=lr, rho=0.05)
+    cfg = _tiny_cfg(tiny_model_dir, init="sparsegpt", lr=lr, rho=0.05, train_embeddings=expect == "init")
     tokenizer = load_tokenizer(str(tiny_model_dir))
     val = BatchSampler(tokenizer, cfg).validation()
     reference = load_model(str(tiny_model_dir))
@@ -232,7 +233,8 @@ def _run_of(tmp_path, name: str):
 @pytest.mark.slow
 def test_pipeline_warm_start_keeps_the_better_and_says_so(tmp_path, tiny_model_dir, ray_session, monkeypatch, capsys):
     """Upstream SparseGPT task -> Train workers start from its checkpoint in the run's storage;
-    lr 0.5 ends worse than that start, so the run ships the start, tags it and says so.
+    lr 0.5 on the blocks and the embeddings ends worse than that start, so the run ships the start,
+    tags it and says so.
     (The other outcome is covered on one process by test_warm_start_never_ends_worse...)"""
     from elsa.models import load_model
 
@@ -249,6 +251,7 @@ def test_pipeline_warm_start_keeps_the_better_and_says_so(tmp_path, tiny_model_d
                 "0.5",
                 "--rho",
                 "0.05",
+                "--train-embeddings",
                 "--keep-checkpoints",
             )
         )
