@@ -29,7 +29,10 @@ def curve_rows(results: list[dict], sparsity: float) -> list[dict]:
 
 
 def _embeddings(row: dict) -> str:
-    """Cells from before the ``train_embeddings`` field (session 11) trained them."""
+    """ELSA cells from before the ``train_embeddings`` field (session 11) trained them; a
+    one-shot method trains nothing."""
+    if not str(row.get("method", "")).startswith("elsa"):
+        return "-"
     return "frozen" if row.get("train_embeddings") is False else "trained"
 
 
