@@ -20,10 +20,14 @@ from pathlib import Path
 METRIC = "ppl_wikitext2-bundled"
 
 
+def _one_shot(row: dict) -> bool:
+    return not row["method"].startswith("elsa")
+
+
 def curve_rows(results: list[dict], sparsity: float) -> list[dict]:
     """The cells at ``sparsity``: one-shot methods first, then ELSA by steps."""
     cells = [r for r in results if "error" not in r and r["sparsity"] == sparsity]
-    oneshot = sorted((r for r in cells if not r["method"].startswith("elsa")), key=lambda r: r["prune_s"])
+    oneshot = sorted(filter(_one_shot, cells), key=lambda r: r["prune_s"])
     elsa = sorted((r for r in cells if r["method"] == "elsa"), key=lambda r: r["steps"])
     return oneshot + elsa
 
@@ -31,7 +35,7 @@ def curve_rows(results: list[dict], sparsity: float) -> list[dict]:
 def _embeddings(row: dict) -> str:
     """ELSA cells from before the ``train_embeddings`` field (session 11) trained them; a
     one-shot method trains nothing."""
-    if not str(row.get("method", "")).startswith("elsa"):
+    if _one_shot(row):
         return "-"
     return "frozen" if row.get("train_embeddings") is False else "trained"
 

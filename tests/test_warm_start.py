@@ -141,8 +141,8 @@ def test_kept_solution_prefers_the_lower_loss_and_never_a_non_finite_one():
     assert kept_solution(4.0, float("inf")) == "init"
 
 
-@pytest.mark.parametrize("lr, expect", [(3e-3, None), (0.5, "init")])
-def test_warm_start_never_ends_worse_than_its_one_shot_start(tiny_model_dir, lr, expect):
+@pytest.mark.parametrize("lr, train_embeddings, expect", [(3e-3, None, None), (0.5, True, "init")])
+def test_warm_start_never_ends_worse_than_its_one_shot_start(tiny_model_dir, lr, train_embeddings, expect):
     """From SparseGPT: the returned model's held-out loss is at most SparseGPT's, and the run says
     which one it kept; a run that wrecks the model (lr 0.5, on the embeddings too) hands back
     SparseGPT's exact weights."""
@@ -151,7 +151,7 @@ def test_warm_start_never_ends_worse_than_its_one_shot_start(tiny_model_dir, lr,
     from elsa.models import load_model, load_tokenizer
     from elsa.perplexity import mean_nll
 
-    cfg = _tiny_cfg(tiny_model_dir, init="sparsegpt", lr=lr, rho=0.05, train_embeddings=expect == "init")
+    cfg = _tiny_cfg(tiny_model_dir, init="sparsegpt", lr=lr, rho=0.05, train_embeddings=train_embeddings)
     tokenizer = load_tokenizer(str(tiny_model_dir))
     val = BatchSampler(tokenizer, cfg).validation()
     reference = load_model(str(tiny_model_dir))
