@@ -5,6 +5,10 @@ with an autoscaler that wait is how nodes get added, so refusing at once would b
 on a joined cluster therefore asks the autoscaler for its workers' bundles
 (``ray.autoscaler.sdk.request_resources``, a no-op without one), says what it waits for, and
 gives up after ``--resource-timeout`` seconds with the numbers, before an MLflow run is opened.
+The request is sent again at every poll: it is one key that the last writer owns, and Ray Train's
+own AutoscalingCoordinator actor (detached, started by any earlier Train run on the cluster)
+rewrites that key every 20 s with the requests of the Train runs it knows, which do not include
+ours. Asked once, the autoscaler could miss it for good (CI saw a 300 s wait with no node launched).
 A local Ray is sized before it starts (pipelines.preflight.check_resources).
 """
 
@@ -41,9 +45,12 @@ def bundles_fit(bundles: list[dict], nodes: list[dict]) -> bool:
 
 
 def describe(bundles: list[dict]) -> str:
-    """``2 x {CPU: 4}``: the request in one phrase."""
-    shape = ", ".join(f"{key}: {value:g}" for key, value in sorted(bundles[0].items()))
-    return f"{len(bundles)} x {{{shape}}}"
+    """``2 x {CPU: 4}`` (or ``1 x {CPU: 0.5, trainer: 1} + 1 x {CPU: 0.5}``): the request in one phrase."""
+    shapes: dict[str, int] = {}
+    for bundle in bundles:
+        shape = "{" + ", ".join(f"{key}: {value:g}" for key, value in sorted(bundle.items())) + "}"
+        shapes[shape] = shapes.get(shape, 0) + 1
+    return " + ".join(f"{count} x {shape}" for shape, count in shapes.items())
 
 
 def describe_nodes(nodes: list[dict]) -> str:
@@ -54,11 +61,12 @@ def describe_nodes(nodes: list[dict]) -> str:
 
 
 def node_capacities() -> list[dict]:
-    """Total CPU / GPU of every live node of the joined cluster."""
+    """Total resources of every live node of the joined cluster (CPU, GPU and custom ones such as a
+    worker type's ``trainer``; not Ray's per-node ``node:<ip>`` markers)."""
     import ray
 
     return [
-        {k: float(v) for k, v in node["Resources"].items() if k in ("CPU", "GPU")}
+        {k: float(v) for k, v in node["Resources"].items() if not k.startswith("node:")}
         for node in ray.nodes()
         if node.get("Alive")
     ]
@@ -80,7 +88,8 @@ def wait_for_capacity(
     sleep=time.sleep,
 ) -> float:
     """Return at once when the cluster's nodes can hold ``bundles``; else ask the autoscaler for them
-    and poll until they fit (returns the seconds waited) or ``timeout_s`` passes (CapacityError)."""
+    (again at every poll) until they fit (returns the seconds waited) or ``timeout_s`` passes
+    (CapacityError)."""
     nodes = capacities()
     if bundles_fit(bundles, nodes):
         return 0.0
@@ -96,6 +105,7 @@ def wait_for_capacity(
             nodes = capacities()
             if bundles_fit(bundles, nodes):
                 return clock() - started
+            request(bundles)
         raise CapacityError(
             f"the Ray cluster did not provide {describe(bundles)} within --resource-timeout {timeout_s:g} s "
             f"(it has {describe_nodes(nodes)}); lower --workers or --cpus-per-worker, add nodes, "

@@ -435,6 +435,9 @@ def test_fake_cluster_scales_up_for_trainer_work_and_back_down(capsys):
     assert len(results["parents"]) == 1 and len(results["children"]) == 2, results["stdout"][-2000:]
     assert all(r.info.status == "FINISHED" for r in results["children"]), [r.info.status for r in results["children"]]
     assert all("val_loss_projected" in r.data.metrics for r in results["children"])
+    # the head holds no trial: the search waited (asking the autoscaler) for one trial's driver and worker
+    wanted = "for the Ray cluster to provide 1 x {CPU: 0.5, trainer: 1} + 1 x {CPU: 0.5}"
+    assert wanted in results["stdout"], results["stdout"][-3000:]
     entries = (results["preset"] or {}).get("presets") or []
     assert [e["sparsity"] for e in entries] == [0.7], results["preset"]
     assert entries[0]["config"].get("penalty") in ("coupled", "decoupled"), entries[0]

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from cli.main import make_parser
+from pipelines.capacity import RESOURCE_TIMEOUT_S, bundles_fit, describe
 from pipelines.cli import build_config
 from tune.search import NONFINITE_LOSS, diverged
 from tune.space import SpaceError, load_space, parse_space, trial_config
@@ -155,9 +156,27 @@ def test_tune_flags_parse_into_a_request():
     )
     request, where = request_from_args(args)
     assert request.sparsities == [0.7, 0.8] and request.trials == 3 and request.config == {"steps": 16}
+    assert where.resource_timeout == RESOURCE_TIMEOUT_S
+    args = make_parser().parse_args(["tune", "--sparsity", "0.7", "--resource-timeout", "30"])
+    assert request_from_args(args)[1].resource_timeout == 30.0
     assert request.trial_resources == {"CPU": 1, "trainer": 1} and request.search == "random" and request.name == "n"
     with pytest.raises(ValueError, match="not JSON"):
         request_from_args(make_parser().parse_args(["tune", "--sparsity", "0.7", "--trial-resources", "{CPU: 1"]))
+
+
+def test_one_trial_is_its_driver_and_its_workers_and_custom_resources_count():
+    """What a search on a joined cluster waits for before its first trial (tune.runner._fit_check)."""
+    from tune.runner import SearchRequest, trial_bundles
+
+    request = SearchRequest(
+        model="m", sparsities=[0.7], trial_resources={"CPU": 0.5, "trainer": 1}, workers_per_trial=2
+    )
+    bundles = trial_bundles(request)
+    assert bundles == [{"CPU": 0.5, "trainer": 1}, {"CPU": 0.5}, {"CPU": 0.5}]
+    assert describe(bundles) == "1 x {CPU: 0.5, trainer: 1} + 2 x {CPU: 0.5}"
+    assert bundles_fit(bundles, [{"CPU": 1.5, "trainer": 1.0}])
+    assert not bundles_fit(bundles, [{"CPU": 8.0}])  # no node offers the worker type's `trainer`
+    assert trial_bundles(SearchRequest(model="m", sparsities=[0.7], trial_resources={}, gpu=True)) == [{"GPU": 1.0}]
 
 
 def test_searchers_are_built_or_refused_clearly():

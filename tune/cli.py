@@ -12,6 +12,7 @@ import json
 
 from elsa.config import PruneConfig
 from elsa.config_files import load_yaml
+from pipelines.capacity import RESOURCE_TIMEOUT_S
 from pipelines.cli import add_config_options
 from tune.search import DEFAULT_MAX_VAL_LOSS, SCHEDULERS, SEARCHERS
 
@@ -73,8 +74,11 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
     method = parser.add_argument_group("method config shared by every trial (PruneConfig fields)")
     method.add_argument("--config", default=None, help="YAML config file (flat PruneConfig fields)")
     add_config_options(method, CONFIG_FLAGS)
+    _add_run_arguments(parser.add_argument_group("where and how to run"))
 
-    run = parser.add_argument_group("where and how to run")
+
+def _add_run_arguments(run) -> None:
+    """Where the trials run (resources, cluster, storage) and where their results go."""
     run.add_argument("--max-concurrent", type=int, default=1, help="trials running at once")
     run.add_argument(
         "--trial-resources",
@@ -85,6 +89,13 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--cpus-per-worker", type=float, default=0.5, help="CPUs each trial's worker asks for")
     run.add_argument("--gpu", action="store_true", help="one GPU per worker")
     run.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else local)")
+    run.add_argument(
+        "--resource-timeout",
+        type=float,
+        default=RESOURCE_TIMEOUT_S,
+        metavar="SECONDS",
+        help="on a joined cluster, how long to wait (asking its autoscaler) for nodes that hold one trial",
+    )
     run.add_argument(
         "--storage-path", default=None, help="Tune/Train storage: a path or URI (default: $ELSA_STORAGE or ./elsa-runs)"
     )
@@ -146,6 +157,7 @@ def request_from_args(args: argparse.Namespace):
     where = Where(
         storage_path=args.storage_path,
         address=args.address,
+        resource_timeout=args.resource_timeout,
         tracking_uri=args.tracking_uri,
         preset_out=args.preset_out,
         resume=args.resume,

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from elsa.config import make_config
 from pipelines import tracking
+from pipelines.capacity import RESOURCE_TIMEOUT_S, CapacityError, run_bundles, wait_for_capacity
 from pipelines.storage import run_storage
 from tune import state
 from tune.errors import SearchError
@@ -66,6 +67,7 @@ class Where:
     preset_out: str | None = None
     resume: bool = False
     resume_errored: bool = False
+    resource_timeout: float = RESOURCE_TIMEOUT_S  # seconds a joined cluster may take to hold one trial
 
 
 @dataclass
@@ -100,17 +102,28 @@ def _base_config(request: SearchRequest, sparsity: float) -> dict:
     return make_config(request.config, {"model": request.model, "sparsity": sparsity}).model_dump(mode="json")
 
 
-def _fit_check(request: SearchRequest, address: str | None, echo) -> int:
+def trial_bundles(request: SearchRequest) -> list[dict]:
+    """What one trial places at once: its driver's resources, then each Ray Train worker's."""
+    driver = [dict(request.trial_resources)] if any(request.trial_resources.values()) else []
+    return driver + run_bundles(request.workers_per_trial, request.cpus_per_worker, request.gpu)
+
+
+def _fit_check(request: SearchRequest, where: Where, echo) -> int:
     """On a local Ray, refuse trials that can never start and cap concurrency to what fits.
 
     Each trial holds its driver's resources while its workers start; trials started beyond what
     the CPUs hold leave workers waiting on each other (Ray Train's start-up timeout repeats),
     so concurrency is capped rather than left to wait. On a cluster (``--address``) the
-    autoscaler may add nodes, so nothing is checked.
+    autoscaler may add nodes: the search waits (``--resource-timeout``, asking the autoscaler)
+    until the cluster holds one trial, rather than leaving Tune to wait for ever in silence.
     """
     import ray
 
-    if address or os.environ.get("RAY_ADDRESS"):
+    if where.address or os.environ.get("RAY_ADDRESS"):
+        try:
+            wait_for_capacity(trial_bundles(request), where.resource_timeout, echo)
+        except CapacityError as err:
+            raise SearchError(f"{err} (one trial: --trial-resources and --workers-per-trial)") from None
         return request.max_concurrent
     total = ray.cluster_resources()
     for name, amount in request.trial_resources.items():
@@ -149,6 +162,8 @@ def run_search(request: SearchRequest, where: Where, echo=print, extra_callbacks
     root = state.join(storage, request.name)
     space = parse_space(space_data, request.space or "default.yaml")
     _check_request(request)
+    if not where.resource_timeout > 0:
+        raise SearchError(f"--resource-timeout {where.resource_timeout} must be a number of seconds > 0")
     bases = {s: _base_config(request, s) for s in request.sparsities}  # every config error, before Ray
     batch = next(iter(bases.values()))["batch_size"]
     if batch % request.workers_per_trial:
@@ -162,7 +177,7 @@ def run_search(request: SearchRequest, where: Where, echo=print, extra_callbacks
     make_scheduler(request.scheduler, steps, grace, request.reduction_factor)  # validate early
 
     init_ray(where.address)
-    concurrency = _fit_check(request, where.address, echo)
+    concurrency = _fit_check(request, where, echo)
     state.write(root, saved)  # only now: a search refused above leaves no state behind its name
     search = Search(request, where, space, root, uri, grace, concurrency, saved, echo, extra_callbacks or [])
     outcomes: list[SparsityOutcome] = []
