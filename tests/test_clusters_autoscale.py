@@ -19,7 +19,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import free_ports
 
 psutil = pytest.importorskip("psutil")
 pytest.importorskip("ray")
@@ -48,19 +48,6 @@ SCALE_DOWN_TIMEOUT_S = 120
 
 
 # --------------------------------------------------------------------------- helpers
-def _free_ports(n: int) -> list[int]:
-    """n distinct free ports: all n sockets are held open while choosing, since a port closed and
-    asked for again can come back (CI once got the dashboard's port for its agent too)."""
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 def _node_ip() -> str:
     import ray.util
 
@@ -83,7 +70,7 @@ class LocalRayHead:
         self.dashboard = dashboard
         self.root = Path(tempfile.mkdtemp(prefix="elsa-rc-", dir="/tmp"))  # short: socket paths
         self.ip = _node_ip()
-        self.gcs_port, self.dashboard_port, self.agent_port = _free_ports(3)
+        self.gcs_port, self.dashboard_port, self.agent_port = free_ports(3)
         self.address = f"{self.ip}:{self.gcs_port}"
         self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
         self.sid: int | None = None

@@ -3,13 +3,13 @@ when the matrix is row-sharded over two real processes (gloo), N:M, and the obje
 
 from __future__ import annotations
 
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import free_port
 from core_settings import admm_settings
 from elsa.admm import ADMM, PenaltySchedule
 from elsa.projection import fisher_score, magnitude_score, nm_mask, project_mask, topk_mask
@@ -97,12 +97,6 @@ def test_nm_matches_brute_force(n, m, input_dim):
 # ---------------------------------------------------------------- row-sharded over 2 processes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # (rows on rank 0, keep) on a 8 x 10 matrix; the last case leaves rank 0 without rows
 SHARD_CASES = [(4, k) for k in (1, 13, 40, 41, 57, 79)] + [(3, 30), (1, 45), (7, 22), (0, 33)]
 
@@ -129,7 +123,7 @@ def test_topk_row_sharded_over_two_processes_matches_single_process(tmp_path):
             score[split - 1, -3:] = threshold_value
             score[split, :3] = threshold_value
         scores.append(score)
-    mp.spawn(_sharded_worker, args=(2, _free_port(), scores, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_sharded_worker, args=(2, free_port(), scores, str(tmp_path)), nprocs=2, join=True)
     masks0 = torch.load(tmp_path / "rank0.pt")
     masks1 = torch.load(tmp_path / "rank1.pt")
     partial_straddling_ties = 0
