@@ -40,21 +40,28 @@ def _embeddings(row: dict) -> str:
     return "frozen" if row.get("train_embeddings") is False else "trained"
 
 
+def _lr(row: dict) -> str:
+    """The learning rate an ELSA cell ran with (the rule's changed in session 13 for N > 100)."""
+    lr = row.get("lr", (row.get("config") or {}).get("lr"))
+    return "-" if _one_shot(row) or lr is None else f"{lr:g}"
+
+
 def _curve(row: dict) -> str:
-    return f"{row.get('allocation', 'uniform')} allocation, embeddings {_embeddings(row)}"
+    return f"{row.get('allocation', 'uniform')} allocation, embeddings {_embeddings(row)}, lr {_lr(row)}"
 
 
 def table(rows: list[dict], dense: float | None) -> str:
     lines = [
-        "| method | steps | allocation | embeddings | wall s (prune, warm start included) | ppl | ppl / dense | kept "
-        "| threads |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | steps | allocation | embeddings | lr | wall s (prune, warm start included) | ppl | ppl / dense "
+        "| kept | threads |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ratio = f"{r[METRIC] / dense:.2f}" if dense else "-"
         steps = r.get("steps", "-")
         lines.append(
-            f"| {r['method']} | {steps} | {r.get('allocation', 'uniform')} | {_embeddings(r)} | {r['prune_s']:.0f} "
+            f"| {r['method']} | {steps} | {r.get('allocation', 'uniform')} | {_embeddings(r)} | {_lr(r)} "
+            f"| {r['prune_s']:.0f} "
             f"| {r[METRIC]:.1f} "
             f"| {ratio} | {r.get('kept', '-')} "
             f"| {r.get('torch_threads', '-')} |"
@@ -68,7 +75,7 @@ def plot(rows: list[dict], out_png: Path, sparsity: float) -> Path:
     figure = _new_figure(6.0, 4.2)
     axes = figure.add_subplot(1, 1, 1)
     elsa_rows = [r for r in rows if r["method"] == "elsa"]
-    for curve in dict.fromkeys(map(_curve, elsa_rows)):  # one line per default: they changed in sessions 9 and 11
+    for curve in dict.fromkeys(map(_curve, elsa_rows)):  # one line per default: changed in sessions 9, 11, 13
         elsa = [r for r in elsa_rows if _curve(r) == curve]
         label = f"ELSA, {curve} (steps marked)"
         axes.plot([r["prune_s"] for r in elsa], [r[METRIC] for r in elsa], "o-", label=label)
