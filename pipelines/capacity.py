@@ -14,6 +14,7 @@ A local Ray is sized before it starts (pipelines.preflight.check_resources).
 
 from __future__ import annotations
 
+import math
 import time
 
 POLL_S = 2.0
@@ -22,6 +23,13 @@ RESOURCE_TIMEOUT_S = 600.0  # --resource-timeout's default: a cloud node boots i
 
 class CapacityError(RuntimeError):
     """The cluster did not provide the run's workers in time; the message says what it has."""
+
+
+def timeout_problem(timeout_s: float) -> str | None:
+    """Why ``--resource-timeout`` is unusable (checked by ``elsa prune`` and ``elsa tune``), or None."""
+    if math.isfinite(timeout_s) and timeout_s > 0:
+        return None
+    return f"--resource-timeout {timeout_s} must be a number of seconds > 0"
 
 
 def run_bundles(workers: int, cpus_per_worker: float | None, gpu: bool) -> list[dict]:

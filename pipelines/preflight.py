@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from elsa.config import ConfigError, PruneConfig
+from pipelines.capacity import timeout_problem
 
 
 class UsageError(ConfigError):
@@ -36,9 +37,8 @@ def check_run_options(cfg: PruneConfig, options) -> None:
     per_worker = options.cpus_per_worker
     if per_worker is not None and not (math.isfinite(per_worker) and per_worker > 0):
         raise UsageError(f"--cpus-per-worker {per_worker} must be a number > 0")
-    timeout = options.resource_timeout
-    if not (math.isfinite(timeout) and timeout > 0):
-        raise UsageError(f"--resource-timeout {timeout} must be a number of seconds > 0")
+    if problem := timeout_problem(options.resource_timeout):
+        raise UsageError(problem)
     if cfg.batch_size % options.workers:
         raise UsageError(f"--batch-size {cfg.batch_size} must be a multiple of --workers {options.workers}")
 

@@ -206,6 +206,15 @@ def test_trial_that_cannot_be_placed_is_refused_before_anything_starts(tmp_path,
     assert not (tmp_path / "storage" / "x").exists()  # no state left behind: the name stays free
 
 
+@pytest.mark.parametrize("timeout", ["0", "nan", "inf"])
+def test_unusable_resource_timeout_is_refused_before_ray(tmp_path, tiny_model_dir, timeout):
+    from tune.errors import SearchError
+
+    with pytest.raises(SearchError, match=rf"--resource-timeout {timeout}\S* must be a number of seconds > 0"):
+        _search(tmp_path, tiny_model_dir, ["--sparsity", "0.7", "--resource-timeout", timeout, "--name", "x"])
+    assert not (tmp_path / "storage" / "x").exists()
+
+
 # ----------------------------------------------------------------------------- real searches
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from elsa.config import make_config
 from pipelines import tracking
-from pipelines.capacity import RESOURCE_TIMEOUT_S, CapacityError, run_bundles, wait_for_capacity
+from pipelines.capacity import RESOURCE_TIMEOUT_S, CapacityError, run_bundles, timeout_problem, wait_for_capacity
 from pipelines.storage import run_storage
 from tune import state
 from tune.errors import SearchError
@@ -162,8 +162,8 @@ def run_search(request: SearchRequest, where: Where, echo=print, extra_callbacks
     root = state.join(storage, request.name)
     space = parse_space(space_data, request.space or "default.yaml")
     _check_request(request)
-    if not where.resource_timeout > 0:
-        raise SearchError(f"--resource-timeout {where.resource_timeout} must be a number of seconds > 0")
+    if problem := timeout_problem(where.resource_timeout):
+        raise SearchError(problem)
     bases = {s: _base_config(request, s) for s in request.sparsities}  # every config error, before Ray
     batch = next(iter(bases.values()))["batch_size"]
     if batch % request.workers_per_trial:
