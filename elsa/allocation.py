@@ -97,6 +97,6 @@ def resolve_allocation(model: nn.Module, tokenizer, cfg):
     must still be dense); any other config unchanged."""
     if cfg.allocation != "owl" or isinstance(cfg.sparsity_map, dict):
         return cfg
-    calib = calibration_blocks(tokenizer, cfg.data, cfg.calib_blocks, cfg.seqlen, cfg.seed)
+    calib = calibration_blocks(tokenizer, cfg.data, cfg.calib_blocks, cfg.seqlen, cfg.seed, windows=cfg.windows)
     smap = owl_sparsity_map(model, config_targets(model, cfg), calib, cfg.sparsity, cfg.owl_m, cfg.owl_lambda)
     return cfg.model_copy(update={"sparsity_map": smap})

@@ -15,7 +15,7 @@ import torch
 
 from elsa.allocation import resolve_allocation
 from elsa.config import PruneConfig
-from elsa.data import calibration_blocks, eval_windows
+from elsa.data import DEFAULT_WINDOWS, calibration_blocks, eval_windows
 from elsa.methods import method_for
 from elsa.models import load_model, load_tokenizer
 from elsa.perplexity import perplexity
@@ -39,7 +39,11 @@ def prune_model(cfg: PruneConfig, model=None, tokenizer=None, log=None) -> Prune
     method = method_for(cfg)
     started = time.perf_counter()
     cfg = resolve_allocation(model, tokenizer, cfg)
-    calib = calibration_blocks(tokenizer, cfg.data, cfg.calib_blocks, cfg.seqlen, cfg.seed) if method.one_shot else None
+    calib = (
+        calibration_blocks(tokenizer, cfg.data, cfg.calib_blocks, cfg.seqlen, cfg.seed, windows=cfg.windows)
+        if method.one_shot
+        else None
+    )
     summary = method.run(model, tokenizer, cfg, calib, log or (lambda metrics, step: None))
     wall = time.perf_counter() - started
     report = verify_sparsity(config_targets(model, cfg))
@@ -47,11 +51,17 @@ def prune_model(cfg: PruneConfig, model=None, tokenizer=None, log=None) -> Prune
 
 
 def evaluate_perplexity(
-    model, tokenizer, datasets: list[str], seqlen: int, max_windows: int | None = None
+    model,
+    tokenizer,
+    datasets: list[str],
+    seqlen: int,
+    max_windows: int | None = None,
+    windows: str = DEFAULT_WINDOWS,
 ) -> dict[str, float]:
-    """``{"ppl_<dataset>": value}`` with the standard protocol (non-overlapping windows)."""
+    """``{"ppl_<dataset>": value}`` over non-overlapping windows (``windows``: the BOS protocol,
+    elsa/data.py)."""
     results = {}
     for name in datasets:
-        windows = eval_windows(tokenizer, name, seqlen, max_windows=max_windows)
-        results[f"ppl_{name}"] = perplexity(model, windows)
+        cut = eval_windows(tokenizer, name, seqlen, max_windows=max_windows, windows=windows)
+        results[f"ppl_{name}"] = perplexity(model, cut)
     return results

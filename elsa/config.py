@@ -50,6 +50,12 @@ class EvalSettings(BaseModel):
     eval_datasets: list[str] = Field(default_factory=lambda: ["wikitext2-bundled"])
     eval_seqlen: int | None = None  # default: the run's seqlen (elsa eval: PruneConfig's default)
     eval_max_windows: int | None = 32
+    # how text becomes windows (calibration, training, validation and evaluation alike): "bos":
+    # each window starts with the tokenizer's BOS where it adds one to plain text (lm-eval's rolling
+    # perplexity, Hugging Face usage; Gemma and Llama tokenizers do); "classic": the whole text
+    # tokenised once, BOS only at its start (SparseGPT/Wanda scripts). Identical where the
+    # tokenizer adds no BOS (SmolLM2). elsa/data.py
+    windows: Literal["bos", "classic"] = "bos"
     lm_eval_tasks: list[str] = Field(default_factory=list)
     lm_eval_limit: int | None = None
     lm_eval_include: str | None = None  # a directory of extra lm-eval task YAMLs

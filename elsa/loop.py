@@ -154,14 +154,22 @@ class BatchSampler:
 
     def __call__(self, step: int, micro: int) -> torch.Tensor:
         seed = (self.cfg.seed * 1_000_003 + step * 1009 + micro) % (2**31 - 1)
-        blocks = calibration_blocks(self.tokenizer, self.cfg.data, self.cfg.batch_size, self.cfg.seqlen, seed)
+        blocks = calibration_blocks(
+            self.tokenizer, self.cfg.data, self.cfg.batch_size, self.cfg.seqlen, seed, windows=self.cfg.windows
+        )
         per_rank = self.cfg.batch_size // self.world
         return blocks[self.rank * per_rank : (self.rank + 1) * per_rank]
 
     def validation(self) -> torch.Tensor:
         """Held-out calibration text (never the evaluation sets) for the projected loss."""
         return calibration_blocks(
-            self.tokenizer, self.cfg.data, self.cfg.val_blocks, self.cfg.seqlen, self.cfg.seed + 1, split="validation"
+            self.tokenizer,
+            self.cfg.data,
+            self.cfg.val_blocks,
+            self.cfg.seqlen,
+            self.cfg.seed + 1,
+            split="validation",
+            windows=self.cfg.windows,
         )
 
 

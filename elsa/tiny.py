@@ -47,17 +47,23 @@ def _tiny_tokenizer_json() -> str:
     return tokenizer.to_str()
 
 
-def tiny_tokenizer():
+def tiny_tokenizer(add_bos: bool = False):
     """A byte-level BPE tokenizer (vocab 1024) trained on the bundled enwiki sample; deterministic.
 
     eos = bos = ``<|endoftext|>`` (id 0), pad = ``<|pad|>`` (id 1); no special tokens are added
-    when encoding, as with GPT-2.
+    when encoding, as with GPT-2. ``add_bos``: BOS is put before every text encoded, as Gemma's and
+    Llama's tokenizers do (for the window protocol's tests).
     """
-    from tokenizers import Tokenizer
+    from tokenizers import Tokenizer, processors
     from transformers import PreTrainedTokenizerFast
 
+    backend = Tokenizer.from_str(_tiny_tokenizer_json())
+    if add_bos:
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{EOS_TOKEN} $A", pair=f"{EOS_TOKEN} $A $B", special_tokens=[(EOS_TOKEN, EOS_ID)]
+        )
     return PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_tiny_tokenizer_json()),
+        tokenizer_object=backend,
         eos_token=EOS_TOKEN,
         bos_token=EOS_TOKEN,
         pad_token=PAD_TOKEN,

@@ -20,7 +20,7 @@ from elsa.methods import method_for
 def one_shot_start(model: torch.nn.Module, tokenizer, cfg, log=None) -> float:
     """Prune ``model`` in place with ``cfg.init`` on ``cfg.calib_blocks`` blocks; returns seconds."""
     started = time.perf_counter()
-    calib = calibration_blocks(tokenizer, cfg.data, cfg.calib_blocks, cfg.seqlen, cfg.seed)
+    calib = calibration_blocks(tokenizer, cfg.data, cfg.calib_blocks, cfg.seqlen, cfg.seed, windows=cfg.windows)
     method_for(cfg, cfg.init).run(model, tokenizer, cfg.model_copy(update={"method": cfg.init}), calib, log)
     return time.perf_counter() - started
 

@@ -15,7 +15,7 @@ from elsa.config import EvalSettings
 
 
 @ray.remote
-def perplexity_task(location: str, dataset: str, seqlen: int, max_windows: int | None) -> dict:
+def perplexity_task(location: str, dataset: str, seqlen: int, max_windows: int | None, windows: str) -> dict:
     import torch
 
     from elsa.api import evaluate_perplexity
@@ -29,7 +29,7 @@ def perplexity_task(location: str, dataset: str, seqlen: int, max_windows: int |
         model, tokenizer = load_checkpoint(
             checkpoint_dir, dtype=None if device == "cuda" else torch.float32, device=device
         )
-    return evaluate_perplexity(model, tokenizer, [dataset], seqlen, max_windows)
+    return evaluate_perplexity(model, tokenizer, [dataset], seqlen, max_windows, windows)
 
 
 @ray.remote
@@ -56,7 +56,9 @@ def run_evaluation(location: str, settings: EvalSettings, use_gpu: bool = False,
     resources = {"num_gpus": 1} if use_gpu else {"num_cpus": 1}
     seqlen = settings.window()
     pending = {
-        f"ppl_{name}": perplexity_task.options(**resources).remote(location, name, seqlen, settings.eval_max_windows)
+        f"ppl_{name}": perplexity_task.options(**resources).remote(
+            location, name, seqlen, settings.eval_max_windows, settings.windows
+        )
         for name in settings.eval_datasets
     }
     if settings.lm_eval_tasks:

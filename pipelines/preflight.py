@@ -145,7 +145,7 @@ def check_calibration(cfg: PruneConfig, tokenizer) -> None:
 
     for split in ("train", "validation"):
         try:
-            calibration_blocks(tokenizer, cfg.data, 1, cfg.seqlen, cfg.seed, split=split)
+            calibration_blocks(tokenizer, cfg.data, 1, cfg.seqlen, cfg.seed, split=split, windows=cfg.windows)
         except UnicodeDecodeError as err:
             raise UsageError(
                 f"--data {cfg.data}: not UTF-8 text ({err.reason} at byte {err.start} of {_data_file(cfg.data)}); "
