@@ -128,8 +128,11 @@ def save_checkpoint(
 def export_pruned(model: torch.nn.Module, tokenizer, cfg, out_dir: str | Path, report: dict) -> Path:
     """A run's export: format and dtype from ``cfg`` (:func:`resolve_export`), metadata saying both."""
     export_format, dtype = resolve_export(cfg.model, cfg.export_format, cfg.export_dtype, cfg.sparsity)
+    from elsa.provenance import run_provenance
+
     metadata = {
         "config": cfg.model_dump(mode="json"),
+        "provenance": run_provenance(cfg, tokenizer),
         "overall_sparsity": report["overall_sparsity"],
         "export_format": export_format,
         "export_dtype": str(dtype).removeprefix("torch."),

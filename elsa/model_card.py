@@ -91,11 +91,20 @@ def _format(value) -> str:
     return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
-def _protocol(config: dict) -> str:
+_WINDOWS = {
+    "bos-per-window": "each starting with the tokenizer's BOS",
+    "bos-at-text-start": "cut from one tokenisation of the whole text, BOS only at its start (classic)",
+    "no-bos": "the tokenizer adds no BOS",
+}
+
+
+def _protocol(config: dict, provenance: dict) -> str:
     seqlen = config.get("eval_seqlen") or config.get("seqlen")
     windows = config.get("eval_max_windows")
+    bos = provenance.get("windows.protocol")
     text = (
-        f"perplexity: non-overlapping windows of {seqlen} tokens, "
+        f"perplexity: non-overlapping windows of {seqlen} tokens"
+        f"{' (' + _WINDOWS.get(bos, bos) + ')' if bos else ''}, "
         f"{'the first ' + str(windows) if windows else 'all'} windows of each dataset's test text"
     )
     if config.get("lm_eval_tasks"):
@@ -125,6 +134,13 @@ def _loading(export_format: str) -> list[str]:
         'model = AutoModelForCausalLM.from_pretrained("path/to/this/model")',
         "```",
     ]
+
+
+def _provenance(record: dict | None) -> list[str]:
+    """The run's record (elsa/provenance.py) as a table: versions, text hashes, windows, machine."""
+    if not record:
+        return []
+    return ["", "## Provenance", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in sorted(record.items())]
 
 
 def render_card(
@@ -170,9 +186,11 @@ def render_card(
     if results:
         lines += ["| metric | value |", "|---|---|"]
         lines += [f"| {key} | {_format(value)} |" for key, value in sorted(results.items())]
-        lines += ["", f"Protocol: {_protocol(config)}; datasets: {', '.join(config.get('eval_datasets', []))}."]
+        protocol = _protocol(config, metadata.get("provenance", {}))
+        lines += ["", f"Protocol: {protocol}; datasets: {', '.join(config.get('eval_datasets', []))}."]
     else:
         lines.append("Not evaluated yet.")
+    lines += _provenance(metadata.get("provenance"))
     lines += ["", "## Loading", ""] + _loading(export_format)
     if command:
         lines += ["", "## How it was made", "", "```bash", command, "```"]

@@ -20,6 +20,8 @@ METRIC_PREFIXES = ("ppl_", "acc_")
 METRIC_NAMES = ("zero_shot_avg",)
 DEFAULT_PPL_METRIC = "ppl_wikitext2-bundled"
 STEP_METRICS = ("primal_residual", "val_loss_projected")
+# tags of a run's record (elsa/provenance.py): versions, machine, text hashes, window protocol
+PROVENANCE_PREFIXES = ("version.", "machine.", "data_sha256.", "eval_sha256.", "windows.")
 PENALISED = ("elsa",)  # methods whose runs differ by ADMM penalty mode (coupled / decoupled)
 _MISSING = "-"
 
@@ -75,6 +77,7 @@ def _row(run) -> dict:
         **{key: values[key] for key in PARAMS if key != "sparsity"},
         "sparsity": _float_or_none(values["sparsity"]),
         "metrics": {k: float(v) for k, v in run.data.metrics.items() if _wanted_metric(k)},
+        "provenance": {k: v for k, v in tags.items() if k.startswith(PROVENANCE_PREFIXES)},
     }
 
 
@@ -139,7 +142,7 @@ def format_table(rows: list[dict]) -> str:
     if not rows:
         return "(no runs)"
     metrics = sorted({k for row in rows for k in row.get("metrics", {})}, key=_metric_order)
-    header = ["model", "method", "sparsity", "pattern", "penalty", "status", "run", *metrics]
+    header = ["model", "method", "sparsity", "pattern", "penalty", "windows", "status", "run", *metrics]
     lines = []
     for row in sorted(rows, key=_sort_key):
         sparsity = row.get("sparsity")
@@ -149,13 +152,14 @@ def format_table(rows: list[dict]) -> str:
             _MISSING if sparsity is None else f"{sparsity:g}",
             str(row.get("pattern") or _MISSING),
             str(row.get("penalty") or _MISSING),
+            str(row.get("provenance", {}).get("windows.protocol") or _MISSING),
             str(row.get("status") or _MISSING),
             str(row.get("run_id") or _MISSING)[:8],
             *(_format_value(k, row.get("metrics", {}).get(k)) for k in metrics),
         ]
         lines.append(cells)
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
-    numeric = {2, *range(7, len(header))}
+    numeric = {2, *range(8, len(header))}
 
     def render(cells: list[str]) -> str:
         return "  ".join(
@@ -165,6 +169,24 @@ def format_table(rows: list[dict]) -> str:
 
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([render(header), rule, *(render(line) for line in lines)])
+
+
+def format_provenance(rows: list[dict]) -> str:
+    """What the runs' numbers depend on besides their configs, one ``key: value`` per line.
+
+    Keys on which all runs agree are listed once; keys on which they differ are listed per run
+    (short id), so a reader sees at once whether two perplexities are comparable.
+    """
+    recorded = [row for row in sorted(rows, key=_sort_key) if row.get("provenance")]
+    if not recorded:
+        return "(no run recorded its provenance)"
+    keys = sorted({k for row in recorded for k in row["provenance"]})
+    same = [k for k in keys if len({row["provenance"].get(k, _MISSING) for row in recorded}) == 1]
+    lines = [f"same in all {len(recorded)} runs:"] + [f"  {k}: {recorded[0]['provenance'][k]}" for k in same]
+    for key in (k for k in keys if k not in same):
+        lines.append(f"differs: {key}")
+        lines += [f"  {str(row['run_id'])[:8]}: {row['provenance'].get(key, _MISSING)}" for row in recorded]
+    return "\n".join(lines)
 
 
 def series_label(row: dict) -> str:
@@ -353,6 +375,10 @@ def main(experiment: str, tracking_uri: str | None, out_dir: str | Path) -> dict
             written[f"{metric}_vs_sparsity"] = plot_ppl_vs_sparsity(rows, out / f"{metric}_vs_sparsity.png", metric)
         except ValueError as err:  # e.g. only sparsity-map runs: nothing to draw, say why
             print(f"skipped {metric} against sparsity: {err}")
+    provenance = format_provenance(rows)
+    print("\n" + provenance)
+    written["provenance"] = out / "provenance.txt"
+    written["provenance"].write_text(provenance + "\n", encoding="utf-8")
     versions = registered_versions(tracking_uri, {row["run_id"] for row in rows})
     if versions:
         print("\n" + format_versions(versions))

@@ -52,7 +52,8 @@ def log_export(outbox, directory: str | Path, command: str | None) -> None:
     outbox.artifacts(plot_layer_sparsity(report, outbox.folder / "layer_sparsity.png"))
     outbox.artifacts(out / "sparsity_report.json")
     summary = export_summary(out)
-    outbox.tags({"export_format": summary["format"], "export_dtype": summary["dtype"]})
+    provenance = json.loads((out / "elsa_metadata.json").read_text(encoding="utf-8")).get("provenance", {})
+    outbox.tags({"export_format": summary["format"], "export_dtype": summary["dtype"], **provenance})
     outbox.metrics({"export_weights_mb": summary["weights_bytes"] / 1e6}, 0)
 
 

@@ -115,10 +115,10 @@ def test_table_holds_values_sorted_by_model_method_sparsity(store):
     lines = table.splitlines()
     header, body = lines[0], lines[2:]
     assert len(body) == len(RUNS)
-    params = ["model", "method", "sparsity", "pattern", "penalty", "status", "run"]
-    assert header.split()[:7] == params
+    params = ["model", "method", "sparsity", "pattern", "penalty", "windows", "status", "run"]
+    assert header.split()[:8] == params
     # perplexities first, then accuracies, then the average
-    assert header.split()[7:] == ["ppl_c4", PPL, "acc_arc_easy", "acc_rte", "zero_shot_avg"]
+    assert header.split()[8:] == ["ppl_c4", PPL, "acc_arc_easy", "acc_rte", "zero_shot_avg"]
     for index, run_id in ids.items():
         (line,) = [line for line in body if run_id[:8] in line]
         assert f"{RUNS[index][4]}" in line
@@ -174,6 +174,7 @@ def test_main_prints_table_and_writes_everything(store, tmp_path, capsys):
     assert set(written) == {
         "table",
         "rows",
+        "provenance",
         f"{PPL}_vs_sparsity",
         "ppl_c4_vs_sparsity",
         "primal_residual_vs_step",

@@ -12,9 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import ray
 import torch
 
 from elsa.config import make_config
+from elsa.provenance import text_sha256
 from elsa.targets import find_targets
 from run_levels import assert_matrix_sparsity, run_levels
 
@@ -132,6 +134,13 @@ def test_prune_two_fsdp_workers_end_to_end(tmp_path, tiny_model_dir, ray_session
     assert run.info.status == "FINISHED"
     assert run.data.params["sparsity"] == "0.7" and run.data.params["method"] == "elsa"
     assert run.data.tags["git_commit"] and run.data.tags["workers"] == "2"
+    tags = run.data.tags  # the run's record (elsa/provenance.py), as the Train worker saw it
+    assert tags["version.torch"] == torch.__version__ and tags["version.ray"] == ray.__version__
+    assert tags["machine.cores"].isdigit() and tags["machine.gpu_count"] == "0"
+    assert tags["windows.protocol"] == "no-bos" and tags["windows.eval_max_windows"]
+    assert tags["eval_sha256.wikitext2-bundled"] == text_sha256("wikitext2-bundled", "test")
+    card = (out / "README.md").read_text()
+    assert "## Provenance" in card and f"| version.torch | {torch.__version__} |" in card
     history = client.get_metric_history(run.info.run_id, "train_loss")
     assert [m.step for m in history] == [1, 2, 3, 4]
     assert client.get_metric_history(run.info.run_id, "primal_residual")
