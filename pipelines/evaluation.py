@@ -13,6 +13,8 @@ import ray
 
 from elsa.config import EvalSettings
 
+HEARTBEAT_S = 15.0  # the longest the terminal stays silent while evaluations run
+
 
 @ray.remote
 def perplexity_task(location: str, dataset: str, seqlen: int, max_windows: int | None, windows: str) -> dict:
@@ -37,14 +39,22 @@ def zero_shot_task(location: str, tasks: list[str], limit: int | None, include_p
     import torch
 
     from pipelines.storage import materialized
-    from pipelines.zero_shot import average_accuracy, run_zero_shot
+    from pipelines.zero_shot import accuracy_metrics, run_zero_shot
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with materialized(location) as checkpoint_dir:
         results = run_zero_shot(checkpoint_dir, tasks, limit=limit, device=device, include_path=include_path)
-    metrics = {f"acc_{task}": r["acc"] for task, r in results.items()}
-    metrics["zero_shot_avg"] = average_accuracy(results)
-    return metrics
+    return accuracy_metrics(results)
+
+
+def _zero_shot_average(metrics: dict, tasks: list[str]) -> dict:
+    """The paper's average column, once every task's accuracy is in (the tasks ran in groups)."""
+    accuracies = [metrics.get(f"acc_{task}") for task in tasks]
+    return {"zero_shot_avg": sum(accuracies) / len(accuracies)} if tasks and None not in accuracies else {}
+
+
+def _cpus() -> int:
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
 def run_evaluation(location: str, settings: EvalSettings, use_gpu: bool = False, echo=None) -> tuple[dict, dict]:
@@ -61,15 +71,25 @@ def run_evaluation(location: str, settings: EvalSettings, use_gpu: bool = False,
         )
         for name in settings.eval_datasets
     }
-    if settings.lm_eval_tasks:
-        pending["zero_shot"] = zero_shot_task.options(**resources).remote(
-            location, list(settings.lm_eval_tasks), settings.lm_eval_limit, settings.lm_eval_include
+    # the zero-shot tasks in groups of about equal cost, one Ray task each: every CPU works
+    from pipelines.zero_shot import task_groups
+
+    groups = task_groups(list(settings.lm_eval_tasks), 1 if use_gpu else _cpus())
+    for group in groups:
+        name = "zero_shot" if len(groups) == 1 else f"zero_shot[{','.join(group)}]"
+        pending[name] = zero_shot_task.options(**resources).remote(
+            location, group, settings.lm_eval_limit, settings.lm_eval_include
         )
     metrics, errors = {}, {}
     names = {ref: name for name, ref in pending.items()}
     started, waiting = time.perf_counter(), list(pending.values())
     while waiting:
-        done, waiting = ray.wait(waiting, num_returns=1)
+        done, waiting = ray.wait(waiting, num_returns=1, timeout=HEARTBEAT_S)
+        if not done:  # a long evaluation (zero-shot: minutes) still says it is alive
+            if echo is not None:
+                still = ", ".join(names[ref] for ref in waiting)
+                echo(f"  ... {time.perf_counter() - started:.0f} s, still running: {still}")
+            continue
         name = names[done[0]]
         try:
             result = ray.get(done[0])
@@ -83,4 +103,4 @@ def run_evaluation(location: str, settings: EvalSettings, use_gpu: bool = False,
                 f"  [{len(pending) - len(waiting)}/{len(pending)}] {name} done in "
                 f"{time.perf_counter() - started:.0f} s: {said}"
             )
-    return metrics, errors
+    return {**metrics, **_zero_shot_average(metrics, list(settings.lm_eval_tasks))}, errors

@@ -323,6 +323,32 @@ def _result(planned: _Planned, output: dict) -> dict:
     }
 
 
+# relative cost of one example (answer choices x typical prompt length), for splitting the tasks
+# over parallel workers; a task not listed counts as 4
+TASK_COST = {"hellaswag": 8, "boolq": 6, "rte": 4, "arc_easy": 4, "arc_challenge": 4, "openbookqa": 4, "winogrande": 2}
+
+
+def task_groups(tasks: list[str], n_groups: int) -> list[list[str]]:
+    """``tasks`` split into at most ``n_groups`` groups of about equal cost (largest first, each to
+    the cheapest group so far), so that parallel workers finish at about the same time."""
+    groups: list[list[str]] = [[] for _ in range(max(1, min(n_groups, len(tasks))))]
+    costs = [0] * len(groups)
+    for task in sorted(tasks, key=lambda t: -TASK_COST.get(t.removeprefix(LOCAL_PREFIX), 4)):
+        cheapest = costs.index(min(costs))
+        groups[cheapest].append(task)
+        costs[cheapest] += TASK_COST.get(task.removeprefix(LOCAL_PREFIX), 4)
+    return [g for g in groups if g]
+
+
+def accuracy_metrics(results: dict[str, dict]) -> dict[str, float]:
+    """``acc_<task>`` and its standard error ``stderr_acc_<task>`` (where lm-eval gives one)."""
+    metrics = {f"acc_{task}": r["acc"] for task, r in results.items()}
+    metrics.update(
+        {f"stderr_acc_{task}": r["acc_stderr"] for task, r in results.items() if r.get("acc_stderr") is not None}
+    )
+    return metrics
+
+
 def average_accuracy(results: dict[str, dict]) -> float:
     """Unweighted mean of ``acc`` over tasks, as the paper's "average" column.
 

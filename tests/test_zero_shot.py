@@ -263,3 +263,23 @@ def test_average_accuracy_is_unweighted_mean():
     with pytest.raises(ValueError, match="'b'"):
         average_accuracy({"a": {"acc": 0.5}, "b": {"acc": None}})
     assert not math.isnan(average_accuracy({"a": {"acc": 0.0}}))
+
+
+def test_task_groups_cover_each_task_once_and_balance_the_cost():
+    from pipelines.zero_shot import PAPER_TASKS, TASK_COST, task_groups
+
+    groups = task_groups(list(PAPER_TASKS), 2)
+    assert sorted(t for g in groups for t in g) == sorted(PAPER_TASKS) and len(groups) == 2
+    costs = [sum(TASK_COST[t] for t in g) for g in groups]
+    assert max(costs) - min(costs) <= min(TASK_COST.values())  # no better split moves one task
+    assert task_groups(["arc_easy"], 8) == [["arc_easy"]]
+    assert task_groups(list(PAPER_TASKS), 1) == [sorted(PAPER_TASKS, key=lambda t: -TASK_COST[t])]
+
+
+def test_average_only_when_every_group_reported():
+    from pipelines.evaluation import _zero_shot_average
+
+    metrics = {"acc_a": 0.5, "acc_b": 0.3, "stderr_acc_a": 0.01}
+    assert _zero_shot_average(metrics, ["a", "b"]) == {"zero_shot_avg": pytest.approx(0.4)}
+    assert _zero_shot_average(metrics, ["a", "b", "c"]) == {}  # a failed group: no misleading mean
+    assert _zero_shot_average(metrics, []) == {}
