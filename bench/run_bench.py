@@ -101,6 +101,8 @@ def run_cell(method: str, sparsity: float, args, uri: str, experiment: str) -> d
         json.dumps(cfg),
         "--eval-datasets",
         *args.eval_datasets,
+        *(["--lm-eval-tasks", *args.lm_eval_tasks] if args.lm_eval_tasks else []),
+        *(["--lm-eval-limit", str(args.lm_eval_limit)] if args.lm_eval_limit else []),
         "--eval-seqlen",
         str(args.eval_seqlen),
         "--eval-windows",
@@ -252,7 +254,34 @@ def write_reports(results: list[dict], out_dir: Path, metric: str, args) -> None
     order = sorted(ok, key=lambda r: (r["sparsity"], METHODS.index(r["method"]), r.get("steps") or 0))
     lines += [_table_line(r, dense.get(r.get("windows", "bos")), metrics) for r in order]
     lines += [f"| {r['method']} | | {r['sparsity']:.1f} | FAILED: {r['error'][:80]} |" for r in results if "error" in r]
+    lines += _zero_shot_lines(order)
     (out_dir / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def _zero_shot_lines(cells: list[dict]) -> list[str]:
+    """A second table: accuracy per zero-shot task with its standard error, and the unweighted mean."""
+    scored = [r for r in cells if "zero_shot_avg" in r]
+    if not scored:
+        return []
+    tasks = sorted({k.removeprefix("acc_") for r in scored for k in r if k.startswith("acc_")})
+    limits = sorted({str(r.get("zero_shot_limit") or "all") for r in scored})
+    lines = [
+        "",
+        f"Zero-shot accuracy (lm-eval, validation splits; {'/'.join(limits)} examples a task, ± standard error)",
+        "",
+        "| method | sparsity | ELSA steps | " + " | ".join(tasks) + " | mean |",
+        "|---|---|---|" + "---|" * (len(tasks) + 1),
+    ]
+    for r in scored:
+        accs = [
+            f"{r[f'acc_{t}']:.3f} ± {r.get(f'stderr_acc_{t}', float('nan')):.3f}" if f"acc_{t}" in r else "-"
+            for t in tasks
+        ]
+        steps = r.get("steps", "-") if r["method"].startswith("elsa") else "-"
+        lines.append(
+            f"| {r['method']} | {r['sparsity']:.1f} | {steps} | " + " | ".join(accs) + f" | {r['zero_shot_avg']:.3f} |"
+        )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -285,6 +314,8 @@ def main(argv: list[str] | None = None) -> None:
         default=["wikitext2-bundled", "sotu"],
         help="perplexity texts: WikiText-2 (the calibration's domain) and State of the Union (another)",
     )
+    parser.add_argument("--lm-eval-tasks", nargs="*", default=[], help="zero-shot tasks, e.g. the paper's seven")
+    parser.add_argument("--lm-eval-limit", type=int, default=None, help="examples per zero-shot task")
     parser.add_argument("--windows", choices=("bos", "classic"), default="bos", help="window protocol (elsa/data.py)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench/results")

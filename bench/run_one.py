@@ -30,12 +30,35 @@ def _elsa_fields(cfg, summary: dict) -> dict:
     }
 
 
+def _zero_shot(model, tokenizer, tasks: list[str], limit: int | None) -> dict:
+    """Accuracy per task with its standard error, and the mean, of the model as it is now (saved to a
+    scratch directory first: lm-eval reads checkpoints)."""
+    import tempfile
+
+    from elsa.export import save_checkpoint
+    from pipelines.zero_shot import accuracy_metrics, average_accuracy, run_zero_shot
+
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench-zero-shot-") as scratch:
+        save_checkpoint(model, tokenizer, scratch)
+        results = run_zero_shot(scratch, tasks, limit=limit, batch_size=8)
+    return {
+        **accuracy_metrics(results),
+        "zero_shot_avg": average_accuracy(results),
+        "zero_shot_limit": limit,
+        "zero_shot_n": {task: r["n"] for task, r in results.items()},
+        "zero_shot_s": time.perf_counter() - started,
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", required=True, help="PruneConfig fields as JSON; method 'dense' skips pruning")
     parser.add_argument("--eval-datasets", nargs="+", default=["wikitext2-bundled", "sotu"])
     parser.add_argument("--eval-seqlen", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=32)
+    parser.add_argument("--lm-eval-tasks", nargs="*", default=[], help="zero-shot tasks (e.g. the paper's seven)")
+    parser.add_argument("--lm-eval-limit", type=int, default=None, help="examples per task (None: all)")
     parser.add_argument("--tracking", default=None, help='JSON {"uri": ..., "run_id": ...} for step metrics')
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
@@ -86,6 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if cfg.method == "elsa":
         record.update(_elsa_fields(cfg, result.summary))
+    if args.lm_eval_tasks:
+        record.update(_zero_shot(model, tokenizer, args.lm_eval_tasks, args.lm_eval_limit))
     with open(args.out, "w") as handle:
         json.dump(record, handle)
     return record
