@@ -106,9 +106,9 @@ def _protocol(config: dict, provenance: dict) -> str:
     windows = config.get("eval_max_windows")
     bos = provenance.get("windows.protocol")
     text = (
-        f"perplexity: non-overlapping windows of {seqlen} tokens"
-        f"{' (' + _WINDOWS.get(bos, bos) + ')' if bos else ''}, "
+        f"perplexity: non-overlapping windows of {seqlen} tokens, "
         f"{'the first ' + str(windows) if windows else 'all'} windows of each dataset's test text"
+        f"{' (' + _WINDOWS.get(bos, bos) + ')' if bos else ''}"
     )
     if config.get("lm_eval_tasks"):
         limit = config.get("lm_eval_limit")

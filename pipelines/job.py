@@ -345,12 +345,13 @@ def _finish_publish(
         return export
     export["location"] = export.get("output") or publish.artifact_uri(uri, run_id)
     if options.register:
-        ppl = next((metrics[k] for k in sorted(metrics) if k.startswith("ppl_")), None)
+        first = cfg.eval_datasets[0] if cfg.eval_datasets else None  # the headline text (WikiText-2 by default)
         tags = {
             "sparsity": cfg.sparsity,
             "pattern": cfg.pattern,
             "method": cfg.method,
-            "ppl": ppl,
+            "ppl": metrics.get(f"ppl_{first}"),
+            "ppl_dataset": first,
             "export_format": export["format"],
             "model": cfg.model,
         }

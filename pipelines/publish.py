@@ -15,6 +15,7 @@ import json
 import shutil
 from pathlib import Path
 
+from elsa.allocation import ALLOCATION_FILE
 from pipelines import tracking
 from pipelines.storage import absolute, is_uri
 
@@ -52,9 +53,19 @@ def log_export(outbox, directory: str | Path, command: str | None) -> None:
     outbox.artifacts(plot_layer_sparsity(report, outbox.folder / "layer_sparsity.png"))
     outbox.artifacts(out / "sparsity_report.json")
     summary = export_summary(out)
-    provenance = json.loads((out / "elsa_metadata.json").read_text(encoding="utf-8")).get("provenance", {})
-    outbox.tags({"export_format": summary["format"], "export_dtype": summary["dtype"], **provenance})
+    metadata = json.loads((out / "elsa_metadata.json").read_text(encoding="utf-8"))
+    outbox.tags(
+        {"export_format": summary["format"], "export_dtype": summary["dtype"], **metadata.get("provenance", {})}
+    )
+    allocation = metadata.get("config", {}).get("sparsity_map")
+    if isinstance(allocation, dict):  # the per-matrix levels this run chose (OWL): --sparsity-map reuses them
+        outbox.artifacts(_write(outbox.folder / ALLOCATION_FILE, allocation))
     outbox.metrics({"export_weights_mb": summary["weights_bytes"] / 1e6}, 0)
+
+
+def _write(path: Path, value) -> Path:
+    path.write_text(json.dumps(value, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    return path
 
 
 def update_card(outbox, directory: str | Path, command: str | None, results: dict) -> Path:

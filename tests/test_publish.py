@@ -113,6 +113,11 @@ def test_card_has_results_and_is_the_logged_one(run):
     assert logged.read_text() == card
     ppl = mlrun.data.metrics["ppl_wikitext2-bundled"]
     assert f"{ppl:.6g}" in card
+    # the per-matrix levels of the run's allocation (OWL, the default), reusable as --sparsity-map
+    levels = json.loads(
+        Path(client.download_artifacts(mlrun.info.run_id, "sparsity_map.json", str(work / "dl"))).read_text()
+    )
+    assert len(set(levels.values())) > 1 and min(levels.values()) == mlrun.data.metrics["sparsity_min"]
     model, _ = load_checkpoint(work / "out")  # the shipped export loads
     assert json.loads((work / "out" / "config.json").read_text())["elsa_sparse"]["format"] == "elsa-bitmask"
     assert model.config.vocab_size > 0
