@@ -155,18 +155,32 @@ def _send(client, run_id: str, record: dict) -> None:
         raise ValueError(f"unknown journal record kind {kind!r}")
 
 
+_FAIL_FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+_fail_fast_lock = threading.Lock()
+_fail_fast_state: dict = {"users": 0, "added": []}
+
+
 @contextlib.contextmanager
 def fail_fast_requests():
     """MLflow's client retries a dead server for minutes per call; the outbox retries itself,
-    so within this block a call fails at once (settings the user gave win; restored after)."""
-    wanted = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
-    added = [key for key in wanted if key not in os.environ]
-    os.environ.update({key: wanted[key] for key in added})
+    so within this block a call fails at once (settings the user gave win; restored after).
+
+    MLflow reads these settings from the environment at each request, so they must be there; the
+    delivery thread and the driver may be inside at once: the first to enter sets them, the last
+    to leave removes them, under one lock, so no thread sees them vanish mid-call."""
+    with _fail_fast_lock:
+        if _fail_fast_state["users"] == 0:
+            _fail_fast_state["added"] = [key for key in _FAIL_FAST if key not in os.environ]
+            os.environ.update({key: _FAIL_FAST[key] for key in _fail_fast_state["added"]})
+        _fail_fast_state["users"] += 1
     try:
         yield
     finally:
-        for key in added:
-            os.environ.pop(key, None)
+        with _fail_fast_lock:
+            _fail_fast_state["users"] -= 1
+            if _fail_fast_state["users"] == 0:
+                for key in _fail_fast_state["added"]:
+                    os.environ.pop(key, None)
 
 
 class QueuedRunLogger:

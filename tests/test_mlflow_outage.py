@@ -7,6 +7,7 @@ starts; restarted on the same port and database once the worker has journaled st
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -219,3 +220,30 @@ def test_server_never_back_then_elsa_sync(tmp_path, tiny_model_dir, ray_session,
     assert {a.path for a in client.list_artifacts(run_id, "checkpoint")} & WEIGHT_ARTIFACTS
     assert main(["sync", "--queue-dir", str(queue), "--run", run_id, "--tracking-uri", server.uri]) == 0
     assert _steps(client, run_id) == [1, 2, 3, 4, 5, 6]  # a second sync sends nothing again
+
+
+def test_fail_fast_settings_stay_while_any_thread_is_inside(monkeypatch):
+    """The delivery thread and the driver overlap: the first in sets the settings, the last out
+    removes them, and one the user set is never touched."""
+    from pipelines.outbox import fail_fast_requests
+
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "77")  # the user's: wins, and stays
+    inside, leave, seen = threading.Event(), threading.Event(), []
+
+    def other_thread():
+        with fail_fast_requests():
+            inside.set()
+            leave.wait(10)
+            seen.append(os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES"))
+
+    worker = threading.Thread(target=other_thread)
+    with fail_fast_requests():  # this thread is in first, then the other joins
+        assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
+        worker.start()
+        inside.wait(10)
+    leave.set()  # this thread, which set the settings, left first: the other must still see them
+    worker.join(10)
+    assert seen == ["0"]
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "77"
