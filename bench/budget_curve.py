@@ -33,7 +33,7 @@ def curve_rows(results: list[dict], sparsity: float) -> list[dict]:
 
 
 def _embeddings(row: dict) -> str:
-    """ELSA cells from before the ``train_embeddings`` field (session 11) trained them; a
+    """ELSA cells from before the ``train_embeddings`` field (0a17552, 2026-12-03) trained them; a
     one-shot method trains nothing."""
     if _one_shot(row):
         return "-"
@@ -41,7 +41,7 @@ def _embeddings(row: dict) -> str:
 
 
 def _lr(row: dict) -> str:
-    """The learning rate an ELSA cell ran with (the rule's changed in session 13 for N > 100)."""
+    """The learning rate an ELSA cell ran with (the rule's changed in 9950fcd, 2026-12-03, for N > 100)."""
     lr = row.get("lr", (row.get("config") or {}).get("lr"))
     return "-" if _one_shot(row) or lr is None else f"{lr:g}"
 
@@ -75,7 +75,7 @@ def plot(rows: list[dict], out_png: Path, sparsity: float) -> Path:
     figure = _new_figure(6.0, 4.2)
     axes = figure.add_subplot(1, 1, 1)
     elsa_rows = [r for r in rows if r["method"] == "elsa"]
-    for curve in dict.fromkeys(map(_curve, elsa_rows)):  # one line per default: changed in sessions 9, 11, 13
+    for curve in dict.fromkeys(map(_curve, elsa_rows)):  # one line per default: changed in eb48eaa, 0a17552, 9950fcd
         elsa = [r for r in elsa_rows if _curve(r) == curve]
         label = f"ELSA, {curve} (steps marked)"
         axes.plot([r["prune_s"] for r in elsa], [r[METRIC] for r in elsa], "o-", label=label)
