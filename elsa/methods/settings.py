@@ -25,12 +25,13 @@ class MagnitudeSettings(_Settings):
 
 
 class WandaSettings(_Settings):
-    per_row: bool = True  # compare |W| * ||X|| within each output row (the paper's choice); False: whole matrix
+    # the paper's choice; False: over the whole matrix
+    per_row: bool = Field(True, description="compare |W| * ||X|| within each output row")
 
 
 class SparseGPTSettings(_Settings):
-    blocksize: int = Field(128, ge=1)  # columns per lazy-batch update (and per mask choice, unstructured)
-    damp: float = Field(0.01, gt=0)  # added to the Hessian's diagonal, times its mean
+    blocksize: int = Field(128, ge=1, description="columns per lazy-batch update (and per mask choice, unstructured)")
+    damp: float = Field(0.01, gt=0, description="added to the Hessian's diagonal, times its mean")
 
 
 SETTINGS: dict[str, type[_Settings]] = {
