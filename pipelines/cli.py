@@ -10,6 +10,7 @@ non-zero; exit 0 means the checkpoint was written and its sparsity verified.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import typing
 
@@ -224,12 +225,15 @@ def build_config(args: argparse.Namespace) -> PruneConfig:
 def _cmd_prune(args: argparse.Namespace) -> int:
     from pipelines.job import RunOptions, resume_prune, run_prune, summary_table
 
+    from pipelines.progress import QuietWatchdog
+
     options = RunOptions(**{name: getattr(args, name) for name in _RUN_OPTIONS}, command=args.command_line)
-    if args.resume:
-        _check_resume_flags(args)
-        result = resume_prune(args.resume, options)
-    else:
-        result = run_prune(build_config(args), options)
+    with QuietWatchdog() if options.progress else contextlib.nullcontext():
+        if args.resume:
+            _check_resume_flags(args)
+            result = resume_prune(args.resume, options)
+        else:
+            result = run_prune(build_config(args), options)
     print(summary_table(result))
     return 0
 

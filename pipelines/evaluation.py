@@ -13,7 +13,7 @@ import ray
 
 from elsa.config import EvalSettings
 
-HEARTBEAT_S = 15.0  # the longest the terminal stays silent while evaluations run
+HEARTBEAT_S = 10.0  # the longest the terminal stays silent while evaluations run
 
 
 @ray.remote

@@ -20,7 +20,7 @@ from elsa.config import PruneConfig
 from pipelines import tracking
 from pipelines.capacity import RESOURCE_TIMEOUT_S
 from pipelines.errors import one_line
-from pipelines.progress import BlockLine, ProgressLine, ProgressPrinter
+from pipelines.progress import BlockLine, ProgressLine, ProgressPrinter, stage
 from pipelines.redact import redact
 from pipelines.ray_session import init_ray, local_cores_per_task
 
@@ -90,8 +90,13 @@ def run_prune(cfg: PruneConfig, options: RunOptions, echo=print) -> JobResult:
     the model; what it missed is delivered when it returns, or later by ``elsa sync``. The run
     carries what ``elsa prune --resume RUN_ID`` needs to continue it if this driver dies.
     """
+    from pipelines.preflight import absolute_local_paths
     from pipelines.storage import run_storage
 
+    cfg = cfg.model_copy(update=absolute_local_paths(cfg.model_dump()))
+    if options.progress:
+        echo(f"elsa prune: checking the model ({cfg.model}), the data and the resources")
+    stage("checking the model, the data and the resources")
     uri = preflight(cfg, options, echo)
     cfg_dict = cfg.model_dump(mode="json")
     run_id = tracking.start_run(
@@ -158,6 +163,7 @@ def _execute(cfg: PruneConfig, options: RunOptions, uri: str, run_id: str, echo)
     outbox = Outbox(uri, run_id, queue, "driver")
     flush_s = float(os.environ.get("ELSA_TRACKING_FLUSH_S", "60"))
     try:
+        stage("starting Ray")
         init_ray(options.address)
         info = {"uri": uri, "run_id": run_id, "queue_dir": queue, "flush_s": flush_s}
         train_metrics, location = _prune(cfg, options, info, echo)
@@ -183,6 +189,7 @@ def _flush(queue: str, run_id: str, uri: str, wait_s: float, echo) -> str | None
     """Deliver the run's journals, retrying for up to ``wait_s``; else say where they are and how to send them."""
     from pipelines.outbox import fail_fast_requests, pending_count, sync
 
+    stage("delivering the run's records to MLflow")
     deadline, pause = time.monotonic() + wait_s, 1.0
     while True:
         try:
@@ -248,6 +255,7 @@ def _train(cfg: PruneConfig, options: RunOptions, tracking_info: dict, extra: di
 
     cpus = options.cpus_per_worker or local_cores_per_task(options.address, options.gpu, options.workers)
     resources = {"CPU": cpus} if cpus else None
+    stage("Ray Train: starting the workers, loading the model, sharding it, the start's held-out loss")
     with _progress(options, ProgressLine(cfg.steps, cfg.batch_size * cfg.grad_accum * cfg.seqlen)) as sink:
         return run_training(
             cfg,
@@ -268,6 +276,7 @@ def _oneshot(cfg_dict: dict, options: RunOptions, location: str, tracking_info: 
 
     if options.progress:
         echo(f"{label}: one-shot pruning of {cfg_dict['model']}")
+    stage(f"{label}: loading the model and the calibration text, then the decoder blocks one by one")
     with _progress(options, BlockLine(label)) as sink:
         return run_one_shot(
             cfg_dict,
@@ -300,6 +309,7 @@ def _publish(cfg: PruneConfig, options: RunOptions, outbox, location: str, echo)
     from pipelines import publish
     from pipelines.storage import absolute, download, is_uri
 
+    stage("logging the export to MLflow")
     local = str(download(location, outbox.folder / "export")) if is_uri(location) else absolute(location)
     metrics, errors = {}, {}
     export = publish.export_summary(local)
@@ -308,6 +318,7 @@ def _publish(cfg: PruneConfig, options: RunOptions, outbox, location: str, echo)
         from pipelines.evaluation import run_evaluation
 
         echo("evaluating: " + ", ".join(cfg.eval_datasets + list(cfg.lm_eval_tasks)))
+        stage("evaluating")
         metrics, errors = run_evaluation(
             location, cfg.evaluation(), use_gpu=options.gpu, echo=echo if options.progress else None
         )

@@ -43,6 +43,30 @@ def check_run_options(cfg: PruneConfig, options) -> None:
         raise UsageError(f"--batch-size {cfg.batch_size} must be a multiple of --workers {options.workers}")
 
 
+_PATH_FIELDS = ("model", "data", "sparsity_map", "lm_eval_include")
+_PATH_LIST_FIELDS = ("val_data", "eval_datasets")
+
+
+def _absolute(value):
+    """A relative path that exists here, made absolute; anything else (a known source or alias
+    name, which the loaders look up first, a hub id, a dict) unchanged."""
+    from elsa.data import SOURCES
+    from elsa.models import alias_names
+
+    if not isinstance(value, str) or value in SOURCES or value.lower() in alias_names():
+        return value
+    path = Path(value).expanduser()
+    return str(path.resolve()) if not path.is_absolute() and path.exists() else value
+
+
+def absolute_local_paths(fields: dict) -> dict:
+    """The config fields that name local files, as absolute paths: Ray's workers and tasks run in
+    other directories (and on other nodes), where a path relative to the user's one means nothing."""
+    fixed = {name: _absolute(fields[name]) for name in _PATH_FIELDS if fields.get(name) is not None}
+    fixed.update({name: [_absolute(v) for v in fields[name]] for name in _PATH_LIST_FIELDS if fields.get(name)})
+    return {**fields, **fixed}
+
+
 def model_location(model: str) -> Path | None:
     """The source model's files on disk: its directory, or its GGUF file (None for a hub id)."""
     from elsa.models import resolve_model

@@ -178,3 +178,70 @@ class ProgressPrinter:
         self.stream.write(f"\r{text}\x1b[K" if self.tty else text + "\n")
         self.stream.flush()
         self._printed_step, self._printed_at = step, now
+        stage(f"since: {text}")  # a silence after this line says how long it has been
+
+
+class QuietWatchdog:
+    """No stretch of silence on the terminal: while a job runs, a line says what it is doing
+    whenever nothing was printed for ``quiet_s`` seconds.
+
+    Why: loading a model, Ray Train's start or an export can take minutes with nothing to show,
+    and a silent terminal looks like a hung one. Installed as ``sys.stdout`` for the job (every
+    ``print`` and progress line passes through and resets the clock); :func:`stage` names the
+    current stage, and the line says how long it has lasted::
+
+        ... starting the Ray Train workers (12 s)
+    """
+
+    _active: "QuietWatchdog | None" = None
+
+    def __init__(self, stream=None, quiet_s: float = 10.0):
+        self.stream = stream or sys.stdout
+        self.quiet_s = quiet_s
+        self.stage_name, self._stage_since = "working", time.monotonic()
+        self._last = time.monotonic()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="elsa-watchdog", daemon=True)
+
+    # the stream protocol: what print() and the progress printer use
+    def write(self, text: str) -> int:
+        with self._lock:
+            self._last = time.monotonic()
+            return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return bool(getattr(self.stream, "isatty", lambda: False)())
+
+    def __getattr__(self, name):  # encoding, fileno...: the real stream's
+        return getattr(self.stream, name)
+
+    def stage(self, name: str) -> None:
+        self.stage_name, self._stage_since = name, time.monotonic()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            now = time.monotonic()
+            if now - self._last >= self.quiet_s:
+                self.write(f"  ... {self.stage_name} ({_duration(now - self._stage_since)})\n")
+                self.flush()
+
+    def __enter__(self) -> "QuietWatchdog":
+        self._saved, sys.stdout = sys.stdout, self
+        QuietWatchdog._active = self
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        sys.stdout, QuietWatchdog._active = self._saved, None
+
+
+def stage(name: str) -> None:
+    """Name what the job does now, for the watchdog's lines (nothing without one)."""
+    if QuietWatchdog._active is not None:
+        QuietWatchdog._active.stage(name)

@@ -328,3 +328,29 @@ def test_overwrite_accepts_a_nonempty_output(tmp_path, tiny_model_dir):
     assert check_output(str(full), True, tiny_model_dir) == full.resolve()
     assert [p.name for p in full.iterdir()] == ["stale-shard.safetensors"]  # the check itself removes nothing
     assert make_config({"sparsity": 0.7}).lr > 0
+
+
+def test_relative_local_paths_become_absolute_and_names_stay(tmp_path, monkeypatch):
+    """Ray's workers run elsewhere: `--model tiny` (a folder here) must reach them as a full path,
+    while aliases, known sources, hub ids and missing paths stay as given (errors name them)."""
+    from pipelines.preflight import absolute_local_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "calib.txt").write_text("text")
+    (tmp_path / "sotu").mkdir()  # a folder named like a known source: the source wins, as in the loaders
+    fields = {
+        "model": "tiny",
+        "data": "calib.txt",
+        "val_data": ["sotu", "calib.txt"],
+        "eval_datasets": ["wikitext2-bundled", "absent.txt"],
+        "sparsity_map": {"w": 0.5},
+        "lm_eval_include": None,
+    }
+    fixed = absolute_local_paths(fields)
+    assert fixed["model"] == str(tmp_path / "tiny") and fixed["data"] == str(tmp_path / "calib.txt")
+    assert fixed["val_data"] == ["sotu", str(tmp_path / "calib.txt")]
+    assert fixed["eval_datasets"] == ["wikitext2-bundled", "absent.txt"]
+    assert fixed["sparsity_map"] == {"w": 0.5} and fixed["lm_eval_include"] is None
+    assert absolute_local_paths({"model": "smollm2-135m"})["model"] == "smollm2-135m"
+    assert absolute_local_paths({"model": "org/name"})["model"] == "org/name"

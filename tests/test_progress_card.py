@@ -139,3 +139,25 @@ def test_printer_rewrites_in_place_on_a_terminal_and_prints_lines_otherwise(tty)
         assert "\rstep 4/4 (100%) | 100 tok/s | loss 4.6 | ETA 0s\x1b[K\n" in out
     else:  # the first and the last step; the ones between fall inside the 1-hour interval
         assert out.splitlines() == ["step 1/4 (25%) | loss 4.9", "step 4/4 (100%) | 100 tok/s | loss 4.6 | ETA 0s"]
+
+
+def test_watchdog_fills_silence_with_the_stage_and_stays_quiet_while_lines_come():
+    import io
+    import sys
+    import time
+
+    from pipelines.progress import QuietWatchdog, stage
+
+    out = io.StringIO()
+    with QuietWatchdog(out, quiet_s=0.6):
+        assert sys.stdout is not out  # print() goes through the watchdog
+        stage("loading the model")
+        for _ in range(4):  # a line every 0.3 s: no heartbeat needed
+            print("working")
+            time.sleep(0.3)
+        time.sleep(1.5)  # then silence
+    lines = out.getvalue().splitlines()
+    assert lines[:4] == ["working"] * 4
+    assert lines[4:] and all(line.startswith("  ... loading the model (") for line in lines[4:])
+    assert sys.stdout is not None and not isinstance(sys.stdout, QuietWatchdog)
+    stage("no watchdog: nothing happens")

@@ -58,11 +58,31 @@ def run(tmp_path_factory, tiny_model_dir):
     ]
     env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "cli", *args], cwd=work, capture_output=True, text=True, timeout=900, env=env
-    )
+    proc = _run_timed([sys.executable, "-m", "cli", *args], work, env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return work, proc
+
+
+def _run_timed(command: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    """Run ``command`` with stdout a pipe (not a TTY), noting when each line arrives (``proc.arrivals``:
+    seconds since the start)."""
+    import threading
+    import time
+
+    started = time.monotonic()
+    child = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    errors: list[str] = []
+    reader = threading.Thread(target=lambda: errors.append(child.stderr.read()))
+    reader.start()
+    lines, arrivals = [], []
+    for line in child.stdout:
+        lines.append(line)
+        arrivals.append(time.monotonic() - started)
+    child.wait(timeout=900)
+    reader.join()
+    proc = subprocess.CompletedProcess(command, child.returncode, "".join(lines), "".join(errors))
+    proc.arrivals = arrivals
+    return proc
 
 
 def _client(work: Path):
@@ -84,6 +104,15 @@ def test_progress_lines_before_the_summary_and_no_library_noise(run):
     for noise in noises:
         assert noise not in everything, noise
     assert re.search(r"^export\s+compressed, float32, [\d.]+ MB of weights$", proc.stdout, re.M), proc.stdout
+
+
+def test_first_line_within_seconds_and_never_silent_for_long(run):
+    """Captured (not a TTY): the first line within 10 s of the command, then never 15 s without one."""
+    _, proc = run
+    gaps = [later - earlier for earlier, later in zip(proc.arrivals, proc.arrivals[1:])]
+    assert proc.arrivals[0] <= 10.0, proc.stdout[:500]
+    assert max(gaps) <= 15.0, (max(gaps), proc.stdout)
+    assert re.search(r"^  \.\.\. .+ \(\d+s\)$", proc.stdout, re.M) or max(gaps) < 10.0  # what fills a silence
 
 
 def test_exactly_one_copy_besides_the_output(run):

@@ -14,6 +14,7 @@ from elsa.config import PruneConfig
 from elsa.config_files import load_yaml
 from pipelines.capacity import RESOURCE_TIMEOUT_S
 from pipelines.cli import ADDRESS_HELP, TRACKING_URI_HELP, add_config_options
+from pipelines.preflight import absolute_local_paths
 from tune.search import DEFAULT_MAX_VAL_LOSS, SCHEDULERS, SEARCHERS
 
 # PruneConfig fields offered as flags: the budget and the settings that are usually fixed.
@@ -133,8 +134,10 @@ def request_from_args(args: argparse.Namespace):
     for key in ("model", "sparsity"):
         config.pop(key, None)
     file_model = load_yaml(args.config).get("model") if args.config else None
+    model = args.model or file_model or PruneConfig.model_fields["model"].default
+    config = absolute_local_paths(config)  # trials run in other directories
     request = SearchRequest(
-        model=args.model or file_model or PruneConfig.model_fields["model"].default,
+        model=absolute_local_paths({"model": model})["model"],
         sparsities=list(args.sparsity or []),
         trials=args.trials,
         config=config,
