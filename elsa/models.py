@@ -234,6 +234,9 @@ def load_model(
     sparse export (:mod:`elsa.sparse_format`) is densified; ``dtype`` None keeps a saved
     directory's own dtype.
     """
+    from .quiet import import_model_code
+
+    import_model_code()  # before transformers' model classes: torchao's import warnings kept off the terminal
     from transformers import AutoModelForCausalLM
 
     from .sparse_format import is_sparse_checkpoint, load_sparse_model

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from .quiet import no_progress_bars
 from .states import pack_mask
 
 FORMAT_NAME = "elsa-bitmask"
@@ -213,7 +214,8 @@ def load_sparse_model(
     # transformers builds the model without initialising it, fills it from ``state`` (ties and
     # non-persistent buffers such as rotary frequencies handled as for any checkpoint)
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # the Auto class wants a path, not a state dict
-    model, info = model_class.from_pretrained(None, **kwargs)
+    with no_progress_bars():  # its "Loading weights" bar would count tensors already in memory
+        model, info = model_class.from_pretrained(None, **kwargs)
     if info.get("missing_keys") or info.get("unexpected_keys") or info.get("mismatched_keys"):
         raise ValueError(
             f"{directory}: weights do not fit the config: "

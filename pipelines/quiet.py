@@ -16,6 +16,8 @@ import logging
 import os
 import warnings
 
+from elsa.quiet import IMPORT_NOISE_LOGGERS
+
 QUIET_ENV = "ELSA_QUIET"
 _LOGGERS = (
     "ray",
@@ -23,8 +25,7 @@ _LOGGERS = (
     "ray.tune",
     "mlflow",
     "alembic",
-    "torchao",
-    "torch.utils._pytree",
+    *IMPORT_NOISE_LOGGERS,  # torchao's "Failed to load ... .so", torch's pytree notes (elsa.quiet)
     "transformers",
     "datasets",
     "huggingface_hub",
@@ -37,6 +38,8 @@ def configure(verbose: bool) -> None:
     """Set quiet (default) or verbose mode for this process and the Ray it starts."""
     if verbose:
         os.environ.pop(QUIET_ENV, None)
+        for name in IMPORT_NOISE_LOGGERS:  # a level of their own: elsa.quiet then leaves them as set
+            logging.getLogger(name).setLevel(logging.WARNING)
         return
     os.environ[QUIET_ENV] = "1"
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
