@@ -1,0 +1,104 @@
+"""The sparse inference path: a 90%-pruned compressed export decodes like its dense export."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from elsa.api import prune_model
+from elsa.config import make_config
+from elsa.export import load_checkpoint, save_checkpoint
+from elsa.sparse_infer import SparseLinear, load_sparse_for_inference, sparse_bytes, sparse_pays
+
+
+def _llama(tok):
+    """A tiny Llama, wide enough that its block matrices prune to a real 90% (width 128, 2 layers)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=128,
+        intermediate_size=352,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=1,
+    )
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def exports(tok, tmp_path_factory):
+    """The same magnitude-pruned (90%) model exported compressed and dense, both fp32."""
+    cfg = make_config({"model": "unused", "method": "magnitude", "calib_blocks": 2, "seqlen": 32, "sparsity": 0.9})
+    model = prune_model(cfg, model=_llama(tok), tokenizer=tok).model
+    root = tmp_path_factory.mktemp("sparse_decode")
+    packed = save_checkpoint(model, tok, root / "compressed", export_format="compressed", dtype=torch.float32)
+    dense = save_checkpoint(model, tok, root / "dense", export_format="dense", dtype=torch.float32)
+    return packed, dense
+
+
+def _prompt(tok, n: int = 64) -> torch.Tensor:
+    text = "The river flows through the old town and the bridge carries the road over it. " * 8
+    ids = tok(text, return_tensors="pt")["input_ids"][:, :n]
+    assert ids.shape[1] == n
+    return ids
+
+
+def test_sparse_modules_hold_no_dense_weight(exports):
+    sparse = load_sparse_for_inference(exports[0], attn_implementation="eager", policy="always")
+    layers = [m for n, m in sparse.named_modules() if n.startswith("model.layers.")]
+    linears = [m for m in layers if isinstance(m, (torch.nn.Linear, SparseLinear))]
+    assert linears and all(isinstance(m, SparseLinear) for m in linears)
+    for module in linears:
+        assert not any(p.numel() == module.in_features * module.out_features for p in module.parameters())
+        assert module.nnz <= 0.11 * module.in_features * module.out_features
+        assert module.values.dtype == torch.float32 and module.col.dtype == torch.int32
+    assert type(sparse.lm_head) is torch.nn.Linear and type(sparse.model.embed_tokens) is torch.nn.Embedding
+    assert sparse.lm_head.weight.shape == sparse.model.embed_tokens.weight.shape
+    assert all(not isinstance(m, SparseLinear) for n, m in sparse.named_modules() if "norm" in n)
+    dense_bytes = sum(m.in_features * m.out_features * 4 for m in linears)
+    assert sparse_bytes(sparse) < 0.25 * dense_bytes
+    assert sparse.sparse_summary["dense"] == []
+
+
+def test_logits_and_greedy_tokens_equal_the_dense_export(exports, tok):
+    sparse = load_sparse_for_inference(exports[0], attn_implementation="eager", policy="always")
+    dense, _ = load_checkpoint(exports[1], dtype=torch.float32, attn_implementation="eager")
+    ids = _prompt(tok)
+    with torch.no_grad():
+        a, b = dense(ids).logits, sparse(ids).logits
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+        one = ids[:, :1]  # the one-token (matrix-vector) path too
+        torch.testing.assert_close(sparse(one).logits, dense(one).logits, rtol=1e-4, atol=1e-4)
+    settings = dict(max_new_tokens=40, min_new_tokens=40, do_sample=False, pad_token_id=tok.pad_token_id)
+    want = dense.generate(ids, attention_mask=torch.ones_like(ids), **settings)
+    got = sparse.generate(ids, attention_mask=torch.ones_like(ids), **settings)
+    assert got.shape == (1, 104)
+    assert torch.equal(got, want)
+
+
+def test_bf16_export_keeps_its_dtype_outside_the_sparse_modules(exports, tok, tmp_path):
+    dense, _ = load_checkpoint(exports[1], dtype=torch.float32)
+    packed = save_checkpoint(dense, tok, tmp_path / "bf16", export_format="compressed", dtype=torch.bfloat16)
+    sparse = load_sparse_for_inference(packed, policy="always")
+    assert sparse.model.embed_tokens.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        logits = sparse(_prompt(tok, 16)).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+
+
+def test_where_sparse_does_not_pay_the_matrix_stays_dense_and_it_is_said(exports, caplog):
+    assert sparse_pays(4096, 4096, 0.9, threads=1) and not sparse_pays(4096, 4096, 0.3, threads=1)
+    with caplog.at_level(logging.WARNING, logger="elsa.sparse_infer"):
+        model = load_sparse_for_inference(exports[0], policy="never")
+    assert not any(isinstance(m, SparseLinear) for m in model.modules())
+    kept = load_sparse_for_inference(exports[0], policy="auto")
+    assert len(kept.sparse_summary["sparse"]) + len(kept.sparse_summary["dense"]) == 14
+    reference, _ = load_checkpoint(exports[1], dtype=torch.float32)
+    assert torch.equal(model.model.layers[0].mlp.up_proj.weight, reference.model.layers[0].mlp.up_proj.weight)
