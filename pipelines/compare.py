@@ -15,6 +15,8 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
+from pipelines.plots import series_style
+
 PARAMS = ("model", "method", "sparsity", "pattern", "penalty")
 METRIC_PREFIXES = ("ppl_", "acc_")
 METRIC_NAMES = ("zero_shot_avg",)
@@ -276,7 +278,8 @@ def plot_metric_vs_step(run_ids: list[str], metric: str, out_png: str | Path, tr
     """The history of ``metric`` (e.g. ``primal_residual``) against step, one line per run.
 
     The y axis turns logarithmic when every value is positive and they span more than 50x, as
-    residuals usually do. Runs without that metric are left out; none having it is an error.
+    residuals usually do. A run with one point (a 32-step run's validation loss) is drawn as a
+    marker. Runs without that metric are left out; none having it is an error.
     """
     if isinstance(run_ids, str) or not run_ids:
         raise ValueError(f"run_ids must be a non-empty list of MLflow run ids, got {run_ids!r}")
@@ -289,7 +292,7 @@ def plot_metric_vs_step(run_ids: list[str], metric: str, out_png: str | Path, tr
         if not history:
             continue
         label = _run_label(client.get_run(run_id))
-        axes.plot([m.step for m in history], [m.value for m in history], label=label)
+        axes.plot([m.step for m in history], [m.value for m in history], label=label, **series_style(len(history)))
         values.extend(m.value for m in history)
     if not values:
         raise ValueError(

@@ -1,8 +1,14 @@
-"""Figures logged with a run: per-layer sparsity."""
+"""Figures logged with a run (per-layer sparsity), and the line style every figure's series share."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+
+def series_style(points: int) -> dict:
+    """Plot arguments for a series of ``points`` points: a lone point gets a marker, because a line
+    through one point draws nothing (a 32-step run validates once; its loss history was an empty axis)."""
+    return {"marker": "o"} if points == 1 else {}
 
 
 def plot_layer_sparsity(report: dict, out_png: str | Path) -> Path:
@@ -15,7 +21,8 @@ def plot_layer_sparsity(report: dict, out_png: str | Path) -> Path:
     rows = report["matrices"]
     fig, ax = plt.subplots(figsize=(max(6, len(rows) * 0.08), 3.5))
     ax.bar(range(len(rows)), [r["sparsity"] for r in rows], width=1.0, color="#4c72b0", label="achieved")
-    ax.plot(range(len(rows)), [r["target_sparsity"] for r in rows], color="#c44e52", lw=1, label="target")
+    targets = [r["target_sparsity"] for r in rows]
+    ax.plot(range(len(rows)), targets, color="#c44e52", lw=1, label="target", **series_style(len(rows)))
     ax.set_xlabel("pruned matrix (model order)")
     ax.set_ylabel("sparsity")
     ax.set_ylim(0, 1)

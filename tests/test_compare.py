@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import mlflow
 import pytest
@@ -164,6 +165,31 @@ def test_plots_are_written(store, tmp_path):
     with pytest.raises(ValueError, match="'primal_residual'"):
         plot_metric_vs_step([ids[4]], "primal_residual", tmp_path / "none.png", uri)
     assert not (tmp_path / "none.png").exists()
+
+
+def test_a_one_point_history_is_drawn_as_a_marker(monkeypatch, tmp_path):
+    """A 32-step run validates once: its val_loss_projected is a single point, which a plain line
+    does not draw. The figure's artists are checked, not only that a file was written."""
+    import pipelines.compare as compare
+
+    histories = {"short": [(32, 5.2)], "long": [(step, 6.0 - step / 100) for step in (32, 64, 96)]}
+
+    class Client:  # the two calls plot_metric_vs_step makes of an MlflowClient
+        def get_metric_history(self, run_id, metric):
+            return [SimpleNamespace(step=s, value=v, timestamp=0) for s, v in histories[run_id]]
+
+        def get_run(self, run_id):
+            return SimpleNamespace(
+                data=SimpleNamespace(params={}), info=SimpleNamespace(run_name=run_id, run_id=run_id)
+            )
+
+    drawn = []
+    monkeypatch.setattr(compare, "_client", lambda uri: Client())
+    monkeypatch.setattr(compare, "_save", lambda figure, out: drawn.append(figure) or out)
+    plot_metric_vs_step(["short", "long"], "val_loss_projected", tmp_path / "v.png")
+    lines = {line.get_label().split()[0]: line for line in drawn[0].axes[0].get_lines()}
+    assert list(lines["short"].get_xdata()) == [32] and lines["short"].get_marker() == "o"
+    assert lines["long"].get_marker() in (None, "None", "") and lines["long"].get_linestyle() == "-"
 
 
 def test_main_prints_table_and_writes_everything(store, tmp_path, capsys):
