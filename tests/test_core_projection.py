@@ -124,8 +124,8 @@ def test_topk_row_sharded_over_two_processes_matches_single_process(tmp_path):
             score[split, :3] = threshold_value
         scores.append(score)
     mp.spawn(_sharded_worker, args=(2, free_port(), scores, str(tmp_path)), nprocs=2, join=True)
-    masks0 = torch.load(tmp_path / "rank0.pt")
-    masks1 = torch.load(tmp_path / "rank1.pt")
+    masks0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    masks1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     partial_straddling_ties = 0
     for score, (split, keep), m0, m1 in zip(scores, SHARD_CASES, masks0, masks1):
         sharded = torch.cat([m0, m1])
