@@ -64,7 +64,7 @@ def topk_mask(score: torch.Tensor, keep: int, group=None) -> torch.Tensor:
         hist = torch.bincount(byte.to(torch.int64), minlength=256)
         hist = _all_reduce(hist, group)
         from_top = hist.flip(0).cumsum(0)  # from_top[j]: candidates whose byte >= 255 - j
-        j = int(torch.searchsorted(from_top, torch.tensor([remaining]), right=False))
+        j = int(torch.searchsorted(from_top, torch.tensor([remaining], device=from_top.device), right=False))
         chosen = 255 - j
         remaining -= int(from_top[j] - hist[chosen])
         prefix |= chosen << shift
