@@ -94,24 +94,7 @@ def run_cell(method: str, sparsity: float, args, uri: str, experiment: str) -> d
     name = f"{method}-{sparsity}" + (f"-{args.steps}" if method == "elsa" else "") + _windows_suffix(args.windows)
     out = Path(args.out) / "cells" / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    command = [
-        sys.executable,
-        str(REPO / "bench" / "run_one.py"),
-        "--config",
-        json.dumps(cfg),
-        "--eval-datasets",
-        *args.eval_datasets,
-        *(["--lm-eval-tasks", *args.lm_eval_tasks] if args.lm_eval_tasks else []),
-        *(["--lm-eval-limit", str(args.lm_eval_limit)] if args.lm_eval_limit else []),
-        "--eval-seqlen",
-        str(args.eval_seqlen),
-        "--eval-windows",
-        str(args.eval_windows),
-        "--tracking",
-        json.dumps({"uri": uri, "run_id": run_id}),
-        "--out",
-        str(out),
-    ]
+    command = _cell_command(cfg, args, {"uri": uri, "run_id": run_id}, out)
     started = time.perf_counter()
     proc = subprocess.run(
         command, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}
@@ -134,10 +117,29 @@ def run_cell(method: str, sparsity: float, args, uri: str, experiment: str) -> d
         command=" ".join(["python", "bench/run_bench.py", *sys.argv[1:]]),
     )
     tracking.log_metrics(
-        uri, run_id, {k: v for k, v in record.items() if k.startswith("ppl_") or k in ("prune_s", "peak_rss_mb")}
+        uri,
+        run_id,
+        {
+            k: v
+            for k, v in record.items()
+            if k.startswith(("ppl_", "acc_")) or k in ("prune_s", "peak_rss_mb", "zero_shot_avg")
+        },
     )
     tracking.end_run(uri, run_id, "FINISHED")
     return record
+
+
+def _cell_command(cfg: dict, args, tracking_info: dict, out: Path) -> list[str]:
+    """The command line of one cell's own process (bench/run_one.py)."""
+    zero_shot = ["--lm-eval-tasks", *args.lm_eval_tasks] if args.lm_eval_tasks else []
+    zero_shot += ["--lm-eval-limit", str(args.lm_eval_limit)] if args.lm_eval_limit else []
+    return [
+        sys.executable,
+        str(REPO / "bench" / "run_one.py"),
+        *("--config", json.dumps(cfg), "--eval-datasets", *args.eval_datasets, *zero_shot),
+        *("--eval-seqlen", str(args.eval_seqlen), "--eval-windows", str(args.eval_windows)),
+        *("--tracking", json.dumps(tracking_info), "--out", str(out)),
+    ]
 
 
 def _windows_suffix(windows: str) -> str:
@@ -284,7 +286,7 @@ def _zero_shot_lines(cells: list[dict]) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.6, 0.7, 0.8, 0.9])
@@ -322,8 +324,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--experiment", default="bench")
     parser.add_argument("--tracking-uri", default=None)
     parser.add_argument("--force", action="store_true", help="rerun cells already in results.json")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parse_args(argv)
     from pipelines import tracking
 
     uri = tracking.resolve_tracking_uri(args.tracking_uri)

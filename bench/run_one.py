@@ -51,7 +51,7 @@ def _zero_shot(model, tokenizer, tasks: list[str], limit: int | None) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", required=True, help="PruneConfig fields as JSON; method 'dense' skips pruning")
     parser.add_argument("--eval-datasets", nargs="+", default=["wikitext2-bundled", "sotu"])
@@ -61,7 +61,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lm-eval-limit", type=int, default=None, help="examples per task (None: all)")
     parser.add_argument("--tracking", default=None, help='JSON {"uri": ..., "run_id": ...} for step metrics')
     parser.add_argument("--out", required=True)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = _parse_args(argv)
 
     from elsa.api import evaluate_perplexity, prune_model
     from elsa.config import make_config

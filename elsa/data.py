@@ -36,9 +36,11 @@ from typing import Iterator
 
 import torch
 
-from .config import EvalSettings
 from .local_data import DataNotAvailableError, local_rows, looks_like_path
 from .models import hub_reachable
+from .windows import DEFAULT_WINDOWS, WINDOW_PROTOCOLS, leading_bos, stream_and_bos, window_protocol, with_bos
+
+__all__ = ["DEFAULT_WINDOWS", "WINDOW_PROTOCOLS", "leading_bos", "window_protocol"]  # re-exported for callers
 
 CORPORA = Path(__file__).resolve().parent / "corpora"
 EVAL_ONLY = frozenset({"wikitext2", "wikitext2-bundled"})
@@ -67,8 +69,6 @@ C4_SHARDS = {
 C4_EVAL_DOCS, C4_EVAL_WINDOWS = 1100, 256
 
 _TOKEN_CACHE_SIZE = 8
-DEFAULT_WINDOWS = EvalSettings.model_fields["windows"].default
-WINDOW_PROTOCOLS = ("bos", "classic")
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,60 +309,6 @@ def source_tokens(tokenizer, source: str, split: str) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# window protocol: where BOS goes
-
-
-def leading_bos(tokenizer) -> int | None:
-    """The BOS id the tokenizer puts before plain text, or None where it adds none.
-
-    Asked of the tokenizer itself (it tokenises a short text), not of its config: SmolLM2 names a
-    BOS token but never adds it, Gemma and Llama tokenizers add theirs to every call.
-    """
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is None:
-        return None
-    ids = tokenizer("a", verbose=False)["input_ids"]
-    return bos if len(ids) > 0 and ids[0] == bos else None
-
-
-def window_protocol(tokenizer, windows: str = DEFAULT_WINDOWS) -> str:
-    """What a run's windows look like, for records and model cards.
-
-    ``bos-per-window``: every window starts with BOS; ``bos-at-text-start``: the classic protocol
-    on a tokenizer that adds BOS (only the text's first window has it); ``no-bos``: the tokenizer
-    adds none, so both protocols give the same windows.
-    """
-    _check_protocol(windows)
-    if leading_bos(tokenizer) is None:
-        return "no-bos"
-    return "bos-per-window" if windows == "bos" else "bos-at-text-start"
-
-
-def _check_protocol(windows: str) -> None:
-    if windows not in WINDOW_PROTOCOLS:
-        raise ValueError(f"windows={windows!r} is unknown; choose one of {', '.join(WINDOW_PROTOCOLS)}")
-
-
-def _stream_and_bos(tokenizer, tokens: torch.Tensor, windows: str) -> tuple[torch.Tensor, int | None]:
-    """The token stream windows are cut from, and the BOS to put before each (None: none).
-
-    ``bos``: the text's own leading BOS is dropped from the stream and every window gets one;
-    windows then hold ``seqlen - 1`` text tokens, so each still predicts ``seqlen - 1`` of them.
-    """
-    _check_protocol(windows)
-    bos = leading_bos(tokenizer) if windows == "bos" else None
-    if bos is None:
-        return tokens, None
-    return (tokens[1:] if tokens.numel() and int(tokens[0]) == bos else tokens), bos
-
-
-def _with_bos(rows: torch.Tensor, bos: int | None) -> torch.Tensor:
-    if bos is None:
-        return rows
-    return torch.cat([torch.full((rows.shape[0], 1), bos, dtype=rows.dtype), rows], dim=1)
-
-
-# --------------------------------------------------------------------------------------------
 # public: blocks and windows
 
 
@@ -409,11 +355,11 @@ def calibration_blocks(
             f"source {source!r} split {split!r} has {tokens.numel()} tokens, fewer than "
             f"seqlen + 1 = {seqlen + 1}; use more text or a shorter seqlen"
         )
-    stream, bos = _stream_and_bos(tokenizer, tokens, windows)
+    stream, bos = stream_and_bos(tokenizer, tokens, windows)
     width = seqlen - (bos is not None)
     generator = torch.Generator().manual_seed(int(seed))
     starts = torch.randint(0, stream.numel() - width + 1, (n_blocks,), generator=generator)
-    return _with_bos(stream[starts[:, None] + torch.arange(width)], bos)
+    return with_bos(stream[starts[:, None] + torch.arange(width)], bos)
 
 
 def eval_windows(
@@ -441,7 +387,7 @@ def eval_windows(
         max_windows = min(max_windows or C4_EVAL_WINDOWS, C4_EVAL_WINDOWS)
     else:
         tokens = source_tokens(tokenizer, source, split)
-    stream, bos = _stream_and_bos(tokenizer, tokens, windows)
+    stream, bos = stream_and_bos(tokenizer, tokens, windows)
     width = seqlen - (bos is not None)
     n_windows = stream.numel() // width if width else 0
     if max_windows is not None:
@@ -450,4 +396,4 @@ def eval_windows(
         raise ValueError(
             f"source {source!r} split {split!r} has {tokens.numel()} tokens, fewer than one window of seqlen {seqlen}"
         )
-    return _with_bos(stream[: n_windows * width].view(n_windows, width), bos).clone()
+    return with_bos(stream[: n_windows * width].view(n_windows, width), bos).clone()

@@ -17,6 +17,7 @@ import typing
 from elsa.config import ConfigError, EvalSettings, PruneConfig, make_config
 from elsa.config_files import load_yaml
 from pipelines.capacity import RESOURCE_TIMEOUT_S
+from pipelines.preflight import absolute_local_paths
 from pipelines.tracking import DEFAULT_EXPERIMENT
 
 # help of the options several commands share (elsa prune / eval / tune), written once
@@ -219,11 +220,13 @@ def build_config(args: argparse.Namespace) -> PruneConfig:
         except PresetError as err:
             raise ConfigError(str(err)) from None
         flags["preset"] = preset_layer.pop("preset", preset)
-    return make_config(file_layer, preset_layer, flags)
+    # relative paths are the user's: Ray's workers and tasks run in other directories
+    return make_config(absolute_local_paths(make_config(file_layer, preset_layer, flags).model_dump()))
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
-    from pipelines.job import RunOptions, resume_prune, run_prune, summary_table
+    from pipelines.job import RunOptions, resume_prune, run_prune
+    from pipelines.summary import summary_table
 
     from pipelines.progress import QuietWatchdog
 

@@ -90,10 +90,8 @@ def run_prune(cfg: PruneConfig, options: RunOptions, echo=print) -> JobResult:
     the model; what it missed is delivered when it returns, or later by ``elsa sync``. The run
     carries what ``elsa prune --resume RUN_ID`` needs to continue it if this driver dies.
     """
-    from pipelines.preflight import absolute_local_paths
     from pipelines.storage import run_storage
 
-    cfg = cfg.model_copy(update=absolute_local_paths(cfg.model_dump()))
     if options.progress:
         echo(f"elsa prune: checking the model ({cfg.model}), the data and the resources")
     stage("checking the model, the data and the resources")
@@ -372,34 +370,3 @@ def _finish_publish(
 
         publish.remove_run_storage(location, run_storage(options.storage_path))
     return export
-
-
-def kept_text(metrics: dict) -> str:
-    """Which solution a warm-started run kept, and the held-out losses that decided it."""
-    start, final = metrics.get("init_val_loss", float("nan")), metrics.get("final_val_loss_projected", float("nan"))
-    if metrics.get("kept_init"):
-        return f"the one-shot start (held-out loss {start:.4f} beat ELSA's final projection, {final:.4f})"
-    return f"ELSA's final projection (held-out loss {final:.4f}; the one-shot start had {start:.4f})"
-
-
-def summary_table(result: JobResult) -> str:
-    """What the user reads at the end: the numbers and where everything went."""
-    lines = [f"run id      {result.run_id}", f"checkpoint  {result.checkpoint_dir}"]
-    if result.export:
-        size = result.export.get("weights_bytes", 0) / 1e6
-        lines.append(
-            f"export      {result.export.get('format')}, {result.export.get('dtype')}, {size:.1f} MB of weights"
-        )
-    if result.export.get("registered"):
-        lines.append(f"registered  {result.export['registered']}")
-    lines.append(f"wall time   {result.wall_s:.1f} s")
-    if "kept_init" in result.metrics:
-        lines.append(f"kept        {kept_text(result.metrics)}")
-    for key in sorted(k for k in result.metrics if k != "step"):  # step: Ray Train's report index
-        value = result.metrics[key]
-        lines.append(f"{key:<28}{value:.6g}" if isinstance(value, float) else f"{key:<28}{value}")
-    for key, error in result.eval_errors.items():
-        lines.append(f"{key:<28}FAILED: {error}")
-    if result.queued:
-        lines.append(result.queued)
-    return "\n".join(lines)
