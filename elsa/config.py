@@ -66,6 +66,8 @@ class EvalSettings(BaseModel):
     lm_eval_tasks: list[str] = Field(default_factory=list, description="lm-eval zero-shot tasks, e.g. arc_easy piqa")
     lm_eval_limit: int | None = Field(None, description="examples per lm-eval task, at most (None: all)")
     lm_eval_include: str | None = Field(None, description="a directory of extra lm-eval task YAMLs")
+    # batch-1 decode tokens/s and peak memory, sparse vs dense, as one more Ray task (pipelines/speed.py)
+    eval_speed: bool = Field(False, description="measure decode speed and memory of the export, sparse vs dense")
 
     @field_validator("eval_seqlen", "eval_max_windows", "lm_eval_limit")
     @classmethod

@@ -268,6 +268,14 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_generate(args: argparse.Namespace) -> int:
+    """Print the export's greedy completion of --prompt (pipelines.speed)."""
+    from pipelines.speed import generate_command
+
+    print(generate_command(args))
+    return 0
+
+
 def _cmd_sync(args: argparse.Namespace) -> int:
     """Upload MLflow records that runs journaled while the tracking server was away."""
     from pipelines.outbox import pending_count, queue_root, runs_in, sync
@@ -322,3 +330,10 @@ def add_commands(commands) -> None:
         "--tracking-uri", default=None, help="MLflow URI (default: MLFLOW_TRACKING_URI, else the run's)"
     )
     sync_cmd.set_defaults(handler=_cmd_sync)
+
+    generate = commands.add_parser("generate", help="print a greedy completion by an export (sparse if compressed)")
+    generate.add_argument("--run", "--checkpoint", dest="run", required=True, help="checkpoint folder or MLflow run id")
+    generate.add_argument("--prompt", required=True, help="the text the model continues")
+    generate.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated, at most (default: 64)")
+    generate.add_argument("--tracking-uri", default=None, help=TRACKING_URI_HELP + "; where --run's id is looked up")
+    generate.set_defaults(handler=_cmd_generate)

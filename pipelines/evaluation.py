@@ -80,6 +80,10 @@ def run_evaluation(location: str, settings: EvalSettings, use_gpu: bool = False,
         pending[name] = zero_shot_task.options(**resources).remote(
             location, group, settings.lm_eval_limit, settings.lm_eval_include
         )
+    if settings.eval_speed:  # decode tokens/s and peak memory, sparse vs dense (CPU: the sparse path is CPU's)
+        from pipelines.speed import speed_task
+
+        pending["decode_speed"] = speed_task.options(num_cpus=1).remote(location)
     metrics, errors = {}, {}
     names = {ref: name for name, ref in pending.items()}
     started, waiting = time.perf_counter(), list(pending.values())

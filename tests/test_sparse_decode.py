@@ -102,3 +102,36 @@ def test_where_sparse_does_not_pay_the_matrix_stays_dense_and_it_is_said(exports
     assert len(kept.sparse_summary["sparse"]) + len(kept.sparse_summary["dense"]) == 14
     reference, _ = load_checkpoint(exports[1], dtype=torch.float32)
     assert torch.equal(model.model.layers[0].mlp.up_proj.weight, reference.model.layers[0].mlp.up_proj.weight)
+
+
+def test_decode_speed_measures_sparse_and_dense_in_their_own_processes(exports):
+    from pipelines.speed import decode_speed
+
+    metrics = decode_speed(str(exports[0]), new_tokens=8, repeats=1)
+    for kind in ("sparse", "dense"):
+        assert metrics[f"speed_{kind}_tokens_per_s"] > 0 and 100 < metrics[f"speed_{kind}_peak_rss_mb"] < 20_000
+    assert metrics["speed_same_tokens"] == 1.0 and metrics["speed_sparse_over_dense"] > 0
+    dense_only = decode_speed(str(exports[1]), new_tokens=4, repeats=1)
+    assert "speed_sparse_tokens_per_s" not in dense_only and dense_only["speed_dense_tokens_per_s"] > 0
+
+
+@pytest.mark.ray
+def test_speed_runs_as_a_ray_evaluation_task(exports, ray_session):
+    from elsa.config import make_eval_settings
+    from pipelines.evaluation import run_evaluation
+
+    settings = make_eval_settings({"eval_datasets": [], "eval_speed": True})
+    metrics, errors = run_evaluation(str(exports[0]), settings)
+    assert errors == {}
+    assert metrics["speed_same_tokens"] == 1.0
+    assert {"speed_sparse_tokens_per_s", "speed_dense_peak_rss_mb", "speed_rss_sparse_over_dense"} <= set(metrics)
+
+
+def test_elsa_generate_prints_the_sparse_models_completion(exports, capsys):
+    from cli.main import main
+    from pipelines.speed import complete
+
+    argv = ["generate", "--checkpoint", str(exports[0]), "--prompt", "The river", "--max-new-tokens", "6"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out.strip()
+    assert printed and printed == complete(str(exports[1]), "The river", 6).strip()
