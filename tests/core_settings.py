@@ -25,3 +25,32 @@ REFERENCE = {
 
 def admm_settings(**fields) -> ADMMSettings:
     return dataclasses.replace(ADMMSettings.from_config(make_config(REFERENCE)), **fields)
+
+
+RESUME_STEPS = 3  # resume tests: 2N steps in one go against N, checkpoint, restore, N
+
+
+def resume_config(**overrides):
+    """The small run the resume tests checkpoint halfway (z/u-updates every 2 steps)."""
+    fields = {
+        "model": "tiny",
+        "sparsity": 0.7,
+        "steps": 2 * RESUME_STEPS,
+        "interval": 2,
+        "seqlen": 16,
+        "batch_size": 2,
+        "eval_interval": 1000,
+        "log_interval": 1000,
+        "lr_schedule": "constant",
+    }
+    return make_config({**fields, **overrides})
+
+
+def resume_batches(step: int, micro: int):
+    """Random token blocks, the same for a step whatever process or restart asks."""
+    import torch
+
+    from elsa import tiny
+
+    generator = torch.Generator().manual_seed(1000 * step + micro)
+    return torch.randint(2, tiny.TINY_VOCAB_SIZE, (2, 16), generator=generator)

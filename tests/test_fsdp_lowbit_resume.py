@@ -16,17 +16,13 @@ import torch.multiprocessing as mp
 from conftest import free_port
 
 from elsa import tiny
-from elsa.config import make_config
+from core_settings import RESUME_STEPS, resume_batches, resume_config
 from elsa.distributed import local
 from elsa.loop import LoopHooks, build_admm, train
 
 pytest.importorskip("torchao")
 
-N = 3
-
-
-def _batches(step: int, micro: int) -> torch.Tensor:
-    return torch.randint(2, tiny.TINY_VOCAB_SIZE, (2, 16), generator=torch.Generator().manual_seed(1000 * step + micro))
+N = RESUME_STEPS
 
 
 def _sharded(cfg):
@@ -51,27 +47,14 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
-        cfg = make_config(
-            {
-                "model": "tiny",
-                "sparsity": 0.7,
-                "steps": 2 * N,
-                "interval": 2,
-                "seqlen": 16,
-                "batch_size": 2,
-                "eval_interval": 1000,
-                "log_interval": 1000,
-                "lr_schedule": "constant",
-                "optimizer": "adam8bit",
-            }
-        )
+        cfg = resume_config(optimizer="adam8bit")
         straight, admm, scheduler = _sharded(cfg)
-        train(straight, admm, scheduler, _batches, cfg, LoopHooks())
+        train(straight, admm, scheduler, resume_batches, cfg, LoopHooks())
         admm.final_projection()
         states = [t for s in admm.base.state.values() for t in s.values() if torch.is_tensor(t)]
         kinds = sorted({type(local(t)).__name__ for t in states})  # inside the DTensor: this rank's shard
         first, admm, scheduler = _sharded(cfg)
-        train(first, admm, scheduler, _batches, cfg.model_copy(update={"steps": N}), LoopHooks())
+        train(first, admm, scheduler, resume_batches, cfg.model_copy(update={"steps": N}), LoopHooks())
         checkpoint = Path(out_dir) / "ckpt"
         if rank == 0:
             checkpoint.mkdir()
@@ -79,7 +62,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         save_state(first, admm, N, checkpoint)
         resumed, admm, scheduler = _sharded(cfg)
         step = load_state(resumed, admm, checkpoint)
-        train(resumed, admm, scheduler, _batches, cfg, LoopHooks(), start_step=step)
+        train(resumed, admm, scheduler, resume_batches, cfg, LoopHooks(), start_step=step)
         admm.final_projection()
         result = {
             "base": type(admm.base).__module__ + "." + type(admm.base).__name__,

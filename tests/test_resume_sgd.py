@@ -13,14 +13,10 @@ import pytest
 import torch
 
 from elsa import tiny
-from elsa.config import make_config
+from core_settings import RESUME_STEPS, resume_batches, resume_config
 from elsa.loop import LoopHooks, build_admm, train
 
-N = 3
-
-
-def _batches(step: int, micro: int) -> torch.Tensor:
-    return torch.randint(2, tiny.TINY_VOCAB_SIZE, (2, 16), generator=torch.Generator().manual_seed(1000 * step + micro))
+N = RESUME_STEPS
 
 
 def _setup(cfg):
@@ -42,35 +38,22 @@ def _setup(cfg):
 def test_worker_checkpoint_resumes_bit_identically(tmp_path, overrides):
     from pipelines.worker_state import load_state as _load_state, save_state as _save_state
 
-    cfg = make_config(
-        {
-            "model": "tiny",
-            "sparsity": 0.7,
-            "steps": 2 * N,
-            "interval": 2,
-            "seqlen": 16,
-            "batch_size": 2,
-            "eval_interval": 1000,
-            "log_interval": 1000,
-            "lr_schedule": "constant",
-            **overrides,
-        }
-    )
+    cfg = resume_config(**overrides)
     straight, admm, scheduler = _setup(cfg)
-    train(straight, admm, scheduler, _batches, cfg, LoopHooks())
+    train(straight, admm, scheduler, resume_batches, cfg, LoopHooks())
     if cfg.optimizer == "adam8bit":  # the states really are 8-bit (bitsandbytes keeps small tensors fp32)
         codes = [t for state in admm.base.state.values() for t in state.values() if torch.is_tensor(t)]
         assert any(t.dtype == torch.uint8 for t in codes)
 
     first, admm, scheduler = _setup(cfg)
-    train(first, admm, scheduler, _batches, cfg.model_copy(update={"steps": N}), LoopHooks())
+    train(first, admm, scheduler, resume_batches, cfg.model_copy(update={"steps": N}), LoopHooks())
     _save_state(first, admm, N, tmp_path / "ckpt")
     assert admm.admm_step == N  # saving must not step the live optimiser (it did, for SGD)
-    train(first, admm, scheduler, _batches, cfg, LoopHooks(), start_step=N)  # the run that was checkpointed
+    train(first, admm, scheduler, resume_batches, cfg, LoopHooks(), start_step=N)  # the run that was checkpointed
     resumed, admm, scheduler = _setup(cfg)
     assert _load_state(resumed, admm, tmp_path / "ckpt") == N
     assert admm.admm_step == N
-    train(resumed, admm, scheduler, _batches, cfg, LoopHooks(), start_step=N)
+    train(resumed, admm, scheduler, resume_batches, cfg, LoopHooks(), start_step=N)
     pairs = zip(straight.state_dict().items(), resumed.state_dict().values(), first.state_dict().values())
     for (name, a), b, c in pairs:
         assert torch.equal(a, b), name
