@@ -306,10 +306,14 @@ class ADMM(torch.optim.Optimizer):
         self._set_scalars(lmda=new_lmda, rho=new_rho)
 
     def _reduce(self, sums: torch.Tensor) -> torch.Tensor:
+        """Sums over the shards; on the parameters' device, since NCCL reduces GPU tensors only."""
         groups = {id(g): g for g in self._shard_groups.values() if g is not None}
+        if not groups:
+            return sums
+        on_device = sums.to(local(self.targets[0].param).device)
         for group in groups.values():
-            all_reduce_sum(sums, group)
-        return sums
+            all_reduce_sum(on_device, group)
+        return on_device.cpu()
 
     def _codec(self, name: str) -> StoredTensor:
         return self._z if name == "z" else self._u

@@ -47,7 +47,7 @@ def topk_mask(score: torch.Tensor, keep: int, group=None) -> torch.Tensor:
     blocks in rank order); with ``group=None`` it is the whole matrix.
     """
     bits = _as_bits(score)
-    total = torch.tensor([bits.numel()], dtype=torch.int64)
+    total = torch.tensor([bits.numel()], dtype=torch.int64, device=bits.device)  # NCCL: on the GPU
     total = int(_all_reduce(total, group))
     if not 0 <= keep <= total:
         raise ValueError(f"keep={keep} outside [0, {total}]")
@@ -77,8 +77,8 @@ def topk_mask(score: torch.Tensor, keep: int, group=None) -> torch.Tensor:
     local_ties = int(ties.sum())
     before = 0
     if group is not None:
-        counts = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(counts, torch.tensor([local_ties], dtype=torch.int64), group=group)
+        counts = [torch.zeros(1, dtype=torch.int64, device=bits.device) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(counts, torch.tensor([local_ties], dtype=torch.int64, device=bits.device), group=group)
         before = int(sum(int(c) for c in counts[: dist.get_rank(group)]))
     take = min(max(remaining - before, 0), local_ties)
     if take:
