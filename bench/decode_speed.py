@@ -243,7 +243,12 @@ def kernels(threads_list: list[int]) -> None:
 
 
 def _machine() -> dict:
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__}
+    cpu = platform.processor() or platform.machine()
+    info = Path("/proc/cpuinfo")
+    if info.is_file():
+        names = [line.split(":", 1)[1].strip() for line in info.read_text().splitlines() if "model name" in line]
+        cpu = names[0] if names else cpu
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__}
 
 
 def _cell_line(c: dict) -> str:
@@ -261,6 +266,23 @@ def _cell_line(c: dict) -> str:
     )
 
 
+def _bf16_notes(result: dict) -> list[str]:
+    """Whether dense bf16 agrees with itself across thread counts: the yardstick for "same tokens".
+
+    bf16 rounds every product's output; a different summation order (threads, or sparse vs dense)
+    moves some outputs by one bf16 step, and 128 greedy steps can turn that into another token.
+    """
+    lines = []
+    for model in dict.fromkeys(c["model"] for c in result["cells"]):
+        for level in sorted({c["sparsity"] for c in result["cells"] if c["model"] == model}):
+            cells = [c for c in result["cells"] if c["model"] == model and c["sparsity"] == level]
+            runs = [c["dense-bf16"]["tokens"] for c in cells if "dense-bf16" in c]
+            if len(runs) > 1:
+                same = all(r == runs[0] for r in runs)
+                lines.append(f"{model} {level:.0%}: dense bf16 gives the same tokens at every thread count: {same}.  ")
+    return ["", *lines] if lines else []
+
+
 def write_markdown(result: dict, path: Path) -> None:
     """The tables of :func:`main`'s result, one per model, with the command and load averages."""
     lines = [
@@ -273,8 +295,16 @@ def write_markdown(result: dict, path: Path) -> None:
         f"whole call; median of {result['repeats']} runs per configuration, each in its own process (peak RSS = "
         "VmHWM of that process, load included). Models magnitude-pruned per matrix in the script.",
     ]
-    if max(result["loadavg_before"][0], result["loadavg_after"][0]) > 1.5:
+    for run in result.get("earlier_runs", []):
+        lines.append(
+            f"Cells not rerun come from: `{run['command']}` (load average before/after: {run['loadavg_before']} / "
+            f"{run['loadavg_after']}).  "
+        )
+    loads = [result["loadavg_before"][0], result["loadavg_after"][0]]
+    loads += [r[k][0] for r in result.get("earlier_runs", []) for k in ("loadavg_before", "loadavg_after")]
+    if max(loads) > 1.5:
         lines.append("\n**The machine was shared while this ran (load average above 1.5): figures are noisy.**")
+    lines += _bf16_notes(result)
     header = (
         "| sparsity | threads | sparse tok/s | dense bf16 tok/s | dense fp32 tok/s | speed-up vs bf16 | "
         "sparse RSS MB | bf16 RSS MB | fp32 RSS MB | RSS sparse/bf16 | same tokens as bf16 | same as fp32 | "
@@ -312,6 +342,28 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def merge(result: dict, path: Path) -> dict:
+    """``result``'s cells in place of the same (model, sparsity, threads) cells of the results at ``path``.
+
+    Why: one cell rerun (after a fix, or alone on the machine) without rerunning the hour; the
+    earlier runs' commands and load averages are kept in ``earlier_runs``.
+    """
+    if not path.is_file():
+        return result
+    old = json.loads(path.read_text())
+
+    def key(cell):
+        return cell["model"], cell["sparsity"], cell["threads"]
+
+    fresh = {key(c) for c in result["cells"]}
+    kept = [c for c in old["cells"] if key(c) not in fresh]
+    order = {"smollm2": 0, "llama1b": 1}
+    result["cells"] = sorted(kept + result["cells"], key=lambda c: (order.get(c["model"], 2), *key(c)[1:]))
+    earlier = old.pop("earlier_runs", [])
+    result["earlier_runs"] = earlier + [{k: old[k] for k in ("command", "loadavg_before", "loadavg_after")}]
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["smollm2", "llama1b"], choices=["smollm2", "llama1b"])
@@ -322,6 +374,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="runs per configuration (median reported)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/elsa-decode-speed"), help="where exports go")
     parser.add_argument("--out", type=Path, default=RESULTS / "decode_speed", help="path stem of .json/.md/.png")
+    parser.add_argument("--merge", action="store_true", help="replace only these cells in the existing results")
     parser.add_argument("--kernels", action="store_true", help="only the matrix-vector table (PAYS_FROM)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -341,6 +394,8 @@ def main() -> None:
             for threads in args.threads:
                 result["cells"].append(measure_level(model, level, exports[level], threads, args))
     result["loadavg_after"] = [round(v, 2) for v in os.getloadavg()]
+    if args.merge:
+        result = merge(result, args.out.with_suffix(".json"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     write_markdown(result, args.out.with_suffix(".md"))
