@@ -36,14 +36,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 CONFIGS = ("sparse", "dense-bf16", "dense-fp32")
-LLAMA_1B = dict(
-    hidden_size=2048,
-    num_hidden_layers=16,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    intermediate_size=5632,
-    vocab_size=32000,
-)
+LLAMA_1B = {"hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8}
+LLAMA_1B.update(intermediate_size=5632, vocab_size=32000)
 
 
 def prune_blocks_(model: torch.nn.Module, sparsity: float) -> None:
@@ -157,9 +151,8 @@ def measure(config: str, paths: dict, threads: int, new_tokens: int) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     spec = json.dumps({"config": config, "paths": paths, "threads": threads, "new_tokens": new_tokens})
-    result = subprocess.run(
-        [sys.executable, __file__, "--child", spec], env=env, capture_output=True, text=True, check=False
-    )
+    command = [sys.executable, __file__, "--child", spec]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"{config} failed:\n{result.stderr[-3000:]}")
     row = json.loads(result.stdout.strip().splitlines()[-1])
