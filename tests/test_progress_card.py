@@ -149,13 +149,13 @@ def test_watchdog_fills_silence_with_the_stage_and_stays_quiet_while_lines_come(
     from pipelines.progress import QuietWatchdog, stage
 
     out = io.StringIO()
-    with QuietWatchdog(out, quiet_s=0.6):
+    with QuietWatchdog(out, quiet_s=3.0):
         assert sys.stdout is not out  # print() goes through the watchdog
         stage("loading the model")
-        for _ in range(4):  # a line every 0.3 s: no heartbeat needed
+        for _ in range(4):  # a line every 0.1 s, far inside the 3 s: no heartbeat (even on a loaded CI)
             print("working")
-            time.sleep(0.3)
-        time.sleep(1.5)  # then silence
+            time.sleep(0.1)
+        time.sleep(4.0)  # then silence
     lines = out.getvalue().splitlines()
     assert lines[:4] == ["working"] * 4
     assert lines[4:] and all(line.startswith("  ... loading the model (") for line in lines[4:])
