@@ -221,7 +221,7 @@ def build_config(args: argparse.Namespace) -> PruneConfig:
             raise ConfigError(str(err)) from None
         flags["preset"] = preset_layer.pop("preset", preset)
     # relative paths are the user's: Ray's workers and tasks run in other directories
-    return make_config(absolute_local_paths(make_config(file_layer, preset_layer, flags).model_dump()))
+    return make_config(*(absolute_local_paths(layer) for layer in (file_layer, preset_layer, flags)))
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
