@@ -55,8 +55,6 @@ def topk_mask(score: torch.Tensor, keep: int, group=None) -> torch.Tensor:
         return torch.zeros_like(score, dtype=torch.bool)
     if keep == total:
         return torch.ones_like(score, dtype=torch.bool)
-    if group is None and bits.device.type != "cpu":
-        return _local_topk_mask(bits, keep).view(score.shape)
 
     prefix = 0  # bits of the keep-th largest score, found one byte at a time from the top
     remaining = keep  # how many of the candidates sharing ``prefix`` still need keeping
@@ -86,23 +84,6 @@ def topk_mask(score: torch.Tensor, keep: int, group=None) -> torch.Tensor:
     if take:
         mask[ties.nonzero().squeeze(1)[:take]] = True
     return mask.view(score.shape)
-
-
-def _local_topk_mask(bits: torch.Tensor, keep: int) -> torch.Tensor:
-    """The same mask for a whole matrix on one accelerator, without a host round trip.
-
-    Why apart: the radix select waits on the host after each byte (four waits, plus the tie
-    count), which on a GPU costs more than the selection itself, once per matrix per z-update.
-    Here the threshold is the ``keep``-th largest bit pattern, and the ties kept are the first
-    ``keep - #above`` by a running count: the same unique answer (top ``keep``, lowest index
-    first among equal scores), all on the device. On CPUs the radix select stays: there it is
-    faster for matrices of SmolLM2's size (17 against 25 ms for 576 x 1536).
-    """
-    threshold = torch.kthvalue(bits, bits.numel() - keep + 1).values
-    mask = bits > threshold
-    ties = bits == threshold
-    remaining = keep - mask.sum()
-    return mask | (ties & (ties.cumsum(0) <= remaining))
 
 
 def nm_mask(score: torch.Tensor, n: int, m: int, input_dim: int = 1) -> torch.Tensor:
