@@ -55,6 +55,8 @@ def topk_mask(score: torch.Tensor, keep: int, group=None) -> torch.Tensor:
         return torch.zeros_like(score, dtype=torch.bool)
     if keep == total:
         return torch.ones_like(score, dtype=torch.bool)
+    if group is None and bits.device.type != "cpu":
+        return _device_topk_mask(bits, keep).view(score.shape)
 
     prefix = 0  # bits of the keep-th largest score, found one byte at a time from the top
     remaining = keep  # how many of the candidates sharing ``prefix`` still need keeping
@@ -84,6 +86,22 @@ def topk_mask(score: torch.Tensor, keep: int, group=None) -> torch.Tensor:
     if take:
         mask[ties.nonzero().squeeze(1)[:take]] = True
     return mask.view(score.shape)
+
+
+def _device_topk_mask(bits: torch.Tensor, keep: int) -> torch.Tensor:
+    """The same mask for a whole matrix on one accelerator, without waiting on the host.
+
+    Why apart: the radix select waits on the host after each byte, a fixed cost per matrix that
+    dominates the z-update on a GPU. Here the threshold is the smallest of the top ``keep`` bit
+    patterns, and the ties kept are the first ``keep - #above`` by a running count: the same
+    unique mask. H200, bench/results/topk_device.json: 0.21 against 1.35 ms for 576 x 1536,
+    2.0 against 6.2 ms for 4096 x 11008 (a kthvalue threshold took 304 ms there). CPUs keep
+    the radix select.
+    """
+    threshold = torch.topk(bits, keep, sorted=False).values.min()
+    mask = bits > threshold
+    ties = bits == threshold
+    return mask | (ties & (ties.cumsum(0) <= keep - mask.sum()))
 
 
 def nm_mask(score: torch.Tensor, n: int, m: int, input_dim: int = 1) -> torch.Tensor:

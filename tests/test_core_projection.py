@@ -67,6 +67,17 @@ def test_topk_matches_brute_force_with_ties(shape, levels, seed):
         assert torch.equal(mask, ref_topk(score, keep)), f"keep={keep}"
 
 
+@pytest.mark.parametrize("shape,levels,seed", [((13, 17), 3, 0), ((40, 7), 5, 3), ((64, 33), 8, 4)])
+def test_accelerator_topk_path_matches_brute_force(shape, levels, seed):
+    """The selection accelerators take (top-k threshold + running tie count), run here on the CPU."""
+    from elsa.projection import _as_bits, _device_topk_mask
+
+    score = tied_scores(shape, levels, seed)
+    for keep in range(1, score.numel() + 1, max(1, score.numel() // 17)):
+        mask = _device_topk_mask(_as_bits(score), keep).view(score.shape)
+        assert torch.equal(mask, ref_topk(score, keep)), f"keep={keep}"
+
+
 def test_topk_continuous_scores_and_negative_zero():
     g = torch.Generator().manual_seed(7)
     x = torch.randn(64, 33, generator=g)
