@@ -33,8 +33,7 @@ DEFAULT_OUT = REPO / "bench" / "results" / "gpu_check.json"
 BUDGET_S = 420.0  # measurements not started by then are skipped: the whole command stays under 8 min
 BF16_LOSS_RTOL, FP32_LOSS_RTOL = 2e-2, 1e-3  # CPU vs GPU training losses of the tiny prune
 
-# Llama decoder shapes, in the order of _SHAPE_FIELDS
-_SHAPE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+_SHAPE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")  # Llama's
 _SHAPE_FIELDS += ("intermediate_size", "vocab_size", "tie_word_embeddings")
 SHAPES = {
     "smollm2_135m": (576, 30, 9, 3, 1536, 49152, True),
@@ -327,13 +326,14 @@ def measurements(scale: Scale, device: torch.device) -> list[tuple[str, object]]
 
 
 def git_commit() -> tuple[str | None, str]:
-    """This checkout's commit; where no git is (the device's copy), the one gpu_carry.sh wrote."""
+    """The commit gpu_carry.sh wrote (the device's copy has a git HEAD of an older base), else git's."""
+    carried = REPO / ".whl" / "COMMIT"
+    if carried.is_file():
+        return carried.read_text().strip(), "carried"
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
-        if done.returncode == 0:
-            return done.stdout.strip(), "git"
-    carried = REPO / ".whl" / "COMMIT"
-    return (carried.read_text().strip(), "carried") if carried.is_file() else (None, "unknown")
+        return (done.stdout.strip(), "git") if done.returncode == 0 else (None, "unknown")
+    return None, "unknown"
 
 
 def environment(device: torch.device, tiny: bool) -> dict:
