@@ -53,12 +53,19 @@ OWL_LAMBDA = 0.08  # half-width of OWL's band of block sparsities, narrowed at h
 LR = 6e-4
 SHORT_STEPS = 100  # above it, INTERVAL_LONG
 COUPLED_LR = 1e-4  # lr when the user asks for the coupled penalty (the paper's OPT-125M @ 70%)
+EVALS_PER_RUN = 4  # projected validation losses a run logs (the last at its end): a curve, not a point
+
+
+def eval_interval(steps: int) -> int:
+    """Steps between projected validation losses: ``EVALS_PER_RUN`` of them in any run."""
+    return max(1, -(-steps // EVALS_PER_RUN))
 
 
 def budget_settings(steps: int, sparsity: float | None, method: str, penalty: str | None) -> dict:
     """The rule's value for every field it governs (the caller keeps what the user set)."""
     if method != "elsa":
         return {
+            "eval_interval": eval_interval(steps),
             "init": "none",
             "loss": LOSS,
             "train_embeddings": True,
@@ -69,6 +76,7 @@ def budget_settings(steps: int, sparsity: float | None, method: str, penalty: st
             "interval": PAPER_INTERVAL,
         }
     chosen: dict = {"init": INIT, "loss": LOSS, "penalty": PENALTY, "allocation": ALLOCATION}
+    chosen["eval_interval"] = eval_interval(steps)
     if (penalty or PENALTY) == "coupled":  # the paper's settings: every weight trained
         coupled = {"lr": COUPLED_LR, "rho_schedule": "constant", "interval": PAPER_INTERVAL, "train_embeddings": True}
         return {**chosen, **coupled}

