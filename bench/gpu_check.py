@@ -186,7 +186,7 @@ def measure_admm_step(shape: tuple, scale: Scale, device: torch.device) -> dict:
 # --- measurement 2: the projection ---
 def measure_projection(scale: Scale, device: torch.device) -> dict:
     """ms of elsa's projection of one matrix: exact top-k at 70% and 90%, and 2:4."""
-    from elsa.projection import project_mask
+    from elsa.optim.projection import project_mask
     from elsa.targets import keep_count
 
     rows, cols = scale.matrix
@@ -206,10 +206,10 @@ def state_memory(model, ids, cfg, device) -> dict:
     """Bytes per pruned parameter that the ADMM's states take, after one step with its z/u-update.
 
     ``peak`` and ``resident`` are the allocator's figures over the gradients already there (GPU
-    only); ``held`` is what elsa.memory counts in the live states; ``analytic`` the formula's.
+    only); ``held`` is what elsa.optim.memory counts in the live states; ``analytic`` the formula's.
     """
     from elsa.loop import build_admm
-    from elsa.memory import measured_state_bytes_per_param, state_bytes_per_param
+    from elsa.optim.memory import measured_state_bytes_per_param, state_bytes_per_param
 
     loss_backward(model, ids, device)  # the gradients exist before: they are no optimiser state
     free(device)

@@ -11,7 +11,7 @@ amortised z/u-update: both are reported, with their ratios to the base optimiser
     python bench/overhead.py                       # writes bench/results/overhead.json
     python bench/overhead.py --steps 128 --threads 2
 
-Memory: the analytic bytes per pruned parameter (elsa.memory) for fp32 ELSA, the paper's ELSA-L
+Memory: the analytic bytes per pruned parameter (elsa.optim.memory) for fp32 ELSA, the paper's ELSA-L
 (8-bit Adam, bf16 u, fp8 z) and ELSA-L with a sparse z at 90%, next to what the live optimisers
 of this run hold.
 """
@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 
-from elsa.admm import ADMM, ADMMSettings
 from elsa.config import make_config
-from elsa.memory import measured_state_bytes_per_param, state_bytes_per_param
+from elsa.optim.admm import ADMM, ADMMSettings
+from elsa.optim.memory import measured_state_bytes_per_param, state_bytes_per_param
 from elsa.targets import find_targets
 from elsa.tiny import TINY_VOCAB_SIZE
 

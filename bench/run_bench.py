@@ -77,7 +77,7 @@ def cell_config(method: str, sparsity: float, args) -> dict:
 
 
 def run_cell(method: str, sparsity: float, args, uri: str, experiment: str) -> dict:
-    from pipelines import tracking
+    from pipelines.records import tracking
 
     cfg = cell_config(method, sparsity, args)
     penalty = cfg.get("penalty") if cfg["method"] == "elsa" else None
@@ -224,7 +224,7 @@ def _table_line(r: dict, dense: dict | None, metrics: list[str]) -> str:
 
 def write_reports(results: list[dict], out_dir: Path, metric: str, args) -> None:
     """results.json, results.md (table with ratios to dense, per text) and ppl_vs_sparsity.png."""
-    from pipelines.compare import plot_ppl_vs_sparsity
+    from pipelines.records.compare import plot_ppl_vs_sparsity
 
     out_dir.mkdir(parents=True, exist_ok=True)
     staged = out_dir / "results.json.tmp"  # then renamed: a concurrent runner never reads half a file
@@ -245,7 +245,7 @@ def write_reports(results: list[dict], out_dir: Path, metric: str, args) -> None
         *[f"- `{command}`" for command in commands],
         "",
         f"Perplexity on {', '.join(m.removeprefix('ppl_') for m in metrics)}: {args.eval_windows} windows of "
-        f"{args.eval_seqlen} tokens; windows: the protocol (elsa/data.py); ratios to the dense cell of the same "
+        f"{args.eval_seqlen} tokens; windows: the protocol (elsa/text/data.py); ratios to the dense cell of the same "
         "protocol",
         "",
         "| method | windows | sparsity | "
@@ -306,7 +306,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rho-final", type=float, default=0.05, help="decoupled rho at the last step")
     parser.add_argument("--rho-schedule", default="linear")
     # Coupled mode's objective-aware score: Adam's v holds the penalty's own gradient on short runs
-    # and flips the mask back every z-update (elsa/admm.py), so the bench ranks by the loss's EMA.
+    # and flips the mask back every z-update (elsa/optim/admm.py), so the bench ranks by the loss's EMA.
     parser.add_argument("--coupled-fisher-source", choices=("adam", "loss"), default="loss")
     parser.add_argument("--eval-seqlen", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=32)
@@ -318,7 +318,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--lm-eval-tasks", nargs="*", default=[], help="zero-shot tasks, e.g. the paper's seven")
     parser.add_argument("--lm-eval-limit", type=int, default=None, help="examples per zero-shot task")
-    parser.add_argument("--windows", choices=("bos", "classic"), default="bos", help="window protocol (elsa/data.py)")
+    parser.add_argument(
+        "--windows", choices=("bos", "classic"), default="bos", help="window protocol (elsa/text/data.py)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--experiment", default="bench")
@@ -329,7 +331,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parse_args(argv)
-    from pipelines import tracking
+    from pipelines.records import tracking
 
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
     tracking.check_reachable(uri)

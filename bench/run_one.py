@@ -35,8 +35,8 @@ def _zero_shot(model, tokenizer, tasks: list[str], limit: int | None) -> dict:
     scratch directory first: lm-eval reads checkpoints)."""
     import tempfile
 
-    from elsa.export import save_checkpoint
-    from pipelines.zero_shot import accuracy_metrics, average_accuracy, run_zero_shot
+    from elsa.model_io.export import save_checkpoint
+    from pipelines.evals.zero_shot import accuracy_metrics, average_accuracy, run_zero_shot
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-zero-shot-") as scratch:
@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     from elsa.api import evaluate_perplexity, prune_model
     from elsa.config import make_config
-    from elsa.data import window_protocol
-    from elsa.models import load_model, load_tokenizer
+    from elsa.model_io.models import load_model, load_tokenizer
+    from elsa.text.data import window_protocol
 
     fields = json.loads(args.config)
     dense = fields.get("method") == "dense"
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     model, tokenizer = load_model(cfg.model), load_tokenizer(cfg.model)
     log = None
     if args.tracking:
-        from pipelines.tracking import RunLogger
+        from pipelines.records.tracking import RunLogger
 
         tracking = json.loads(args.tracking)
         log = RunLogger(tracking["uri"], tracking["run_id"])

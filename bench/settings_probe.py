@@ -30,7 +30,7 @@ def _save_start(args, fields: dict) -> dict:
     from elsa.api import prune_model
     from elsa.config import make_config
     from elsa.loop import BatchSampler
-    from elsa.models import load_model, load_tokenizer
+    from elsa.model_io.models import load_model, load_tokenizer
     from elsa.perplexity import mean_nll
 
     cfg = make_config({**fields, "method": args.save_start})
@@ -104,11 +104,11 @@ def main(argv: list[str] | None = None) -> dict:
     from elsa.allocation import resolve_allocation
     from elsa.api import evaluate_perplexity
     from elsa.config import make_config
-    from elsa.data import calibration_blocks
     from elsa.loop import BatchSampler
     from elsa.methods import get_method
-    from elsa.models import load_model, load_tokenizer
+    from elsa.model_io.models import load_model, load_tokenizer
     from elsa.perplexity import mean_nll
+    from elsa.text.data import calibration_blocks
 
     fields = {"sparsity": 0.8, "val_blocks": 8, "init": "none", **json.loads(args.cfg)}
     torch.manual_seed(0)

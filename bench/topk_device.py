@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from elsa.projection import _as_bits, topk_mask  # noqa: E402
+from elsa.optim.projection import _as_bits, topk_mask  # noqa: E402
 
 SHAPES = [(576, 1536), (1536, 576), (2048, 8192), (4096, 11008)]
 SPARSITIES = (0.7, 0.9)

@@ -35,14 +35,14 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done, 1 a runtime failure, 2 a usage error (argparse's code for bad arguments)."""
     from elsa.config import ConfigError
-    from pipelines.errors import one_line
+    from pipelines.run.errors import one_line
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = make_parser().parse_args(argv)
     args.command_line = "elsa " + shlex.join(argv)  # as typed, for the model card
     if args.command in ("prune", "eval"):
-        from pipelines.quiet import configure
+        from pipelines.run.quiet import configure
 
         configure(verbose=args.verbose)
     try:

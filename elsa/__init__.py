@@ -1,12 +1,12 @@
 """ELSA: extreme LLM sparsity with surrogate-free ADMM (framework-free core).
 
-The method lives in :mod:`elsa.admm` (x-, z-, u-updates), projections in
-:mod:`elsa.projection`, state storage (ELSA-L) in :mod:`elsa.states`. This package imports
+The method lives in :mod:`elsa.optim.admm` (x-, z-, u-updates), projections in
+:mod:`elsa.optim.projection`, state storage (ELSA-L) in :mod:`elsa.optim.states`. This package imports
 neither Ray nor MLflow.
 """
 
-from elsa.admm import ADMM, ADMMSettings, PenaltySchedule
 from elsa.config import ConfigError, PruneConfig, make_config
+from elsa.optim.admm import ADMM, ADMMSettings, PenaltySchedule
 
 __all__ = [
     "ADMM",

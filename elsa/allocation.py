@@ -21,9 +21,9 @@ import math
 import torch
 from torch import nn
 
-from elsa.data import calibration_blocks
 from elsa.methods.wanda import InputNorms, wanda_score
 from elsa.targets import Target, config_targets, decoder_blocks, targets_by_block
+from elsa.text.data import calibration_blocks
 
 CHUNK = 16  # calibration blocks per forward
 ALLOCATION_FILE = "sparsity_map.json"  # beside a one-shot solution in storage: the sparsities it used

@@ -15,11 +15,11 @@ import torch
 
 from elsa.allocation import resolve_allocation
 from elsa.config import PruneConfig
-from elsa.data import DEFAULT_WINDOWS, calibration_blocks, eval_windows
 from elsa.methods import method_for
-from elsa.models import load_model, load_tokenizer
+from elsa.model_io.models import load_model, load_tokenizer
 from elsa.perplexity import perplexity
 from elsa.targets import config_targets, verify_sparsity
+from elsa.text.data import DEFAULT_WINDOWS, calibration_blocks, eval_windows
 
 
 @dataclass
@@ -59,7 +59,7 @@ def evaluate_perplexity(
     windows: str = DEFAULT_WINDOWS,
 ) -> dict[str, float]:
     """``{"ppl_<dataset>": value}`` over non-overlapping windows (``windows``: the BOS protocol,
-    elsa/data.py)."""
+    elsa/text/data.py)."""
     results = {}
     for name in datasets:
         cut = eval_windows(tokenizer, name, seqlen, max_windows=max_windows, windows=windows)

@@ -14,8 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from elsa.schedules import SCHEDULES
-from elsa.states import FORMATS
+from elsa.optim.schedules import SCHEDULES
+from elsa.optim.states import FORMATS
 
 ADAM_FAMILY = ("adam", "adamw", "adam8bit")
 _RULE = ", chosen by the budget rule (elsa/budget.py) when unset"  # for the fields the rule fills
@@ -59,14 +59,14 @@ class EvalSettings(BaseModel):
     # each window starts with the tokenizer's BOS where it adds one to plain text (lm-eval's rolling
     # perplexity, Hugging Face usage; Gemma and Llama tokenizers do); "classic": the whole text
     # tokenised once, BOS only at its start (SparseGPT/Wanda scripts). Identical where the
-    # tokenizer adds no BOS (SmolLM2). elsa/data.py
+    # tokenizer adds no BOS (SmolLM2). elsa/text/data.py
     windows: Literal["bos", "classic"] = Field(
         "bos", description="BOS at each window's start where the tokenizer adds one (bos) or at the text's (classic)"
     )
     lm_eval_tasks: list[str] = Field(default_factory=list, description="lm-eval zero-shot tasks, e.g. arc_easy piqa")
     lm_eval_limit: int | None = Field(None, description="examples per lm-eval task, at most (None: all)")
     lm_eval_include: str | None = Field(None, description="a directory of extra lm-eval task YAMLs")
-    # batch-1 decode tokens/s and peak memory, sparse vs dense, as one more Ray task (pipelines/speed.py)
+    # batch-1 decode tokens/s and peak memory, sparse vs dense, as one more Ray task (pipelines/evals/speed.py)
     eval_speed: bool = Field(False, description="measure decode speed and memory of the export, sparse vs dense")
 
     @field_validator("eval_seqlen", "eval_max_windows", "lm_eval_limit")
@@ -178,7 +178,7 @@ class PruneConfig(EvalSettings):
     bf16: bool | None = Field(None, description="bf16 autocast of the forward and backward (None: where native)")
     preset: str | None = Field(None, description="'paper' (its Table 5 row) or a preset YAML file from elsa tune")
 
-    # export (what `elsa prune` ships; elsa.export.resolve_export)
+    # export (what `elsa prune` ships; elsa.model_io.export.resolve_export)
     export_format: Literal["auto", "dense", "compressed"] = Field("auto", description="auto: compressed if S >= 0.5")
     export_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: the source's (GGUF: bf16)")
 

@@ -15,12 +15,12 @@ from typing import Callable
 
 import torch
 
-from elsa.admm import ADMM, ADMMSettings
 from elsa.config import PruneConfig
-from elsa.data import calibration_blocks
 from elsa.distill import training_loss
+from elsa.optim.admm import ADMM, ADMMSettings
 from elsa.perplexity import mean_nll
 from elsa.targets import config_targets
+from elsa.text.data import calibration_blocks
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -64,7 +64,7 @@ def text_sha256(source: str, split: str | None) -> str:
     The same function that feeds the windows reads the text, so the hash is of exactly what was
     tokenised (for the bundled WikiText-2: its rows joined by blank lines, not the raw file).
     """
-    from elsa.data import load_text
+    from elsa.text.data import load_text
 
     try:
         return hashlib.sha256(load_text(source, split).encode("utf-8")).hexdigest()
@@ -77,9 +77,9 @@ def run_provenance(cfg, tokenizer) -> dict[str, object]:
 
     ``data_sha256.<split>``: the calibration text's train and validation splits;
     ``eval_sha256.<dataset>``: each perplexity dataset's evaluation split; ``windows.*``: the
-    protocol as resolved for this tokenizer (:func:`elsa.data.window_protocol`).
+    protocol as resolved for this tokenizer (:func:`elsa.text.data.window_protocol`).
     """
-    from elsa.data import default_split, window_protocol
+    from elsa.text.data import default_split, window_protocol
 
     record: dict[str, object] = {f"version.{k}": v for k, v in package_versions().items()}
     record.update({f"machine.{k}": v for k, v in machine().items()})

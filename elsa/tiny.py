@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-CORPORA = Path(__file__).resolve().parent / "corpora"
+CORPORA = Path(__file__).resolve().parent / "text" / "corpora"
 TINY_VOCAB_SIZE = 1024
 # Trained first, so their ids are fixed: 0 and 1. tiny_model() uses the same ids.
 EOS_TOKEN, PAD_TOKEN = "<|endoftext|>", "<|pad|>"
@@ -142,7 +142,7 @@ def tiny_model(arch: str, vocab_size: int, seed: int = 0) -> torch.nn.Module:
 
 def save_tiny(out_dir: str | Path, arch: str = "llama", seed: int = 0) -> Path:
     """Write a tiny model and the tiny tokenizer as a Hugging Face directory and return its path."""
-    from .export import save_checkpoint
+    from elsa.model_io.export import save_checkpoint
 
     tokenizer = tiny_tokenizer()
     model = tiny_model(arch, len(tokenizer), seed=seed)

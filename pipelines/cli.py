@@ -16,15 +16,15 @@ import typing
 
 from elsa.config import ConfigError, EvalSettings, PruneConfig, make_config
 from elsa.config_files import load_yaml
-from pipelines.capacity import RESOURCE_TIMEOUT_S
-from pipelines.preflight import absolute_local_paths
-from pipelines.tracking import DEFAULT_EXPERIMENT
+from pipelines.records.tracking import DEFAULT_EXPERIMENT
+from pipelines.run.capacity import RESOURCE_TIMEOUT_S
+from pipelines.run.preflight import absolute_local_paths
 
 # help of the options several commands share (elsa prune / eval / tune), written once
 ADDRESS_HELP = "Ray cluster to join (default: RAY_ADDRESS, else local)"
 TRACKING_URI_HELP = "MLflow URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)"
 
-# options of the run rather than of the method (see pipelines.job.RunOptions)
+# options of the run rather than of the method (see pipelines.run.job.RunOptions)
 _RUN_OPTIONS = (
     "output",
     "workers",
@@ -225,10 +225,9 @@ def build_config(args: argparse.Namespace) -> PruneConfig:
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
-    from pipelines.job import RunOptions, resume_prune, run_prune
-    from pipelines.summary import summary_table
-
-    from pipelines.progress import QuietWatchdog
+    from pipelines.run.job import RunOptions, resume_prune, run_prune
+    from pipelines.run.progress import QuietWatchdog
+    from pipelines.run.summary import summary_table
 
     options = RunOptions(**{name: getattr(args, name) for name in _RUN_OPTIONS}, command=args.command_line)
     with QuietWatchdog() if options.progress else contextlib.nullcontext():
@@ -243,7 +242,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
 def _check_resume_flags(args: argparse.Namespace) -> None:
     """``--resume`` continues a run with the config it started with: method flags would be ignored."""
-    from pipelines.preflight import UsageError
+    from pipelines.run.preflight import UsageError
 
     given = [name for name in PruneConfig.model_fields if getattr(args, name, None) is not None]
     given += ["config"] * bool(args.config) + ["state_dtypes"] * bool(args.state_dtypes) + list(_method_args(args))
@@ -255,22 +254,22 @@ def _check_resume_flags(args: argparse.Namespace) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from pipelines.reevaluate import reevaluate
+    from pipelines.evals.reevaluate import reevaluate
 
     print(reevaluate(args))
     return 0
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from pipelines.compare import main as compare_main
+    from pipelines.records.compare import main as compare_main
 
     compare_main(args.experiment, args.tracking_uri, args.out)
     return 0
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    """Print the export's greedy completion of --prompt (pipelines.speed)."""
-    from pipelines.speed import generate_command
+    """Print the export's greedy completion of --prompt (pipelines.evals.speed)."""
+    from pipelines.evals.speed import generate_command
 
     print(generate_command(args))
     return 0
@@ -278,8 +277,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_sync(args: argparse.Namespace) -> int:
     """Upload MLflow records that runs journaled while the tracking server was away."""
-    from pipelines.outbox import pending_count, queue_root, runs_in, sync
-    from pipelines.storage import run_storage
+    from pipelines.records.outbox import pending_count, queue_root, runs_in, sync
+    from pipelines.run.storage import run_storage
 
     root = args.queue_dir or str(queue_root(run_storage(None)))
     runs = [args.run] if args.run else runs_in(root)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from elsa.admm import ADMMSettings
 from elsa.config import make_config
+from elsa.optim.admm import ADMMSettings
 
 REFERENCE = {
     "model": "tiny",

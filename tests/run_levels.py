@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from elsa.allocation import resolve_allocation
 from elsa.config import make_config
-from elsa.models import load_model, load_tokenizer
+from elsa.model_io.models import load_model, load_tokenizer
 from elsa.targets import config_targets, keep_count
 
 

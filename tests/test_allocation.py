@@ -30,7 +30,7 @@ def test_owl_levels_have_mean_s_the_band_2_lambda_and_more_outliers_less_sparsit
 
 def test_outlier_ratios_match_an_independent_count(tiny_model_dir):
     """Hooks + per-feature norms against the inputs kept whole and a per-entry count in Python."""
-    from elsa.models import load_model
+    from elsa.model_io.models import load_model
 
     model = load_model(str(tiny_model_dir))
     cfg = _tiny_cfg(tiny_model_dir)
@@ -91,7 +91,7 @@ def test_the_rule_gives_elsa_owl_and_keeps_uniform_where_sparsities_are_fixed(tm
 
 def test_a_one_shot_run_with_owl_prunes_every_matrix_to_its_block_level(tiny_model_dir):
     from elsa.api import prune_model
-    from elsa.models import load_model
+    from elsa.model_io.models import load_model
 
     cfg = _tiny_cfg(tiny_model_dir, method="sparsegpt", allocation="owl", owl_lambda=0.1)
     result = prune_model(cfg, model=load_model(str(tiny_model_dir)))
@@ -107,7 +107,7 @@ def test_a_one_shot_run_with_owl_prunes_every_matrix_to_its_block_level(tiny_mod
 
 
 def test_resolving_leaves_uniform_and_resolved_configs_alone(tiny_model_dir):
-    from elsa.models import load_model, load_tokenizer
+    from elsa.model_io.models import load_model, load_tokenizer
 
     model, tokenizer = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
     uniform = _tiny_cfg(tiny_model_dir, allocation="uniform")

@@ -24,7 +24,7 @@ from elsa.methods.layerwise import module_of, prune_layerwise, rows_view
 from elsa.methods.magnitude import Magnitude
 from elsa.methods.sparsegpt import SparseGPT, sparsegpt_prune
 from elsa.methods.wanda import Wanda, wanda_mask
-from elsa.projection import nm_mask, topk_mask
+from elsa.optim.projection import nm_mask, topk_mask
 from elsa.targets import Target, config_targets, find_targets, nm_satisfied, verify_sparsity
 from elsa.tiny import tiny_model
 

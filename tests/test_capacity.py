@@ -1,10 +1,10 @@
-"""The bounded wait for a joined cluster's nodes (pipelines.capacity), without Ray: fake nodes and clock."""
+"""The bounded wait for a joined cluster's nodes (pipelines.run.capacity), without Ray: fake nodes and clock."""
 
 from __future__ import annotations
 
 import pytest
 
-from pipelines.capacity import CapacityError, bundles_fit, run_bundles, wait_for_capacity
+from pipelines.run.capacity import CapacityError, bundles_fit, run_bundles, wait_for_capacity
 
 
 def test_bundles_fit_per_node_not_in_total():

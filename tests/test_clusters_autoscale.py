@@ -549,7 +549,7 @@ def test_ray_job_submit_runs_elsa_prune():
         assert "run id" in info["logs"], info["logs"][-2000:]
         import mlflow
 
-        from elsa.export import load_checkpoint
+        from elsa.model_io.export import load_checkpoint
         from run_levels import assert_matrix_sparsity, run_levels
 
         pruned, _ = load_checkpoint(work / "out" / "pruned")  # compressed: the default at sparsity 0.5

@@ -9,7 +9,7 @@ import mlflow
 import pytest
 from mlflow.entities import Metric, Param
 
-from pipelines.compare import (
+from pipelines.records.compare import (
     collect_runs,
     format_table,
     main,
@@ -170,7 +170,7 @@ def test_plots_are_written(store, tmp_path):
 def test_a_one_point_history_is_drawn_as_a_marker(monkeypatch, tmp_path):
     """A 32-step run validates once: its val_loss_projected is a single point, which a plain line
     does not draw. The figure's artists are checked, not only that a file was written."""
-    import pipelines.compare as compare
+    import pipelines.records.compare as compare
 
     histories = {"short": [(32, 5.2)], "long": [(step, 6.0 - step / 100) for step in (32, 64, 96)]}
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from core_settings import admm_settings
-from elsa.admm import ADMM, PenaltySchedule
+from elsa.optim.admm import ADMM, PenaltySchedule
 from elsa.config import ConfigError, PruneConfig, make_config
 from elsa.targets import Target
 

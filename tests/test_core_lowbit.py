@@ -17,11 +17,11 @@ import torch
 
 from elsa import tiny
 from core_settings import admm_settings
-from elsa.admm import ADMM, PenaltySchedule
+from elsa.optim.admm import ADMM, PenaltySchedule
 from elsa.api import prune_model
 from elsa.config import make_config
-from elsa.moments import second_moment
-from elsa.projection import topk_mask
+from elsa.optim.moments import second_moment
+from elsa.optim.projection import topk_mask
 from elsa.targets import find_targets
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -112,7 +112,7 @@ def test_bnb_adam8bit_runs_admm_on_tiny_gpt2():
     )
     targets = find_targets(model, 0.7)
     base = bnb.optim.Adam8bit(model.parameters(), lr=1e-3, betas=(0.9, BETA2))
-    from elsa.admm import ADMMSettings as S
+    from elsa.optim.admm import ADMMSettings as S
 
     admm = ADMM(base, targets, S.from_config(cfg))
     _lm_steps(model, admm, 4)

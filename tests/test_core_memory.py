@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from core_settings import admm_settings
-from elsa.admm import ADMM, PenaltySchedule
-from elsa.memory import measured_state_bytes_per_param, state_bytes_per_param
+from elsa.optim.admm import ADMM, PenaltySchedule
+from elsa.optim.memory import measured_state_bytes_per_param, state_bytes_per_param
 from elsa.targets import find_targets
 
 

@@ -11,8 +11,8 @@ import torch.multiprocessing as mp
 
 from conftest import free_port
 from core_settings import admm_settings
-from elsa.admm import ADMM, PenaltySchedule
-from elsa.projection import fisher_score, magnitude_score, nm_mask, project_mask, topk_mask
+from elsa.optim.admm import ADMM, PenaltySchedule
+from elsa.optim.projection import fisher_score, magnitude_score, nm_mask, project_mask, topk_mask
 from elsa.targets import Target
 
 
@@ -70,7 +70,7 @@ def test_topk_matches_brute_force_with_ties(shape, levels, seed):
 @pytest.mark.parametrize("shape,levels,seed", [((13, 17), 3, 0), ((40, 7), 5, 3), ((64, 33), 8, 4)])
 def test_accelerator_topk_path_matches_brute_force(shape, levels, seed):
     """The selection accelerators take (top-k threshold + running tie count), run here on the CPU."""
-    from elsa.projection import _as_bits, _device_topk_mask
+    from elsa.optim.projection import _as_bits, _device_topk_mask
 
     score = tied_scores(shape, levels, seed)
     for keep in range(1, score.numel() + 1, max(1, score.numel() // 17)):

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from core_settings import admm_settings
-from elsa.admm import ADMM, ADMMSettings, PenaltySchedule
-from elsa.projection import magnitude_score, topk_mask
-from elsa.schedules import dual_rescale_factor, schedule_value
+from elsa.optim.admm import ADMM, ADMMSettings, PenaltySchedule
+from elsa.optim.projection import magnitude_score, topk_mask
+from elsa.optim.schedules import dual_rescale_factor, schedule_value
 from elsa.targets import Target
 
 

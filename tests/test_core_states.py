@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from elsa.states import FORMATS, StoredTensor, pack_mask, unpack_mask
+from elsa.optim.states import FORMATS, StoredTensor, pack_mask, unpack_mask
 
 # unit roundoff (relative error of round-to-nearest for normal values) and the spacing of the
 # subnormals of each float format; int8 is absolute: half a quantisation step

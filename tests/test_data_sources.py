@@ -10,8 +10,9 @@ import time
 import pytest
 import torch
 
-from elsa import data, tiny
-from elsa.data import DataNotAvailableError, calibration_blocks, eval_windows, load_text
+from elsa import tiny
+from elsa.text import data
+from elsa.text.data import DataNotAvailableError, calibration_blocks, eval_windows, load_text
 
 ROWS = ["First document about albedo.", "Second one, about anarchism.", "Third: autism."]
 

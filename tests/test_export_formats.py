@@ -10,8 +10,8 @@ import torch
 
 from elsa.api import prune_model
 from elsa.config import make_config
-from elsa.export import load_checkpoint, resolve_export, save_checkpoint, source_dtype
-from elsa.sparse_format import WEIGHTS_FILE, is_sparse_checkpoint
+from elsa.model_io.export import load_checkpoint, resolve_export, save_checkpoint, source_dtype
+from elsa.model_io.sparse_format import WEIGHTS_FILE, is_sparse_checkpoint
 from elsa.targets import find_targets, nm_satisfied
 
 

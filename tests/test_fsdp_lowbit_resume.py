@@ -26,7 +26,7 @@ N = RESUME_STEPS
 
 
 def _sharded(cfg):
-    from pipelines.train_job import shard_model
+    from pipelines.run.train_job import shard_model
 
     model = shard_model(tiny.tiny_model("llama", tiny.TINY_VOCAB_SIZE, seed=0), torch.device("cpu"))
     admm, scheduler = build_admm(model, cfg)
@@ -42,7 +42,7 @@ def _full_state(model) -> dict[str, torch.Tensor]:
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     from pathlib import Path
 
-    from pipelines.worker_state import load_state, save_state
+    from pipelines.run.worker_state import load_state, save_state
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:

@@ -42,7 +42,7 @@ def _trainer_pids() -> list[int]:
 
 
 def _complete_steps(root: Path) -> list[int]:
-    from pipelines.worker_state import STEP_PREFIX, complete as _complete
+    from pipelines.run.worker_state import STEP_PREFIX, complete as _complete
 
     import pyarrow.fs as pafs
 
@@ -52,7 +52,7 @@ def _complete_steps(root: Path) -> list[int]:
 
 
 def _last_journaled_step(queue: Path) -> int:
-    """The newest step whose train_loss the workers journaled (pipelines.outbox), 0 if none."""
+    """The newest step whose train_loss the workers journaled (pipelines.records.outbox), 0 if none."""
     import json
 
     steps = [0]
@@ -89,7 +89,7 @@ def _kill_after_checkpoint(root: Path, step: int, record: dict, queue: Path) -> 
 
 
 def _load(directory):
-    from elsa.export import load_checkpoint
+    from elsa.model_io.export import load_checkpoint
 
     return load_checkpoint(directory)[0]  # reads the compressed export (the default at >= 50%)
 
@@ -100,8 +100,8 @@ def _load(directory):
 def test_sigkilled_worker_resumes_from_newest_checkpoint(tmp_path, tiny_model_dir, ray_session, capsys):
     import mlflow
 
-    from pipelines import tracking
-    from pipelines.train_job import run_training
+    from pipelines.records import tracking
+    from pipelines.run.train_job import run_training
 
     cfg = make_config(
         {

@@ -60,8 +60,8 @@ def test_outbox_delivers_in_order_once_after_an_outage(tmp_path, server):
     """No Ray: the journal and its cursor against a server that dies and returns; logging never blocks."""
     import mlflow
 
-    from pipelines.outbox import QueuedRunLogger
-    from pipelines.tracking import start_run
+    from pipelines.records.outbox import QueuedRunLogger
+    from pipelines.records.tracking import start_run
 
     run_id = start_run(server.uri, "outbox", {"lr": 0.1})
     logger = QueuedRunLogger(server.uri, run_id, str(tmp_path / "queue"))
@@ -95,7 +95,7 @@ def test_outbox_delivers_in_order_once_after_an_outage(tmp_path, server):
 
 def test_a_writer_journals_each_metric_and_step_once(tmp_path):
     """No server: the driver's journal, reopened (a resumed run), skips the pairs it holds already."""
-    from pipelines.outbox import Outbox
+    from pipelines.records.outbox import Outbox
 
     first = Outbox("http://127.0.0.1:9", "run", tmp_path, "driver")
     first.metrics({"final_val_loss": 5.0, "kept_init": 0, "flag": True}, 32)
@@ -111,7 +111,7 @@ def test_a_writer_journals_each_metric_and_step_once(tmp_path):
 
 
 def _kill_when_ray_starts(monkeypatch, server) -> None:
-    import pipelines.job as job
+    import pipelines.run.job as job
 
     real = job.init_ray
 
@@ -225,7 +225,7 @@ def test_server_never_back_then_elsa_sync(tmp_path, tiny_model_dir, ray_session,
 def test_fail_fast_settings_stay_while_any_thread_is_inside(monkeypatch):
     """The delivery thread and the driver overlap: the first in sets the settings, the last out
     removes them, and one the user set is never touched."""
-    from pipelines.outbox import fail_fast_requests
+    from pipelines.records.outbox import fail_fast_requests
 
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "77")  # the user's: wins, and stays

@@ -8,7 +8,7 @@ import types
 
 import pytest
 
-from elsa import models
+from elsa.model_io import models
 
 
 def _fake_package(calls: list, fail: bool = False):

@@ -11,11 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from elsa import models, tiny
-from elsa.data import eval_windows
-from elsa.export import load_checkpoint, read_metadata, save_checkpoint
-from elsa.models import ModelNotAvailableError, load_model, load_tokenizer, resolve_model
+from elsa import tiny
+from elsa.model_io import models
+from elsa.model_io.export import load_checkpoint, read_metadata, save_checkpoint
+from elsa.model_io.models import ModelNotAvailableError, load_model, load_tokenizer, resolve_model
 from elsa.perplexity import mean_nll, perplexity
+from elsa.text.data import eval_windows
 
 SENTENCE = "Anarchism is a political philosophy that advocates self-governed societies."
 

@@ -51,7 +51,7 @@ def _cli(args: list[str]) -> int:
 
 
 def _load(directory: Path):
-    from elsa.export import load_checkpoint
+    from elsa.model_io.export import load_checkpoint
 
     return load_checkpoint(directory)[0]  # reads the compressed export (the default at >= 50%)
 
@@ -164,7 +164,7 @@ def test_prune_two_fsdp_workers_end_to_end(tmp_path, tiny_model_dir, ray_session
 
 
 def _train(tmp_path: Path, name: str, workers: int, **overrides):
-    from pipelines.train_job import run_training
+    from pipelines.run.train_job import run_training
 
     cfg = make_config(
         {
@@ -197,7 +197,7 @@ def test_one_and_two_workers_give_the_same_masks(tmp_path, tiny_model_dir, ray_s
     from the frozen dense teacher, sharded like the student (fp32: the 1- and 2-worker sums differ
     only by reduction order), with the student's embedding frozen inside FSDP's root unit (the
     budget rule's default). The decoupled penalty shares the coupled one's sharded projection."""
-    from elsa.models import load_model
+    from elsa.model_io.models import load_model
 
     distil = {"penalty": "coupled", "loss": "ntp+kd", "kd_temperature": 2.0, "train_embeddings": False}
     single = _train(tmp_path, "one", 1, model=tiny_model_dir, **distil)
@@ -245,7 +245,7 @@ def test_bad_input_fails_early_with_one_line(tmp_path, args, needle):
     ],
 )
 def test_local_runs_give_workers_the_machines_cores(ray_session, monkeypatch, options, cores, expected):
-    from pipelines.ray_session import local_cores_per_task
+    from pipelines.run.ray_session import local_cores_per_task
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr("os.cpu_count", lambda: cores)

@@ -306,7 +306,7 @@ def test_good_input_passes_preflight_and_writes_nothing(tmp_path, tiny_model_dir
     """The control: a valid run passes every check (so the table above tests the checks, not a broken base)."""
     from cli.main import make_parser
     from pipelines.cli import build_config
-    from pipelines.job import RunOptions, preflight
+    from pipelines.run.job import RunOptions, preflight
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -320,7 +320,7 @@ def test_good_input_passes_preflight_and_writes_nothing(tmp_path, tiny_model_dir
 
 def test_overwrite_accepts_a_nonempty_output(tmp_path, tiny_model_dir):
     from elsa.config import make_config
-    from pipelines.preflight import UsageError, check_output
+    from pipelines.run.preflight import UsageError, check_output
 
     full = Path(_nonempty_dir(tmp_path / "full"))
     with pytest.raises(UsageError):
@@ -333,7 +333,7 @@ def test_overwrite_accepts_a_nonempty_output(tmp_path, tiny_model_dir):
 def test_relative_local_paths_become_absolute_and_names_stay(tmp_path, monkeypatch):
     """Ray's workers run elsewhere: `--model tiny` (a folder here) must reach them as a full path,
     while aliases, known sources, hub ids and missing paths stay as given (errors name them)."""
-    from pipelines.preflight import absolute_local_paths
+    from pipelines.run.preflight import absolute_local_paths
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "tiny").mkdir()

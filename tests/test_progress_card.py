@@ -8,9 +8,9 @@ import io
 import pytest
 import yaml
 
-from elsa.model_card import render_card, source_info
-from pipelines.progress import BlockLine, ProgressLine
-from pipelines.publish import remove_run_storage
+from elsa.model_io.model_card import render_card, source_info
+from pipelines.records.publish import remove_run_storage
+from pipelines.run.progress import BlockLine, ProgressLine
 
 
 def test_progress_line_rate_eta_and_latest_values():
@@ -121,7 +121,7 @@ class _Stream(io.StringIO):
 
 @pytest.mark.parametrize("tty", [True, False])
 def test_printer_rewrites_in_place_on_a_terminal_and_prints_lines_otherwise(tty):
-    from pipelines.progress import ProgressPrinter
+    from pipelines.run.progress import ProgressPrinter
 
     queue, stream = _ListQueue(), _Stream(tty)
     printer = ProgressPrinter(ProgressLine(4, 100), stream=stream, interval=3600, queue=queue)
@@ -146,7 +146,7 @@ def test_watchdog_fills_silence_with_the_stage_and_stays_quiet_while_lines_come(
     import sys
     import time
 
-    from pipelines.progress import QuietWatchdog, stage
+    from pipelines.run.progress import QuietWatchdog, stage
 
     out = io.StringIO()
     with QuietWatchdog(out, quiet_s=3.0):

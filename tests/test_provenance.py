@@ -10,10 +10,10 @@ import torch
 
 from elsa import tiny
 from elsa.config import make_config
-from elsa.data import load_text
-from elsa.model_card import render_card
+from elsa.model_io.model_card import render_card
 from elsa.provenance import run_provenance
-from pipelines.compare import format_provenance
+from elsa.text.data import load_text
+from pipelines.records.compare import format_provenance
 
 
 def _record(add_bos: bool, **fields):

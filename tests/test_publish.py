@@ -122,12 +122,12 @@ def test_exactly_one_copy_besides_the_output(run):
     assert sum(p.parts[0] == "out" for p in weights) == 1
     assert sum(p.parts[0] == "mlruns" for p in weights) == 1
     # the run's storage folder (Ray Train's checkpoints, the export) is gone; the MLflow journal
-    # (pipelines.outbox, no weights) may stay beside it
+    # (pipelines.records.outbox, no weights) may stay beside it
     assert not list(work.glob("elsa-runs/elsa-*")) and not list(work.rglob("checkpoint_*"))
 
 
 def test_card_has_results_and_is_the_logged_one(run):
-    from elsa.export import load_checkpoint
+    from elsa.model_io.export import load_checkpoint
 
     work, _ = run
     card = (work / "out" / "README.md").read_text()
@@ -153,7 +153,7 @@ def test_card_has_results_and_is_the_logged_one(run):
 
 
 def test_register_creates_a_model_version(run, capsys):
-    from pipelines.compare import main as compare_main
+    from pipelines.records.compare import main as compare_main
 
     work, proc = run
     client = _client(work)

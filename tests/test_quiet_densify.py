@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from elsa.quiet import quiet_loggers
+from elsa.model_io.quiet import quiet_loggers
 
 REPO = Path(__file__).resolve().parents[1]
 NOISE = ("Failed to load", "is an Enum subclass", "Loading weights")
@@ -22,8 +22,8 @@ def _readme_snippet() -> str:
 
 
 def test_readme_densify_snippet_prints_no_third_party_noise(tiny_model_dir, tmp_path):
-    from elsa.export import save_checkpoint
-    from elsa.models import load_model, load_tokenizer
+    from elsa.model_io.export import save_checkpoint
+    from elsa.model_io.models import load_model, load_tokenizer
 
     export = tmp_path / "smollm2-70"
     save_checkpoint(load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir)), export, None, "compressed")

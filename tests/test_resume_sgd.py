@@ -36,7 +36,7 @@ def _setup(cfg):
     ids=["sgd", "adam", "adamw", "adam8bit"],
 )
 def test_worker_checkpoint_resumes_bit_identically(tmp_path, overrides):
-    from pipelines.worker_state import load_state as _load_state, save_state as _save_state
+    from pipelines.run.worker_state import load_state as _load_state, save_state as _save_state
 
     cfg = resume_config(**overrides)
     straight, admm, scheduler = _setup(cfg)

@@ -9,8 +9,8 @@ import textwrap
 
 import pytest
 
-from pipelines.errors import one_line
-from pipelines.redact import redact
+from pipelines.records.redact import redact
+from pipelines.run.errors import one_line
 
 
 @pytest.mark.parametrize(
@@ -79,7 +79,7 @@ def test_mlflow_params_are_masked(tmp_path):
     """A real sqlite MLflow store: a URI with a password in a config value is logged masked."""
     import mlflow
 
-    from pipelines import tracking
+    from pipelines.records import tracking
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_id = tracking.start_run(uri, "masking", {"data": "https://user:hunter2@data.example/x.jsonl", "lr": 0.1})
@@ -90,7 +90,7 @@ def test_mlflow_params_are_masked(tmp_path):
 
 _LISTENERS = textwrap.dedent("""
     import json, os, psutil, ray
-    from pipelines.ray_session import init_ray
+    from pipelines.run.ray_session import init_ray
     init_ray(None, num_cpus=1)
     @ray.remote
     def pid():

@@ -9,8 +9,8 @@ import torch
 
 from elsa.api import prune_model
 from elsa.config import make_config
-from elsa.export import load_checkpoint, save_checkpoint
-from elsa.sparse_infer import SparseLinear, load_sparse_for_inference, sparse_bytes, sparse_pays
+from elsa.model_io.export import load_checkpoint, save_checkpoint
+from elsa.model_io.sparse_infer import SparseLinear, load_sparse_for_inference, sparse_bytes, sparse_pays
 
 
 def _llama(tok):
@@ -97,7 +97,7 @@ def test_where_sparse_does_not_pay_the_matrix_stays_dense_and_it_is_said(exports
     assert sparse_pays(4096, 4096, 0.9, threads=1) and not sparse_pays(4096, 4096, 0.3, threads=1)
     level = 1 - (4096 * 4096 - int(0.8 * 4096 * 4096)) / (4096 * 4096)  # floor(0.8 n) zeros: a hair under 0.8
     assert level < 0.8 and sparse_pays(4096, 4096, level, threads=1)
-    with caplog.at_level(logging.WARNING, logger="elsa.sparse_infer"):
+    with caplog.at_level(logging.WARNING, logger="elsa.model_io.sparse_infer"):
         model = load_sparse_for_inference(exports[0], policy="never")
     assert not any(isinstance(m, SparseLinear) for m in model.modules())
     kept = load_sparse_for_inference(exports[0], policy="auto")
@@ -107,7 +107,7 @@ def test_where_sparse_does_not_pay_the_matrix_stays_dense_and_it_is_said(exports
 
 
 def test_decode_speed_measures_sparse_and_dense_in_their_own_processes(exports):
-    from pipelines.speed import decode_speed
+    from pipelines.evals.speed import decode_speed
 
     metrics = decode_speed(str(exports[0]), new_tokens=8, repeats=1)
     for kind in ("sparse", "dense"):
@@ -120,7 +120,7 @@ def test_decode_speed_measures_sparse_and_dense_in_their_own_processes(exports):
 @pytest.mark.ray
 def test_speed_runs_as_a_ray_evaluation_task(exports, ray_session):
     from elsa.config import make_eval_settings
-    from pipelines.evaluation import run_evaluation
+    from pipelines.evals.evaluation import run_evaluation
 
     settings = make_eval_settings({"eval_datasets": [], "eval_speed": True})
     metrics, errors = run_evaluation(str(exports[0]), settings)
@@ -131,7 +131,7 @@ def test_speed_runs_as_a_ray_evaluation_task(exports, ray_session):
 
 def test_elsa_generate_prints_the_sparse_models_completion(exports, capsys):
     from cli.main import main
-    from pipelines.speed import complete
+    from pipelines.evals.speed import complete
 
     argv = ["generate", "--checkpoint", str(exports[0]), "--prompt", "The river", "--max-new-tokens", "6"]
     assert main(argv) == 0

@@ -85,4 +85,4 @@ def test_one_torch_trainer_builder():
         for node in ast.walk(ast.parse(path.read_text()))
         if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "TorchTrainer"
     ]
-    assert len(calls) == 1 and calls[0].startswith("pipelines/trainer.py:"), calls
+    assert len(calls) == 1 and calls[0].startswith("pipelines/run/trainer.py:"), calls

@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from cli.main import make_parser
-from pipelines.capacity import RESOURCE_TIMEOUT_S, bundles_fit, describe
 from pipelines.cli import build_config
+from pipelines.run.capacity import RESOURCE_TIMEOUT_S, bundles_fit, describe
 from tune.search import NONFINITE_LOSS, diverged
 from tune.space import SpaceError, load_space, parse_space, trial_config
 

@@ -31,7 +31,7 @@ def _tiny_cfg(tiny_model_dir, **overrides):
 
 
 def test_kd_is_zero_with_zero_gradient_when_student_equals_teacher(tiny_model_dir):
-    from elsa.models import load_model
+    from elsa.model_io.models import load_model
 
     student = load_model(str(tiny_model_dir))
     teacher = frozen_teacher(student)
@@ -61,7 +61,7 @@ def test_kd_term_matches_an_independent_kl():
 
 
 def test_ntp_plus_kd_mixes_the_two_losses(tiny_model_dir):
-    from elsa.models import load_model
+    from elsa.model_io.models import load_model
 
     student = load_model(str(tiny_model_dir))
     teacher = frozen_teacher(student)
@@ -116,7 +116,7 @@ def test_paper_preset_keeps_the_papers_settings():
 def test_frozen_embeddings_keep_their_start_values_while_the_blocks_train(tiny_model_dir, train_embeddings):
     """The rule's default (frozen) leaves the embedding and output head bit-identical; trained, they move."""
     from elsa.api import prune_model
-    from elsa.models import load_model, load_tokenizer
+    from elsa.model_io.models import load_model, load_tokenizer
 
     cfg = _tiny_cfg(tiny_model_dir, init="none", lr=3e-3, train_embeddings=train_embeddings)
     start = load_model(str(tiny_model_dir))
@@ -132,7 +132,7 @@ def test_frozen_embeddings_keep_their_start_values_while_the_blocks_train(tiny_m
 
 
 def test_kept_solution_prefers_the_lower_loss_and_never_a_non_finite_one():
-    from elsa.warm_start import kept_solution
+    from elsa.methods.warm_start import kept_solution
 
     assert kept_solution(5.0, 4.0) == "elsa"
     assert kept_solution(5.0, 5.0) == "elsa"
@@ -148,7 +148,7 @@ def test_warm_start_never_ends_worse_than_its_one_shot_start(tiny_model_dir, lr,
     SparseGPT's exact weights."""
     from elsa.api import prune_model
     from elsa.loop import BatchSampler
-    from elsa.models import load_model, load_tokenizer
+    from elsa.model_io.models import load_model, load_tokenizer
     from elsa.perplexity import mean_nll
 
     cfg = _tiny_cfg(tiny_model_dir, init="sparsegpt", lr=lr, rho=0.05, train_embeddings=train_embeddings)
@@ -236,7 +236,7 @@ def test_pipeline_warm_start_keeps_the_better_and_says_so(tmp_path, tiny_model_d
     lr 0.5 on the blocks and the embeddings ends worse than that start, so the run ships the start,
     tags it and says so.
     (The other outcome is covered on one process by test_warm_start_never_ends_worse...)"""
-    from elsa.models import load_model
+    from elsa.model_io.models import load_model
 
     monkeypatch.chdir(tmp_path)
     shipped = load_model(

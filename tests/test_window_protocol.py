@@ -10,10 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from elsa import data, tiny
+from elsa import tiny
 from elsa.config import make_config
-from elsa.data import calibration_blocks, eval_windows, leading_bos, load_text, window_protocol
 from elsa.loop import BatchSampler
+from elsa.text import data
+from elsa.text.data import calibration_blocks, eval_windows, leading_bos, load_text, window_protocol
 
 SEQLEN = 64
 

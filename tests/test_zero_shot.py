@@ -15,10 +15,10 @@ import pytest
 import torch
 import yaml
 
-from elsa.models import load_model, load_tokenizer
+from elsa.model_io.models import load_model, load_tokenizer
 from elsa.tiny import save_tiny
-from pipelines import zero_shot
-from pipelines.zero_shot import (
+from pipelines.evals import zero_shot
+from pipelines.evals.zero_shot import (
     PAPER_TASKS,
     ZeroShotDataError,
     average_accuracy,
@@ -266,7 +266,7 @@ def test_average_accuracy_is_unweighted_mean():
 
 
 def test_task_groups_cover_each_task_once_and_balance_the_cost():
-    from pipelines.zero_shot import PAPER_TASKS, TASK_COST, task_groups
+    from pipelines.evals.zero_shot import PAPER_TASKS, TASK_COST, task_groups
 
     groups = task_groups(list(PAPER_TASKS), 2)
     assert sorted(t for g in groups for t in g) == sorted(PAPER_TASKS) and len(groups) == 2
@@ -277,7 +277,7 @@ def test_task_groups_cover_each_task_once_and_balance_the_cost():
 
 
 def test_average_only_when_every_group_reported():
-    from pipelines.evaluation import _zero_shot_average
+    from pipelines.evals.evaluation import _zero_shot_average
 
     metrics = {"acc_a": 0.5, "acc_b": 0.3, "stderr_acc_a": 0.01}
     assert _zero_shot_average(metrics, ["a", "b"]) == {"zero_shot_avg": pytest.approx(0.4)}

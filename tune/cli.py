@@ -12,9 +12,9 @@ import json
 
 from elsa.config import PruneConfig
 from elsa.config_files import load_yaml
-from pipelines.capacity import RESOURCE_TIMEOUT_S
 from pipelines.cli import ADDRESS_HELP, TRACKING_URI_HELP, add_config_options
-from pipelines.preflight import absolute_local_paths
+from pipelines.run.capacity import RESOURCE_TIMEOUT_S
+from pipelines.run.preflight import absolute_local_paths
 from tune.search import DEFAULT_MAX_VAL_LOSS, SCHEDULERS, SEARCHERS
 
 # PruneConfig fields offered as flags: the budget and the settings that are usually fixed.

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from pipelines import tracking
+from pipelines.records import tracking
 from tune import runs, state
 from tune.errors import SearchError
 from tune.results import SparsityOutcome, best_row, trial_rows
@@ -106,8 +106,8 @@ def _shared_start(search: Search, base: dict, sparsity: float, parent: str) -> s
     settings (lr, lambda, penalty, rho), yet computed in each trial it cost every trial its
     minutes again. Written to the search's folder; a resumed search reuses it.
     """
-    from pipelines.oneshot import run_one_shot
-    from pipelines.storage import holds
+    from pipelines.run.oneshot import run_one_shot
+    from pipelines.run.storage import holds
 
     cfg = trial_config(base, search.space.overrides({}, base))
     if cfg.init == "none" or START_FIELDS & set(search.space.dimensions):
@@ -132,7 +132,7 @@ def _shared_start(search: Search, base: dict, sparsity: float, parent: str) -> s
 
 
 def _trial_context(search: Search, base: dict, sparsity: float, parent: str, init_location: str | None) -> TrialContext:
-    from pipelines.ray_session import local_cores_per_task
+    from pipelines.run.ray_session import local_cores_per_task
 
     request = search.request
     return TrialContext(

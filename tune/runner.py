@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from elsa.config import make_config
-from pipelines import tracking
-from pipelines.capacity import RESOURCE_TIMEOUT_S, CapacityError, run_bundles, timeout_problem, wait_for_capacity
-from pipelines.storage import run_storage
+from pipelines.records import tracking
+from pipelines.run.capacity import RESOURCE_TIMEOUT_S, CapacityError, run_bundles, timeout_problem, wait_for_capacity
+from pipelines.run.storage import run_storage
 from tune import state
 from tune.errors import SearchError
 from tune.one_sparsity import Search, search_one, sparsity_key
@@ -152,7 +152,7 @@ def _fit_check(request: SearchRequest, where: Where, echo) -> int:
 
 def run_search(request: SearchRequest, where: Where, echo=print, extra_callbacks: list | None = None) -> SearchReport:
     """Run (or resume) a search; returns what it found. ``extra_callbacks``: more Tune callbacks."""
-    from pipelines.ray_session import init_ray
+    from pipelines.run.ray_session import init_ray
 
     started = time.perf_counter()
     uri = tracking.resolve_tracking_uri(where.tracking_uri)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ray import tune as ray_tune
 
-from pipelines import tracking
+from pipelines.records import tracking
 from tune.search import diverged
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,7 @@
 Why a driver function rather than ``Tuner(trainer)``: in Ray Train V2 (Ray >= 2.50) passing a
 trainer to Tune is deprecated; the supported pattern is a function trainable that builds the
 pipeline's ``TorchTrainer`` and calls ``fit()``, with a callback forwarding the workers' reports
-to Tune. The workers run :func:`pipelines.train_job.train_loop_per_worker` unchanged, so a trial
+to Tune. The workers run :func:`pipelines.run.train_job.train_loop_per_worker` unchanged, so a trial
 is exactly an ``elsa prune`` of that configuration (minus the downstream evaluation: trials are
 judged on held-out calibration text only, never on the evaluation sets).
 """
@@ -95,7 +95,7 @@ def train_worker(config: dict) -> None:
     import torch
     from ray.util import get_current_placement_group
 
-    from pipelines.train_job import train_loop_per_worker
+    from pipelines.run.train_job import train_loop_per_worker
 
     if config.get("threads"):  # Ray would hold a 0.5-CPU worker to one thread on an idle machine
         torch.set_num_threads(int(config["threads"]))
@@ -125,7 +125,7 @@ def run_trial(config: dict, context: TrialContext) -> None:
     """The trainable: one pruning run with the sampled ``config``, reported to Tune."""
     from ray import tune as ray_tune
 
-    from pipelines.trainer import build_trainer
+    from pipelines.run.trainer import build_trainer
 
     # Ray Train reads its RAY_TRAIN_* settings (poll interval, timeouts) from the environment of
     # the process calling fit(): here a trial actor, which does not inherit the environment of

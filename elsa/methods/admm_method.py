@@ -7,8 +7,8 @@ import time
 from elsa.distill import frozen_teacher
 from elsa.loop import BatchSampler, LoopHooks, build_admm, train
 from elsa.methods import register
+from elsa.methods.warm_start import kept_solution, one_shot_start, snapshot
 from elsa.perplexity import mean_nll
-from elsa.warm_start import kept_solution, one_shot_start, snapshot
 
 
 @register("elsa")
@@ -16,7 +16,7 @@ class ELSA:
     """Surrogate-free ADMM on the model's real loss; ends with the final projection.
 
     With ``cfg.init`` it starts from that one-shot method's solution and keeps the better of
-    (final projection, start) by held-out loss (elsa/warm_start.py).
+    (final projection, start) by held-out loss (elsa/methods/warm_start.py).
     """
 
     one_shot = False

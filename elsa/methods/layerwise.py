@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from elsa.methods import OneShotMethod
-from elsa.projection import nm_mask, topk_mask
+from elsa.optim.projection import nm_mask, topk_mask
 from elsa.targets import Target, config_targets, decoder_blocks, targets_by_block, verify_sparsity
 
 

@@ -13,7 +13,7 @@ import torch
 from elsa.methods import OneShotMethod, register
 from elsa.methods.layerwise import apply_mask, score_mask
 from elsa.methods.settings import MagnitudeSettings
-from elsa.projection import magnitude_score
+from elsa.optim.projection import magnitude_score
 from elsa.targets import config_targets, verify_sparsity
 
 

@@ -36,7 +36,7 @@ import torch
 from elsa.methods import register
 from elsa.methods.layerwise import LayerwiseMethod, apply_mask, in_features, rows_view
 from elsa.methods.settings import SparseGPTSettings
-from elsa.projection import nm_mask, topk_mask
+from elsa.optim.projection import nm_mask, topk_mask
 from elsa.targets import Target
 
 

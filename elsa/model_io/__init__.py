@@ -1,0 +1,1 @@
+"""Models in and out: loading, checking files, exporting, the sparse format and its decoding, model cards."""

@@ -1,0 +1,1 @@
+"""Text: sources, calibration blocks, evaluation windows, and the bundled corpora."""

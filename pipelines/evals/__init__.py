@@ -1,0 +1,1 @@
+"""Downstream evaluation: perplexity tasks, zero-shot lm-eval tasks, decode speed, re-evaluation."""

@@ -1,0 +1,1 @@
+"""Records: MLflow tracking and its outbox, publishing, redaction, comparing runs, plots."""
