@@ -20,7 +20,7 @@ import torch
 
 from elsa.config import ConfigError, make_config
 from elsa.methods import get_method
-from elsa.methods.layerwise import module_of, prune_layerwise, rows_view
+from elsa.methods.layerwise import CHUNK, module_of, prune_layerwise, rows_view
 from elsa.methods.magnitude import Magnitude
 from elsa.methods.sparsegpt import SparseGPT, sparsegpt_prune
 from elsa.methods.wanda import Wanda, wanda_mask
@@ -245,6 +245,29 @@ def test_layerwise_feeds_each_layer_the_inputs_of_the_pruned_prefix(arch, seqlen
         assert seen
         for name, x in seen.items():
             assert torch.allclose(recorded[name], x, atol=1e-5, rtol=1e-4), name
+
+
+def test_layers_on_one_input_share_one_accumulator():
+    """q, k, v (and gate, up) read the same tensor: one accumulator each group, fed once per call."""
+    model = tiny_model("llama", VOCAB, seed=0)
+    calib = _calib(2, 24)
+    targets = config_targets(model, _cfg("magnitude", sparsity=0.5))
+    used: dict[str, _Recorder] = {}
+
+    def prune(target, stats):
+        used[target.name] = stats
+        target.param.data.mul_(topk_mask(target.param.detach().abs(), target.keep).to(target.param.dtype))
+
+    prune_layerwise(model, calib, targets, lambda t: _Recorder(), prune)
+    layer = "model.layers.0."
+    groups = [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")]
+    for group in groups:
+        first = used[layer + group[0] + ".weight"]
+        assert all(used[layer + name + ".weight"] is first for name in group), group
+    distinct = {id(used[name]) for name in used if name.startswith(layer)}
+    assert len(distinct) == 4  # attention input, o_proj's, MLP input, down_proj's
+    calls = -(-calib.shape[0] // CHUNK)
+    assert all(len(used[name].chunks) == calls for name in used), "an input fed twice"
 
 
 def test_layerwise_refuses_bad_calibration():

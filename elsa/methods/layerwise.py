@@ -182,21 +182,35 @@ def _check_calib(calib: torch.Tensor) -> None:
 
 
 def _prune_block(model, block, call, hidden, targets, make_stats: MakeStats, prune_layer: PruneLayer) -> None:
-    """Feed the block's inputs through it once, accumulating each target's statistics, then prune."""
+    """Feed the block's inputs through it once, accumulating each target's statistics, then prune.
+
+    Layers called on the same tensor (q, k and v; gate and up) share one accumulator: their
+    statistics are equal, and SparseGPT's Hessians (x^T x over every calibration token) are most
+    of its time. Shared by identity of the input tensor within a call (held until the next call,
+    so no other tensor can take its id), never by equal values.
+    """
     stats = {id(t): make_stats(t) for t in targets}
+    fed: dict[int, tuple[torch.Tensor, InputStats]] = {}  # this call's inputs -> the accumulator fed
     handles = []
     for target in targets:
-        acc = stats[id(target)]
 
-        def hook(module, inputs, output, acc=acc):
+        def hook(module, inputs, output, key=id(target)):
             x = inputs[0]
-            acc.add(x.detach().reshape(-1, x.shape[-1]))
+            if id(x) in fed:
+                stats[key] = fed[id(x)][1]
+                return
+            if any(acc is stats[key] for _, acc in fed.values()):
+                raise RuntimeError("a layer sharing another's inputs got different ones in a later call")
+            stats[key].add(x.detach().reshape(-1, x.shape[-1]))
+            fed[id(x)] = (x, stats[key])
 
         handles.append(module_of(model, target).register_forward_hook(hook))
     try:
         for chunk in hidden.split(CHUNK):
+            fed.clear()
             call(block, chunk)
     finally:
+        fed.clear()
         for handle in handles:
             handle.remove()
     for target in targets:
