@@ -67,6 +67,14 @@ def _nll_by_position(model, blocks: torch.Tensor, split: int) -> tuple[float, fl
     return sums[0] / counts[0], sums[1] / max(counts[1], 1)
 
 
+PPL_TEXTS = ("wikitext2-bundled", "sotu")  # the calibration's domain, and another
+
+
+def _perplexities(ppl: dict) -> dict:
+    """``ppl`` (WikiText-2, the figure earlier probes recorded) and every text's, by name."""
+    return {"ppl": ppl["ppl_wikitext2-bundled"], "ppl_by_text": {t: ppl[f"ppl_{t}"] for t in PPL_TEXTS}}
+
+
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -75,7 +83,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--start", help="safetensors of the starting weights (written by --save-start)")
     parser.add_argument("--save-start", help="run this one-shot method, save its weights to --start, and stop")
     parser.add_argument("--tag", default="")
-    parser.add_argument("--no-ppl", action="store_true", help="skip the WikiText-2 perplexity")
+    parser.add_argument("--no-ppl", action="store_true", help="skip the perplexities (WikiText-2, sotu)")
     parser.add_argument(
         "--freeze-embeddings", action="store_true", help="keep the (tied) embedding matrix at its start value"
     )
@@ -141,9 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
         "init_val": start_loss,
         "final_val": mean_nll(model, val),
         **({f"long_val_{args.long_val}": long_record} if long_record else {}),
-        "ppl": None
-        if args.no_ppl
-        else evaluate_perplexity(model, tokenizer, ["wikitext2-bundled"], 512, 32)["ppl_wikitext2-bundled"],
+        **({} if args.no_ppl else _perplexities(evaluate_perplexity(model, tokenizer, list(PPL_TEXTS), 512, 32))),
         "wall_s": wall,
         "s_per_step": wall / cfg.steps,
         "threads": torch.get_num_threads(),
