@@ -24,6 +24,7 @@ SparseGPT pass at 80% dominated by per-call overhead (py-spy: 77% of samples in 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
@@ -181,34 +182,45 @@ def _check_calib(calib: torch.Tensor) -> None:
         )
 
 
+class _AllFed(Exception):
+    """Raised by the last target's hook: the rest of the block's call computes nothing needed."""
+
+
 def _prune_block(model, block, call, hidden, targets, make_stats: MakeStats, prune_layer: PruneLayer) -> None:
     """Feed the block's inputs through it once, accumulating each target's statistics, then prune.
 
     Layers called on the same tensor (q, k and v; gate and up) share one accumulator: their
     statistics are equal, and SparseGPT's Hessians (x^T x over every calibration token) are most
     of its time. Shared by identity of the input tensor within a call (held until the next call,
-    so no other tensor can take its id), never by equal values.
+    so no other tensor can take its id), never by equal values. Once every target has its inputs
+    the call stops: the last layer's own product (down_proj's) and what follows it are not needed.
     """
     stats = {id(t): make_stats(t) for t in targets}
     fed: dict[int, tuple[torch.Tensor, InputStats]] = {}  # this call's inputs -> the accumulator fed
+    fired: set[int] = set()  # targets whose inputs this call has seen
     handles = []
     for target in targets:
 
-        def hook(module, inputs, output, key=id(target)):
+        def hook(module, inputs, key=id(target)):
             x = inputs[0]
+            fired.add(key)
             if id(x) in fed:
                 stats[key] = fed[id(x)][1]
-                return
-            if any(acc is stats[key] for _, acc in fed.values()):
+            elif any(acc is stats[key] for _, acc in fed.values()):
                 raise RuntimeError("a layer sharing another's inputs got different ones in a later call")
-            stats[key].add(x.detach().reshape(-1, x.shape[-1]))
-            fed[id(x)] = (x, stats[key])
+            else:
+                stats[key].add(x.detach().reshape(-1, x.shape[-1]))
+                fed[id(x)] = (x, stats[key])
+            if len(fired) == len(stats):
+                raise _AllFed
 
-        handles.append(module_of(model, target).register_forward_hook(hook))
+        handles.append(module_of(model, target).register_forward_pre_hook(hook))
     try:
         for chunk in hidden.split(CHUNK):
             fed.clear()
-            call(block, chunk)
+            fired.clear()
+            with contextlib.suppress(_AllFed):
+                call(block, chunk)
     finally:
         fed.clear()
         for handle in handles:
