@@ -25,36 +25,28 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from elsa.optim.projection import _as_bits, topk_mask  # noqa: E402
+from elsa.optim.projection import _as_bits, _device_topk_mask, topk_mask, with_ties  # noqa: E402
 
 SHAPES = [(576, 1536), (1536, 576), (2048, 8192), (4096, 11008)]
 SPARSITIES = (0.7, 0.9)
 
 
-def _with_ties(bits: torch.Tensor, threshold: torch.Tensor, keep: int) -> torch.Tensor:
-    """Everything above the threshold, and the first ties until ``keep``: no host round trip."""
-    mask = bits > threshold
-    ties = bits == threshold
-    return mask | (ties & (ties.cumsum(0) <= keep - mask.sum()))
-
-
 def by_sort(bits, keep):
-    return _with_ties(bits, torch.sort(bits, descending=True).values[keep - 1], keep)
+    return with_ties(bits, torch.sort(bits, descending=True).values[keep - 1], keep)
 
 
-def by_topk(bits, keep):
-    return _with_ties(bits, torch.topk(bits, keep, sorted=False).values.min(), keep)
+by_topk = _device_topk_mask  # the candidate elsa adopted
 
 
 def by_topk_small(bits, keep):  # the smaller side: keep the top k, or drop the bottom n - k
     drop = bits.numel() - keep
     if keep <= drop:
         return by_topk(bits, keep)
-    return _with_ties(bits, torch.topk(bits, drop + 1, largest=False, sorted=False).values.max(), keep)
+    return with_ties(bits, torch.topk(bits, drop + 1, largest=False, sorted=False).values.max(), keep)
 
 
 def by_kthvalue(bits, keep):
-    return _with_ties(bits, torch.kthvalue(bits, bits.numel() - keep + 1).values, keep)
+    return with_ties(bits, torch.kthvalue(bits, bits.numel() - keep + 1).values, keep)
 
 
 def by_radix(bits, keep):  # elsa's select as committed (host waits per byte)

@@ -198,7 +198,7 @@ class ADMM(torch.optim.Optimizer):
     @torch.no_grad()
     def update_split(self) -> dict[str, float]:
         """z <- Proj(x + u); u <- u + x - z. Returns the primal residual and mask change."""
-        sums = None  # ||x - z||^2, ||x||^2, mask flips, entries: summed on the device, read once
+        sums, entries = None, 0  # ||x - z||^2, ||x||^2, mask flips: summed on the device, read once
         for target in self.targets:
             x = local(target.param).detach().float()
             u = self._load(target, "u", x)
@@ -208,10 +208,11 @@ class ADMM(torch.optim.Optimizer):
             z = self._store(target, "z", z)  # z as stored (quantised), used consistently below
             self._store(target, "u", u + x - z)
             flips = ((z != 0) != z_prev_mask).sum()
-            parts = [(x - z).pow(2).sum(), x.pow(2).sum(), flips, torch.tensor(x.numel(), device=x.device)]
-            row = torch.stack([part.double() for part in parts])
+            row = torch.stack([part.double() for part in ((x - z).pow(2).sum(), x.pow(2).sum(), flips)])
             sums = row if sums is None else sums + row
-        sums = self._reduce(sums if sums is not None else torch.zeros(4, dtype=torch.float64))
+            entries += x.numel()
+        sums = sums if sums is not None else torch.zeros(3, dtype=torch.float64)
+        sums = self._reduce(torch.cat([sums, sums.new_tensor([entries])]))
         self.last_metrics = {
             "primal_residual": (sums[0] / sums[1].clamp(min=1e-30)).sqrt().item(),
             "mask_change": (sums[2] / sums[3].clamp(min=1)).item(),
