@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
         "final_train_loss": history[-1]["train_loss"] if history else None,
     }
     if cfg.method == "elsa":
-        record.update(_elsa_fields(cfg, result.summary))
+        record.update(_elsa_fields(result.cfg, result.summary))  # its lr and allocation as resolved
     if args.lm_eval_tasks:
         record.update(_zero_shot(model, tokenizer, args.lm_eval_tasks, args.lm_eval_limit))
     with open(args.out, "w") as handle:

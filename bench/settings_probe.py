@@ -109,7 +109,6 @@ def _load_start(model, path: str, cfg) -> None:
 def main(argv: list[str] | None = None) -> dict:
     args = _parse_args(argv)
 
-    from elsa.allocation import resolve_allocation
     from elsa.api import evaluate_perplexity
     from elsa.config import make_config
     from elsa.loop import BatchSampler
@@ -117,6 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     from elsa.model_io.models import load_model, load_tokenizer
     from elsa.perplexity import mean_nll
     from elsa.text.data import calibration_blocks
+    from elsa.weight_scale import resolve_on_dense
 
     fields = {"sparsity": 0.8, "val_blocks": 8, "init": "none", **json.loads(args.cfg)}
     torch.manual_seed(0)
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
         return _save_start(args, fields)
     cfg = make_config(fields)
     model, tokenizer = load_model(cfg.model), load_tokenizer(cfg.model)
-    cfg = resolve_allocation(model, tokenizer, cfg)  # on the dense model, as a run does
+    cfg, _ = resolve_on_dense(model, tokenizer, cfg)  # allocation and lr on the dense model, as a run does
     if args.start:
         _load_start(model, args.start, cfg)
     val = BatchSampler(tokenizer, cfg).validation()

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-
 import torch
 
+from elsa.budget import scaled_lr
 from elsa.config import make_config
 from elsa.model_io.models import load_model
 from elsa.targets import config_targets
+from elsa.weight_scale import median_weight_rms
 
 
 def weight_scale(name: str) -> dict:
@@ -25,12 +25,14 @@ def weight_scale(name: str) -> dict:
     model = load_model(name)
     targets = config_targets(model, make_config({"model": name, "sparsity": 0.8}))
     rms = [float(t.param.detach().float().pow(2).mean().sqrt()) for t in targets]
+    median = median_weight_rms(targets)
     return {
         "model": name,
         "matrices": len(rms),
-        "rms_median": statistics.median(rms),
+        "rms_median": median,
         "rms_min": min(rms),
         "rms_max": max(rms),
+        "lr": scaled_lr(median),
     }
 
 

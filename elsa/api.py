@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
-from elsa.allocation import resolve_allocation
 from elsa.config import PruneConfig
 from elsa.methods import method_for
 from elsa.model_io.models import load_model, load_tokenizer
 from elsa.perplexity import perplexity
+from elsa.weight_scale import resolve_on_dense
 from elsa.targets import config_targets, verify_sparsity
 from elsa.text.data import DEFAULT_WINDOWS, calibration_blocks, eval_windows
 
@@ -29,7 +29,8 @@ class PruneResult:
     report: dict  # per-matrix sparsity (elsa.targets.sparsity_report)
     summary: dict  # the method's numbers (wall time, history...)
     wall_s: float
-    cfg: PruneConfig  # the run's config, its allocation resolved (elsa/allocation.py)
+    cfg: PruneConfig  # the run's config, its allocation and lr resolved (elsa/weight_scale.py)
+    weight_rms: float  # the dense model's median weight RMS, which an unset lr was scaled by
 
 
 def prune_model(cfg: PruneConfig, model=None, tokenizer=None, log=None) -> PruneResult:
@@ -38,7 +39,7 @@ def prune_model(cfg: PruneConfig, model=None, tokenizer=None, log=None) -> Prune
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
     method = method_for(cfg)
     started = time.perf_counter()
-    cfg = resolve_allocation(model, tokenizer, cfg)
+    cfg, weight_rms = resolve_on_dense(model, tokenizer, cfg)
     calib = (
         calibration_blocks(tokenizer, cfg.data, cfg.calib_blocks, cfg.seqlen, cfg.seed, windows=cfg.windows)
         if method.one_shot
@@ -47,7 +48,7 @@ def prune_model(cfg: PruneConfig, model=None, tokenizer=None, log=None) -> Prune
     summary = method.run(model, tokenizer, cfg, calib, log or (lambda metrics, step: None))
     wall = time.perf_counter() - started
     report = verify_sparsity(config_targets(model, cfg))
-    return PruneResult(model, tokenizer, report, summary, wall, cfg)
+    return PruneResult(model, tokenizer, report, summary, wall, cfg, weight_rms)
 
 
 def evaluate_perplexity(

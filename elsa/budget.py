@@ -22,12 +22,18 @@ every budget:
   lambda 0.04 / 0.08, 6.389 with m 3, lambda 0.08; after 300 steps from it 4.650 against 4.777
   uniform. At 90% lambda 0.08 (blocks 0.80-0.96) starts at 9.821, lambda 0.05 at 8.371, uniform 8.489;
 
-lr ``LR`` at every budget, and by the number of steps N: up to ``SHORT_STEPS`` steps a z/u-update
-every ``INTERVAL`` steps (the mask must move several times within the run), above it every
-``INTERVAL_LONG``. Longer runs used lr 3e-4 until the embedding was frozen; frozen, 300 steps
-from the OWL SparseGPT starts, 6e-4 against 3e-4: at 70% 3.748 against 3.821, at 80% 4.379
-against 4.504, at 90% 5.428 against 5.589 (WikiText-2 89.9 / 157.3 / 467.3 against
-90.5 / 167.1 / 557.6).
+lr ``LR`` at every budget, scaled to the model's weights (``scaled_lr``), and by the number of steps
+N: up to ``SHORT_STEPS`` steps a z/u-update every ``INTERVAL`` steps (the mask must move several
+times within the run), above it every ``INTERVAL_LONG``. Longer runs used lr 3e-4 until the
+embedding was frozen; frozen, 300 steps from the OWL SparseGPT starts, 6e-4 against 3e-4: at 70%
+3.748 against 3.821, at 80% 4.379 against 4.504, at 90% 5.428 against 5.589 (WikiText-2 89.9 / 157.3
+/ 467.3 against 90.5 / 167.1 / 557.6).
+Under Adam a weight moves by about lr a step whatever its size, so the lr that suits SmolLM2
+(median RMS of its pruned matrices ``LR_REFERENCE_RMS``) moves Gemma-3-270M's weights (median RMS
+0.0395) 4.8x further relative to their size: at 80%, 32 steps from its SparseGPT start, lr 6e-4 /
+2e-4 / 1.2e-4 / 6e-5 gave held-out 5.807 / 5.040 / 4.990 / 5.037 and WikiText-2 706.8 / 229.0 /
+206.7 / 210.6, where the ratio predicts 1.25e-4. So an unset lr is resolved on the dense model
+(elsa/weight_scale.py) as LR x its median RMS / ``LR_REFERENCE_RMS``, to two digits.
 
 Chosen on SmolLM2-135M at 80% on the projected model's loss on held-out calibration text
 (8 blocks of 256 tokens, never the evaluation text), bench/results/NOTES.md "The budget rule";
@@ -50,7 +56,8 @@ LOSS = "ntp"
 TRAIN_EMBEDDINGS = False
 ALLOCATION = "owl"  # ELSA's per-block sparsity; one-shot methods stay uniform (the papers' protocol)
 OWL_LAMBDA = 0.08  # half-width of OWL's band of block sparsities, narrowed at high sparsity
-LR = 6e-4
+LR = 6e-4  # for weights of median RMS LR_REFERENCE_RMS; other models get it scaled (scaled_lr)
+LR_REFERENCE_RMS = 0.190  # SmolLM2-135M's median RMS over its 210 pruned matrices (0.19020)
 SHORT_STEPS = 100  # above it, INTERVAL_LONG
 COUPLED_LR = 1e-4  # lr when the user asks for the coupled penalty (the paper's OPT-125M @ 70%)
 EVALS_PER_RUN = 4  # projected validation losses a run logs (the last at its end): a curve, not a point
@@ -83,11 +90,18 @@ def budget_settings(steps: int, sparsity: float | None, method: str, penalty: st
     short = steps <= SHORT_STEPS
     return {
         **chosen,
-        "train_embeddings": TRAIN_EMBEDDINGS,
-        "lr": LR,
+        "train_embeddings": TRAIN_EMBEDDINGS,  # lr: left unset, resolved on the dense model (scaled_lr)
         "interval": INTERVAL if short else INTERVAL_LONG,
         "rho_group": (RHO, RHO_FINAL, RHO_SCHEDULE),
     }
+
+
+def scaled_lr(median_rms: float) -> float:
+    """``LR`` scaled by the model's median weight RMS against SmolLM2's, to two significant digits
+    (SmolLM2-135M: 6.0e-4, Gemma-3-270M: 1.2e-4)."""
+    if not (median_rms > 0 and median_rms != float("inf")):
+        raise ValueError(f"median weight RMS {median_rms} cannot scale the lr (all-zero weights?): pass --lr")
+    return float(f"{LR * median_rms / LR_REFERENCE_RMS:.2g}")
 
 
 def owl_lambda(sparsity: float) -> float:

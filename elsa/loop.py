@@ -70,6 +70,8 @@ class DivergenceGuard:
 
 def build_base_optimizer(params, cfg: PruneConfig) -> torch.optim.Optimizer:
     """The base optimiser of the x-update (Adam by default, as the paper)."""
+    if cfg.lr is None:  # the rule's lr is scaled to the dense weights (elsa.weight_scale.resolve_on_dense)
+        raise ValueError("lr is unset: resolve it on the dense model (elsa.weight_scale.resolve_on_dense) or pass --lr")
     params = [p for p in params if p.requires_grad]
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)

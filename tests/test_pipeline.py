@@ -15,9 +15,12 @@ import pytest
 import ray
 import torch
 
+from elsa.budget import scaled_lr
 from elsa.config import make_config
+from elsa.model_io.models import load_model
 from elsa.provenance import text_sha256
 from elsa.targets import find_targets
+from elsa.weight_scale import median_weight_rms
 from run_levels import assert_matrix_sparsity, run_levels
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -42,6 +45,9 @@ BUDGET = [
     "--eval-max-windows",
     "4",
 ]
+
+
+UNSET_LR = BUDGET[: BUDGET.index("--lr")] + BUDGET[BUDGET.index("--lr") + 2 :]  # lr left to the rule
 
 
 def _cli(args: list[str]) -> int:
@@ -101,7 +107,7 @@ def test_prune_two_fsdp_workers_end_to_end(tmp_path, tiny_model_dir, ray_session
             str(tiny_model_dir),
             "--sparsity",
             "0.7",
-            *BUDGET,
+            *UNSET_LR,
             "--workers",
             "2",
             "--cpus-per-worker",
@@ -126,6 +132,10 @@ def test_prune_two_fsdp_workers_end_to_end(tmp_path, tiny_model_dir, ray_session
     assert len(set(levels.values())) > 1
     assert_matrix_sparsity(model, levels)
     assert (out / "model.sparse.safetensors").is_file() and not list(out.glob("*.bin"))
+    # the lr the rule scales to the dense weights, read by both workers beside the warm start
+    dense = load_model(str(tiny_model_dir))
+    expected_lr = scaled_lr(median_weight_rms(find_targets(dense, 0.7)))
+    assert json.loads((out / "elsa_metadata.json").read_text())["config"]["lr"] == expected_lr
 
     client = mlflow.MlflowClient(tracking_uri=mlflow_server)
     assert not (tmp_path / "mlflow.db").exists()  # nothing went to the local default store

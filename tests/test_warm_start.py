@@ -88,7 +88,7 @@ def test_budget_rule_fills_the_documented_settings(steps):
     assert cfg.penalty == budget.PENALTY and cfg.init == budget.INIT and cfg.loss == budget.LOSS
     assert cfg.train_embeddings is budget.TRAIN_EMBEDDINGS is False
     assert cfg.interval == (budget.INTERVAL if steps <= budget.SHORT_STEPS else budget.INTERVAL_LONG)
-    assert cfg.lr == budget.LR
+    assert cfg.lr is None  # resolved on the dense model: scaled to its weights (tests/test_weight_scale.py)
     assert (cfg.rho, cfg.rho_final, cfg.rho_schedule) == (budget.RHO, budget.RHO_FINAL, budget.RHO_SCHEDULE)
 
 

@@ -21,6 +21,7 @@ def oneshot_task(cfg_dict: dict, location: str, tracking_info: dict | None, prog
     from elsa.api import prune_model
     from elsa.config import PruneConfig
     from elsa.model_io.export import export_pruned
+    from elsa.weight_scale import write_weight_scale
     from pipelines.records.outbox import metrics_sink
     from pipelines.run.storage import upload
 
@@ -36,6 +37,7 @@ def oneshot_task(cfg_dict: dict, location: str, tracking_info: dict | None, prog
         (out / "sparsity_report.json").write_text(json.dumps(result.report, indent=1))
         if isinstance(result.cfg.sparsity_map, dict):  # an allocation this run computed: ADMM reads it
             (out / ALLOCATION_FILE).write_text(json.dumps(result.cfg.sparsity_map, indent=1))
+        write_weight_scale(out, result.weight_rms)  # the dense weights' scale: ADMM's lr follows it
         export_pruned(result.model, result.tokenizer, result.cfg, out, result.report)
         upload(out, location)
     return {"overall_sparsity": result.report["overall_sparsity"], "prune_s": result.wall_s}

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from elsa.allocation import ALLOCATION_FILE, resolve_allocation
+from elsa.weight_scale import read_weight_scale, resolve_on_dense, resolve_lr
 from elsa.config import PruneConfig
 from pipelines.run.storage import run_storage
 from pipelines.run.worker_state import STATE_FILE, STEP_PREFIX, load_state, newest_checkpoint, save_state
@@ -192,7 +193,9 @@ def _starting_model(cfg: PruneConfig, init_location: str | None, device, world: 
     that thread-count differences between ranks cannot split the solution. The same holds for
     an ``owl`` allocation: the upstream stage's map is read beside its solution, else rank 0's
     is computed on the dense model and broadcast.
-    Returns (model, tokenizer, one-shot seconds or None, cfg with its allocation resolved).
+    An unset lr is scaled to the dense weights (elsa/weight_scale.py), read beside an upstream
+    solution like the allocation.
+    Returns (model, tokenizer, one-shot seconds or None, cfg with its allocation and lr resolved).
     """
     from pipelines.run.storage import materialized
 
@@ -201,13 +204,14 @@ def _starting_model(cfg: PruneConfig, init_location: str | None, device, world: 
             allocation = Path(directory) / ALLOCATION_FILE
             if cfg.allocation == "owl" and allocation.is_file():
                 cfg = cfg.model_copy(update={"sparsity_map": json.loads(allocation.read_text())})
+            cfg = resolve_lr(cfg, read_weight_scale(directory), f"the warm start at {init_location}")
             return load_model(directory).to(device), load_tokenizer(directory), None, cfg
     model, tokenizer = load_model(cfg.model).to(device), load_tokenizer(cfg.model)
     if cfg.allocation == "owl" and world > 1:
         shared = [resolve_allocation(model, tokenizer, cfg).sparsity_map if dist.get_rank() == 0 else None]
         dist.broadcast_object_list(shared, src=0)
         cfg = cfg.model_copy(update={"sparsity_map": shared[0]})
-    cfg = resolve_allocation(model, tokenizer, cfg)
+    cfg, _ = resolve_on_dense(model, tokenizer, cfg)  # the lr is the same on every rank (same weights)
     init_s = one_shot_start(model, tokenizer, cfg) if cfg.init != "none" and one_shot else None
     if init_s is not None and world > 1:
         for tensor in model.state_dict().values():
