@@ -15,7 +15,7 @@ from elsa.config_files import load_yaml
 from pipelines.cli import ADDRESS_HELP, TRACKING_URI_HELP, add_config_options
 from pipelines.run.capacity import RESOURCE_TIMEOUT_S
 from pipelines.run.preflight import absolute_local_paths
-from tune.search import DEFAULT_MAX_VAL_LOSS, SCHEDULERS, SEARCHERS
+from tune.search import DEFAULT_MAX_VAL_LOSS, SCHEDULERS, SEARCHERS, TRIAL_RETRIES
 
 # PruneConfig fields offered as flags: the budget and the settings that are usually fixed.
 CONFIG_FLAGS = (
@@ -106,6 +106,12 @@ def _add_run_arguments(run) -> None:
     run.add_argument("--resume", action="store_true", help="continue the search --name (finished trials are not rerun)")
     run.add_argument("--resume-errored", action="store_true", help="with --resume: also resume trials that crashed")
     run.add_argument(
+        "--trial-retries",
+        type=int,
+        default=TRIAL_RETRIES,
+        help="times a trial that raised (e.g. its node was lost) starts again; its MLflow run counts attempts",
+    )
+    run.add_argument(
         "--preset-out",
         default=None,
         help="preset file for the best configurations (default: <storage>/<name>/best_presets.yaml)",
@@ -165,6 +171,7 @@ def request_from_args(args: argparse.Namespace):
         preset_out=args.preset_out,
         resume=args.resume,
         resume_errored=args.resume_errored,
+        trial_retries=args.trial_retries,
     )
     return request, where
 

@@ -192,7 +192,8 @@ def _tuner(
             storage_path=search.root,
             stop=DivergenceStopper(request.max_val_loss),
             callbacks=[*callbacks, *search.callbacks],
-            failure_config=ray_tune.FailureConfig(max_failures=0),
+            # a trial that raised (its node lost, a worker killed) starts again, its run reopened
+            failure_config=ray_tune.FailureConfig(max_failures=search.where.trial_retries),
         ),
     )
 

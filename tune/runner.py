@@ -25,7 +25,7 @@ from tune import state
 from tune.errors import SearchError
 from tune.one_sparsity import Search, search_one, sparsity_key
 from tune.results import SparsityOutcome, merge_entries, preset_entry
-from tune.search import DEFAULT_MAX_VAL_LOSS, make_scheduler
+from tune.search import DEFAULT_MAX_VAL_LOSS, TRIAL_RETRIES, make_scheduler
 from tune.space import load_space, parse_space
 
 DEFAULT_EXPERIMENT = "elsa-tune"
@@ -68,6 +68,7 @@ class Where:
     resume: bool = False
     resume_errored: bool = False
     resource_timeout: float = RESOURCE_TIMEOUT_S  # seconds a joined cluster may take to hold one trial
+    trial_retries: int = TRIAL_RETRIES  # restarts of a trial that raised (a lost node): Tune's max_failures
 
 
 @dataclass
@@ -164,6 +165,8 @@ def run_search(request: SearchRequest, where: Where, echo=print, extra_callbacks
     _check_request(request)
     if problem := timeout_problem(where.resource_timeout):
         raise SearchError(problem)
+    if where.trial_retries < 0:
+        raise SearchError(f"--trial-retries {where.trial_retries} must be >= 0 (0: a trial that raises stays failed)")
     bases = {s: _base_config(request, s) for s in request.sparsities}  # every config error, before Ray
     batch = next(iter(bases.values()))["batch_size"]
     if batch % request.workers_per_trial:

@@ -181,6 +181,20 @@ class TrialRunsCallback(ray_tune.Callback):
         except Exception as err:  # tracking must never take the search down
             log.warning("could not close the MLflow run of trial %s: %s", trial.trial_id, err)
 
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        """An attempt raised (its node lost, a worker killed) and Tune starts the trial again: the run
+        keeps what the attempt logged, records why it ended, and frees the attempt's workers; the next
+        attempt reopens it (``attempts`` + 1)."""
+        try:
+            run = self._open_child(trial)
+            if run is not None:
+                self._release(run)
+                attempt = run.data.tags.get("attempts", "1")
+                mlflow_client = tracking.client(self.uri)
+                mlflow_client.set_tag(run.info.run_id, f"attempt_{attempt}_error", _error_text(trial))
+        except Exception as err:
+            log.warning("could not record the lost attempt of trial %s: %s", trial.trial_id, err)
+
     def on_trial_error(self, iteration, trials, trial, **info):
         try:
             run = self._open_child(trial)

@@ -29,6 +29,7 @@ NONFINITE_LOSS = 1.0e6
 # Cross-entropy far above ln(vocabulary) (10.8 for SmolLM2's 49k tokens) is worse than guessing
 # uniformly: the trial has diverged, whatever it might still do.
 DEFAULT_MAX_VAL_LOSS = 50.0
+TRIAL_RETRIES = 1  # a trial that raised (its node lost) starts again once before it counts as failed
 
 
 def make_searcher(kind: str, seed_points: list[dict], trials: int, seed: int):
