@@ -48,7 +48,11 @@ def test_outlier_ratios_match_an_independent_count(tiny_model_dir):
             model(input_ids=row[None])
     for handle in handles:
         handle.remove()
+    head_calls = []  # the forward stops at the last target's inputs: the output head never runs
+    watch = model.get_output_embeddings().register_forward_hook(lambda *args: head_calls.append(1))
     norms = input_norms(model, targets, calib)
+    watch.remove()
+    assert head_calls == []
     prefix, blocks = decoder_blocks(model)
     expected = []
     for index in range(len(blocks)):
