@@ -53,6 +53,16 @@ def dashboard_deps_error() -> str | None:
     return None if err is None else f"{type(err).__name__}: {err}"
 
 
+def kill_all(procs: list, timeout: float) -> None:
+    """SIGKILL each process (those already gone are skipped), then wait up to ``timeout`` s for them."""
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=timeout)
+
+
 class LocalRayHead:
     """A `ray start --head` cluster owned by this test, ended by pid on exit."""
 
@@ -152,12 +162,7 @@ class LocalRayHead:
                     except psutil.Error:
                         pass
                 _, alive = psutil.wait_procs(procs, timeout=10)
-                for p in alive:
-                    try:
-                        p.kill()
-                    except psutil.Error:
-                        pass
-                psutil.wait_procs(alive, timeout=5)
+                kill_all(alive, timeout=5)
             deadline = time.time() + 10
             while self.session_processes(owned_only=False) and time.time() < deadline:
                 time.sleep(0.5)

@@ -13,7 +13,15 @@ import pytest
 psutil = pytest.importorskip("psutil")
 pytest.importorskip("ray")
 
-from ray_cluster import OFFLINE, NodeTimeline, autoscaling_head, search_runs, tiny_model, tune_command  # noqa: E402
+from ray_cluster import (  # noqa: E402  (after the importorskips: it needs psutil and Ray)
+    OFFLINE,
+    NodeTimeline,
+    autoscaling_head,
+    kill_all,
+    search_runs,
+    tiny_model,
+    tune_command,
+)
 
 pytestmark = [
     pytest.mark.cluster,
@@ -44,13 +52,7 @@ def _node_id(raylet: psutil.Process) -> str:
 
 def _kill_node(raylet: psutil.Process) -> None:
     """SIGKILL the raylet and every process under it: the node is gone, as when a VM is lost."""
-    tree = [raylet, *raylet.children(recursive=True)]
-    for proc in tree:
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(tree, timeout=10)
+    kill_all([raylet, *raylet.children(recursive=True)], timeout=10)
 
 
 def _trained(workdir) -> bool:
