@@ -148,6 +148,7 @@ def test_prune_two_fsdp_workers_end_to_end(tmp_path, tiny_model_dir, ray_session
     assert tags["version.torch"] == torch.__version__ and tags["version.ray"] == ray.__version__
     assert tags["machine.cores"].isdigit() and tags["machine.gpu_count"] == "0"
     assert tags["windows.protocol"] == "no-bos" and tags["windows.eval_max_windows"]
+    assert run.data.params["lr"] == "None" and float(tags["lr_resolved"]) == expected_lr  # left to the rule
     assert tags["eval_sha256.wikitext2-bundled"] == text_sha256("wikitext2-bundled", "test")
     card = (out / "README.md").read_text()
     assert "## Provenance" in card and f"| version.torch | {torch.__version__} |" in card

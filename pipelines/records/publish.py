@@ -54,8 +54,14 @@ def log_export(outbox, directory: str | Path, command: str | None) -> None:
     outbox.artifacts(out / "sparsity_report.json")
     summary = export_summary(out)
     metadata = json.loads((out / "elsa_metadata.json").read_text(encoding="utf-8"))
+    resolved = {"lr_resolved": metadata.get("config", {}).get("lr")}  # the rule's lr, scaled to the weights
     outbox.tags(
-        {"export_format": summary["format"], "export_dtype": summary["dtype"], **metadata.get("provenance", {})}
+        {
+            "export_format": summary["format"],
+            "export_dtype": summary["dtype"],
+            **{k: v for k, v in resolved.items() if v is not None},
+            **metadata.get("provenance", {}),
+        }
     )
     allocation = metadata.get("config", {}).get("sparsity_map")
     if isinstance(allocation, dict):  # the per-matrix levels this run chose (OWL): --sparsity-map reuses them
