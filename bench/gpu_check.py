@@ -108,11 +108,14 @@ def random_batch(vocab: int, scale: Scale, device: torch.device) -> torch.Tensor
 
 
 def prune_config(**fields):
-    """A validated PruneConfig (the product's one way to settings): 70%, coupled, no warm start."""
+    """A validated PruneConfig (the product's one way to settings): 70%, coupled, no warm start, and
+    the rule's unscaled lr (a run scales it to its weights; no figure here depends on it)."""
+    from elsa.budget import LR
     from elsa.config import make_config
 
     base = {"model": "random", "sparsity": 0.7, "steps": 1000, "init": "none", "loss": "ntp", "penalty": "coupled"}
-    return make_config(base, fields)
+    cfg = make_config(base, fields)
+    return cfg if cfg.lr is not None else cfg.model_copy(update={"lr": LR})
 
 
 def loss_backward(model: torch.nn.Module, ids: torch.Tensor, device: torch.device) -> None:

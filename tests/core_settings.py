@@ -42,6 +42,7 @@ def resume_config(**overrides):
         "eval_interval": 1000,
         "log_interval": 1000,
         "lr_schedule": "constant",
+        "lr": 6e-4,  # what the budget rule gave before it scaled lr to the weights (elsa/weight_scale.py)
     }
     return make_config({**fields, **overrides})
 
