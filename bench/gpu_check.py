@@ -108,8 +108,7 @@ def random_batch(vocab: int, scale: Scale, device: torch.device) -> torch.Tensor
 
 
 def prune_config(**fields):
-    """A validated PruneConfig (the product's one way to settings): 70%, coupled, no warm start, and
-    the rule's unscaled lr (a run scales it to its weights; no figure here depends on it)."""
+    """A validated PruneConfig: 70%, coupled, no warm start; an unset lr gets the rule's unscaled one."""
     from elsa.budget import LR
     from elsa.config import make_config
 
@@ -147,8 +146,7 @@ def admm_row(model, ids, penalty: str, adam: dict, scale: Scale, device) -> dict
     """ELSA's ADMM around Adam (as elsa.loop builds it), its z/u-update timed apart and amortised.
 
     The timed steps run no z/u-update (interval 10^6); it is timed on its own and spread over the
-    interval the budget rule picks for a 1000-step run.
-    """
+    interval the budget rule picks for a 1000-step run."""
     from elsa.loop import build_admm
 
     admm, _ = build_admm(model, prune_config(penalty=penalty, interval=10**6))
@@ -266,9 +264,8 @@ def tiny_prune(device: torch.device, steps: int, bf16: bool) -> dict:
 
     tokenizer = tiny_tokenizer()
     model = tiny_model("llama", len(tokenizer), seed=0).to(device)
-    cfg = prune_config(
-        model="tiny", steps=steps, interval=2, seqlen=64, batch_size=2, val_blocks=2, val_data=[], bf16=bf16
-    )
+    fields = {"steps": steps, "interval": 2, "seqlen": 64, "batch_size": 2, "val_blocks": 2, "bf16": bf16}
+    cfg = prune_config(model="tiny", val_data=[], **fields)
     summary = get_method("elsa").run(model, tokenizer, cfg, None, None)
     return {
         "masks": [(t.param.detach() != 0).cpu() for t in config_targets(model, cfg)],
