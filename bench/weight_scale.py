@@ -11,21 +11,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import torch
 
 from elsa.budget import scaled_lr
 from elsa.config import make_config
 from elsa.model_io.models import load_model
 from elsa.targets import config_targets
-from elsa.weight_scale import median_weight_rms
+from elsa.weight_scale import weight_rms
 
 
 def weight_scale(name: str) -> dict:
     """Median, min and max over the target matrices of each one's RMS."""
     model = load_model(name)
     targets = config_targets(model, make_config({"model": name, "sparsity": 0.8}))
-    rms = [float(t.param.detach().float().pow(2).mean().sqrt()) for t in targets]
-    median = median_weight_rms(targets)
+    rms = weight_rms(targets)
+    median = statistics.median(rms)  # elsa.weight_scale.median_weight_rms, from the same list
     return {
         "model": name,
         "matrices": len(rms),

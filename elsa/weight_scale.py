@@ -18,10 +18,15 @@ import torch
 WEIGHT_SCALE_FILE = "weight_scale.json"  # {"median_rms": ...} of the dense model's target matrices
 
 
-def median_weight_rms(targets) -> float:
-    """Median over the target matrices of each one's root mean square (float64, deterministic)."""
+def weight_rms(targets) -> list[float]:
+    """Each target matrix's root mean square (float64, deterministic)."""
     with torch.no_grad():
-        return statistics.median(float(t.param.detach().double().pow(2).mean().sqrt()) for t in targets)
+        return [float(t.param.detach().double().pow(2).mean().sqrt()) for t in targets]
+
+
+def median_weight_rms(targets) -> float:
+    """Median over the target matrices of each one's root mean square: what the rule's lr follows."""
+    return statistics.median(weight_rms(targets))
 
 
 def resolve_lr(cfg, median_rms: float | None, source: str = "the dense model"):

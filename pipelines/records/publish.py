@@ -54,12 +54,12 @@ def log_export(outbox, directory: str | Path, command: str | None) -> None:
     outbox.artifacts(out / "sparsity_report.json")
     summary = export_summary(out)
     metadata = json.loads((out / "elsa_metadata.json").read_text(encoding="utf-8"))
-    resolved = {"lr_resolved": metadata.get("config", {}).get("lr")}  # the rule's lr, scaled to the weights
+    lr = metadata.get("config", {}).get("lr")  # the lr the run trained at (the rule's: scaled to the weights)
     outbox.tags(
         {
             "export_format": summary["format"],
             "export_dtype": summary["dtype"],
-            **{k: v for k, v in resolved.items() if v is not None},
+            **({"lr_resolved": lr} if lr is not None else {}),
             **metadata.get("provenance", {}),
         }
     )
