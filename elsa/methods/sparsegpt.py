@@ -40,22 +40,36 @@ from elsa.optim.projection import nm_mask, topk_mask
 from elsa.targets import Target
 
 
-class InputHessian:
-    """H = 2/n * sum over calibration tokens of x x^T, accumulated in fp32."""
+HESSIAN_PARTS = 4  # column slices of the upper block triangle of H (see InputHessian)
 
-    def __init__(self, in_features: int, device: torch.device):
+
+class InputHessian:
+    """H = 2/n * sum over calibration tokens of x x^T, accumulated in fp32.
+
+    Why only the upper block triangle: H is symmetric, and its products are a third of a CPU
+    SparseGPT pass. With the inputs cut into ``HESSIAN_PARTS`` column slices, slice i is multiplied
+    only against slices i.. (10 of 16 blocks: a 1536-wide Hessian over 4,096 tokens took 64 ms here
+    against 96 ms for the full product); :meth:`matrix` mirrors the upper triangle, so H is exactly
+    symmetric.
+    """
+
+    def __init__(self, in_features: int, device: torch.device, parts: int = HESSIAN_PARTS):
         self.sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.bounds = [in_features * i // parts for i in range(parts + 1)]
         self.tokens = 0
 
     def add(self, x: torch.Tensor) -> None:
         x = x.float()
-        self.sum.addmm_(x.t(), x)
+        for lo, hi in zip(self.bounds, self.bounds[1:]):
+            if hi > lo:
+                self.sum[lo:hi, lo:].addmm_(x[:, lo:hi].t(), x[:, lo:])
         self.tokens += x.shape[0]
 
     def matrix(self) -> torch.Tensor:
         if self.tokens == 0:
             raise RuntimeError("no calibration inputs reached this layer")
-        return self.sum * (2.0 / self.tokens)
+        upper = self.sum.triu()
+        return (upper + upper.triu(1).t()) * (2.0 / self.tokens)
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, damp: float, name: str = "layer") -> torch.Tensor:
@@ -112,7 +126,7 @@ def sparsegpt_prune(
     Unstructured: exactly ``keep`` entries survive. N:M: ``keep`` is ignored and every group of
     M consecutive inputs of a row keeps N entries.
     """
-    w = weight.detach().float().clone()
+    w = weight.detach().float()
     rows, cols = w.shape
     if hessian.shape != (cols, cols):
         raise ValueError(f"{name}: Hessian shape {tuple(hessian.shape)} does not match {cols} inputs")
@@ -121,37 +135,45 @@ def sparsegpt_prune(
             raise ValueError(f"{name}: {cols} inputs is not a multiple of M={nm[1]}")
         blocksize = max(nm[1], blocksize - blocksize % nm[1])  # groups never straddle two blocks
     u = inverse_hessian_factor(hessian.to(w.device, torch.float32), damp, name)
-    mask = torch.zeros_like(w, dtype=torch.bool)
+    w_t = w.t().clone(memory_format=torch.contiguous_format)  # a copy even when w.t() is contiguous
+    mask_t = torch.zeros_like(w_t, dtype=torch.bool)
     with _sweep_threads(w.device):
-        _sweep(w, u, mask, rows * cols - keep, nm, blocksize)
-    return w * mask, mask
+        _sweep(w_t, u, mask_t, rows * cols - keep, nm, blocksize)
+    return (w_t * mask_t).t(), mask_t.t()
 
 
 def _sweep(w: torch.Tensor, u: torch.Tensor, mask: torch.Tensor, pruned_total: int, nm, blocksize: int) -> None:
-    """Prune ``w`` in place column by column, choosing ``mask`` block by block (see module doc)."""
-    cols = w.shape[1]
+    """Prune ``w`` in place column by column, choosing ``mask`` block by block (see module doc).
+
+    ``w`` and ``mask`` come transposed, (in, out): a column of the weight is then a contiguous row
+    and each rank-1 update a contiguous slab (2.5x faster on CPU than on the (out, in) layout).
+    Row i of a block ends as ``w_i - u_ii err``, ``q`` up to rounding in its pruned entries; the
+    caller multiplies by the mask, so it is not rewritten here.
+    """
+    cols = w.shape[0]
+    diagonal = u.diagonal().tolist()
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        block, u_block = w[:, i1:i2], u[i1:i2, i1:i2]
-        saliency_scale = u_block.diagonal().pow(2)[None, :]
-        errors = torch.zeros_like(block)
+        block, u_block = w[i1:i2], u[i1:i2, i1:i2]
+        saliency_scale = u_block.diagonal().pow(2)[:, None]
+        errors = torch.empty_like(block)
         if nm is None:
             share = pruned_total * i2 // cols - pruned_total * i1 // cols
-            block_mask = topk_mask(block.pow(2) / saliency_scale, block.numel() - share)
+            # ranked in the (out, in) order, so ties (common in quantised weights) break as they did there
+            block_mask = topk_mask((block.pow(2) / saliency_scale).t(), block.numel() - share).t()
+            dropped = (~block_mask).to(block.dtype)
         else:
             block_mask = torch.zeros_like(block, dtype=torch.bool)
+            dropped = torch.zeros_like(block)
         for i in range(i2 - i1):
             if nm is not None and i % nm[1] == 0:
                 group = slice(i, i + nm[1])
-                block_mask[:, group] = nm_mask(block[:, group].pow(2) / saliency_scale[:, group], *nm)
-            column = block[:, i]
-            kept = column * block_mask[:, i]
-            err = (column - kept) / u_block[i, i]
-            block[:, i:].addr_(err, u_block[i, i:], alpha=-1.0)
-            block[:, i] = kept
-            errors[:, i] = err
-        mask[:, i1:i2] = block_mask
-        w[:, i2:] -= errors @ u[i1:i2, i2:]
+                block_mask[group] = nm_mask(block[group].pow(2) / saliency_scale[group], *nm, input_dim=0)
+                dropped[group] = (~block_mask[group]).to(block.dtype)
+            err = torch.div(block[i], diagonal[i1 + i], out=errors[i]).mul_(dropped[i])
+            block[i:].sub_(u_block[i, i:, None] * err)  # rounded product, then difference: as addr_ on (out, in)
+        mask[i1:i2] = block_mask
+        w[i2:] -= (errors.t().contiguous() @ u[i1:i2, i2:]).t()  # the (out, in) product: same digits
 
 
 @register("sparsegpt")
