@@ -250,14 +250,29 @@ def load_model(
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     if source.is_gguf:
-        kwargs["gguf_file"] = source.gguf_file
-    model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
-    if source.is_gguf:
-        clear_quantizer(model)
-        model = model.to(dtype)
+        model = _load_gguf_model(source, kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
     model = model.to(device)
     model.eval()
     return model
+
+
+def _load_gguf_model(source: ModelSource, kwargs: dict) -> torch.nn.Module:
+    """From the dequantised copy when there is one (elsa/model_io/gguf_cache.py), else from the GGUF
+    file, dequantised to fp32 and kept as that copy, then cast to ``kwargs["dtype"]``."""
+    from transformers import AutoModelForCausalLM
+
+    from . import gguf_cache
+
+    gguf = Path(source.path) / source.gguf_file
+    saved = gguf_cache.cached(gguf, "model")
+    if saved is not None:
+        return AutoModelForCausalLM.from_pretrained(saved, **kwargs)
+    exact = {**kwargs, "dtype": torch.float32, "gguf_file": source.gguf_file}
+    model = clear_quantizer(AutoModelForCausalLM.from_pretrained(source.path, **exact))
+    gguf_cache.store(gguf, "model", model.save_pretrained)
+    return model.to(kwargs["dtype"])
 
 
 def ensure_pad_token(tokenizer):
@@ -271,8 +286,16 @@ def load_tokenizer(name: str):
     """The tokenizer that goes with :func:`load_model` of the same ``name`` (pad token set)."""
     from transformers import AutoTokenizer
 
+    from . import gguf_cache
+
     source = resolve_model(name)
     kwargs: dict = {"trust_remote_code": False, **_hub_kwargs(source)}
-    if source.is_gguf:
-        kwargs["gguf_file"] = source.gguf_file
-    return ensure_pad_token(AutoTokenizer.from_pretrained(source.path, **kwargs))
+    if not source.is_gguf:
+        return ensure_pad_token(AutoTokenizer.from_pretrained(source.path, **kwargs))
+    gguf = Path(source.path) / source.gguf_file
+    saved = gguf_cache.cached(gguf, "tokenizer")
+    if saved is not None:
+        return ensure_pad_token(AutoTokenizer.from_pretrained(saved, **kwargs))
+    tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file, **kwargs)
+    gguf_cache.store(gguf, "tokenizer", tokenizer.save_pretrained)
+    return ensure_pad_token(tokenizer)
