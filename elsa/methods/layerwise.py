@@ -259,7 +259,8 @@ def prune_layerwise(
             for index, (block, call) in enumerate(zip(blocks, calls)):
                 block_start = time.perf_counter()
                 _prune_block(model, block, call, hidden, grouped[index], make_stats, prune_layer)
-                hidden = torch.cat([call(block, chunk) for chunk in hidden.split(CHUNK)], dim=0)
+                if index + 1 < len(blocks):  # the last block's outputs feed nothing
+                    hidden = torch.cat([call(block, chunk) for chunk in hidden.split(CHUNK)], dim=0)
                 if log is not None:
                     log({"block": index, "blocks": len(blocks), "block_s": time.perf_counter() - block_start}, index)
     finally:
