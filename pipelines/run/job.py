@@ -274,7 +274,9 @@ def _oneshot(cfg_dict: dict, options: RunOptions, location: str, tracking_info: 
 
     if options.progress:
         echo(f"{label}: one-shot pruning of {cfg_dict['model']}")
-    stage(f"{label}: loading the model and the calibration text, then the decoder blocks one by one")
+    owl = cfg_dict.get("allocation") == "owl" and not isinstance(cfg_dict.get("sparsity_map"), dict)
+    scoring = ", OWL's scoring forward (the dense model over it)" if owl else ""  # 49 s of SmolLM2's demo
+    stage(f"{label}: loading the model and the calibration text{scoring}, then the decoder blocks one by one")
     with _progress(options, BlockLine(label)) as sink:
         return run_one_shot(
             cfg_dict,
