@@ -36,7 +36,7 @@ def llmc_half(work: Path, sparsity: float) -> None:
     data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     model = AutoModelForCausalLM.from_pretrained(work / "dense", dtype=torch.float32)
     settings = {"mask_structure": "0:0", "block_size": 128, "dampening_frac": 0.01}
-    recipe = SparseGPTModifier(sparsity=sparsity, targets=["Linear"], ignore=["lm_head"], **settings)
+    recipe = SparseGPTModifier(sparsity=sparsity, targets=["Linear"], ignore=["re:.*lm_head"], **settings)
     started = time.perf_counter()
     oneshot(
         model=model,
