@@ -64,9 +64,9 @@ def _ours(work: Path, model_name: str, sparsity: float) -> tuple[dict, object, o
     tokenizer = load_tokenizer(cfg.model)
     calib = calibration_blocks(tokenizer, cfg.data, cfg.calib_blocks, cfg.seqlen, cfg.seed, windows=cfg.windows)
     save_file({"input_ids": calib.contiguous()}, str(work / "calib.safetensors"))
-    load_model(cfg.model).save_pretrained(work / "dense", safe_serialization=True)
-    tokenizer.save_pretrained(work / "dense")
     model = load_model(cfg.model)
+    model.save_pretrained(work / "dense", safe_serialization=True)  # llm-compressor's input, still dense
+    tokenizer.save_pretrained(work / "dense")
     blocks: list[float] = []
     started = time.perf_counter()
     prune_model(cfg, model=model, tokenizer=tokenizer, log=lambda m, step: blocks.append(m.get("block_s", 0.0)))
