@@ -14,7 +14,8 @@ compressed (read by :mod:`elsa.model_io.sparse_infer`) and dense (read by ``from
 
     python bench/decode_speed.py                   # everything; bench/results/decode_speed.{json,md,png}
     python bench/decode_speed.py --models smollm2 --levels 0.9 --threads 1 --new-tokens 16   # quick
-    python bench/decode_speed.py --kernels         # the matrix-vector table behind elsa.model_io.sparse_infer.PAYS_FROM
+
+The matrix-vector table behind elsa.model_io.sparse_infer.PAYS_FROM is ``bench/decode_kernels.py``.
 """
 
 from __future__ import annotations
@@ -142,6 +143,7 @@ def child(config: str, paths: dict, new_tokens: int) -> dict:
         "tokens": out[0, ids.shape[1] :].tolist(),
         "sparse_matrices": len(summary.get("sparse", [])),
         "dense_matrices": len(summary.get("dense", [])),
+        "layouts": summary.get("layouts", {}),
         "threads": torch.get_num_threads(),
     }
 
@@ -174,9 +176,7 @@ def measure_level(model: str, level: float, paths: dict, threads: int, args) -> 
             "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in rows),
             "load_s": statistics.median(r["load_s"] for r in rows),
             "loadavg_1m": [r["loadavg_1m"] for r in rows],
-            "sparse_matrices": rows[0]["sparse_matrices"],
-            "dense_matrices": rows[0]["dense_matrices"],
-            "tokens": rows[0]["tokens"],
+            **{key: rows[0].get(key) for key in ("sparse_matrices", "dense_matrices", "layouts", "tokens")},
         }
     _compare(cell)
     return cell
@@ -194,45 +194,6 @@ def _compare(cell: dict) -> None:
             cell[f"rss_ratio_vs_{config}"] = round(sparse["peak_rss_mb"] / dense["peak_rss_mb"], 3)
             cell[f"same_tokens_as_{config}"] = sparse["tokens"] == dense["tokens"]
     print(json.dumps({k: v for k, v in cell.items() if not isinstance(v, dict)}), flush=True)
-
-
-def kernel_ratio(rows: int, cols: int, sparsity: float, rounds: int = 7, reps: int = 20) -> float:
-    """Median time of the CSR matrix-vector product over dense bf16 ``F.linear``'s, interleaved."""
-    from elsa.model_io.sparse_infer import SparseLinear, csr_from_export
-    from elsa.model_io.sparse_format import compress
-
-    weight = magnitude_prune_(torch.randn(rows, cols, generator=torch.Generator().manual_seed(0)), sparsity)
-    weight = weight.bfloat16()
-    stored, _ = compress({"w": weight})
-    sparse = SparseLinear(*csr_from_export(stored["w.bitmask"], stored["w.values"], weight.shape), weight.shape)
-    x = torch.randn(1, 1, cols).bfloat16()
-    calls = {"dense": lambda: torch.nn.functional.linear(x, weight), "sparse": lambda: sparse(x)}
-    times: dict[str, list[float]] = {"dense": [], "sparse": []}
-    for name, call in calls.items():
-        call()
-    for _ in range(rounds):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            for _ in range(reps):
-                call()
-            times[name].append((time.perf_counter() - start) / reps)
-    return statistics.median(times["sparse"]) / statistics.median(times["dense"])
-
-
-def kernels(threads_list: list[int]) -> None:
-    """The table behind elsa.model_io.sparse_infer.PAYS_FROM: time ratio sparse/dense bf16 per shape, level, threads."""
-    shapes = [(576, 576), (1536, 576), (576, 1536), (2048, 2048), (5632, 2048), (2048, 5632)]
-    rows = []
-    for threads in threads_list:
-        torch.set_num_threads(threads)
-        for shape in shapes:
-            for level in (0.5, 0.6, 0.7, 0.8, 0.9):
-                ratio = kernel_ratio(*shape, level)
-                rows.append({"threads": threads, "shape": shape, "sparsity": level, "time_ratio": round(ratio, 3)})
-                rows[-1]["loadavg_1m"] = round(os.getloadavg()[0], 2)
-                print(json.dumps(rows[-1]), flush=True)
-    out = {"machine": _machine(), "command": " ".join(["python", *sys.argv]), "rows": rows}
-    (RESULTS / "decode_speed.kernels.json").write_text(json.dumps(out, indent=1) + "\n")
 
 
 def _machine() -> dict:
@@ -277,7 +238,8 @@ def _bf16_notes(result: dict) -> list[str]:
 
 
 def write_markdown(result: dict, path: Path) -> None:
-    """The tables of :func:`main`'s result, one per model, with the command and load averages."""
+    """The tables of :func:`main`'s result, one per model; a ``## Notes`` section already in the file is kept."""
+    notes = path.read_text().split("\n## Notes", 1) if path.is_file() else []
     lines = [
         "# Batch-1 greedy decoding: sparse (elsa.model_io.sparse_infer) vs dense bf16 vs dense fp32",
         "",
@@ -306,7 +268,7 @@ def write_markdown(result: dict, path: Path) -> None:
     for model in dict.fromkeys(c["model"] for c in result["cells"]):
         lines += ["", f"## {model}", "", header, "|" + "---|" * 13]
         lines += [_cell_line(c) for c in result["cells"] if c["model"] == model]
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n" + ("\n## Notes" + notes[1] if len(notes) == 2 else ""))
 
 
 def plot(result: dict, path: Path) -> None:
@@ -368,7 +330,6 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/elsa-decode-speed"), help="where exports go")
     parser.add_argument("--out", type=Path, default=RESULTS / "decode_speed", help="path stem of .json/.md/.png")
     parser.add_argument("--merge", action="store_true", help="replace only these cells in the existing results")
-    parser.add_argument("--kernels", action="store_true", help="only the matrix-vector table (PAYS_FROM)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -376,8 +337,6 @@ def main() -> None:
         torch.set_num_threads(spec["threads"])
         print(json.dumps(child(spec["config"], spec["paths"], spec["new_tokens"])))
         return
-    if args.kernels:
-        return kernels(args.threads)
     result = {"command": " ".join(["python", "bench/decode_speed.py", *sys.argv[1:]]), "machine": _machine()}
     result.update(loadavg_before=[round(v, 2) for v in os.getloadavg()], new_tokens=args.new_tokens)
     result.update(repeats=args.repeats, cells=[])

@@ -10,7 +10,20 @@ import torch
 from elsa.api import prune_model
 from elsa.config import make_config
 from elsa.model_io.export import load_checkpoint, save_checkpoint
-from elsa.model_io.sparse_infer import SparseLinear, load_sparse_for_inference, sparse_bytes, sparse_pays
+from elsa.model_io import compact_linear
+from elsa.model_io.compact_linear import CompactLinear, compact_from_csr
+from elsa.model_io.sparse_format import compress
+from elsa.model_io.sparse_infer import (
+    SparseLinear,
+    csr_from_export,
+    load_sparse_for_inference,
+    sparse_bytes,
+    sparse_pays,
+)
+
+SPARSE = (SparseLinear, CompactLinear)
+needs_kernel = pytest.mark.skipif(compact_linear.native_kernel() is None, reason="no C compiler builds the kernel")
+LAYOUTS = [pytest.param("compact", marks=needs_kernel), "csr"]
 
 
 def _llama(tok):
@@ -50,25 +63,30 @@ def _prompt(tok, n: int = 64) -> torch.Tensor:
     return ids
 
 
-def test_sparse_modules_hold_no_dense_weight(exports):
-    sparse = load_sparse_for_inference(exports[0], attn_implementation="eager", policy="always")
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_sparse_modules_hold_no_dense_weight(exports, layout):
+    sparse = load_sparse_for_inference(exports[0], attn_implementation="eager", policy="always", layout=layout)
+    kind = CompactLinear if layout == "compact" else SparseLinear
     layers = [m for n, m in sparse.named_modules() if n.startswith("model.layers.")]
-    linears = [m for m in layers if isinstance(m, (torch.nn.Linear, SparseLinear))]
-    assert linears and all(isinstance(m, SparseLinear) for m in linears)
+    linears = [m for m in layers if isinstance(m, (torch.nn.Linear, *SPARSE))]
+    assert linears and all(type(m) is kind for m in linears)
     for module in linears:
         assert not any(p.numel() == module.in_features * module.out_features for p in module.parameters())
         assert module.nnz <= 0.11 * module.in_features * module.out_features
-        assert module.values.dtype == torch.float32 and module.col.dtype == torch.int32
+        assert module.values.dtype == torch.float32  # an fp32 export: its values as they are
+        assert module.col.dtype == (torch.int16 if layout == "compact" else torch.int32)
     assert type(sparse.lm_head) is torch.nn.Linear and type(sparse.model.embed_tokens) is torch.nn.Embedding
     assert sparse.lm_head.weight.shape == sparse.model.embed_tokens.weight.shape
-    assert all(not isinstance(m, SparseLinear) for n, m in sparse.named_modules() if "norm" in n)
+    assert all(not isinstance(m, SPARSE) for n, m in sparse.named_modules() if "norm" in n)
     dense_bytes = sum(m.in_features * m.out_features * 4 for m in linears)
-    assert sparse_bytes(sparse) < 0.25 * dense_bytes
-    assert sparse.sparse_summary["dense"] == []
+    # fp32 values: 8 bytes a non-zero in CSR, 6 compact (int16 columns), plus the row starts
+    assert sparse_bytes(sparse) < (0.25 if layout == "csr" else 0.19) * dense_bytes
+    assert sparse.sparse_summary["dense"] == [] and sparse.sparse_summary["layouts"] == {kind.__name__: 14}
 
 
-def test_logits_and_greedy_tokens_equal_the_dense_export(exports, tok):
-    sparse = load_sparse_for_inference(exports[0], attn_implementation="eager", policy="always")
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_logits_and_greedy_tokens_equal_the_dense_export(exports, tok, layout):
+    sparse = load_sparse_for_inference(exports[0], attn_implementation="eager", policy="always", layout=layout)
     dense, _ = load_checkpoint(exports[1], dtype=torch.float32, attn_implementation="eager")
     ids = _prompt(tok)
     with torch.no_grad():
@@ -81,6 +99,36 @@ def test_logits_and_greedy_tokens_equal_the_dense_export(exports, tok):
     got = sparse.generate(ids, attention_mask=torch.ones_like(ids), **settings)
     assert got.shape == (1, 104)
     assert torch.equal(got, want)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(5, 40_000), (37, 200)])
+def test_compact_product_against_float64(shape, dtype):
+    """Columns past 32,767 (their int16 patterns are negative) and widths not a multiple of 64; one and many tokens."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(*shape, generator=generator)
+    weight[torch.rand(*shape, generator=generator) < 0.9] = 0
+    weight = weight.to(dtype)
+    stored, _ = compress({"w": weight})
+    module = CompactLinear(*compact_from_csr(*csr_from_export(stored["w.bitmask"], stored["w.values"], shape)), shape)
+    assert module.values.dtype == (torch.float32 if dtype == torch.float16 else dtype)
+    assert module.nnz == int((weight != 0).sum())
+    for tokens in (1, 3, 70):  # 70: more than one token chunk of the kernel
+        x = torch.randn(2, tokens, shape[1], generator=generator)
+        want = x.double() @ weight.double().t()
+        got = module(x)
+        assert got.shape == (2, tokens, shape[0])
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * shape[1] ** 0.5)
+
+
+def test_without_the_kernel_the_loader_falls_back_to_csr(exports, monkeypatch, caplog):
+    monkeypatch.setattr(compact_linear, "_LIB", False)  # forget the built kernel for this test
+    monkeypatch.setenv(compact_linear.CACHE_ENV, "off")
+    with caplog.at_level(logging.INFO, logger="elsa.model_io.compact_linear"):
+        model = load_sparse_for_inference(exports[0], policy="always")
+    assert model.sparse_summary["layouts"] == {"SparseLinear": 14}
+    assert "CSR layout" in caplog.text
 
 
 def test_bf16_export_keeps_its_dtype_outside_the_sparse_modules(exports, tok, tmp_path):
@@ -99,7 +147,7 @@ def test_where_sparse_does_not_pay_the_matrix_stays_dense_and_it_is_said(exports
     assert level < 0.8 and sparse_pays(4096, 4096, level, threads=1)
     with caplog.at_level(logging.WARNING, logger="elsa.model_io.sparse_infer"):
         model = load_sparse_for_inference(exports[0], policy="never")
-    assert not any(isinstance(m, SparseLinear) for m in model.modules())
+    assert not any(isinstance(m, SPARSE) for m in model.modules())
     kept = load_sparse_for_inference(exports[0], policy="auto")
     assert len(kept.sparse_summary["sparse"]) + len(kept.sparse_summary["dense"]) == 14
     reference, _ = load_checkpoint(exports[1], dtype=torch.float32)

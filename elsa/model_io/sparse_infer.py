@@ -5,13 +5,16 @@ decodes as slowly and in as much memory as the dense one. Batch-1 decoding multi
 matrix by one vector per token and is bound by the bytes it reads; a sparse layout that reads only
 the non-zeros is faster once few enough entries are left.
 
-Kernel, chosen by measurement on a 2-core AMD EPYC (AVX-512, no native bf16), one thread, batch-1
-matrix-vector products at 90% sparsity, relative to dense bf16 ``F.linear`` (``bench/decode_speed.py
---kernels`` measures it again): torch sparse CSR with int32 indices and fp32 values (``torch.mv``,
+Kernel, chosen by measurement on a 2-core AMD EPYC (AVX-512), one thread, batch-1 matrix-vector
+products at 90% sparsity, relative to dense bf16 ``F.linear`` (``bench/decode_kernels.py``
+measures it again): torch sparse CSR with int32 indices and fp32 values (``torch.mv``,
 which runs MKL's sparse kernel) 0.17-0.36x the time; the same with int64 indices 0.43-0.71x;
 scipy.sparse CSR fp32 0.25-0.84x; BSR 4x4 2.7-7x (unstructured sparsity fills most blocks); a
 numba CSR kernel with bf16 values and int16 columns 1-2x; torch CSR has no bf16 matrix-vector
-product on CPU. So the layout is MKL's.
+product on CPU. So the fallback layout is MKL's, and the default is the same CSR with 16-bit
+columns and the export's bf16 values run by our own C kernel (:mod:`elsa.model_io.compact_linear`,
+2026-12-05: as fast as MKL's product at 1 thread, 0.23-0.50x dense bf16's time at 90%, half its
+bytes), used wherever ``cc`` builds it.
 
 Layout of a :class:`SparseLinear` (per pruned decoder-block ``nn.Linear``, weight ``rows x cols``):
 
@@ -21,7 +24,8 @@ Layout of a :class:`SparseLinear` (per pruned decoder-block ``nn.Linear``, weigh
   (bf16 or fp32 widened to fp32, so no value changes);
 * ``weight_csr``: the torch sparse CSR tensor over those three (no copy).
 
-8 bytes per non-zero: at 90% sparsity 0.8 bytes per matrix entry against dense bf16's 2. They are
+8 bytes per non-zero (compact: 4 with bf16 values): at 90% sparsity 0.8 (0.4) bytes per matrix
+entry against dense bf16's 2. They are
 built straight from the export's bitmask and values, one matrix at a time: the only dense-sized
 transient is one matrix's boolean mask. A one-token step (decoding) uses ``torch.mv``; several
 tokens (the prompt's prefill) ``torch.sparse.mm``, 1-4x slower than dense bf16 on a 64-token
@@ -40,6 +44,7 @@ from pathlib import Path
 
 import torch
 
+from .compact_linear import MAX_COLUMNS, CompactLinear, compact_from_csr, native_kernel
 from .sparse_format import CONFIG_KEY, FORMAT_NAME, FORMAT_VERSION, _unpack
 
 log = logging.getLogger(__name__)
@@ -47,7 +52,7 @@ log = logging.getLogger(__name__)
 # Lowest sparsity at which the CSR matrix-vector product beats dense bf16, by threads and matrix
 # size (entries): rows (threads, min entries, min sparsity), the first whose threads and size fit
 # applies; more threads than listed take the last listed. Measured with ``python
-# bench/decode_speed.py --kernels`` (bench/results/decode_speed.kernels.json), time of sparse over
+# bench/decode_kernels.py`` (bench/results/decode_speed.kernels.json), time of sparse over
 # dense bf16 on one thread (the machine shared, load average ~4):
 #
 #   sparsity        50%        60%        70%        80%        90%
@@ -126,7 +131,7 @@ class SparseLinear(torch.nn.Module):
 
 
 def csr_from_export(bits: torch.Tensor, values: torch.Tensor, shape) -> tuple[torch.Tensor, ...]:
-    """``(crow, col, values)`` int32/int32/fp32 from an export's ``W.bitmask`` and ``W.values``.
+    """``(crow, col, values)``, int32 / int32 / the export's dtype, from its ``W.bitmask`` and ``W.values``.
 
     The export's values are already in CSR order (row-major non-zeros); only the column of each and
     the row starts are derived from the mask. Never builds the dense matrix.
@@ -139,7 +144,7 @@ def csr_from_export(bits: torch.Tensor, values: torch.Tensor, shape) -> tuple[to
     crow = torch.zeros(rows + 1, dtype=torch.int32)
     torch.cumsum(per_row, dim=0, out=crow[1:])
     col = (torch.nonzero(mask.view(-1)).view(-1) % cols).to(torch.int32)
-    return crow, col, values.to(torch.float32).contiguous()
+    return crow, col, values.contiguous()
 
 
 def _densify(bits: torch.Tensor, values: torch.Tensor, shape) -> torch.Tensor:
@@ -223,19 +228,29 @@ def _decide(shape, bits_kept: int, policy: str, threads: int) -> bool:
     return sparse_pays(shape[0], shape[1], sparsity, threads)
 
 
-def _fill(model, handle, block: dict, dtype: torch.dtype, policy: str) -> dict:
+def _sparse_module(bits, values, shape, bias, layout: str) -> torch.nn.Module:
+    """A :class:`CompactLinear` where ``layout`` and the machine allow it, else a :class:`SparseLinear`."""
+    csr = csr_from_export(bits, values, shape)
+    if layout != "csr" and shape[1] <= MAX_COLUMNS and (layout == "compact" or native_kernel() is not None):
+        return CompactLinear(*compact_from_csr(*csr), shape, bias)
+    return SparseLinear(*csr, shape, bias)
+
+
+def _fill(model, handle, block: dict, dtype: torch.dtype, policy: str, layout: str) -> dict:
     """Replace each compressed block linear by a SparseLinear (or a dense one where it pays not)."""
     shapes = block["shapes"]
     threads = torch.get_num_threads()
-    summary = {"sparse": [], "dense": [], "threads": threads, "policy": policy}
+    summary = {"sparse": [], "dense": [], "threads": threads, "policy": policy, "layouts": {}}
     linears = _block_linears(model, shapes)
     for name, linear in linears.items():
         key, shape = f"{name}.weight", shapes[f"{name}.weight"]
         bits, values = handle.get_tensor(f"{key}.bitmask"), handle.get_tensor(f"{key}.values")
         bias = handle.get_tensor(f"{name}.bias").to(dtype) if linear.bias is not None else None
         if _decide(shape, values.numel(), policy, threads):
-            _set_module(model, name, SparseLinear(*csr_from_export(bits, values, shape), shape, bias))
+            module = _sparse_module(bits, values, shape, bias, layout)
+            _set_module(model, name, module)
             summary["sparse"].append(name)
+            summary["layouts"][type(module).__name__] = summary["layouts"].get(type(module).__name__, 0) + 1
             release_freed_memory()
         else:
             dense = torch.nn.Linear(shape[1], shape[0], bias=bias is not None, device="meta", dtype=dtype)
@@ -276,24 +291,29 @@ def load_sparse_for_inference(
     dtype: torch.dtype | None = None,
     attn_implementation: str | None = None,
     policy: str = "auto",
+    layout: str = "auto",
 ) -> torch.nn.Module:
     """A transformers causal LM from a compressed export, its pruned block linears kept sparse.
 
     ``dtype``: of everything left dense (default: the export's); ``policy``: ``auto`` (sparse where
     :func:`sparse_pays` says so at the current torch thread count, dense elsewhere, logged),
-    ``always`` or ``never``. The summary of what went which way is ``model.sparse_summary``.
+    ``always`` or ``never``; ``layout`` of the sparse matrices: ``auto`` (compact, 4 bytes a
+    non-zero, where its kernel builds here; else CSR, 8), ``compact`` or ``csr``. The summary of what
+    went which way is ``model.sparse_summary``.
     """
     from safetensors import safe_open
     from transformers import GenerationConfig
 
     if policy not in ("auto", "always", "never"):
         raise ValueError(f"policy {policy!r} is not one of auto, always, never")
+    if layout not in ("auto", "compact", "csr"):
+        raise ValueError(f"layout {layout!r} is not one of auto, compact, csr")
     directory = Path(directory)
     _, block = _read_block(directory)
     dtype = dtype or getattr(torch, block["dtype"])
     model = _empty_model(directory, dtype, attn_implementation)
     with safe_open(str(directory / block["weights"]), framework="pt") as handle:
-        summary = _fill(model, handle, block, dtype, policy)
+        summary = _fill(model, handle, block, dtype, policy, layout)
     if (directory / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(str(directory))
     _log_summary(directory, summary)
@@ -304,7 +324,7 @@ def load_sparse_for_inference(
 def _log_summary(directory: Path, summary: dict) -> None:
     """Say how many matrices run sparse, and that the rest stay dense because sparse would be slower."""
     sparse, dense = len(summary["sparse"]), len(summary["dense"])
-    log.info("%s: %d pruned matrices run sparse (CSR), %d dense", directory, sparse, dense)
+    log.info("%s: %d pruned matrices run sparse (%s), %d dense", directory, sparse, summary["layouts"], dense)
     if dense and summary["policy"] == "auto":
         log.warning(
             "%d pruned matrices of %s kept dense: at their sparsity and size the sparse product is slower than "
@@ -317,9 +337,9 @@ def _log_summary(directory: Path, summary: dict) -> None:
 
 
 def sparse_bytes(model: torch.nn.Module) -> int:
-    """Bytes held by the sparse layout of ``model`` (crow, col, values of every SparseLinear)."""
+    """Bytes held by the sparse layouts of ``model`` (the buffers of every SparseLinear and CompactLinear)."""
     total = 0
     for module in model.modules():
-        if isinstance(module, SparseLinear):
-            total += sum(t.numel() * t.element_size() for t in (module.crow, module.col, module.values))
+        if isinstance(module, (SparseLinear, CompactLinear)):
+            total += sum(t.numel() * t.element_size() for t in module.buffers())
     return total
