@@ -92,6 +92,7 @@ def native_kernel() -> ctypes.CDLL | None:
 
 
 MAX_COLUMNS = 1 << 16
+LANES = 16  # the kernel's tokens per vector: a prompt's activations are padded to whole vectors
 
 
 def compact_from_csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -141,9 +142,9 @@ class CompactLinear(torch.nn.Module):
             flat = flat.contiguous()
             getattr(self._lib, f"elsa_csr16_matvec_{suffix}")(*layout, _pointer(flat), _pointer(out))
         else:
-            xt = flat.t().contiguous()
+            xt = torch.nn.functional.pad(flat, (0, 0, 0, -tokens % LANES)).t().contiguous()
             run = getattr(self._lib, f"elsa_csr16_matmul_{suffix}")
-            run(*layout, _pointer(xt), ctypes.c_int64(tokens), _pointer(out))
+            run(*layout, _pointer(xt), ctypes.c_int64(xt.shape[1]), ctypes.c_int64(tokens), _pointer(out))
         if self.bias is not None:
             out = out + self.bias
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)

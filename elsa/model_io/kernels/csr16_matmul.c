@@ -9,14 +9,17 @@
  *
  * x is fp32. One token (decoding): each row is one dot product over its non-zeros, which the
  * compiler vectorises (omp simd; the sum's order is the vector lanes', within fp32 rounding of
- * the sequential one). Several tokens (a prompt): x is given transposed, cols x tokens, so each
- * non-zero scales one contiguous row of it; y is tokens x rows either way. Rows are split over the
+ * the sequential one). Several tokens (a prompt): x is given transposed, cols x stride (tokens
+ * padded with zeros to whole vectors), so each non-zero scales one vector of it per 16 tokens; y is
+ * tokens x rows either way. Rows are split over the
  * OpenMP threads of the runtime torch has already loaded (libgomp.so.1, found by its soname).
  */
 #include <stdint.h>
 #include <string.h>
 
-#define TOKEN_CHUNK 32
+/* tokens a prompt product handles at once: one vector of floats (AVX-512: one register) */
+#define LANES 16
+typedef float vfloat __attribute__((vector_size(LANES * sizeof(float))));
 
 static inline float bf16_to_float(uint16_t raw) {
     uint32_t bits = (uint32_t)raw << 16;
@@ -39,18 +42,19 @@ static inline float bf16_to_float(uint16_t raw) {
     }                                                                                             \
                                                                                                   \
     void elsa_csr16_matmul_##SUFFIX(int64_t rows, const int64_t *row_start, const uint16_t *col,  \
-                                    const VALUE_T *values, const float *xt, int64_t tokens,       \
-                                    float *y) {                                                   \
+                                    const VALUE_T *values, const float *xt, int64_t stride,       \
+                                    int64_t tokens, float *y) {                                   \
         _Pragma("omp parallel for schedule(static)")                                              \
         for (int64_t r = 0; r < rows; r++) {                                                      \
-            for (int64_t t0 = 0; t0 < tokens; t0 += TOKEN_CHUNK) {                                \
-                const int64_t n = tokens - t0 < TOKEN_CHUNK ? tokens - t0 : TOKEN_CHUNK;          \
-                float acc[TOKEN_CHUNK] = {0.0f};                                                  \
-                for (int64_t k = row_start[r]; k < row_start[r + 1]; k++) {                       \
-                    const float value = LOAD(values[k]);                                          \
-                    const float *xc = xt + (int64_t)col[k] * tokens + t0;                         \
-                    for (int64_t t = 0; t < n; t++) acc[t] += value * xc[t];                      \
+            const int64_t begin = row_start[r], end = row_start[r + 1];                           \
+            for (int64_t t0 = 0; t0 < tokens; t0 += LANES) {                                      \
+                vfloat acc = {0.0f};                                                              \
+                for (int64_t k = begin; k < end; k++) {                                           \
+                    vfloat xs;                                                                    \
+                    memcpy(&xs, xt + (int64_t)col[k] * stride + t0, sizeof xs);                   \
+                    acc += LOAD(values[k]) * xs;                                                  \
                 }                                                                                 \
+                const int64_t n = tokens - t0 < LANES ? tokens - t0 : LANES;                      \
                 for (int64_t t = 0; t < n; t++) y[(t0 + t) * rows + r] = acc[t];                  \
             }                                                                                     \
         }                                                                                         \
