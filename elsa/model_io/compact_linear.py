@@ -8,7 +8,7 @@ multiplies in that form, about as fast as MKL's product here (``bench/decode_ker
 Matrices wider than 65,536 columns cannot use it and take the CSR layout.
 
 The kernel is compiled on first use with the system's C compiler (``cc``, OpenMP, ``-O3
--march=native``) into ``~/.cache/elsa/kernels`` (``ELSA_KERNEL_CACHE`` moves it, ``off`` disables
+-march=native``) into ``$ELSA_CACHE/kernels`` (``ELSA_KERNEL_CACHE`` moves it, ``off`` disables
 it), keyed by the source, the compiler and the CPU's flags. Without a compiler, or when the build
 fails, :func:`native_kernel` returns None, says why once, and the caller uses the CSR layout.
 """
@@ -27,12 +27,13 @@ from pathlib import Path
 
 import torch
 
+from .cache_dirs import cache_dir
+
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels") / "csr16_matmul.c"
 CACHE_ENV = "ELSA_KERNEL_CACHE"
-DEFAULT_ROOT = Path.home() / ".cache" / "elsa" / "kernels"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 # value dtypes the kernel reads as they are; others (fp16) widen to fp32, which is exact
 KERNEL_DTYPES = {torch.bfloat16: "bf16", torch.float32: "f32"}
@@ -66,15 +67,15 @@ def native_kernel() -> ctypes.CDLL | None:
     if _LIB is not False:
         return _LIB
     _LIB = None
-    root = os.environ.get(CACHE_ENV, "")
+    root = cache_dir("kernels", CACHE_ENV)
     compiler = shutil.which(os.environ.get("CC", "cc"))
-    if root.lower() in {"off", "0", "none", "false"} or compiler is None:
-        reason = f"{CACHE_ENV}={root}" if compiler else "no C compiler (cc) on PATH"
+    if root is None or compiler is None:
+        reason = f"{CACHE_ENV}={os.environ.get(CACHE_ENV)}" if compiler else "no C compiler (cc) on PATH"
         log.info("compact kernel not used (%s): sparse matrices use MKL's CSR layout, 8 bytes a non-zero", reason)
         return None
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     identity = "|".join([SOURCE.read_text(), version, " ".join(FLAGS), _cpu_identity()])
-    target = Path(root or DEFAULT_ROOT) / f"csr16_matmul-{hashlib.sha256(identity.encode()).hexdigest()[:16]}.so"
+    target = root / f"csr16_matmul-{hashlib.sha256(identity.encode()).hexdigest()[:16]}.so"
     try:
         if not target.is_file():
             log.info("compiling the compact kernel (once, %s)", target)

