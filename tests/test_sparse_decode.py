@@ -101,6 +101,13 @@ def test_logits_and_greedy_tokens_equal_the_dense_export(exports, tok, layout):
     assert torch.equal(got, want)
 
 
+def _compact(weight: torch.Tensor) -> CompactLinear:
+    """The compact module of ``weight`` through the export's own compression."""
+    stored, _ = compress({"w": weight})
+    csr = csr_from_export(stored["w.bitmask"], stored["w.values"], weight.shape)
+    return CompactLinear(*compact_from_csr(*csr), weight.shape)
+
+
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("shape", [(5, 40_000), (37, 200)])
@@ -110,8 +117,7 @@ def test_compact_product_against_float64(shape, dtype):
     weight = torch.randn(*shape, generator=generator)
     weight[torch.rand(*shape, generator=generator) < 0.9] = 0
     weight = weight.to(dtype)
-    stored, _ = compress({"w": weight})
-    module = CompactLinear(*compact_from_csr(*csr_from_export(stored["w.bitmask"], stored["w.values"], shape)), shape)
+    module = _compact(weight)
     assert module.values.dtype == (torch.float32 if dtype == torch.float16 else dtype)
     assert module.nnz == int((weight != 0).sum())
     for tokens in (1, 3, 70):  # 70: more than one token chunk of the kernel
@@ -120,6 +126,18 @@ def test_compact_product_against_float64(shape, dtype):
         got = module(x)
         assert got.shape == (2, tokens, shape[0])
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * shape[1] ** 0.5)
+
+
+@needs_kernel
+def test_compact_module_survives_dtype_casts_and_refuses_other_devices():
+    weight = torch.zeros(8, 64)
+    weight[::2, ::3] = 1.5
+    module = _compact(weight.bfloat16())
+    module.to(torch.float16)  # what model.half() does: values the kernel cannot read would crash it
+    assert module.values.dtype == torch.float32
+    torch.testing.assert_close(module(torch.ones(1, 64)), torch.ones(1, 64) @ weight.t())
+    with pytest.raises(RuntimeError, match="CPU only"):
+        module(torch.ones(1, 64, device="meta"))
 
 
 def test_without_the_kernel_the_loader_falls_back_to_csr(exports, monkeypatch, caplog):

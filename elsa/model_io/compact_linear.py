@@ -127,12 +127,21 @@ class CompactLinear(torch.nn.Module):
         if self._lib is None:
             raise RuntimeError("the compact kernel is not available here (see the log); use the CSR layout")
 
+    def _apply(self, fn, recurse=True):
+        """``model.to(torch.float16)`` must leave values the kernel reads: half widens to fp32 (exact)."""
+        out = super()._apply(fn, recurse)
+        if self.values.dtype not in KERNEL_DTYPES:
+            self.values = self.values.float()
+        return out
+
     @property
     def nnz(self) -> int:
         return int(self.values.numel())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """One token: a matrix-vector product; several: each non-zero scales that column over all tokens."""
+        if not (x.is_cpu and self.values.is_cpu):
+            raise RuntimeError(f"CompactLinear runs on CPU only (input on {x.device}, weights on {self.values.device})")
         flat = x.reshape(-1, self.in_features).float()
         tokens = flat.shape[0]
         out = torch.empty(tokens, self.out_features, dtype=torch.float32)
