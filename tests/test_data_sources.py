@@ -150,7 +150,8 @@ def test_calibration_blocks_shape_seed_and_content(tok):
         assert any(torch.equal(stream[s : s + 64], block) for s in starts.tolist())
 
 
-def test_calibration_tokenises_once_per_tokenizer_and_source(tok, monkeypatch):
+def test_calibration_tokenises_once_per_tokenizer_and_source(tok, monkeypatch, tmp_path):
+    monkeypatch.setenv("ELSA_TOKEN_CACHE", str(tmp_path / "tokens"))
     data.clear_token_cache()
     calls = []
     original = data.tokenize_text
@@ -162,6 +163,33 @@ def test_calibration_tokenises_once_per_tokenizer_and_source(tok, monkeypatch):
     assert len(calls) == 1  # an equal tokenizer object shares the cache entry
     eval_windows(tok, "enwiki-sample", 32, split="train")
     assert len(calls) == 2  # another split is another entry
+
+
+def test_tokens_on_disk_are_shared_across_processes_and_keyed_by_text_and_tokenizer(tok, monkeypatch, tmp_path):
+    """What another process sees: memory cleared, the ids come from disk; another text or tokenizer does not."""
+    monkeypatch.setenv("ELSA_TOKEN_CACHE", str(tmp_path / "tokens"))
+    calls = []
+    original = data.tokenize_text
+    monkeypatch.setattr(data, "tokenize_text", lambda t, text: calls.append(1) or original(t, text))
+    text = tmp_path / "text.txt"
+    text.write_text("The river flows under the old bridge. " * 400)
+    data.clear_token_cache()
+    first = calibration_blocks(tok, str(text), 4, 32, seed=0)
+    data.clear_token_cache()
+    again = calibration_blocks(tok, str(text), 4, 32, seed=0)
+    assert len(calls) == 1 and torch.equal(first, again)
+    assert len(list((tmp_path / "tokens").glob("*.safetensors"))) == 1
+    text.write_text("Another text altogether, with other words in it. " * 400)
+    data.clear_token_cache()
+    calibration_blocks(tok, str(text), 4, 32, seed=0)
+    assert len(calls) == 2  # the text changed: never the old ids
+    data.clear_token_cache()
+    calibration_blocks(tiny.tiny_tokenizer(add_bos=True), str(text), 4, 32, seed=0)
+    assert len(calls) == 3  # another tokenizer (this one adds BOS): its own entry
+    monkeypatch.setenv("ELSA_TOKEN_CACHE", "off")
+    data.clear_token_cache()
+    calibration_blocks(tok, str(text), 4, 32, seed=0)
+    assert len(calls) == 4 and len(list((tmp_path / "tokens").glob("*.safetensors"))) == 3
 
 
 def test_calibration_errors(tok, tmp_path):

@@ -88,3 +88,20 @@ def test_an_existing_copy_is_never_rewritten(cache, tmp_path):
 
     where = gguf_cache.store(gguf, "tokenizer", must_not_run)
     assert (where / "tokenizer.json").read_text() == "first"
+
+
+def test_preflight_parses_the_gguf_only_without_a_copy(cache, tmp_path, monkeypatch):
+    """The architecture check reads all of the GGUF's metadata (4 s for SmolLM2); a copy proves it loaded."""
+    from elsa.config import make_config
+    from elsa.model_io import model_files
+    from pipelines.run.preflight import UsageError, check_model
+
+    gguf = _fake_gguf(tmp_path)  # not a readable GGUF: the full check refuses it
+    cfg = make_config({"model": str(gguf), "sparsity": 0.7})
+    with pytest.raises(UsageError, match="not a readable GGUF"):
+        check_model(cfg)
+    gguf_cache.store(gguf, "model", lambda d: (d / "config.json").write_text("{}"))
+    parsed = []
+    monkeypatch.setattr(model_files, "check_gguf", lambda path: parsed.append(path))
+    check_model(cfg)
+    assert parsed == []

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import gzip
 import hashlib
-import json
 import random
 import re
 from collections import OrderedDict
@@ -39,6 +38,7 @@ import torch
 from elsa.model_io.models import hub_reachable
 
 from .local_data import DataNotAvailableError, local_rows, looks_like_path
+from .token_cache import stored_tokens, tokenizer_key
 from .windows import DEFAULT_WINDOWS, WINDOW_PROTOCOLS, leading_bos, stream_and_bos, window_protocol, with_bos
 
 __all__ = ["DEFAULT_WINDOWS", "WINDOW_PROTOCOLS", "leading_bos", "window_protocol"]  # re-exported for callers
@@ -239,17 +239,6 @@ def load_text(source: str, split: str | None) -> str:
 # tokenisation, cached
 
 
-def _tokenizer_key(tokenizer) -> str:
-    """Identifies a tokenizer by what it does, not by object identity (vocab/merges hash)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        blob = backend.to_str()
-    else:
-        blob = json.dumps(sorted(tokenizer.get_vocab().items()))
-    digest = hashlib.sha1(blob.encode("utf-8")).hexdigest()[:16]
-    return f"{getattr(tokenizer, 'name_or_path', '')}:{digest}"
-
-
 def _source_key(source: str) -> str:
     path = Path(source).expanduser()
     if source in SOURCES or not path.exists():
@@ -274,11 +263,11 @@ def tokenize_text(tokenizer, text: str) -> torch.Tensor:
 
 
 def _cached_tokens(tokenizer, key: tuple, make_text) -> torch.Tensor:
-    full_key = (_tokenizer_key(tokenizer),) + key
+    full_key = (tokenizer_key(tokenizer),) + key
     if full_key in _TOKEN_CACHE:
         _TOKEN_CACHE.move_to_end(full_key)
         return _TOKEN_CACHE[full_key]
-    tokens = tokenize_text(tokenizer, make_text())
+    tokens = stored_tokens(tokenizer, make_text(), lambda text: tokenize_text(tokenizer, text))
     _TOKEN_CACHE[full_key] = tokens
     while len(_TOKEN_CACHE) > _TOKEN_CACHE_SIZE:
         _TOKEN_CACHE.popitem(last=False)

@@ -119,6 +119,7 @@ def _probe_writable(output: str, folder: Path) -> None:
 
 def check_model(cfg: PruneConfig) -> None:
     """Files readable, hub model available, and N:M / sparsity map fit the matrix shapes."""
+    from elsa.model_io.gguf_cache import cached
     from elsa.model_io.model_files import ModelFileError, check_gguf, check_model_dir, meta_model
     from elsa.model_io.models import ModelNotAvailableError, _hub_kwargs, resolve_model
     from elsa.targets import find_targets, load_sparsity_map
@@ -130,8 +131,8 @@ def check_model(cfg: PruneConfig) -> None:
     except (ValueError, FileNotFoundError) as err:
         raise UsageError(f"--model: {err}") from None
     try:
-        if source.is_gguf:
-            check_gguf(Path(source.path) / source.gguf_file)
+        if source.is_gguf and cached(Path(source.path) / source.gguf_file, "model") is None:
+            check_gguf(Path(source.path) / source.gguf_file)  # a dequantised copy: transformers read it already
         elif source.kind == "local_dir":
             check_model_dir(Path(source.path))
         extra = _hub_kwargs(source)
