@@ -162,7 +162,11 @@ def test_bf16_export_keeps_its_dtype_outside_the_sparse_modules(exports, tok, tm
 def test_where_sparse_does_not_pay_the_matrix_stays_dense_and_it_is_said(exports, caplog):
     assert sparse_pays(4096, 4096, 0.9, threads=1) and not sparse_pays(4096, 4096, 0.3, threads=1)
     level = 1 - (4096 * 4096 - int(0.8 * 4096 * 4096)) / (4096 * 4096)  # floor(0.8 n) zeros: a hair under 0.8
-    assert level < 0.8 and sparse_pays(4096, 4096, level, threads=1)
+    assert level < 0.8 and sparse_pays(4096, 4096, level, threads=1, layout="csr")
+    assert not sparse_pays(4096, 4096, 0.79, threads=1, layout="csr")
+    # the compact kernel pays from 70% on wide matrices, from 80% on small ones, from 60% at 2 threads
+    assert sparse_pays(2048, 5632, 0.7, threads=1) and not sparse_pays(576, 1536, 0.7, threads=1)
+    assert sparse_pays(576, 1536, 0.6, threads=2) and not sparse_pays(576, 1536, 0.6, threads=2, layout="csr")
     with caplog.at_level(logging.WARNING, logger="elsa.model_io.sparse_infer"):
         model = load_sparse_for_inference(exports[0], policy="never")
     assert not any(isinstance(m, SPARSE) for m in model.modules())

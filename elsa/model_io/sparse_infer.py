@@ -49,34 +49,34 @@ from .sparse_format import CONFIG_KEY, FORMAT_NAME, FORMAT_VERSION, _unpack
 
 log = logging.getLogger(__name__)
 
-# Lowest sparsity at which the CSR matrix-vector product beats dense bf16, by threads and matrix
-# size (entries): rows (threads, min entries, min sparsity), the first whose threads and size fit
-# applies; more threads than listed take the last listed. Measured with ``python
-# bench/decode_kernels.py`` (bench/results/decode_speed.kernels.json), time of sparse over
-# dense bf16 on one thread (the machine shared, load average ~4):
+# Lowest sparsity at which a layout's matrix-vector product beats dense bf16, by threads and matrix
+# size (entries): per layout, rows (threads, min entries, min sparsity), the first whose threads and
+# size fit applies; more threads than listed take the last listed. Measured alone on 2026-12-05
+# with ``python bench/decode_kernels.py --threads 1 2`` (bench/results/decode_speed.kernels.json),
+# time of sparse over dense bf16 (ranges over the shapes of that width):
 #
-#   sparsity        50%        60%        70%        80%        90%
-#   576-1536 wide   1.58-1.76  1.31-1.43  1.09-1.18  0.87-0.95  0.61-0.73
-#   2048-5632 wide  1.16-1.78  0.90-1.39  0.67-1.20  0.43-0.71  0.22-0.39
+#   sparsity                     50%        60%        70%        80%        90%
+#   compact, 1 thr, 576-1536     1.35-1.50  1.22-1.25  1.00-1.07  0.77-0.84  0.49-0.61
+#   compact, 1 thr, 2048-5632    0.73-1.32  0.76-1.07  0.56-0.83  0.41-0.60  0.21-0.35
+#   compact, 2 thr, all          0.85-0.98  0.67-0.84  0.54-0.72  0.37-0.63  0.20-0.58
+#   CSR (MKL), 1 thr, all        1.21-2.18  0.98-1.90  0.71-1.22  0.48-0.89  0.26-0.64
 #
-# 70% is break-even (faster for 5632x2048, slower for 2048x5632), so the rule starts at 80% for
-# every size. Two threads could not be measured on the shared cores (ratios from 0.1 to 5.6 from
-# one matrix to the next); they take the one-thread rule until measured alone.
-PAYS_FROM = (
-    (1, 0, 0.80),
-    (2, 0, 0.80),
-)
+# Two threads make dense bf16 relatively slow here (its matrix-vector product scales worse).
+PAYS_FROM = {
+    "compact": ((1, 2048 * 2048, 0.70), (1, 0, 0.80), (2, 0, 0.60)),
+    "csr": ((1, 0, 0.80), (2, 0, 0.80)),
+}
 # A matrix pruned "to 80%" holds floor(0.8 n) zeros, a hair under 0.8: a level counts as reached
 # within this slack (without it, 100 of 112 matrices of an 80% model were kept dense).
 LEVEL_SLACK = 0.002
 
 
-def sparse_pays(rows: int, cols: int, sparsity: float, threads: int | None = None) -> bool:
-    """Whether the CSR product of a ``rows x cols`` matrix at ``sparsity`` beats dense bf16 here."""
+def sparse_pays(rows: int, cols: int, sparsity: float, threads: int | None = None, layout: str = "compact") -> bool:
+    """Whether ``layout``'s product of a ``rows x cols`` matrix at ``sparsity`` beats dense bf16 here."""
     threads = threads or torch.get_num_threads()
-    measured = max(t for t, _, _ in PAYS_FROM)
-    threads = min(threads, measured)
-    for row_threads, min_entries, min_sparsity in PAYS_FROM:
+    rules = PAYS_FROM[layout]
+    threads = min(threads, max(t for t, _, _ in rules))
+    for row_threads, min_entries, min_sparsity in rules:
         if row_threads == threads and rows * cols >= min_entries:
             return sparsity >= min_sparsity - LEVEL_SLACK
     return False
@@ -220,18 +220,25 @@ def _set_module(model: torch.nn.Module, name: str, module: torch.nn.Module) -> N
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def _decide(shape, bits_kept: int, policy: str, threads: int) -> bool:
-    """Sparse or dense for one matrix under ``policy`` (auto: :func:`sparse_pays`)."""
+def _decide(shape, bits_kept: int, policy: str, threads: int, layout: str) -> bool:
+    """Sparse or dense for one matrix under ``policy`` (auto: :func:`sparse_pays` for ``layout``)."""
     if policy in ("always", "never"):
         return policy == "always"
     sparsity = 1.0 - bits_kept / math.prod(shape)
-    return sparse_pays(shape[0], shape[1], sparsity, threads)
+    return sparse_pays(shape[0], shape[1], sparsity, threads, layout)
+
+
+def _layout_for(shape, layout: str) -> str:
+    """``compact`` where ``layout`` and the machine allow it (its kernel builds, the width fits), else ``csr``."""
+    if layout != "csr" and shape[1] <= MAX_COLUMNS and (layout == "compact" or native_kernel() is not None):
+        return "compact"
+    return "csr"
 
 
 def _sparse_module(bits, values, shape, bias, layout: str) -> torch.nn.Module:
-    """A :class:`CompactLinear` where ``layout`` and the machine allow it, else a :class:`SparseLinear`."""
+    """A :class:`CompactLinear` or a :class:`SparseLinear` (``layout`` already resolved)."""
     csr = csr_from_export(bits, values, shape)
-    if layout != "csr" and shape[1] <= MAX_COLUMNS and (layout == "compact" or native_kernel() is not None):
+    if layout == "compact":
         return CompactLinear(*compact_from_csr(*csr), shape, bias)
     return SparseLinear(*csr, shape, bias)
 
@@ -246,8 +253,9 @@ def _fill(model, handle, block: dict, dtype: torch.dtype, policy: str, layout: s
         key, shape = f"{name}.weight", shapes[f"{name}.weight"]
         bits, values = handle.get_tensor(f"{key}.bitmask"), handle.get_tensor(f"{key}.values")
         bias = handle.get_tensor(f"{name}.bias").to(dtype) if linear.bias is not None else None
-        if _decide(shape, values.numel(), policy, threads):
-            module = _sparse_module(bits, values, shape, bias, layout)
+        chosen = _layout_for(shape, layout)
+        if _decide(shape, values.numel(), policy, threads, chosen):
+            module = _sparse_module(bits, values, shape, bias, chosen)
             _set_module(model, name, module)
             summary["sparse"].append(name)
             summary["layouts"][type(module).__name__] = summary["layouts"].get(type(module).__name__, 0) + 1

@@ -7,12 +7,14 @@
  * 4 bytes a non-zero for bf16 values (0.4 bytes a matrix entry at 90% sparsity), against 8 for the
  * int32 / fp32 CSR that MKL's product needs and 2 an entry for dense bf16.
  *
- * x is fp32. One token (decoding): each row is one dot product over its non-zeros, which the
- * compiler vectorises (omp simd; the sum's order is the vector lanes', within fp32 rounding of
- * the sequential one). Several tokens (a prompt): x is given transposed, cols x stride (tokens
- * padded with zeros to whole vectors), so each non-zero scales one vector of it per 16 tokens; y is
- * tokens x rows either way. Rows are split over the
- * OpenMP threads of the runtime torch has already loaded (libgomp.so.1, found by its soname).
+ * x is fp32. One token (decoding): each row is one dot product over its non-zeros, eight at a
+ * time: the eight x entries are loaded one by one (gathers are slow on some CPUs) into a vector
+ * and multiplied with the eight values in one instruction, eight running sums added at the row's
+ * end (the order of the sum differs from the sequential one within fp32 rounding). Several tokens
+ * (a prompt): x is given transposed, cols x stride (tokens padded with zeros to whole vectors),
+ * so each non-zero scales one vector of it per 16 tokens; y is tokens x rows either way. Rows are
+ * split over the OpenMP threads of the runtime torch has already loaded (libgomp.so.1, found by
+ * its soname).
  */
 #include <stdint.h>
 #include <string.h>
@@ -20,6 +22,7 @@
 /* tokens a prompt product handles at once: one vector of floats (AVX-512: one register) */
 #define LANES 16
 typedef float vfloat __attribute__((vector_size(LANES * sizeof(float))));
+typedef float vfloat8 __attribute__((vector_size(8 * sizeof(float))));
 
 static inline float bf16_to_float(uint16_t raw) {
     uint32_t bits = (uint32_t)raw << 16;
@@ -33,11 +36,22 @@ static inline float bf16_to_float(uint16_t raw) {
                                     const VALUE_T *values, const float *x, float *y) {            \
         _Pragma("omp parallel for schedule(static)")                                              \
         for (int64_t r = 0; r < rows; r++) {                                                      \
-            float acc = 0.0f;                                                                     \
+            vfloat8 acc = {0.0f};                                                                 \
+            float tail = 0.0f;                                                                    \
+            int64_t k = row_start[r];                                                             \
             const int64_t end = row_start[r + 1];                                                 \
-            _Pragma("omp simd reduction(+ : acc)")                                                \
-            for (int64_t k = row_start[r]; k < end; k++) acc += LOAD(values[k]) * x[col[k]];      \
-            y[r] = acc;                                                                           \
+            for (; k + 8 <= end; k += 8) {                                                        \
+                const vfloat8 xs = {x[col[k]],     x[col[k + 1]], x[col[k + 2]], x[col[k + 3]],   \
+                                    x[col[k + 4]], x[col[k + 5]], x[col[k + 6]], x[col[k + 7]]};  \
+                const vfloat8 vs = {LOAD(values[k]),     LOAD(values[k + 1]),                     \
+                                    LOAD(values[k + 2]), LOAD(values[k + 3]),                     \
+                                    LOAD(values[k + 4]), LOAD(values[k + 5]),                     \
+                                    LOAD(values[k + 6]), LOAD(values[k + 7])};                    \
+                acc += vs * xs;                                                                   \
+            }                                                                                     \
+            for (; k < end; k++) tail += LOAD(values[k]) * x[col[k]];                             \
+            y[r] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) \
+                   + tail;                                                                        \
         }                                                                                         \
     }                                                                                             \
                                                                                                   \
