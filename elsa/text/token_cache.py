@@ -69,12 +69,14 @@ def stored_tokens(tokenizer, text: str, tokenize: Callable[[str], torch.Tensor])
         except Exception:  # noqa: BLE001 - a damaged entry is rebuilt, whatever the reader raised
             pass
     tokens = tokenize(text)
+    temporary = None
     try:
         root.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=root, suffix=".tmp", delete=False) as handle:
             temporary = handle.name
         save_file({"ids": tokens.contiguous()}, temporary)
         os.replace(temporary, path)
-    except OSError:
-        pass
+    except Exception:  # noqa: BLE001 - disk full, read-only home, the writer's own error: only the time is lost
+        if temporary is not None and os.path.exists(temporary):
+            os.unlink(temporary)
     return tokens
