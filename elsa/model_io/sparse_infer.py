@@ -13,8 +13,8 @@ scipy.sparse CSR fp32 0.25-0.84x; BSR 4x4 2.7-7x (unstructured sparsity fills mo
 numba CSR kernel with bf16 values and int16 columns 1-2x; torch CSR has no bf16 matrix-vector
 product on CPU. So the fallback layout is MKL's, and the default is the same CSR with 16-bit
 columns and the export's bf16 values run by our own C kernel (:mod:`elsa.model_io.compact_linear`,
-2026-12-05: as fast as MKL's product at 1 thread, 0.23-0.50x dense bf16's time at 90%, half its
-bytes), used wherever ``cc`` builds it.
+measured alone on 2026-12-05: 0.21-0.61x dense bf16's time at 90% on one thread against MKL's
+0.26-0.64x, faster at every shape and level, half the bytes), used wherever ``cc`` builds it.
 
 Layout of a :class:`SparseLinear` (per pruned decoder-block ``nn.Linear``, weight ``rows x cols``):
 
