@@ -44,10 +44,15 @@ def write_weight_scale(directory: str | Path, median_rms: float) -> None:
     (Path(directory) / WEIGHT_SCALE_FILE).write_text(json.dumps({"median_rms": median_rms}) + "\n")
 
 
+def parse_weight_scale(text: str) -> float:
+    """The median RMS in the text of a ``WEIGHT_SCALE_FILE``."""
+    return float(json.loads(text)["median_rms"])
+
+
 def read_weight_scale(directory: str | Path) -> float | None:
     """The dense model's median RMS saved beside a solution, or None (none was saved)."""
     path = Path(directory) / WEIGHT_SCALE_FILE
-    return float(json.loads(path.read_text())["median_rms"]) if path.is_file() else None
+    return parse_weight_scale(path.read_text()) if path.is_file() else None
 
 
 def resolve_on_dense(model, tokenizer, cfg):

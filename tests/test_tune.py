@@ -1,4 +1,4 @@
-"""`elsa tune`: search space, Table 5 seed, ASHA, MLflow parent/child runs, presets, resume, NaN trials.
+"""`elsa tune`: search spaces, the rule's and Table 5's seeds, ASHA, MLflow parent/child runs, presets, resume, NaN trials.
 
 The fast tests check the pieces without Ray. The Ray tests run real searches (Ray Tune over the
 pipeline's Ray Train job, Optuna, ASHA, a sqlite MLflow store in tmp_path) on the tiny local
@@ -33,8 +33,8 @@ def write_space(path: Path, space: dict) -> str:
 # ----------------------------------------------------------------------------- without Ray
 
 
-def test_default_space_loads_and_maps_schedules():
-    space = load_space()
+def test_paper_space_loads_and_maps_schedules():
+    space = load_space("paper")
     assert {"lr", "lmda", "lmda_schedule", "penalty", "rho", "rho_schedule"} <= set(space.dimensions)
     base = {"lmda": 2e-3, "lmda_schedule": "constant", "penalty": "coupled"}
     cosine = space.overrides(
@@ -54,8 +54,8 @@ def test_default_space_loads_and_maps_schedules():
         {"lmda": 1e-2, "lmda_schedule": "exponential", "penalty": "decoupled", "rho": 0.1, "rho_schedule": "cosine"},
         base,
     )
-    assert expo["lmda"] == pytest.approx(1e-4) and expo["lmda_final"] == 1e-2
-    assert expo["rho"] == pytest.approx(1e-3) and expo["rho_final"] == 0.1 and expo["rho_schedule"] == "cosine"
+    assert expo["lmda"] == pytest.approx(1e-3) and expo["lmda_final"] == 1e-2  # start_fraction 0.1
+    assert expo["rho"] == pytest.approx(1e-2) and expo["rho_final"] == 0.1 and expo["rho_schedule"] == "cosine"
     constant = space.overrides(
         {"lmda": 5e-3, "lmda_schedule": "constant", "penalty": "decoupled", "rho": 0.05, "rho_schedule": "constant"},
         {**base, "lmda_final": 1.0},
@@ -87,7 +87,7 @@ def test_bad_space_is_refused_with_the_reason(space, needle):
 def test_seed_is_the_paper_setting_for_the_nearest_model():
     from tune.seed import paper_seed
 
-    space = load_space()
+    space = load_space("paper")
     seed = paper_seed(space, "meta-llama/Llama-2-7b-hf", 0.9)
     assert seed.source == "paper:meta-llama/Llama-2-7b-hf@0.9"
     assert seed.point["lr"] == 1e-3 and seed.point["lmda"] == 1e-4  # lmda: the value the cosine ends at
@@ -95,6 +95,67 @@ def test_seed_is_the_paper_setting_for_the_nearest_model():
     assert set(seed.point) == set(space.dimensions)  # a complete point: every searcher accepts it
     small = paper_seed(space, "smollm2-135m", 0.72)  # by size: OPT-125M, nearest sparsity 0.7
     assert small.source == "paper:facebook/opt-125m@0.7" and small.point["lr"] == 1e-4
+
+
+@pytest.mark.parametrize("steps", [32, 300])
+@pytest.mark.parametrize("median_rms, lr", [(0.19020, 6e-4), (0.0395, 1.2e-4)])  # SmolLM2-135M, Gemma-3-270M
+def test_rule_seed_is_exactly_what_elsa_prune_runs(steps, median_rms, lr):
+    # The first trial of a default search must be the defaults themselves: mapped through the
+    # space (schedule ends, start_fraction) it gives the config `elsa prune` would run, field by
+    # field, with the rule's lr scaled to the model's weights.
+    from elsa.config import make_config
+    from tune.seed import RULE, seed_points
+
+    space = load_space()
+    base = make_config({"model": "m", "sparsity": 0.8, "steps": steps}).model_dump(mode="json")
+    (seed,) = seed_points(space, base, "m", 0.8, median_rms)  # no lmda searched: no Table 5 point
+    assert seed.kind == RULE and seed.notes == () and seed.point["lr"] == lr
+    assert all(space.dimensions[name].contains(value) for name, value in seed.point.items())  # inside every range
+    trial = trial_config(base, space.overrides(seed.point, base)).model_dump(mode="json")
+    expected = {**base, "lr": lr}
+    differ = [k for k, v in expected.items() if trial[k] != (pytest.approx(v) if isinstance(v, float) else v)]
+    assert differ == []
+    assert trial["penalty"] == "decoupled" and trial["interval"] == (2 if steps <= 100 else 4)
+
+    both = seed_points(load_space("paper"), base, "m", 0.8, median_rms)  # the paper's space: rule, then Table 5
+    assert [s.kind for s in both] == ["rule", "paper"] and both[1].point["penalty"] == "coupled"
+    assert both[0].notes == ()  # start_fraction 0.1 keeps the rule's rho start there too
+
+
+def test_rule_seed_needs_the_weight_scale_for_an_unset_lr():
+    from elsa.config import make_config
+    from tune.seed import rule_seed
+
+    base = make_config({"model": "m", "sparsity": 0.7, "steps": 32}).model_dump(mode="json")
+    assert rule_seed(load_space(), base, None) is None  # lr searched, nothing to scale it by: no rule point
+    fixed = parse_space({"rho": {"loguniform": [1e-3, 0.3]}})
+    assert rule_seed(fixed, base, None).point == {"rho": 0.05}  # lr not searched: the trial resolves it
+    user = rule_seed(load_space(), {**base, "lr": 2e-3}, None)
+    assert user.point["lr"] == 2e-3  # a user's own lr is the baseline
+
+
+def test_bundled_spaces_by_name_and_an_unknown_one_named():
+    assert {"default", "paper"} <= set(__import__("tune.space", fromlist=["x"]).bundled_spaces())
+    assert "lmda" not in load_space("default").dimensions and load_space().fixed == {"penalty": "decoupled"}
+    with pytest.raises(SpaceError, match="neither a file nor a bundled space.*default, paper"):
+        load_space("papers")
+
+
+def test_trial_rows_mark_each_seed_once_by_kind(tmp_path):
+    from types import SimpleNamespace
+
+    from tune.results import trial_rows
+
+    def result(index: int, lr: float, loss: float, step: int = 4):
+        path = tmp_path / f"run_trial_{index:05x}_{index:05d}_{index}_lr={lr}"
+        metrics = {"trial_id": f"{index:05x}", "step": step, "val_loss_projected": loss}
+        return SimpleNamespace(path=path, metrics=metrics, config={"lr": lr}, error=None)
+
+    grid = [result(3, 1e-3, 4.0), result(1, 6e-4, 5.0), result(2, 2e-4, 6.0, step=2), result(4, 6e-4, 4.5)]
+    rows = trial_rows(grid, 4, 50.0, {"rule": {"lr": 6e-4}, "paper": {"lr": 2e-4}})
+    assert [r.trial_id for r in rows] == ["00001", "00002", "00003", "00004"]  # creation order
+    assert [r.seed for r in rows] == ["rule", "paper", "", ""]  # the later repeat of the rule's point is no seed
+    assert [r.outcome for r in rows] == ["completed", "stopped_early", "completed", "completed"]
 
 
 def test_divergence_is_recognised():
@@ -273,9 +334,9 @@ def _no_leaked_actors(ray, timeout: float = 20.0) -> bool:
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Fixed parameter lr")  # the seed lies outside the absurd range on purpose
 def test_search_stops_bad_trials_tracks_them_and_writes_a_preset(tmp_path, tiny_model_dir, ray_session, fast_reports):
-    # lr in [0.5, 2] is absurd for Adam (the loss jumps to 10-60 after one step), while the
-    # Table 5 seed (OPT-125M at 80%: lr 2e-4, lambda 1e-3) is evaluated first as published,
-    # outside the range. With grace period 1 and reduction factor 2, ASHA must stop every
+    # lr in [0.5, 2] is absurd for Adam (the loss jumps to 10-60 after one step), while the two
+    # seeds, the budget rule's setting and then Table 5's (OPT-125M at 80%: lr 2e-4, lambda 1e-3),
+    # are evaluated first as they are, outside the range. With grace period 1 and reduction factor 2, ASHA must stop every
     # absurd trial at its first report; --max-val-loss is raised so that ASHA, not the
     # divergence stopper, does it.
     space = write_space(
@@ -318,14 +379,16 @@ def test_search_stops_bad_trials_tracks_them_and_writes_a_preset(tmp_path, tiny_
     (outcome,) = report.outcomes
     assert not report.interrupted and len(outcome.rows) == 3
 
-    seed = outcome.rows[0]  # the first trial is Table 5's setting
-    assert seed.is_seed and outcome.seed_source == "paper:facebook/opt-125m@0.8"
+    rule, seed = outcome.rows[:2]  # the first trials: the budget rule's setting, then Table 5's
+    assert rule.seed == "rule" and rule.sample["penalty"] == "decoupled" and rule.sample["rho"] == 0.05
+    assert rule.sample["lr"] < 0.5 and rule.outcome == "completed"  # the rule's lr, outside the absurd range
+    assert seed.seed == "paper" and outcome.seed_sources["paper"] == "paper:facebook/opt-125m@0.8"
     assert seed.sample["lr"] == 2e-4 and seed.sample["lmda"] == 1e-3
     assert seed.sample["lmda_schedule"] == "constant" and seed.sample["penalty"] == "coupled"
     assert seed.outcome == "completed" and seed.step == 4
     stopped = [row for row in outcome.rows if row.outcome == "stopped_early"]
     assert stopped and all(row.step < 4 for row in stopped)
-    assert all(0.5 <= row.sample["lr"] <= 2.0 for row in outcome.rows[1:])
+    assert all(0.5 <= row.sample["lr"] <= 2.0 for row in outcome.rows[2:])
     assert outcome.best is not None and outcome.best.val_loss_projected == min(
         r.val_loss_projected for r in outcome.rows if r.outcome == "completed"
     )
@@ -334,7 +397,9 @@ def test_search_stops_bad_trials_tracks_them_and_writes_a_preset(tmp_path, tiny_
     client, runs = _runs(report.tracking_uri)
     parent = client.get_run(outcome.parent_run_id)
     assert parent.info.status == "FINISHED"
-    assert parent.data.params["seed.lr"] == "0.0002" and parent.data.params["space.lr"].startswith("loguniform")
+    assert parent.data.params["seed.paper.lr"] == "0.0002" and parent.data.params["space.lr"].startswith("loguniform")
+    assert parent.data.params["seed.rule.source"] == "rule:steps=4"
+    assert parent.data.metrics["seed_rule_val_loss_projected"] == pytest.approx(rule.val_loss_projected)
     assert parent.data.metrics["trials_stopped_early"] == len(stopped)
     children = {r.data.tags["trial_id"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert set(children) == {row.trial_id for row in outcome.rows}

@@ -3,7 +3,7 @@
 One module per job:
 
 * :mod:`tune.space`   - the search space (YAML) and how a sample becomes PruneConfig overrides
-* :mod:`tune.seed`    - the paper's Table 5 setting as the first point of every search
+* :mod:`tune.seed`    - the first points of every search: the budget rule's setting, then Table 5's
 * :mod:`tune.search`  - search algorithm (Optuna), ASHA scheduler, divergence stopper
 * :mod:`tune.trial`   - one trial: the pipeline's TorchTrainer driven from a Tune function
 * :mod:`tune.runs`    - MLflow parent/child runs of a search and their final status

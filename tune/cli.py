@@ -50,7 +50,12 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
         "--sparsity", type=float, nargs="+", default=None, help="one search per sparsity, e.g. 0.7 0.8 0.9"
     )
     what.add_argument("--trials", type=int, default=8, help="trials per sparsity (the Table 5 seed is the first)")
-    what.add_argument("--space", default=None, help="YAML search space (default: tune/spaces/default.yaml)")
+    what.add_argument(
+        "--space",
+        default=None,
+        help="YAML search space, or a bundled one by name: default (around the budget rule, decoupled penalty) "
+        "or paper (coupled and decoupled, wide ranges, Table 5 seeded)",
+    )
     what.add_argument("--search", choices=SEARCHERS, default="optuna", help="search algorithm")
     what.add_argument("--search-seed", type=int, default=0, help="seed of the search algorithm")
     what.add_argument(
@@ -189,18 +194,18 @@ def summary(report) -> str:
             f"sparsity {outcome.sparsity:g}: parent run {outcome.parent_run_id}, {len(outcome.rows)} trials"
             + (" (interrupted)" if outcome.interrupted else "")
         )
-        lines.append(f"  {'trial':<13}{'outcome':<16}{'step':>6}  {'val_loss_proj':>13}  config")
+        lines.append(f"  {'trial':<13}{'outcome':<22}{'step':>6}  {'val_loss_proj':>13}  config")
         for row in outcome.rows:
             value = "-" if row.val_loss_projected is None else f"{row.val_loss_projected:.5g}"
             config = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.sample.items())
             lines.append(
-                f"  {row.trial_id:<13}{row.outcome + (' (seed)' if row.is_seed else ''):<16}{row.step:>6}  "
+                f"  {row.trial_id:<13}{row.outcome + (f' ({row.seed})' if row.seed else ''):<22}{row.step:>6}  "
                 f"{value:>13}  {config}"
             )
-        if outcome.seed is not None:
+        for seed in outcome.seeds:
             lines.append(
-                f"  seed ({outcome.seed_source}): {outcome.seed.outcome}, val_loss_projected "
-                f"{outcome.seed.val_loss_projected}"
+                f"  seed {outcome.seed_sources.get(seed.seed, seed.seed)}: {seed.outcome}, val_loss_projected "
+                f"{seed.val_loss_projected}"
             )
         if outcome.best is not None:
             lines.append(

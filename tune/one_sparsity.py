@@ -17,7 +17,7 @@ from tune import runs, state
 from tune.errors import SearchError
 from tune.results import SparsityOutcome, best_row, trial_rows
 from tune.search import DivergenceStopper, make_scheduler, make_searcher
-from tune.seed import SeedPoint, paper_seed
+from tune.seed import SeedPoint, seed_points
 from tune.space import SearchSpace, trial_config
 from tune.trial import TrialContext, run_trial
 
@@ -48,25 +48,29 @@ def search_one(search: Search, base: dict, sparsity: float, entry: dict) -> Spar
 
     request, key = search.request, sparsity_key(sparsity)
     experiment_path = state.join(search.root, key)
-    seed = paper_seed(search.space, request.model, sparsity)
     if entry.get("status") == "done" and entry.get("parent_run_id"):
         search.echo(f"{key}: already finished (MLflow parent run {entry['parent_run_id']}); reading its results")
         grid = ray_tune.ResultGrid(ray_tune.ExperimentAnalysis(experiment_path))
-        return _summarise(search, grid, base, sparsity, entry["parent_run_id"], experiment_path, seed)
-    parent = _open_parent(search, base, sparsity, entry, seed)
-    search.echo(
-        f"{key}: MLflow parent run {parent} ({search.uri}, experiment {request.experiment!r}); seed {seed.source}: "
-        f"{seed.point}"
-    )
+        seeds = _seeds(search, base, sparsity, _start_location(search, base, sparsity))
+        return _summarise(search, grid, base, sparsity, entry["parent_run_id"], experiment_path, seeds)
+    parent = _open_parent(search, base, sparsity, entry)
+    search.echo(f"{key}: MLflow parent run {parent} ({search.uri}, experiment {request.experiment!r})")
     started = time.perf_counter()
     try:
         init_location = _shared_start(search, base, sparsity, parent)
-        grid = _tuner(search, base, sparsity, parent, seed, experiment_path, init_location).fit()
+        seeds = _seeds(search, base, sparsity, init_location)
+        if not entry.get("seeds_logged"):  # parameters are written once; a resumed search has them
+            tracking.log_params(search.uri, parent, _seed_params(seeds))
+            entry["seeds_logged"] = True
+            state.write(search.root, search.saved)
+        for seed in seeds:
+            search.echo(f"{key}: seed {seed.source}: {seed.point}")
+        grid = _tuner(search, base, sparsity, parent, seeds, experiment_path, init_location).fit()
     except BaseException as err:
         status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
         runs.finish(search.uri, parent, status, {"error": f"{type(err).__name__}: {err}"})
         raise
-    outcome = _summarise(search, grid, base, sparsity, parent, experiment_path, seed)
+    outcome = _summarise(search, grid, base, sparsity, parent, experiment_path, seeds)
     outcome.wall_s = time.perf_counter() - started
     if outcome.interrupted:
         runs.close_interrupted(search.uri, request.experiment, parent)
@@ -74,7 +78,7 @@ def search_one(search: Search, base: dict, sparsity: float, entry: dict) -> Spar
     return outcome
 
 
-def _open_parent(search: Search, base: dict, sparsity: float, entry: dict, seed: SeedPoint) -> str:
+def _open_parent(search: Search, base: dict, sparsity: float, entry: dict) -> str:
     """The sparsity's MLflow parent run: reopened on resume, else created and recorded."""
     if entry.get("parent_run_id"):
         runs.reopen(search.uri, entry["parent_run_id"])
@@ -84,7 +88,7 @@ def _open_parent(search: Search, base: dict, sparsity: float, entry: dict, seed:
         search.uri,
         request.experiment,
         base,
-        _parent_params(search, seed),
+        _parent_params(search),
         run_name=f"{request.name}@{sparsity:g}",
         tags={"search": request.name, "sparsity": str(sparsity)},
     )
@@ -99,6 +103,14 @@ START_FIELDS = frozenset(
 )
 
 
+def _start_location(search: Search, base: dict, sparsity: float) -> str | None:
+    """Where the sparsity's shared warm start lives (None: the trials have none to share)."""
+    cfg = trial_config(base, search.space.overrides({}, base))
+    if cfg.init == "none" or START_FIELDS & set(search.space.dimensions):
+        return None
+    return state.join(search.root, "init", sparsity_key(sparsity))
+
+
 def _shared_start(search: Search, base: dict, sparsity: float, parent: str) -> str | None:
     """The warm start every trial begins from, computed once per sparsity (None: each trial's own).
 
@@ -109,12 +121,10 @@ def _shared_start(search: Search, base: dict, sparsity: float, parent: str) -> s
     from pipelines.run.oneshot import run_one_shot
     from pipelines.run.storage import holds
 
-    cfg = trial_config(base, search.space.overrides({}, base))
-    if cfg.init == "none" or START_FIELDS & set(search.space.dimensions):
-        return None
-    location = state.join(search.root, "init", sparsity_key(sparsity))
-    if holds(location, "config.json"):
+    location = _start_location(search, base, sparsity)
+    if location is None or holds(location, "config.json"):
         return location
+    cfg = trial_config(base, search.space.overrides({}, base))
     request = search.request
     started = time.perf_counter()  # before any trial: the machine's cores are the one-shot pass's
     run_one_shot(
@@ -156,7 +166,13 @@ def _trial_context(search: Search, base: dict, sparsity: float, parent: str, ini
 
 
 def _tuner(
-    search: Search, base: dict, sparsity: float, parent: str, seed: SeedPoint, experiment_path: str, init_location
+    search: Search,
+    base: dict,
+    sparsity: float,
+    parent: str,
+    seeds: list[SeedPoint],
+    experiment_path: str,
+    init_location,
 ):
     """A new Tuner for the sparsity, or the interrupted one restored (resume only)."""
     from ray import tune as ray_tune
@@ -178,7 +194,7 @@ def _tuner(
         trainable,
         param_space=search.space.param_space(),
         tune_config=ray_tune.TuneConfig(
-            search_alg=make_searcher(request.search, [seed.point], request.trials, request.search_seed),
+            search_alg=make_searcher(request.search, [s.point for s in seeds], request.trials, request.search_seed),
             scheduler=make_scheduler(request.scheduler, base["steps"], search.grace, request.reduction_factor),
             num_samples=request.trials,
             max_concurrent_trials=search.concurrency,
@@ -198,14 +214,33 @@ def _tuner(
     )
 
 
-def _parent_params(search: Search, seed: SeedPoint) -> dict:
-    """The parent run's parameters beyond the shared config: the space, the seed, the settings."""
+def _seeds(search: Search, base: dict, sparsity: float, init_location: str | None) -> list[SeedPoint]:
+    """The points evaluated first (tune/seed.py); the rule's lr follows the dense model's weight
+    scale, saved beside the shared start."""
+    from elsa.weight_scale import WEIGHT_SCALE_FILE, parse_weight_scale
+    from pipelines.run.storage import read_text
+
+    text = read_text(init_location, WEIGHT_SCALE_FILE) if init_location else None
+    median_rms = parse_weight_scale(text) if text else None
+    return seed_points(search.space, base, search.request.model, sparsity, median_rms)
+
+
+def _seed_params(seeds: list[SeedPoint]) -> dict:
+    """``seed.<kind>.<field>`` and ``seed.<kind>.source`` of every seed point."""
+    params = {}
+    for seed in seeds:
+        params.update({f"seed.{seed.kind}.{k}": v for k, v in seed.point.items()})
+        params[f"seed.{seed.kind}.source"] = seed.source
+    return params
+
+
+def _parent_params(search: Search) -> dict:
+    """The parent run's parameters beyond the shared config: the space and the settings (the seed
+    points follow once the shared start has given the rule's lr)."""
     request = search.request
     params = {f"space.{k}": v for k, v in search.space.describe().items()}
-    params.update({f"seed.{k}": v for k, v in seed.point.items()})
     params.update(
         {
-            "seed.source": seed.source,
             "search.algorithm": request.search,
             "search.scheduler": request.scheduler,
             "search.trials": request.trials,
@@ -223,9 +258,9 @@ def _parent_params(search: Search, seed: SeedPoint) -> dict:
     return params
 
 
-def _summarise(search: Search, grid, base, sparsity, parent, experiment_path, seed) -> SparsityOutcome:
+def _summarise(search: Search, grid, base, sparsity, parent, experiment_path, seeds) -> SparsityOutcome:
     request = search.request
-    rows = trial_rows(grid, base["steps"], request.max_val_loss, seed.point)
+    rows = trial_rows(grid, base["steps"], request.max_val_loss, {s.kind: s.point for s in seeds})
     children = {
         run.data.tags.get("trial_id"): run.info.run_id for run in runs.children(search.uri, request.experiment, parent)
     }
@@ -233,7 +268,13 @@ def _summarise(search: Search, grid, base, sparsity, parent, experiment_path, se
         row.mlflow_run_id = children.get(row.trial_id)
     finished = grid.num_terminated + grid.num_errors
     outcome = SparsityOutcome(
-        sparsity, parent, experiment_path, rows, best_row(rows), next((r for r in rows if r.is_seed), None), seed.source
+        sparsity,
+        parent,
+        experiment_path,
+        rows,
+        best_row(rows),
+        [r for r in rows if r.is_seed],
+        {s.kind: s.source for s in seeds},
     )
     outcome.interrupted = finished < request.trials
     return outcome
@@ -249,10 +290,10 @@ def _log_parent(uri: str, parent: str, outcome: SparsityOutcome) -> None:
     }
     if outcome.best is not None:
         metrics["best_val_loss_projected"] = outcome.best.val_loss_projected
-    if outcome.seed is not None and outcome.seed.val_loss_projected is not None:
-        metrics["seed_val_loss_projected"] = outcome.seed.val_loss_projected
+    for row in outcome.seeds:
+        metrics[f"seed_{row.seed}_val_loss_projected"] = row.val_loss_projected
     tracking.log_metrics(uri, parent, {k: v for k, v in metrics.items() if v is not None and math.isfinite(float(v))})
-    tags = {"seed_source": outcome.seed_source}
+    tags = {f"seed_{kind}_source": source for kind, source in outcome.seed_sources.items()}
     if outcome.best is not None:
         tags.update(best_trial_id=outcome.best.trial_id, best_run_id=outcome.best.mlflow_run_id or "")
     if outcome.interrupted:

@@ -25,7 +25,11 @@ class TrialRow:
     step: int
     outcome: str  # completed | stopped_early | nonfinite_loss | exploded_loss | error | unfinished
     mlflow_run_id: str | None = None
-    is_seed: bool = False
+    seed: str = ""  # the kind of seed point this trial evaluated (tune/seed.py: rule, paper); "" if sampled
+
+    @property
+    def is_seed(self) -> bool:
+        return bool(self.seed)
 
 
 @dataclass
@@ -37,8 +41,8 @@ class SparsityOutcome:
     experiment_path: str
     rows: list[TrialRow] = field(default_factory=list)
     best: TrialRow | None = None
-    seed: TrialRow | None = None
-    seed_source: str = ""
+    seeds: list[TrialRow] = field(default_factory=list)  # the seed points' trials, in evaluation order
+    seed_sources: dict[str, str] = field(default_factory=dict)  # seed kind -> where it came from
     interrupted: bool = False
     wall_s: float = 0.0
 
@@ -62,8 +66,9 @@ def _trial_order(result) -> tuple[str, int]:
     return trial_id, int(index) if index.isdigit() else 10**9
 
 
-def trial_rows(grid, steps: int, max_val_loss: float, seed_point: dict | None) -> list[TrialRow]:
-    """One row per trial of a ``ResultGrid``, in creation order (the seed first)."""
+def trial_rows(grid, steps: int, max_val_loss: float, seed_points: dict[str, dict]) -> list[TrialRow]:
+    """One row per trial of a ``ResultGrid``, in creation order (the seeds first); ``seed_points``:
+    seed kind -> point, each marking the first trial that evaluated it."""
     rows = []
     for result in grid:
         metrics = result.metrics or {}
@@ -84,11 +89,10 @@ def trial_rows(grid, steps: int, max_val_loss: float, seed_point: dict | None) -
         trial_id, index = _trial_order(result)
         rows.append((index, TrialRow(trial_id, sample, value, step, outcome)))
     rows = [row for _, row in sorted(rows, key=lambda pair: pair[0])]
-    if seed_point is not None:
-        for row in rows:
-            if same_point(row.sample, seed_point):
-                row.is_seed = True
-                break
+    for kind, point in seed_points.items():
+        row = next((row for row in rows if not row.seed and same_point(row.sample, point)), None)
+        if row is not None:
+            row.seed = kind
     return rows
 
 
@@ -124,12 +128,15 @@ def preset_entry(model: str, outcome: SparsityOutcome, space: SearchSpace, base:
         "search": search_name,
         "budget": {k: base.get(k) for k in ("steps", "seqlen", "batch_size", "grad_accum", "data", "val_blocks")},
     }
-    if outcome.seed is not None:
-        entry["seed"] = {
-            "source": outcome.seed_source,
-            "val_loss_projected": outcome.seed.val_loss_projected,
-            "outcome": outcome.seed.outcome,
+    entry["seeds"] = [
+        {
+            "kind": row.seed,
+            "source": outcome.seed_sources.get(row.seed, row.seed),
+            "val_loss_projected": row.val_loss_projected,
+            "outcome": row.outcome,
         }
+        for row in outcome.seeds
+    ]
     return entry
 
 

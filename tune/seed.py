@@ -1,9 +1,11 @@
-"""The first point of every search: the paper's Table 5 setting for the nearest model and sparsity.
+"""The first points of every search: what ``elsa prune`` would do anyway, then the paper's Table 5.
 
-Why: the published setting is the best prior anyone has; evaluating it first (Tune's
-``points_to_evaluate``) makes every search at least as good as the paper's choice on this budget,
-and gives the searcher a real baseline to beat. Only the searched keys are taken from the table:
-the paper's budget (4096 steps x 8 x 2048 tokens) is not imposed on the user's trials.
+Why: a search should never end worse than not searching. Evaluating the budget rule's own
+setting first (Tune's ``points_to_evaluate``) makes the winner at least as good as the defaults
+at the search's budget, and gives the searcher the baseline a user compares against. The
+paper's Table 5 setting for the nearest model and sparsity follows when the space can express
+it (it searches ``lmda``, the table's penalty): it is the best published prior. Only the searched
+keys are taken: the user's budget is kept for every trial.
 """
 
 from __future__ import annotations
@@ -19,14 +21,18 @@ from tune.space import SearchSpace
 
 log = logging.getLogger(__name__)
 
+RULE, PAPER = "rule", "paper"  # the kinds of seed point, in the order they are evaluated
+
 
 @dataclass(frozen=True)
 class SeedPoint:
-    """The sample to evaluate first, and where it came from (e.g. ``paper:facebook/opt-125m@0.7``)."""
+    """A sample to evaluate before the searcher's own: its ``kind`` (``rule`` or ``paper``) and
+    where it came from (e.g. ``rule:steps=32`` or ``paper:facebook/opt-125m@0.7``)."""
 
     point: dict
     source: str
     notes: tuple[str, ...] = ()
+    kind: str = PAPER
 
 
 def count_parameters(model: str) -> float | None:
@@ -52,35 +58,87 @@ def count_parameters(model: str) -> float | None:
     return float(total) or None
 
 
+def _as_point(space: SearchSpace, values: dict, who: str) -> tuple[dict, list[str]]:
+    """``values`` (field -> value, missing or None: not set) as a complete point of ``space``.
+
+    A field ``values`` does not set gets the dimension's neutral value (irrelevant there); a value
+    outside a searched range is kept (the searcher evaluates it as given) with a note; a choice
+    that does not offer the value gets the neutral value instead, with a note.
+    """
+    point, notes = {}, []
+    for name, dim in space.dimensions.items():
+        value = values.get(name)
+        if value is None:
+            point[name] = dim.neutral()
+            continue
+        if dim.kind == "choice" and value not in dim.args:
+            notes.append(
+                f"{who} {name}={value} is not among the choices {list(dim.args)}; the seed uses {dim.neutral()}"
+            )
+            point[name] = dim.neutral()
+            continue
+        if dim.kind != "choice" and not dim.contains(value):
+            notes.append(f"{who} {name}={value:g} lies outside the searched range {list(dim.args)}; evaluated as given")
+        point[name] = value
+    for note in notes:
+        log.warning("seed: %s", note)
+    return point, notes
+
+
 def paper_seed(space: SearchSpace, model: str, sparsity: float) -> SeedPoint:
-    """Table 5's setting as a point of ``space`` (keys the table does not set get a neutral value).
+    """Table 5's setting as a point of ``space``.
 
     The space's ``lmda`` is the value the schedule ends at, which is the table's lambda for every
-    schedule (cosine rises from 0 to it). A table value outside a searched range is kept (the
-    searcher evaluates it as given) with a note; a choice that does not offer the table's value
-    gets the dimension's neutral value instead, with a note.
+    schedule (cosine rises from 0 to it).
     """
     preset = paper_preset(model, sparsity, count_parameters(model))
     table = dict(preset)
     if table.get("lmda_schedule", "constant") != "constant":
         table["lmda"] = table["lmda_final"]
-    point, notes = {}, []
-    for name, dim in space.dimensions.items():
-        if name not in table:
-            point[name] = dim.neutral()
-            continue
-        value = table[name]
-        if dim.kind == "choice" and value not in dim.args:
-            notes.append(
-                f"the paper's {name}={value} is not among the choices {list(dim.args)}; the seed uses {dim.neutral()}"
-            )
-            point[name] = dim.neutral()
-            continue
-        if dim.kind != "choice" and not dim.contains(value):
-            notes.append(
-                f"the paper's {name}={value:g} lies outside the searched range {list(dim.args)}; evaluated as given"
-            )
-        point[name] = value
-    for note in notes:
-        log.warning("seed: %s", note)
-    return SeedPoint(point, preset["preset"], tuple(notes))
+    point, notes = _as_point(space, table, "the paper's")
+    return SeedPoint(point, preset["preset"], tuple(notes), PAPER)
+
+
+def rule_seed(space: SearchSpace, base: dict, median_rms: float | None) -> SeedPoint | None:
+    """The budget rule's setting (``base``, the trials' shared config with the rule filled in) as a
+    point of ``space``; None when the rule's lr is searched but cannot be resolved here.
+
+    The rule leaves lr unset and scales it to the dense model's weights (elsa/weight_scale.py):
+    ``median_rms`` is that model's median weight RMS, saved beside the shared start.
+    """
+    from elsa.budget import scaled_lr
+    from tune.space import schedule_target
+
+    values = {name: base.get(name) for name in space.dimensions}
+    for prefix in ("lmda", "rho"):
+        if prefix in values:
+            values[prefix] = schedule_target(base, prefix)
+    if "lr" in space.dimensions and base.get("lr") is None:
+        if median_rms is None:
+            log.warning("seed: no shared start holds the dense model's weight scale; the rule's lr is not seeded")
+            return None
+        values["lr"] = scaled_lr(median_rms)
+    point, notes = _as_point(space, values, "the rule's")
+    rule = {**base, "lr": values.get("lr", base.get("lr"))}
+    for name, value in space.overrides(point, base).items():  # e.g. a start_fraction unlike the rule's
+        if not _same(value, rule.get(name)):
+            notes.append(f"the space turns the rule's {name}={rule.get(name)} into {value}")
+            log.warning("seed: %s", notes[-1])
+    return SeedPoint(point, f"{RULE}:steps={base.get('steps')}", tuple(notes), RULE)
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return abs(a - b) <= 1e-9 * max(abs(a), abs(b), 1e-30)
+    return a == b
+
+
+def seed_points(
+    space: SearchSpace, base: dict, model: str, sparsity: float, median_rms: float | None
+) -> list[SeedPoint]:
+    """The points every search evaluates first, in order: the rule's, then the paper's where the
+    space searches the paper's penalty (``lmda``)."""
+    seeds = [rule_seed(space, base, median_rms)]
+    if "lmda" in space.dimensions:
+        seeds.append(paper_seed(space, model, sparsity))
+    return [seed for seed in seeds if seed is not None]

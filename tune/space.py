@@ -121,13 +121,13 @@ class SearchSpace:
         out = {k: v for k, v in values.items() if k not in ("lmda", "lmda_schedule", "rho", "rho_schedule")}
         if "lmda" in values or "lmda_schedule" in values:
             kind = values.get("lmda_schedule", base.get("lmda_schedule", "constant"))
-            target = values.get("lmda", _schedule_target(base, "lmda"))
+            target = values.get("lmda", schedule_target(base, "lmda"))
             out.update(_schedule("lmda", kind, float(target), self.start_fraction, zero_start=True))
         penalty = values.get("penalty", base.get("penalty", "coupled"))
         if "rho" in values or "rho_schedule" in values:
             if penalty == "decoupled":
                 kind = values.get("rho_schedule", base.get("rho_schedule", "constant"))
-                target = values.get("rho", _schedule_target(base, "rho"))
+                target = values.get("rho", schedule_target(base, "rho"))
                 if target is None:  # no rho anywhere: keep the derived rho = lr*lmda/(1+lr*lmda)
                     out.update(rho=None, rho_final=None, rho_schedule="constant")
                 else:
@@ -137,7 +137,7 @@ class SearchSpace:
         return out
 
 
-def _schedule_target(base: dict, prefix: str):
+def schedule_target(base: dict, prefix: str):
     """The value a base config's schedule ends at (the space's meaning of lmda / rho)."""
     if base.get(f"{prefix}_schedule", "constant") != "constant" and base.get(f"{prefix}_final") is not None:
         return base[f"{prefix}_final"]
@@ -165,11 +165,21 @@ def default_space_path() -> Path:
     return Path(str(resources.files("tune").joinpath("spaces", DEFAULT_SPACE)))
 
 
+def bundled_spaces() -> list[str]:
+    """Names of the spaces shipped in ``tune/spaces`` (``--space NAME``)."""
+    return sorted(p.name.removesuffix(".yaml") for p in resources.files("tune").joinpath("spaces").iterdir())
+
+
 def load_space(path: str | Path | None = None) -> SearchSpace:
-    """Read and validate a space file (default: ``tune/spaces/default.yaml``)."""
+    """Read and validate a space file, or a bundled space by name (default: ``tune/spaces/default.yaml``)."""
     path = Path(path) if path else default_space_path()
+    if not path.is_file() and str(path) in bundled_spaces():
+        path = Path(str(resources.files("tune").joinpath("spaces", f"{path}.yaml")))
     if not path.is_file():
-        raise SpaceError(f"search space {str(path)!r} does not exist (see tune/spaces/default.yaml for the format)")
+        raise SpaceError(
+            f"search space {str(path)!r} is neither a file nor a bundled space ({', '.join(bundled_spaces())}); "
+            "see tune/spaces/default.yaml for the format"
+        )
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:

@@ -42,6 +42,20 @@ def holds(location: str, name: str) -> bool:
     return filesystem.get_file_info(f"{path.rstrip('/')}/{name}").type == pafs.FileType.File
 
 
+def read_text(location: str, name: str) -> str | None:
+    """The text of the file ``name`` in the folder ``location`` (a path or URI), or None if absent;
+    one small file, without copying the folder (a checkpoint) it sits in."""
+    if not holds(location, name):
+        return None
+    if not is_uri(location):
+        return (Path(absolute(location)) / name).read_text()
+    import pyarrow.fs as pafs
+
+    filesystem, path = pafs.FileSystem.from_uri(location)
+    with filesystem.open_input_stream(f"{path.rstrip('/')}/{name}") as stream:
+        return stream.read().decode()
+
+
 def checkpoint_uri(checkpoint) -> str:
     """The location of a ``ray.train.Checkpoint`` as a path or URI."""
     kind = checkpoint.filesystem.type_name
