@@ -300,8 +300,10 @@ def plot(result: dict, path: Path) -> None:
 def merge(result: dict, path: Path) -> dict:
     """``result``'s cells in place of the same (model, sparsity, threads) cells of the results at ``path``.
 
-    Why: one cell rerun (after a fix, or alone on the machine) without rerunning the hour; the
-    earlier runs' commands and load averages are kept in ``earlier_runs``.
+    Why: one cell rerun (after a fix, or alone on the machine) without rerunning the hour. Each cell
+    names the run that measured it (``run``: its command); ``earlier_runs`` keeps the command and
+    load averages of the earlier runs that still own a cell (all of them while a cell from before
+    this record is kept: its run is unknown).
     """
     if not path.is_file():
         return result
@@ -314,8 +316,9 @@ def merge(result: dict, path: Path) -> dict:
     kept = [c for c in old["cells"] if key(c) not in fresh]
     order = {"smollm2": 0, "llama1b": 1}
     result["cells"] = sorted(kept + result["cells"], key=lambda c: (order.get(c["model"], 2), *key(c)[1:]))
-    earlier = old.pop("earlier_runs", [])
-    result["earlier_runs"] = earlier + [{k: old[k] for k in ("command", "loadavg_before", "loadavg_after")}]
+    runs = old.pop("earlier_runs", []) + [{k: old[k] for k in ("command", "loadavg_before", "loadavg_after")}]
+    owners = {c.get("run") for c in kept}
+    result["earlier_runs"] = runs if None in owners else [r for r in runs if r["command"] in owners]
     return result
 
 
@@ -346,6 +349,8 @@ def main() -> None:
             for threads in args.threads:
                 result["cells"].append(measure_level(model, level, exports[level], threads, args))
     result["loadavg_after"] = [round(v, 2) for v in os.getloadavg()]
+    for cell in result["cells"]:
+        cell["run"] = result["command"]
     if args.merge:
         result = merge(result, args.out.with_suffix(".json"))
     args.out.parent.mkdir(parents=True, exist_ok=True)

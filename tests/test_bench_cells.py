@@ -4,6 +4,7 @@ builds it, and the search-value summary charges the search's compute to the tune
 from __future__ import annotations
 
 import argparse
+import json
 import importlib.util
 from pathlib import Path
 
@@ -71,3 +72,24 @@ def test_search_value_charges_the_search_to_the_tuned_cell_only():
     }
     rows = [line for line in tune_value.summary_lines(result) if line.startswith("| (")]
     assert [row.rsplit("|", 2)[-2].strip() for row in rows] == ["700", "1900", "1900"]
+
+
+def test_decode_speed_merge_lists_only_the_earlier_runs_that_still_own_a_cell(tmp_path):
+    decode_speed = _load("decode_speed")
+
+    def run(command: str, cells: list[tuple]) -> dict:
+        measured = [{"model": m, "sparsity": s, "threads": t, "run": command} for m, s, t in cells]
+        return {"command": command, "loadavg_before": [0.1], "loadavg_after": [0.2], "cells": measured}
+
+    path = tmp_path / "speed.json"
+    first = run("first", [("smollm2", 0.8, 1), ("smollm2", 0.9, 1)])
+    path.write_text(json.dumps(first))
+    second = decode_speed.merge(run("second", [("smollm2", 0.9, 1)]), path)
+    assert [r["command"] for r in second["earlier_runs"]] == ["first"]  # it still owns the 0.8 cell
+    path.write_text(json.dumps(second))
+    third = decode_speed.merge(run("third", [("smollm2", 0.8, 1), ("smollm2", 0.9, 1)]), path)
+    assert third["earlier_runs"] == [] and {c["run"] for c in third["cells"]} == {"third"}
+    legacy = {**first, "cells": [{k: v for k, v in c.items() if k != "run"} for c in first["cells"]]}
+    path.write_text(json.dumps(legacy))
+    kept = decode_speed.merge(run("fourth", [("smollm2", 0.9, 1)]), path)
+    assert [r["command"] for r in kept["earlier_runs"]] == ["first"]  # an untagged cell: its run is kept
