@@ -57,7 +57,8 @@ def cell_config(method: str, sparsity: float, args) -> dict:
 
         if not args.preset:
             raise SystemExit("--methods elsa-preset needs --preset (paper, or a preset file from elsa tune)")
-        return {**elsa, "calib_blocks": args.calib_blocks, **preset_overrides(args.preset, args.model, sparsity)}
+        # the bench's budget wins over the preset's, as flags win in `elsa prune --preset`
+        return {**preset_overrides(args.preset, args.model, sparsity), **elsa, "calib_blocks": args.calib_blocks}
     elsa.update(
         init="none", interval=args.interval, projection="fisher", bf16=False, allocation="uniform"
     )  # as first run
@@ -165,6 +166,14 @@ def same_cell(record: dict, method: str, sparsity: float, steps: int, windows: s
     if record["method"] != method or record["sparsity"] != sparsity or record.get("windows", "bos") != windows:
         return False
     return not method.startswith("elsa") or record.get("steps", record.get("config", {}).get("steps")) == steps
+
+
+def _same_preset(record: dict, args) -> bool:
+    """An elsa-preset cell is done only with the settings of today's ``--preset`` entry."""
+    if record["method"] != "elsa-preset":
+        return True
+    wanted = cell_config("elsa-preset", record["sparsity"], args)
+    return record.get("config") == json.loads(json.dumps(wanted))
 
 
 def read_results(out_dir: Path) -> list[dict]:
@@ -355,7 +364,7 @@ def main(argv: list[str] | None = None) -> None:
         done = [
             r
             for r in read_results(out_dir)
-            if same_cell(r, method, sparsity, args.steps, args.windows) and "error" not in r
+            if same_cell(r, method, sparsity, args.steps, args.windows) and "error" not in r and _same_preset(r, args)
         ]
         if done and not args.force:
             continue

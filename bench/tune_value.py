@@ -39,27 +39,43 @@ def _run(command: list[str]) -> float:
 
 
 def search(args, out: Path) -> dict:
-    """The search, its wall time and what MLflow's parent run recorded of it."""
+    """The search, its wall time and what MLflow's parent run recorded of it; read back from
+    ``out/search.json`` when an earlier run of this script finished it (a cell failed after it)."""
+    from pipelines.records import tracking
+    from pipelines.run.storage import run_storage
+    from tune import state
+    from tune.one_sparsity import sparsity_key
+
+    record = out / "search.json"
+    if record.is_file():
+        return json.loads(record.read_text())
     presets = out / f"presets-{args.model}-{args.sparsity:g}.yaml"
-    command = [sys.executable, "-m", "cli", "tune", "--model", args.model, "--sparsity", str(args.sparsity)]
-    command += ["--trials", str(args.trials), "--steps", str(args.trial_steps), "--preset-out", str(presets)]
-    command += ["--name", args.name, "--tracking-uri", args.tracking_uri, *args.tune_args]
+    root = state.join(run_storage(None), args.name)
+    resumed = state.read(root) is not None  # an interrupted search: continued, its wall time partial
+    command = [sys.executable, "-m", "cli", "tune", "--name", args.name, "--preset-out", str(presets)]
+    command += ["--tracking-uri", args.tracking_uri]
+    if resumed:
+        command += ["--resume"]
+    else:
+        command += ["--model", args.model, "--sparsity", str(args.sparsity), "--trials", str(args.trials)]
+        command += ["--steps", str(args.trial_steps), *args.tune_args]
     wall_s = _run(command)
     entry = next(e for e in yaml.safe_load(presets.read_text())["presets"] if float(e["sparsity"]) == args.sparsity)
-    from pipelines.records import tracking
-
-    client = tracking.client(args.tracking_uri)
-    parent = client.get_run(client.get_run(entry["mlflow_run_id"]).data.tags["mlflow.parentRunId"])
-    return {
+    parent_id = state.read(root)["sparsities"][sparsity_key(args.sparsity)]["parent_run_id"]
+    parent = tracking.client(args.tracking_uri).get_run(parent_id)
+    found = {
         "command": " ".join(["python", *command[1:]]),
         "wall_s": wall_s,
+        "resumed": resumed,
         "preset_file": str(presets),
         "best": {k: entry[k] for k in ("config", "val_loss_projected", "trial_id", "mlflow_run_id")},
         "seeds": entry.get("seeds", []),
-        "parent_run_id": parent.info.run_id,
+        "parent_run_id": parent_id,
         "trials": {k: v for k, v in parent.data.metrics.items() if k.startswith("trials_")},
         "init_s": parent.data.metrics.get("init_s"),
     }
+    record.write_text(json.dumps(found, indent=1, default=str))
+    return found
 
 
 def cell(args, out: Path, method: str, steps: int, preset: str | None = None) -> dict:
@@ -85,7 +101,9 @@ def summary_lines(result: dict) -> list[str]:
     lines = [
         f"# Search value: {result['model']} at {result['sparsity']:g}",
         "",
-        f"Search: `{found['command']}` in {found['wall_s']:.0f} s (shared start {found['init_s'] or 0:.0f} s); "
+        f"Search: `{found['command']}` in {found['wall_s']:.0f} s"
+        + (" (resumed: the last part only)" if found.get("resumed") else "")
+        + f" (shared start {found['init_s'] or 0:.0f} s); "
         f"trials {json.dumps(found['trials'])}; MLflow parent run {found['parent_run_id']}.",
         "",
         "| seed / best | projected held-out loss at the trial budget |",
@@ -115,7 +133,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget", type=int, default=300, help="B: steps of the cells compared")
     parser.add_argument("--trial-steps", type=int, default=64, help="steps a trial (the search's fidelity)")
     parser.add_argument("--trials", type=int, default=8)
-    parser.add_argument("--name", default=None, help="search name (default: tv-<model>-<sparsity>-<trial steps>)")
+    parser.add_argument(
+        "--name", default=None, help="search name (default: tv-<model>-<sparsity>-<trial steps>x<trials>)"
+    )
     parser.add_argument("--out", default="bench/results-tune")
     parser.add_argument("--tracking-uri", default=None)
     parser.add_argument("tune_args", nargs="*", help="more elsa tune flags, after --")

@@ -44,6 +44,9 @@ def test_preset_cell_is_the_defaults_plus_the_entry_nearest_in_sparsity(tmp_path
     assert {k: tuned[k] for k in found} == found and tuned["preset"] == "p.yaml:smollm2-135m@0.8"
     cfg = make_config(tuned)  # what the cell's process validates and runs
     assert cfg.lr == 2.5e-4 and cfg.rho_schedule == "cosine" and cfg.steps == 300 and cfg.penalty == "decoupled"
+    paper = run_bench.cell_config("elsa-preset", 0.7, _args(["--steps", "300", "--preset", "paper"]))
+    assert paper["lr"] == 1e-4 and paper["preset"] == "paper:facebook/opt-125m@0.7"  # Table 5's settings ...
+    assert (paper["steps"], paper["seqlen"], paper["batch_size"]) == (300, 256, 2)  # ... on the bench's budget
     with pytest.raises(SystemExit, match="needs --preset"):
         run_bench.cell_config("elsa-preset", 0.8, _args(["--steps", "300"]))
 

@@ -1,4 +1,4 @@
-"""`elsa tune`: search spaces, the rule's and Table 5's seeds, ASHA, MLflow parent/child runs, presets, resume, NaN trials.
+"""`elsa tune`: spaces, the rule's and Table 5's seeds, ASHA, MLflow parent/child runs, presets, resume, NaN trials.
 
 The fast tests check the pieces without Ray. The Ray tests run real searches (Ray Tune over the
 pipeline's Ray Train job, Optuna, ASHA, a sqlite MLflow store in tmp_path) on the tiny local
@@ -107,19 +107,25 @@ def test_rule_seed_is_exactly_what_elsa_prune_runs(steps, median_rms, lr):
     from tune.seed import RULE, seed_points
 
     space = load_space()
-    base = make_config({"model": "m", "sparsity": 0.8, "steps": steps}).model_dump(mode="json")
+    user = {"model": "m", "sparsity": 0.8, "steps": steps}  # what a trial's config is built from (tune/trial.py)
+    base = make_config(user).model_dump(mode="json")
     (seed,) = seed_points(space, base, "m", 0.8, median_rms)  # no lmda searched: no Table 5 point
     assert seed.kind == RULE and seed.notes == () and seed.point["lr"] == lr
     assert all(space.dimensions[name].contains(value) for name, value in seed.point.items())  # inside every range
-    trial = trial_config(base, space.overrides(seed.point, base)).model_dump(mode="json")
+    trial = trial_config(user, space.overrides(seed.point, base)).model_dump(mode="json")
     expected = {**base, "lr": lr}
     differ = [k for k, v in expected.items() if trial[k] != (pytest.approx(v) if isinstance(v, float) else v)]
     assert differ == []
     assert trial["penalty"] == "decoupled" and trial["interval"] == (2 if steps <= 100 else 4)
 
-    both = seed_points(load_space("paper"), base, "m", 0.8, median_rms)  # the paper's space: rule, then Table 5
+    paper = load_space("paper")
+    both = seed_points(paper, base, "m", 0.8, median_rms)  # the paper's space: rule, then Table 5
     assert [s.kind for s in both] == ["rule", "paper"] and both[1].point["penalty"] == "coupled"
     assert both[0].notes == ()  # start_fraction 0.1 keeps the rule's rho start there too
+    # a coupled trial gets the coupled rule for what it does not sample, as `elsa prune --penalty coupled`
+    coupled = trial_config(user, paper.overrides(both[1].point, base))
+    prune = make_config(user, {"penalty": "coupled"})
+    assert (coupled.interval, coupled.train_embeddings) == (prune.interval, prune.train_embeddings) == (32, True)
 
 
 def test_rule_seed_needs_the_weight_scale_for_an_unset_lr():
@@ -336,9 +342,9 @@ def _no_leaked_actors(ray, timeout: float = 20.0) -> bool:
 def test_search_stops_bad_trials_tracks_them_and_writes_a_preset(tmp_path, tiny_model_dir, ray_session, fast_reports):
     # lr in [0.5, 2] is absurd for Adam (the loss jumps to 10-60 after one step), while the two
     # seeds, the budget rule's setting and then Table 5's (OPT-125M at 80%: lr 2e-4, lambda 1e-3),
-    # are evaluated first as they are, outside the range. With grace period 1 and reduction factor 2, ASHA must stop every
-    # absurd trial at its first report; --max-val-loss is raised so that ASHA, not the
-    # divergence stopper, does it.
+    # are evaluated first as they are, outside the range. With grace period 1 and reduction
+    # factor 2, ASHA must stop every absurd trial at its first report; --max-val-loss is raised
+    # so that ASHA, not the divergence stopper, does it.
     space = write_space(
         tmp_path / "space.yaml",
         {

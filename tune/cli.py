@@ -49,7 +49,7 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument(
         "--sparsity", type=float, nargs="+", default=None, help="one search per sparsity, e.g. 0.7 0.8 0.9"
     )
-    what.add_argument("--trials", type=int, default=8, help="trials per sparsity (the Table 5 seed is the first)")
+    what.add_argument("--trials", type=int, default=8, help="trials per sparsity (the seed points first: tune/seed.py)")
     what.add_argument(
         "--space",
         default=None,

@@ -118,12 +118,13 @@ def _shared_start(search: Search, base: dict, sparsity: float, parent: str) -> s
     settings (lr, lambda, penalty, rho), yet computed in each trial it cost every trial its
     minutes again. Written to the search's folder; a resumed search reuses it.
     """
+    from elsa.weight_scale import WEIGHT_SCALE_FILE
     from pipelines.run.oneshot import run_one_shot
     from pipelines.run.storage import holds
 
     location = _start_location(search, base, sparsity)
-    if location is None or holds(location, "config.json"):
-        return location
+    if location is None or (holds(location, "config.json") and holds(location, WEIGHT_SCALE_FILE)):
+        return location  # complete: the weight scale is uploaded with the model (an upload cut short lacks one)
     cfg = trial_config(base, search.space.overrides({}, base))
     request = search.request
     started = time.perf_counter()  # before any trial: the machine's cores are the one-shot pass's
@@ -162,6 +163,7 @@ def _trial_context(search: Search, base: dict, sparsity: float, parent: str, ini
             search.where.address, request.gpu, search.concurrency * request.workers_per_trial
         ),
         init_location=init_location,
+        user={**request.config, "model": request.model, "sparsity": sparsity},
     )
 
 

@@ -132,7 +132,7 @@ def preset_entry(model: str, outcome: SparsityOutcome, space: SearchSpace, base:
         {
             "kind": row.seed,
             "source": outcome.seed_sources.get(row.seed, row.seed),
-            "val_loss_projected": row.val_loss_projected,
+            "val_loss_projected": None if row.val_loss_projected is None else float(row.val_loss_projected),
             "outcome": row.outcome,
         }
         for row in outcome.seeds

@@ -2,7 +2,7 @@
 
 Why one Tuner per sparsity: the projected validation loss at 90% sparsity is naturally higher than
 at 70%, so ASHA and the searcher must only ever compare trials of the same sparsity, and each
-sparsity has its own Table 5 seed. The sparsities run one after another under one search name;
+sparsity has its own seed points (tune/seed.py). The sparsities run one after another under one search name;
 the state file (:mod:`tune.state`) records each one's parent run and whether it is done, so an
 interrupted search resumes where it stopped: finished sparsities are skipped, an interrupted
 Tuner is restored with ``Tuner.restore`` (finished trials are not rerun; trials cut off mid-run

@@ -3,7 +3,7 @@
 Why these choices:
 * Optuna's TPE (the default) learns from finished trials, so a small budget of trials goes to the
   promising region; ``hyperopt`` (if installed) is the other TPE; ``random`` is the baseline.
-  All start from the seed point (Table 5).
+  All start from the seed points (tune/seed.py: the budget rule's setting, then Table 5's).
 * ASHA stops trials whose *projected* validation loss (held-out calibration text, never an
   evaluation set) is worse than the better ``1/reduction_factor`` of trials at the same step.
   Its time axis is the optimiser step (reported with every evaluation), so ``grace_period`` is in

@@ -2,7 +2,7 @@
 
 Why a module of its own: the same few lines of YAML must become three different things — Ray Tune
 sample domains for the searcher, the PruneConfig overrides of one trial, and the check that the
-Table 5 seed fits — and they must agree. The one non-obvious mapping is the penalty schedule: a
+seed points fit (tune/seed.py) — and they must agree. The one non-obvious mapping is the penalty schedule: a
 sample holds the value a schedule *ends* at (``lmda``, ``rho``), and :meth:`SearchSpace.overrides`
 turns it into the start/final pair PruneConfig needs (see ``tune/spaces/default.yaml``):
 

@@ -27,7 +27,7 @@ from tune.space import SearchSpace, trial_config
 class TrialContext:
     """What every trial of one search shares (passed once through ``tune.with_parameters``)."""
 
-    base: dict  # the user's PruneConfig (budget and fixed fields), JSON form
+    base: dict  # the user's PruneConfig (budget and fixed fields), the budget rule filled in, JSON form
     space: SearchSpace
     search_name: str
     tracking_uri: str
@@ -41,6 +41,10 @@ class TrialContext:
     train_env: dict | None = None  # RAY_TRAIN_* settings of the search's environment (see run_trial)
     threads_per_worker: int | None = None  # torch threads of each worker (None: Ray's OMP default)
     init_location: str | None = None  # the warm start all trials share, written once (tune.one_sparsity)
+    # the user's own settings (model, sparsity, --config, flags) before the budget rule: each trial's
+    # config is built from them and its sample, so the rule fills the rest for the sampled penalty,
+    # exactly as `elsa prune` with the same flags and the trial's preset entry does
+    user: dict | None = None
 
 
 class SearchReportCallback(TuneReportCallback):
@@ -134,7 +138,7 @@ def run_trial(config: dict, context: TrialContext) -> None:
     tune_context = ray_tune.get_context()
     trial_id = tune_context.get_trial_id()
     overrides = context.space.overrides(config, context.base)
-    cfg = trial_config(context.base, overrides)
+    cfg = trial_config(context.user or context.base, overrides)
     cfg_dict = cfg.model_dump(mode="json")
     uri = context.tracking_uri
     run_id = runs.open_child(
