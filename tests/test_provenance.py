@@ -34,7 +34,7 @@ def test_record_matches_independent_readings():
     assert (record["windows.protocol"], record["windows.seqlen"], record["windows.eval_seqlen"]) == (
         "bos-per-window",
         128,
-        128,
+        512,  # evaluation windows keep their length whatever the training blocks' (elsa/config.py EVAL_SEQLEN)
     )
     assert record["windows.eval_max_windows"] == 32
     every = make_config({"sparsity": 0.7}).model_copy(update={"eval_max_windows": None})
