@@ -18,7 +18,7 @@ from elsa.optim.schedules import SCHEDULES
 from elsa.optim.states import FORMATS
 
 ADAM_FAMILY = ("adam", "adamw", "adam8bit")
-EVAL_SEQLEN = 512  # tokens a perplexity window, whatever the run trains on (EvalSettings.eval_seqlen)
+EVAL_SEQLEN = 512  # a perplexity window whatever the run trains on: the bench's protocol (bench/results/NOTES.md)
 _RULE = ", chosen by the budget rule (elsa/budget.py) when unset"  # for the fields the rule fills
 _NM = re.compile(r"^(\d+):(\d+)$")
 
@@ -54,9 +54,6 @@ class EvalSettings(BaseModel):
     eval_datasets: list[str] = Field(
         default_factory=lambda: ["wikitext2-bundled", "sotu"], description="texts the perplexity is measured on"
     )
-    # one window length whatever the training seqlen: the bench's and the README's protocol, so a
-    # run's perplexity compares with every published table (dense SmolLM2-135M on WikiText-2: 28.1
-    # on 512-token windows, 45.1 on 256: short windows give each token less context)
     eval_seqlen: int | None = Field(EVAL_SEQLEN, description="tokens a perplexity window (None: the run's seqlen)")
     eval_max_windows: int | None = Field(32, description="perplexity windows per text, at most (None: all)")
     # how text becomes windows (calibration, training, validation and evaluation alike): "bos":
