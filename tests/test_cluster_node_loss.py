@@ -56,12 +56,13 @@ def _kill_node(raylet: psutil.Process) -> None:
 
 
 def _trained(workdir) -> bool:
-    """Some trial has logged a training step to MLflow (it is mid-run, not starting)."""
+    """Both trials have logged a training step to MLflow (mid-run, not starting)."""
     try:
         _, children = search_runs(workdir, "node-loss")
     except Exception:  # the store is being created or written: ask again
         return False
-    return any("train_loss" in run.data.metrics for run in children)
+    # both trials (the search has two): then whichever node is killed, its trial had logged a step
+    return len(children) == 2 and all("train_loss" in run.data.metrics for run in children)
 
 
 def _wait(predicate, timeout: float, what: str, proc: subprocess.Popen):
@@ -94,7 +95,7 @@ def test_a_search_finishes_when_a_node_running_a_trial_is_lost(capsys, tmp_path)
                 stderr=subprocess.STDOUT,
                 text=True,
             )
-            _wait(lambda: _trained(workdir), 400, "a trial's first logged step", proc)
+            _wait(lambda: _trained(workdir), 400, "both trials' first logged steps", proc)
             raylet = _wait(lambda: _trial_raylet(head), 60, "the raylet of a node running a trial", proc)
             lost = _node_id(raylet)
             _kill_node(raylet)
