@@ -107,6 +107,7 @@ def rule_seed(space: SearchSpace, base: dict, median_rms: float | None) -> SeedP
     ``median_rms`` is that model's median weight RMS, saved beside the shared start.
     """
     from elsa.budget import scaled_lr
+    from tune.results import same_point
     from tune.space import schedule_target
 
     values = {name: base.get(name) for name in space.dimensions}
@@ -121,16 +122,10 @@ def rule_seed(space: SearchSpace, base: dict, median_rms: float | None) -> SeedP
     point, notes = _as_point(space, values, "the rule's")
     rule = {**base, "lr": values.get("lr", base.get("lr"))}
     for name, value in space.overrides(point, base).items():  # e.g. a start_fraction unlike the rule's
-        if not _same(value, rule.get(name)):
+        if not same_point({name: value}, {name: rule.get(name)}):
             notes.append(f"the space turns the rule's {name}={rule.get(name)} into {value}")
             log.warning("seed: %s", notes[-1])
     return SeedPoint(point, f"{RULE}:steps={base.get('steps')}", tuple(notes), RULE)
-
-
-def _same(a, b) -> bool:
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
-        return abs(a - b) <= 1e-9 * max(abs(a), abs(b), 1e-30)
-    return a == b
 
 
 def seed_points(
