@@ -14,6 +14,10 @@
 
 Whether searching pays is (b) against (c): the same compute, spent on a search or on steps.
 Run it alone on the machine: the extra steps of (c) follow the search's wall time.
+
+``--promote`` then writes the best setting into ``elsa/tables/tuned.yaml`` (``elsa prune --preset
+tuned``) with its provenance, but only where (b) beats (a) on WikiText-2 perplexity: a setting that
+wins the search's short trials and loses at the budget is not shipped.
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ def search(args, out: Path) -> dict:
     found = {
         "command": " ".join(["python", *command[1:]]),
         "wall_s": wall_s,
+        "trial_steps": args.trial_steps,
         "resumed": resumed,
         "preset_file": str(presets),
         "best": {k: entry[k] for k in ("config", "val_loss_projected", "trial_id", "mlflow_run_id")},
@@ -126,6 +131,50 @@ def summary_lines(result: dict) -> list[str]:
     return lines
 
 
+TUNED_TABLE = REPO / "elsa" / "tables" / "tuned.yaml"
+
+
+def tuned_entry(result: dict, out: Path) -> dict | None:
+    """The bundled table's entry for the search's best setting, with what found and measured it;
+    None when the tuned cell (b) does not beat the defaults (a) at the budget."""
+    found, cells = result["search"], list(result["cells"].values())
+    defaults, tuned, longer = cells
+    metric = "ppl_wikitext2-bundled"
+    if not tuned[metric] < defaults[metric]:
+        return None
+    return {
+        "model": result["model"],
+        "sparsity": result["sparsity"],
+        "config": found["best"]["config"],
+        "search": found["command"],
+        "mlflow_parent_run_id": found["parent_run_id"],
+        "trials": found["trials"],
+        "trial_steps": found["trial_steps"],
+        "search_s": round(found["wall_s"]),
+        "val_loss_projected": found["best"]["val_loss_projected"],
+        "seeds": found["seeds"],
+        "measured": {
+            "budget": tuned["steps"],
+            "wikitext2": {"defaults": defaults[metric], "tuned": tuned[metric], "defaults_longer": longer[metric]},
+            "defaults_longer_steps": longer["steps"],
+            "results": str(out.relative_to(REPO) if out.is_relative_to(REPO) else out),
+        },
+    }
+
+
+def promote(result: dict, out: Path, table: Path = TUNED_TABLE) -> str:
+    """Merge the entry into the bundled table, its comment header kept; says what it did."""
+    from tune.results import merge_entries
+
+    entry = tuned_entry(result, out)
+    if entry is None:
+        return "not promoted: the search's best does not beat the defaults at the budget (see the table)"
+    header = "".join(line for line in table.read_text().splitlines(keepends=True) if line.startswith("#"))
+    entries = merge_entries(table, [entry])
+    table.write_text(header + yaml.safe_dump({"presets": entries}, sort_keys=False))
+    return f"promoted into {table}: {entry['model']} at {entry['sparsity']:g}"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -138,6 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--out", default="bench/results-tune")
     parser.add_argument("--tracking-uri", default=None)
+    parser.add_argument("--promote", action="store_true", help="write the winner into elsa/tables/tuned.yaml")
     parser.add_argument("tune_args", nargs="*", help="more elsa tune flags, after --")
     args = parser.parse_args(argv)
     from pipelines.records import tracking
@@ -164,6 +214,8 @@ def main(argv: list[str] | None = None) -> None:
     (out / "tune_value.json").write_text(json.dumps(result, indent=1, default=str))
     (out / "tune_value.md").write_text("\n".join(summary_lines(result)) + "\n")
     print((out / "tune_value.md").read_text())
+    if args.promote:
+        print(promote(result, out))
 
 
 if __name__ == "__main__":

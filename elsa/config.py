@@ -177,7 +177,7 @@ class PruneConfig(EvalSettings):
     # bf16 autocast of the forward/backward (weights, Adam and ADMM states stay fp32); None: on a
     # GPU, and on a CPU with native bf16 (avx512_bf16/AMX: 1.58x faster a step, same held-out loss)
     bf16: bool | None = Field(None, description="bf16 autocast of the forward and backward (None: where native)")
-    preset: str | None = Field(None, description="'paper' (its Table 5 row) or a preset YAML file from elsa tune")
+    preset: str | None = Field(None, description="'paper' (Table 5), 'tuned' (our searches) or an elsa tune file")
 
     # export (what `elsa prune` ships; elsa.model_io.export.resolve_export)
     export_format: Literal["auto", "dense", "compressed"] = Field("auto", description="auto: compressed if S >= 0.5")

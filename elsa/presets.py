@@ -1,8 +1,11 @@
 """Presets: the paper's Table 5 and the best configurations found by searches.
 
 ``elsa prune --preset paper`` takes the paper's lr / lambda / schedule for the nearest known
-model and sparsity; ``--preset FILE`` takes the entry of a preset file written by ``elsa tune``
-for the model and the nearest sparsity. Both are plain data (YAML) under version control.
+model and sparsity; ``--preset tuned`` the entry this project's own searches found for the model
+(``tables/tuned.yaml``, each entry with the search that found it), or the budget rule's defaults
+where no search covered the model at that sparsity; ``--preset FILE`` takes the entry of a preset
+file written by ``elsa tune`` for the model and the nearest sparsity. All are plain data (YAML)
+under version control.
 """
 
 from __future__ import annotations
@@ -23,6 +26,10 @@ _PAPER_SIZES = {
     "google/gemma-2-27b": 27e9,
 }
 _KNOWN_SIZES = {"smollm2-135m": 135e6}
+
+
+# a tuned entry serves sparsities this close to its own; further off, the budget rule does
+TUNED_SPARSITY_REACH = 0.05
 
 
 class PresetError(ValueError):
@@ -68,6 +75,28 @@ def paper_preset(model: str, sparsity: float, n_params: float | None = None) -> 
     return overrides
 
 
+def tuned_entries() -> list[dict]:
+    """The bundled searches' winners (``tables/tuned.yaml``), in the preset-file format."""
+    text = resources.files("elsa").joinpath("tables/tuned.yaml").read_text()
+    return (yaml.safe_load(text) or {}).get("presets") or []
+
+
+def tuned_preset(model: str, sparsity: float, entries: list[dict] | None = None) -> dict:
+    """Overrides of the tuned entry for ``model`` nearest ``sparsity`` (within
+    :data:`TUNED_SPARSITY_REACH`); none (the budget rule) where no search covered it. A
+    setting searched at 80% is not assumed to carry to 60%: the rule is the honest default."""
+    entries = tuned_entries() if entries is None else entries
+    mine = [e for e in entries if e.get("model") == model]
+    near = [e for e in mine if abs(float(e["sparsity"]) - sparsity) <= TUNED_SPARSITY_REACH + 1e-9]
+    if not near:
+        covered = ", ".join(f"{e['sparsity']:g}" for e in mine) or "no sparsity"
+        return {"preset": f"tuned:none for {model}@{sparsity:g} (searched: {covered}); budget rule"}
+    chosen = min(near, key=lambda e: abs(float(e["sparsity"]) - sparsity))
+    overrides = dict(chosen["config"])
+    overrides["preset"] = f"tuned:{model}@{float(chosen['sparsity']):g}"
+    return overrides
+
+
 def write_preset_file(path: str | Path, entries: list[dict]) -> Path:
     """Write ``[{model, sparsity, config: {...}, metric...}]`` as a preset file."""
     path = Path(path)
@@ -80,7 +109,7 @@ def file_preset(path: str | Path, model: str, sparsity: float | None) -> dict:
     """The entry of a preset file for ``model`` at the nearest sparsity."""
     path = Path(path)
     if not path.is_file():
-        raise PresetError(f"preset {str(path)!r} is neither 'paper' nor an existing preset file")
+        raise PresetError(f"preset {str(path)!r} is neither 'paper', 'tuned' nor an existing preset file")
     entries = (yaml.safe_load(path.read_text()) or {}).get("presets") or []
     mine = [e for e in entries if e.get("model") == model]
     if not mine:
@@ -98,9 +127,9 @@ def file_preset(path: str | Path, model: str, sparsity: float | None) -> dict:
 
 
 def preset_overrides(preset: str, model: str, sparsity: float | None) -> dict:
-    """Resolve ``--preset`` (``paper`` or a file) into config overrides."""
-    if preset == "paper":
+    """Resolve ``--preset`` (``paper``, ``tuned`` or a file) into config overrides."""
+    if preset in ("paper", "tuned"):
         if sparsity is None:
-            raise PresetError("--preset paper needs --sparsity to choose the table row")
-        return paper_preset(model, sparsity)
+            raise PresetError(f"--preset {preset} needs --sparsity to choose the table row")
+        return paper_preset(model, sparsity) if preset == "paper" else tuned_preset(model, sparsity)
     return file_preset(preset, model, sparsity)

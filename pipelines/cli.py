@@ -235,7 +235,10 @@ def _cmd_prune(args: argparse.Namespace) -> int:
             _check_resume_flags(args)
             result = resume_prune(args.resume, options)
         else:
-            result = run_prune(build_config(args), options)
+            config = build_config(args)
+            if config.preset:  # which entry the preset gave, or that none fit and the rule runs
+                print(f"preset {config.preset}", flush=True)
+            result = run_prune(config, options)
     print(summary_table(result))
     return 0
 

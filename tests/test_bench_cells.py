@@ -9,6 +9,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import yaml
 
 from elsa.config import make_config
 from elsa.presets import write_preset_file
@@ -75,6 +76,28 @@ def test_search_value_charges_the_search_to_the_tuned_cell_only():
     }
     rows = [line for line in tune_value.summary_lines(result) if line.startswith("| (")]
     assert [row.rsplit("|", 2)[-2].strip() for row in rows] == ["700", "1900", "1900"]
+
+
+def test_a_search_winner_is_shipped_only_where_it_beats_the_defaults_at_the_budget(tmp_path):
+    from elsa.presets import tuned_preset
+
+    tune_value = _load("tune_value")
+    table = tmp_path / "tuned.yaml"
+    table.write_text("# header kept\npresets: []\n")
+    cell = {"steps": 300, "ppl_wikitext2-bundled": 160.0}
+    search = {"command": "python -m cli tune", "parent_run_id": "p", "trials": {"trials_completed": 8}}
+    search |= {"trial_steps": 64, "wall_s": 1500.0, "seeds": []}
+    search["best"] = {"config": {"lr": 1e-3}, "val_loss_projected": 4.8}
+    result = {"model": "m", "sparsity": 0.8, "search": search}
+    result["cells"] = {"a": cell, "b": {**cell, "ppl_wikitext2-bundled": 170.0}, "c": {**cell, "steps": 900}}
+    assert tune_value.promote(result, tmp_path, table).startswith("not promoted")
+    assert table.read_text() == "# header kept\npresets: []\n"
+    result["cells"]["b"] = {**cell, "ppl_wikitext2-bundled": 150.0}
+    assert tune_value.promote(result, tmp_path, table).startswith("promoted")
+    entries = yaml.safe_load(table.read_text())["presets"]
+    assert table.read_text().startswith("# header kept") and len(entries) == 1
+    assert entries[0]["measured"]["wikitext2"] == {"defaults": 160.0, "tuned": 150.0, "defaults_longer": 160.0}
+    assert tuned_preset("m", 0.8, entries)["lr"] == 1e-3
 
 
 def test_decode_speed_merge_lists_only_the_earlier_runs_that_still_own_a_cell(tmp_path):

@@ -112,6 +112,24 @@ def test_paper_preset_keeps_the_papers_settings():
     assert cfg.rho is None and cfg.train_embeddings is True
 
 
+def test_tuned_preset_takes_the_models_entry_near_its_sparsity_else_the_rule():
+    from elsa.presets import preset_overrides, tuned_entries, tuned_preset
+
+    entry = {"model": "m", "sparsity": 0.8, "config": {"lr": 2e-4, "rho": 0.1, "interval": 2}}
+    found = tuned_preset("m", 0.82, [entry])
+    assert found == {**entry["config"], "preset": "tuned:m@0.8"}
+    assert make_config(found, {"sparsity": 0.82}).lr == 2e-4
+    for model, sparsity in (("m", 0.7), ("other", 0.8)):  # too far, or never searched: the rule
+        rule = tuned_preset(model, sparsity, [entry])
+        assert list(rule) == ["preset"] and rule["preset"].endswith("budget rule"), rule
+    assert "m@0.7 (searched: 0.8)" in tuned_preset("m", 0.7, [entry])["preset"]
+    for bundled in tuned_entries():  # the shipped table: every entry a valid config with provenance
+        assert {"search", "mlflow_parent_run_id", "trials", "val_loss_projected"} <= set(bundled), bundled
+        make_config(bundled["config"], {"sparsity": bundled["sparsity"]})
+    with pytest.raises(ValueError, match="--preset tuned needs --sparsity"):
+        preset_overrides("tuned", "m", None)
+
+
 @pytest.mark.parametrize("train_embeddings", [False, True])
 def test_frozen_embeddings_keep_their_start_values_while_the_blocks_train(tiny_model_dir, train_embeddings):
     """The rule's default (frozen) leaves the embedding and output head bit-identical; trained, they move."""

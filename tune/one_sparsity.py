@@ -120,6 +120,7 @@ def _shared_start(search: Search, base: dict, sparsity: float, parent: str) -> s
     """
     from elsa.weight_scale import WEIGHT_SCALE_FILE
     from pipelines.run.oneshot import run_one_shot
+    from pipelines.run.progress import BlockLine, ProgressPrinter
     from pipelines.run.storage import holds
 
     location = _start_location(search, base, sparsity)
@@ -127,18 +128,22 @@ def _shared_start(search: Search, base: dict, sparsity: float, parent: str) -> s
         return location  # complete: the weight scale is uploaded with the model (an upload cut short lacks one)
     cfg = trial_config(base, search.space.overrides({}, base))
     request = search.request
+    key = sparsity_key(sparsity)
+    search.echo(f"{key}: {cfg.init} start for every trial: one-shot pruning of {cfg.model}, block by block")
     started = time.perf_counter()  # before any trial: the machine's cores are the one-shot pass's
-    run_one_shot(
-        {**cfg.model_dump(mode="json"), "method": cfg.init},
-        location,
-        None,
-        address=search.where.address,
-        gpu=request.gpu,
-        cpus=None,
-    )
+    with ProgressPrinter(BlockLine(f"{key}: {cfg.init} start")) as printer:  # minutes: never silent
+        run_one_shot(
+            {**cfg.model_dump(mode="json"), "method": cfg.init},
+            location,
+            None,
+            address=search.where.address,
+            gpu=request.gpu,
+            cpus=None,
+            progress=printer.sink(),
+        )
     seconds = time.perf_counter() - started
     tracking.log_metrics(search.uri, parent, {"init_s": seconds})
-    search.echo(f"{sparsity_key(sparsity)}: {cfg.init} start for every trial written in {seconds:.0f} s ({location})")
+    search.echo(f"{key}: {cfg.init} start for every trial written in {seconds:.0f} s ({location})")
     return location
 
 

@@ -121,7 +121,7 @@ class ProgressPrinter:
         if queue is None:
             from ray.util.queue import Queue
 
-            queue = Queue(maxsize=10_000)
+            queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0})  # never waits for a core
         self.queue = queue  # a ray.util.queue.Queue, or anything with empty/qsize/get_nowait_batch
         self.line = line
         self.stream = stream or sys.stdout
