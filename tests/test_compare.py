@@ -119,7 +119,8 @@ def test_table_holds_values_sorted_by_model_method_sparsity(store):
     params = ["model", "method", "sparsity", "pattern", "penalty", "windows", "status", "run"]
     assert header.split()[:8] == params
     # perplexities first, then accuracies, then the average
-    assert header.split()[8:] == ["ppl_c4", PPL, "acc_arc_easy", "acc_rte", "zero_shot_avg"]
+    # then the last projected held-out loss; no setting column: every run has the same lr
+    assert header.split()[8:] == ["ppl_c4", PPL, "acc_arc_easy", "acc_rte", "zero_shot_avg", "val_loss_projected"]
     for index, run_id in ids.items():
         (line,) = [line for line in body if run_id[:8] in line]
         assert f"{RUNS[index][4]}" in line
@@ -131,9 +132,38 @@ def test_table_holds_values_sorted_by_model_method_sparsity(store):
     wanda = next(line for line in body if "wanda" in line)
     assert " - " in wanda  # no accuracies for this run
     # fixed width: every metric column ends at the same offset as its header
-    end = header.index("zero_shot_avg") + len("zero_shot_avg")
+    end = header.index("val_loss_projected") + len("val_loss_projected")
     assert all(len(line) == end for line in [header] + [b for b in body if "sparsegpt" in b])
     assert format_table([]) == "(no runs)"
+
+
+def test_a_searchs_trials_show_their_settings_best_first_under_their_parent(store):
+    """A search's parent run and trials: the settings they differ in get columns, the trials are
+    ranked by held-out loss, and the parent run's short id stands beside each trial."""
+    uri, _ = store
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment_id = client.create_experiment("search")
+    base = {"model": "m", "method": "elsa", "sparsity": "0.8", "penalty": "decoupled", "steps": "64"}
+    parent = client.create_run(experiment_id, run_name="search@0.8").info.run_id
+    client.log_batch(parent, params=[Param(k, v) for k, v in base.items()])
+    trials = {"rule": ("0.0006", "2", 4.9995, 64), "wide": ("0.0021", "2", 6.49, 16)}
+    trials["close"] = ("0.00042", "1", 5.037, 64)
+    for name, (lr, interval, loss, step) in trials.items():
+        run = client.create_run(experiment_id, run_name=name, tags={"mlflow.parentRunId": parent}).info.run_id
+        params = [Param(k, v) for k, v in {**base, "lr": lr, "interval": interval}.items()]
+        history = [Metric("val_loss_projected", loss + 1.0, 0, 8), Metric("val_loss_projected", loss, 0, step)]
+        client.log_batch(run, metrics=history, params=params)
+    lines = format_table(collect_runs("search", uri)).splitlines()
+    header, body = lines[0].split(), lines[2:]
+    # steps: the same in all, no column; the wide trial was stopped at step 16, so the step shows
+    assert header[8:] == ["parent", "lr", "interval", "val_loss_projected", "at_step"]
+    assert [line.split()[9:] for line in body] == [
+        ["0.0006", "2", "4.9995", "64"],
+        ["0.00042", "1", "5.0370", "64"],
+        ["0.0021", "2", "6.4900", "16"],
+        ["-", "-", "-", "-"],  # the parent run: no trial settings of its own, listed last
+    ]
+    assert all(line.split()[8] == parent[:8] for line in body[:3])
 
 
 def _flat(pairs):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import textwrap
@@ -89,13 +90,13 @@ def test_mlflow_params_are_masked(tmp_path):
 
 
 _LISTENERS = textwrap.dedent("""
-    import json, os, psutil, ray
-    from pipelines.run.ray_session import init_ray
+    import json, logging, os, psutil, ray
+    from pipelines.run.ray_session import STATE_API_LOGGERS, init_ray
     init_ray(None, num_cpus=1)
     @ray.remote
-    def pid():
-        return os.getpid()
-    ray.get(pid.remote())
+    def levels():
+        return [logging.getLogger(name).level for name in STATE_API_LOGGERS]
+    print("WORKER LEVELS " + json.dumps(ray.get(levels.remote())))
     me = psutil.Process()
     addresses = []
     for process in [me, *me.children(recursive=True)]:
@@ -120,3 +121,5 @@ def test_local_ray_listens_on_loopback_only(tmp_path):
     assert len(addresses) >= 3  # GCS, raylet and at least a worker or an agent
     outside = [a for a in addresses if a not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")]
     assert not outside, addresses
+    # no dashboard, so no state API: the workers' loggers that could only warn of that are quiet
+    assert f"WORKER LEVELS [{logging.ERROR}]" in result.stdout, result.stdout[-2000:]

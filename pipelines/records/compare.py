@@ -16,16 +16,20 @@ from collections import defaultdict
 from pathlib import Path
 
 from pipelines.records.plots import series_style
+from pipelines.records.runs_table import MISSING
+from pipelines.records.runs_table import format_provenance, format_table, format_value
 
 PARAMS = ("model", "method", "sparsity", "pattern", "penalty")
 METRIC_PREFIXES = ("ppl_", "acc_")
 METRIC_NAMES = ("zero_shot_avg",)
 DEFAULT_PPL_METRIC = "ppl_wikitext2-bundled"
 STEP_METRICS = ("primal_residual", "val_loss_projected")
+HELD_OUT = "val_loss_projected"  # its latest value: the run's own measure, what a search ranks by
+# what searches vary (tune/spaces): a column in the table wherever the runs differ in it
+SETTINGS = ("lr", "lmda", "lmda_final", "lmda_schedule", "rho", "rho_final", "rho_schedule", "interval", "steps")
 # tags of a run's record (elsa/provenance.py): versions, machine, text hashes, window protocol
 PROVENANCE_PREFIXES = ("version.", "machine.", "data_sha256.", "eval_sha256.", "windows.")
 PENALISED = ("elsa",)  # methods whose runs differ by ADMM penalty mode (coupled / decoupled)
-_MISSING = "-"
 
 
 def default_tracking_uri(tracking_uri: str | None = None) -> str:
@@ -67,6 +71,13 @@ def _float_or_none(text: str | None) -> float | None:
         return None
 
 
+def _latest_step(run, key: str) -> int | None:
+    """The step of ``key``'s latest value: a trial stopped early was measured at an earlier step.
+    MLflow's search results carry it only in a private list; None where a version lacks it."""
+    steps = [m.step for m in getattr(run.data, "_metric_objs", None) or [] if m.key == key]
+    return max(steps) if steps else None
+
+
 def _row(run) -> dict:
     params, tags = run.data.params, run.data.tags
     # Parameters are the full config; tags repeat the key ones (kept for runs logged by hand).
@@ -79,6 +90,9 @@ def _row(run) -> dict:
         **{key: values[key] for key in PARAMS if key != "sparsity"},
         "sparsity": _float_or_none(values["sparsity"]),
         "metrics": {k: float(v) for k, v in run.data.metrics.items() if _wanted_metric(k)},
+        "settings": {key: params[key] for key in SETTINGS if key in params},
+        "held_out": _float_or_none(str(run.data.metrics.get(HELD_OUT, ""))),
+        "held_out_step": _latest_step(run, HELD_OUT),
         "provenance": {k: v for k, v in tags.items() if k.startswith(PROVENANCE_PREFIXES)},
     }
 
@@ -106,89 +120,6 @@ def collect_runs(experiment: str, tracking_uri: str | None = None) -> list[dict]
         token = page.token
         if not token:
             return rows
-
-
-def _sort_key(row: dict):
-    sparsity = row.get("sparsity")
-    return (
-        str(row.get("model") or ""),
-        str(row.get("method") or ""),
-        sparsity is None,
-        sparsity if sparsity is not None else 0.0,
-        str(row.get("penalty") or ""),
-        str(row.get("run_id") or ""),
-    )
-
-
-def _metric_order(key: str):
-    group = 0 if key.startswith("ppl_") else 2 if key == "zero_shot_avg" else 1
-    return (group, key)
-
-
-def _format_value(key: str, value: float | None) -> str:
-    if value is None:
-        return _MISSING
-    if not math.isfinite(value):
-        return str(value)
-    if key.startswith("ppl_"):
-        return f"{value:.2f}" if abs(value) < 1e6 else f"{value:.3e}"
-    return f"{value:.4f}"
-
-
-def format_table(rows: list[dict]) -> str:
-    """A fixed-width text table, one run per line, sorted by model, method, sparsity.
-
-    Columns: the parameters, status, a short run id, then every metric any run has (perplexities
-    first, then accuracies, then the zero-shot average); ``-`` where a run lacks a value.
-    """
-    if not rows:
-        return "(no runs)"
-    metrics = sorted({k for row in rows for k in row.get("metrics", {})}, key=_metric_order)
-    header = ["model", "method", "sparsity", "pattern", "penalty", "windows", "status", "run", *metrics]
-    lines = []
-    for row in sorted(rows, key=_sort_key):
-        sparsity = row.get("sparsity")
-        cells = [
-            str(row.get("model") or _MISSING),
-            str(row.get("method") or _MISSING),
-            _MISSING if sparsity is None else f"{sparsity:g}",
-            str(row.get("pattern") or _MISSING),
-            str(row.get("penalty") or _MISSING),
-            str(row.get("provenance", {}).get("windows.protocol") or _MISSING),
-            str(row.get("status") or _MISSING),
-            str(row.get("run_id") or _MISSING)[:8],
-            *(_format_value(k, row.get("metrics", {}).get(k)) for k in metrics),
-        ]
-        lines.append(cells)
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
-    numeric = {2, *range(8, len(header))}
-
-    def render(cells: list[str]) -> str:
-        return "  ".join(
-            cell.rjust(width) if i in numeric else cell.ljust(width)
-            for i, (cell, width) in enumerate(zip(cells, widths))
-        ).rstrip()
-
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([render(header), rule, *(render(line) for line in lines)])
-
-
-def format_provenance(rows: list[dict]) -> str:
-    """What the runs' numbers depend on besides their configs, one ``key: value`` per line.
-
-    Keys on which all runs agree are listed once; keys on which they differ are listed per run
-    (short id), so a reader sees at once whether two perplexities are comparable.
-    """
-    recorded = [row for row in sorted(rows, key=_sort_key) if row.get("provenance")]
-    if not recorded:
-        return "(no run recorded its provenance)"
-    keys = sorted({k for row in recorded for k in row["provenance"]})
-    same = [k for k in keys if len({row["provenance"].get(k, _MISSING) for row in recorded}) == 1]
-    lines = [f"same in all {len(recorded)} runs:"] + [f"  {k}: {recorded[0]['provenance'][k]}" for k in same]
-    for key in (k for k in keys if k not in same):
-        lines.append(f"differs: {key}")
-        lines += [f"  {str(row['run_id'])[:8]}: {row['provenance'].get(key, _MISSING)}" for row in recorded]
-    return "\n".join(lines)
 
 
 def series_label(row: dict) -> str:
@@ -347,11 +278,11 @@ def format_versions(versions: list[dict]) -> str:
         [
             v["name"],
             str(v["version"]),
-            v["sparsity"] or _MISSING,
-            _format_value("ppl_", _float_or_none(v["ppl"])),
-            v["export_format"] or _MISSING,
-            v["stage"] or _MISSING,
-            v["run_id"] or _MISSING,
+            v["sparsity"] or MISSING,
+            format_value("ppl_", _float_or_none(v["ppl"])),
+            v["export_format"] or MISSING,
+            v["stage"] or MISSING,
+            v["run_id"] or MISSING,
         ]
         for v in versions
     ]

@@ -34,7 +34,7 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
         loopback_only(ray)
         ray.init(
             num_cpus=num_cpus,
-            runtime_env=env,
+            runtime_env={**env, "worker_process_setup_hook": "pipelines.run.ray_session.no_state_api_warnings"},
             include_dashboard=False,
             _node_ip_address="127.0.0.1",
             **ray_init_kwargs(),
@@ -54,6 +54,18 @@ def loopback_only(ray) -> None:
     from ray._private import ray_constants
 
     ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+# Ray Train's placement-group cleaner asks the state API, served by the dashboard, once a second
+# whether its controller lives; a local Ray here runs without a dashboard, so every ask warns
+STATE_API_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+
+
+def no_state_api_warnings() -> None:
+    """Every worker of a local Ray at its start: quiet the loggers that can only warn that the
+    dashboard's state API is absent (a search printed 211 such lines in its first 4 minutes)."""
+    for name in STATE_API_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def pin_train_coordinator() -> None:
