@@ -17,7 +17,8 @@ Run it alone on the machine: the extra steps of (c) follow the search's wall tim
 
 ``--promote`` then writes the best setting into ``elsa/tables/tuned.yaml`` (``elsa prune --preset
 tuned``) with its provenance, but only where (b) beats (a) on WikiText-2 perplexity: a setting that
-wins the search's short trials and loses at the budget is not shipped.
+wins the search's short trials and loses at the budget is not shipped. Where the rule's own setting
+won the search, the entry has no overrides and says so. ``--search-only`` stops after the search.
 """
 
 from __future__ import annotations
@@ -134,18 +135,21 @@ def summary_lines(result: dict) -> list[str]:
 TUNED_TABLE = REPO / "elsa" / "tables" / "tuned.yaml"
 
 
+def rule_won(found: dict) -> bool:
+    """Whether the search's best trial was the budget rule's own seed (tune/seed.py)."""
+    rule = [s for s in found["seeds"] if s["kind"] == "rule" and s["outcome"] == "completed"]
+    return bool(rule) and rule[0]["val_loss_projected"] == found["best"]["val_loss_projected"]
+
+
 def tuned_entry(result: dict, out: Path) -> dict | None:
     """The bundled table's entry for the search's best setting, with what found and measured it;
-    None when the tuned cell (b) does not beat the defaults (a) at the budget."""
-    found, cells = result["search"], list(result["cells"].values())
-    defaults, tuned, longer = cells
-    metric = "ppl_wikitext2-bundled"
-    if not tuned[metric] < defaults[metric]:
-        return None
-    return {
+    an empty config where the rule's own setting won (``--preset tuned`` then runs the rule and
+    says so); None when the tuned cell (b) does not beat the defaults (a) at the budget."""
+    found = result["search"]
+    entry = {
         "model": result["model"],
         "sparsity": result["sparsity"],
-        "config": found["best"]["config"],
+        "config": {} if rule_won(found) else found["best"]["config"],
         "search": found["command"],
         "mlflow_parent_run_id": found["parent_run_id"],
         "trials": found["trials"],
@@ -153,6 +157,15 @@ def tuned_entry(result: dict, out: Path) -> dict | None:
         "search_s": round(found["wall_s"]),
         "val_loss_projected": found["best"]["val_loss_projected"],
         "seeds": found["seeds"],
+    }
+    if rule_won(found):  # the entry says so; the rule's setting at B is cell (a) itself
+        return entry
+    defaults, tuned, longer = result["cells"].values()
+    metric = "ppl_wikitext2-bundled"
+    if not tuned[metric] < defaults[metric]:
+        return None
+    return {
+        **entry,
         "measured": {
             "budget": tuned["steps"],
             "wikitext2": {"defaults": defaults[metric], "tuned": tuned[metric], "defaults_longer": longer[metric]},
@@ -172,6 +185,8 @@ def promote(result: dict, out: Path, table: Path = TUNED_TABLE) -> str:
     header = "".join(line for line in table.read_text().splitlines(keepends=True) if line.startswith("#"))
     entries = merge_entries(table, [entry])
     table.write_text(header + yaml.safe_dump({"presets": entries}, sort_keys=False))
+    if not entry["config"]:
+        return f"the budget rule won the search; recorded in {table} as an entry without overrides"
     return f"promoted into {table}: {entry['model']} at {entry['sparsity']:g}"
 
 
@@ -188,6 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="bench/results-tune")
     parser.add_argument("--tracking-uri", default=None)
     parser.add_argument("--promote", action="store_true", help="write the winner into elsa/tables/tuned.yaml")
+    parser.add_argument("--search-only", action="store_true", help="stop after the search (no cells)")
     parser.add_argument("tune_args", nargs="*", help="more elsa tune flags, after --")
     args = parser.parse_args(argv)
     from pipelines.records import tracking
@@ -197,6 +213,12 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out) / f"{args.model}-{args.sparsity:g}"
     out.mkdir(parents=True, exist_ok=True)
     found = search(args, out)
+    if args.search_only or rule_won(found):  # the rule won: (b) would be (a) again
+        result = {"model": args.model, "sparsity": args.sparsity, "search": found, "cells": {}}
+        print(json.dumps(found, indent=1, default=str))
+        if args.promote:
+            print(promote(result, out))
+        return
     defaults = cell(args, out, "elsa", args.budget)
     tuned = cell(args, out, "elsa-preset", args.budget, found["preset_file"])
     extra = round(found["wall_s"] / seconds_a_step(defaults))

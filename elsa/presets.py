@@ -83,8 +83,10 @@ def tuned_entries() -> list[dict]:
 
 def tuned_preset(model: str, sparsity: float, entries: list[dict] | None = None) -> dict:
     """Overrides of the tuned entry for ``model`` nearest ``sparsity`` (within
-    :data:`TUNED_SPARSITY_REACH`); none (the budget rule) where no search covered it. A
-    setting searched at 80% is not assumed to carry to 60%: the rule is the honest default."""
+    :data:`TUNED_SPARSITY_REACH`); none (the budget rule) where no search covered it, or where the
+    search's winner was the rule's own setting (an entry with an empty config: the rule then
+    adapts to the run's steps as it does without a preset). A setting searched at 80% is not
+    assumed to carry to 60%: the rule is the honest default."""
     entries = tuned_entries() if entries is None else entries
     mine = [e for e in entries if e.get("model") == model]
     near = [e for e in mine if abs(float(e["sparsity"]) - sparsity) <= TUNED_SPARSITY_REACH + 1e-9]
@@ -92,8 +94,9 @@ def tuned_preset(model: str, sparsity: float, entries: list[dict] | None = None)
         covered = ", ".join(f"{e['sparsity']:g}" for e in mine) or "no sparsity"
         return {"preset": f"tuned:none for {model}@{sparsity:g} (searched: {covered}); budget rule"}
     chosen = min(near, key=lambda e: abs(float(e["sparsity"]) - sparsity))
-    overrides = dict(chosen["config"])
-    overrides["preset"] = f"tuned:{model}@{float(chosen['sparsity']):g}"
+    overrides = dict(chosen["config"])  # empty where the rule's own setting won the search
+    won = "" if overrides else " (the budget rule won the search)"
+    overrides["preset"] = f"tuned:{model}@{float(chosen['sparsity']):g}{won}"
     return overrides
 
 

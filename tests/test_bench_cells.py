@@ -98,6 +98,12 @@ def test_a_search_winner_is_shipped_only_where_it_beats_the_defaults_at_the_budg
     assert table.read_text().startswith("# header kept") and len(entries) == 1
     assert entries[0]["measured"]["wikitext2"] == {"defaults": 160.0, "tuned": 150.0, "defaults_longer": 160.0}
     assert tuned_preset("m", 0.8, entries)["lr"] == 1e-3
+    # the rule's own seed won at 0.9: recorded without overrides, whatever the cells
+    rule = {"kind": "rule", "source": "rule:steps=64", "val_loss_projected": 4.8, "outcome": "completed"}
+    result |= {"sparsity": 0.9, "search": {**search, "seeds": [rule]}, "cells": {}}
+    assert "the budget rule won" in tune_value.promote(result, tmp_path, table)
+    entries = yaml.safe_load(table.read_text())["presets"]
+    assert [(e["sparsity"], e["config"]) for e in entries] == [(0.8, {"lr": 1e-3}), (0.9, {})]
 
 
 def test_decode_speed_merge_lists_only_the_earlier_runs_that_still_own_a_cell(tmp_path):

@@ -123,6 +123,8 @@ def test_tuned_preset_takes_the_models_entry_near_its_sparsity_else_the_rule():
         rule = tuned_preset(model, sparsity, [entry])
         assert list(rule) == ["preset"] and rule["preset"].endswith("budget rule"), rule
     assert "m@0.7 (searched: 0.8)" in tuned_preset("m", 0.7, [entry])["preset"]
+    confirmed = {"model": "m", "sparsity": 0.9, "config": {}}  # the search's winner was the rule
+    assert tuned_preset("m", 0.9, [entry, confirmed]) == {"preset": "tuned:m@0.9 (the budget rule won the search)"}
     for bundled in tuned_entries():  # the shipped table: every entry a valid config with provenance
         assert {"search", "mlflow_parent_run_id", "trials", "val_loss_projected"} <= set(bundled), bundled
         make_config(bundled["config"], {"sparsity": bundled["sparsity"]})
