@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = make_parser().parse_args(argv)
     args.command_line = "elsa " + shlex.join(argv)  # as typed, for the model card
-    if args.command in ("prune", "eval"):
+    if args.command in ("prune", "eval", "tune"):  # a search's own progress is Tune's table
         from pipelines.run.quiet import configure
 
         configure(verbose=args.verbose)

@@ -117,6 +117,9 @@ def _add_run_arguments(run) -> None:
         help="times a trial that raised (e.g. its node was lost) starts again; its MLflow run counts attempts",
     )
     run.add_argument(
+        "--verbose", action="store_true", help="show Ray's worker output and third-party warnings beside Tune's table"
+    )
+    run.add_argument(
         "--preset-out",
         default=None,
         help="preset file for the best configurations (default: <storage>/<name>/best_presets.yaml)",
