@@ -146,10 +146,11 @@ def tuned_entry(result: dict, out: Path) -> dict | None:
     an empty config where the rule's own setting won (``--preset tuned`` then runs the rule and
     says so); None when the tuned cell (b) does not beat the defaults (a) at the budget."""
     found = result["search"]
+    won = rule_won(found)
     entry = {
         "model": result["model"],
         "sparsity": result["sparsity"],
-        "config": {} if rule_won(found) else found["best"]["config"],
+        "config": {} if won else found["best"]["config"],
         "search": found["command"],
         "mlflow_parent_run_id": found["parent_run_id"],
         "trials": found["trials"],
@@ -158,7 +159,7 @@ def tuned_entry(result: dict, out: Path) -> dict | None:
         "val_loss_projected": found["best"]["val_loss_projected"],
         "seeds": found["seeds"],
     }
-    if rule_won(found):  # the entry says so; the rule's setting at B is cell (a) itself
+    if won:  # the entry says so; the rule's setting at B is cell (a) itself
         return entry
     defaults, tuned, longer = result["cells"].values()
     metric = "ppl_wikitext2-bundled"

@@ -75,10 +75,18 @@ def paper_preset(model: str, sparsity: float, n_params: float | None = None) -> 
     return overrides
 
 
+def _entries(text: str) -> list[dict]:
+    """The entries of a preset file's text (``presets: [...]``; none for an empty file)."""
+    return (yaml.safe_load(text) or {}).get("presets") or []
+
+
+def _nearest_entry(entries: list[dict], sparsity: float) -> dict:
+    return min(entries, key=lambda e: abs(float(e["sparsity"]) - sparsity))
+
+
 def tuned_entries() -> list[dict]:
     """The bundled searches' winners (``tables/tuned.yaml``), in the preset-file format."""
-    text = resources.files("elsa").joinpath("tables/tuned.yaml").read_text()
-    return (yaml.safe_load(text) or {}).get("presets") or []
+    return _entries(resources.files("elsa").joinpath("tables/tuned.yaml").read_text())
 
 
 def tuned_preset(model: str, sparsity: float, entries: list[dict] | None = None) -> dict:
@@ -93,7 +101,7 @@ def tuned_preset(model: str, sparsity: float, entries: list[dict] | None = None)
     if not near:
         covered = ", ".join(f"{e['sparsity']:g}" for e in mine) or "no sparsity"
         return {"preset": f"tuned:none for {model}@{sparsity:g} (searched: {covered}); budget rule"}
-    chosen = min(near, key=lambda e: abs(float(e["sparsity"]) - sparsity))
+    chosen = _nearest_entry(near, sparsity)
     overrides = dict(chosen["config"])  # empty where the rule's own setting won the search
     won = "" if overrides else " (the budget rule won the search)"
     overrides["preset"] = f"tuned:{model}@{float(chosen['sparsity']):g}{won}"
@@ -113,7 +121,7 @@ def file_preset(path: str | Path, model: str, sparsity: float | None) -> dict:
     path = Path(path)
     if not path.is_file():
         raise PresetError(f"preset {str(path)!r} is neither 'paper', 'tuned' nor an existing preset file")
-    entries = (yaml.safe_load(path.read_text()) or {}).get("presets") or []
+    entries = _entries(path.read_text())
     mine = [e for e in entries if e.get("model") == model]
     if not mine:
         found = sorted({str(e.get("model")) for e in entries})
@@ -123,7 +131,7 @@ def file_preset(path: str | Path, model: str, sparsity: float | None) -> dict:
     if sparsity is None:
         chosen = mine[0]
     else:
-        chosen = min(mine, key=lambda e: abs(float(e["sparsity"]) - sparsity))
+        chosen = _nearest_entry(mine, sparsity)
     overrides = dict(chosen["config"])
     overrides["preset"] = f"{path.name}:{chosen.get('model')}@{chosen.get('sparsity')}"
     return overrides

@@ -23,8 +23,8 @@ PARAMS = ("model", "method", "sparsity", "pattern", "penalty")
 METRIC_PREFIXES = ("ppl_", "acc_")
 METRIC_NAMES = ("zero_shot_avg",)
 DEFAULT_PPL_METRIC = "ppl_wikitext2-bundled"
-STEP_METRICS = ("primal_residual", "val_loss_projected")
 HELD_OUT = "val_loss_projected"  # its latest value: the run's own measure, what a search ranks by
+STEP_METRICS = ("primal_residual", HELD_OUT)
 # what searches vary (tune/spaces): a column in the table wherever the runs differ in it
 SETTINGS = ("lr", "lmda", "lmda_final", "lmda_schedule", "rho", "rho_final", "rho_schedule", "interval", "steps")
 # tags of a run's record (elsa/provenance.py): versions, machine, text hashes, window protocol
@@ -91,7 +91,7 @@ def _row(run) -> dict:
         "sparsity": _float_or_none(values["sparsity"]),
         "metrics": {k: float(v) for k, v in run.data.metrics.items() if _wanted_metric(k)},
         "settings": {key: params[key] for key in SETTINGS if key in params},
-        "held_out": _float_or_none(str(run.data.metrics.get(HELD_OUT, ""))),
+        "held_out": run.data.metrics.get(HELD_OUT),
         "held_out_step": _latest_step(run, HELD_OUT),
         "provenance": {k: v for k, v in tags.items() if k.startswith(PROVENANCE_PREFIXES)},
     }
