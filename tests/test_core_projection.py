@@ -92,6 +92,25 @@ def test_topk_continuous_scores_and_negative_zero():
         topk_mask(torch.tensor([1.0, float("nan")]), 1)
 
 
+def test_both_digit_schedules_find_the_same_threshold_where_scores_share_their_top_bits():
+    """One process reads the top 15 bits at once, shards four bytes: same threshold, tie count and
+    mask, on scores that agree in their top 16 bits (1 + k ulp) with ties, zeros and a spread."""
+    from elsa.optim.projection import _LOCAL_DIGITS, _SHARDED_DIGITS, _as_bits, _radix_select
+
+    g = torch.Generator().manual_seed(11)
+    near_one = 1.0 + torch.randint(0, 300, (90, 40), generator=g).float() * 2**-23  # many ties too
+    score = torch.where(torch.rand(90, 40, generator=g) < 0.2, torch.rand(90, 40, generator=g) * 4, near_one)
+    score[0, : 50 % 40] = 0.0
+    bits = _as_bits(score)
+    for keep in (1, 7, 500, 1800, 2900, 3599):
+        local = _radix_select(bits, keep, None, _LOCAL_DIGITS)
+        sharded = _radix_select(bits, keep, None, _SHARDED_DIGITS)
+        kth = score.reshape(-1).sort(descending=True).values[keep - 1]
+        assert local == sharded and local[0] == int(kth.view(torch.int32)), f"keep={keep}"
+        assert local[2] == int((score == kth).sum())  # every entry equal to the threshold, counted
+        assert torch.equal(topk_mask(score, keep), ref_topk(score, keep)), f"keep={keep}"
+
+
 @pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4)])
 @pytest.mark.parametrize("input_dim", [1, 0])
 def test_nm_matches_brute_force(n, m, input_dim):

@@ -206,7 +206,7 @@ class ADMM(torch.optim.Optimizer):
             w = x + u
             z = w * self._mask(target, w, use_fisher=self.settings.projection == "fisher")
             z = self._store(target, "z", z)  # z as stored (quantised), used consistently below
-            self._store(target, "u", u + x - z)
+            self._store(target, "u", w - z)  # u + x - z, the same floats (addition commutes)
             flips = ((z != 0) != z_prev_mask).sum()
             row = torch.stack([part.double() for part in ((x - z).pow(2).sum(), x.pow(2).sum(), flips)])
             sums = row if sums is None else sums + row

@@ -6,9 +6,11 @@ projection) or v * x^2 (objective-aware: the norm induced by Adam's diagonal Fis
 Unstructured masks keep exactly ``keep`` entries per matrix. Ties are broken
 deterministically: among equal scores the lower flat index wins. The threshold is found by a
 radix select over the float bit patterns (non-negative floats order like their int32 bits), a
-256-bin histogram per byte, so a matrix sharded row-wise over ranks (FSDP2's ``Shard(0)``)
-needs only four all-reduced histograms and one all-gathered tie count, never the whole
-matrix on one rank, and gives bit-for-bit the mask a single process gives.
+histogram per digit, so a matrix sharded row-wise over ranks (FSDP2's ``Shard(0)``) needs only
+four all-reduced 256-bin histograms and one all-gathered tie count, never the whole matrix on
+one rank, and gives bit-for-bit the mask a single process gives. One process takes the top 15
+bits in one 32k-bin histogram instead: one pass over the matrix, then a few hundred candidates
+(6x faster on SmolLM2's matrices, the same masks).
 """
 
 from __future__ import annotations
@@ -58,34 +60,52 @@ def topk_mask(score: torch.Tensor, keep: int, group=None) -> torch.Tensor:
     if group is None and bits.device.type != "cpu":
         return _device_topk_mask(bits, keep).view(score.shape)
 
-    prefix = 0  # bits of the keep-th largest score, found one byte at a time from the top
-    remaining = keep  # how many of the candidates sharing ``prefix`` still need keeping
-    candidates = bits
-    for shift in (24, 16, 8, 0):
-        byte = (candidates >> shift) & 0xFF
-        hist = torch.bincount(byte.to(torch.int64), minlength=256)
-        hist = _all_reduce(hist, group)
-        from_top = hist.flip(0).cumsum(0)  # from_top[j]: candidates whose byte >= 255 - j
-        j = int(torch.searchsorted(from_top, torch.tensor([remaining], device=from_top.device), right=False))
-        chosen = 255 - j
-        remaining -= int(from_top[j] - hist[chosen])
-        prefix |= chosen << shift
-        candidates = candidates[byte == chosen]
-
-    threshold = torch.tensor(prefix, dtype=torch.int32)
+    digits = _SHARDED_DIGITS if group is not None else _LOCAL_DIGITS
+    threshold_bits, take, ties_total = _radix_select(bits, keep, group, digits)
+    threshold = torch.tensor(threshold_bits, dtype=torch.int32)
+    if take == ties_total:  # every entry equal to the threshold is kept (always so when it is unique)
+        return (bits >= threshold).view(score.shape)
     mask = bits > threshold
     ties = bits == threshold
-    # ``remaining`` ties are kept, lowest global index first
+    # ``take`` ties are kept, lowest global index first
     local_ties = int(ties.sum())
     before = 0
     if group is not None:
         counts = [torch.zeros(1, dtype=torch.int64, device=bits.device) for _ in range(dist.get_world_size(group))]
         dist.all_gather(counts, torch.tensor([local_ties], dtype=torch.int64, device=bits.device), group=group)
         before = int(sum(int(c) for c in counts[: dist.get_rank(group)]))
-    take = min(max(remaining - before, 0), local_ties)
+    take = min(max(take - before, 0), local_ties)
     if take:
         mask[ties.nonzero().squeeze(1)[:take]] = True
     return mask.view(score.shape)
+
+
+# Digits of the radix select, (shift, width), most significant first. One process takes the top
+# 15 bits at once (the sign bit of a non-negative score is 0): one pass over the matrix then only
+# a few hundred candidates; sharded matrices keep 256-bin digits, small histograms to all-reduce.
+_LOCAL_DIGITS = ((16, 15), (8, 8), (0, 8))
+_SHARDED_DIGITS = ((24, 8), (16, 8), (8, 8), (0, 8))
+
+
+def _radix_select(bits: torch.Tensor, keep: int, group, digits) -> tuple[int, int, int]:
+    """The bit pattern of the ``keep``-th largest score over all shards, how many entries equal
+    to it are kept, and how many there are (all shards)."""
+    prefix = 0  # bits of the keep-th largest score, found one digit at a time from the top
+    remaining = keep  # how many of the candidates sharing ``prefix`` still need keeping
+    candidates = bits
+    for shift, width in digits:
+        digit = candidates >> shift
+        if shift + width < 31:
+            digit = digit & ((1 << width) - 1)
+        hist = _all_reduce(torch.bincount(digit, minlength=1 << width), group)
+        from_top = hist.flip(0).cumsum(0)  # from_top[j]: candidates whose digit >= top - j
+        j = int(torch.searchsorted(from_top, torch.tensor([remaining], device=from_top.device), right=False))
+        chosen = (1 << width) - 1 - j
+        remaining -= int(from_top[j] - hist[chosen])
+        prefix |= chosen << shift
+        if shift:
+            candidates = candidates[digit == chosen]
+    return prefix, remaining, int(hist[chosen])
 
 
 def _device_topk_mask(bits: torch.Tensor, keep: int) -> torch.Tensor:
