@@ -1,5 +1,6 @@
 """The bench's own logic: a preset cell is the defaults plus the preset's entry, as `elsa prune --preset`
-builds it, and the search-value summary charges the search's compute to the tuned cell only."""
+builds it, the search-value summary charges the search's compute to the tuned cell only, and the
+headline table picks its rows by rule."""
 
 from __future__ import annotations
 
@@ -125,3 +126,34 @@ def test_decode_speed_merge_lists_only_the_earlier_runs_that_still_own_a_cell(tm
     path.write_text(json.dumps(legacy))
     kept = decode_speed.merge(run("fourth", [("smollm2", 0.9, 1)]), path)
     assert [r["command"] for r in kept["earlier_runs"]] == ["first"]  # an untagged cell: its run is kept
+
+
+def test_headline_picks_the_best_one_shot_the_short_run_and_the_best_run_within_the_hour():
+    """The README's headline rows: the one-shot method with the lowest WikiText-2 perplexity,
+    ELSA at 32 steps, and the best longer ELSA run under an hour, taken from the zero-shot
+    directory (which carries accuracies) before the perplexity-only one."""
+    headline = _load("headline")
+    wiki = headline.WIKI
+
+    def cell(method, ppl, prune_s=100.0, **extra):
+        return {"method": method, "sparsity": 0.8, wiki: ppl, "prune_s": prune_s, **extra}
+
+    zero_shot = [cell("sparsegpt", 580.0, zero_shot_avg=0.36), cell("elsa", 300.0, steps=300)]
+    perplexity_only = [
+        cell("wanda", 630.0),
+        cell("sparsegpt", 575.0),
+        cell("magnitude", 9e5),
+        cell("elsa", 220.0, steps=32),
+        cell("elsa", 150.0, steps=600, prune_s=3000.0),  # better, but not in the zero-shot directory
+        cell("elsa", 140.0, steps=1800, prune_s=4000.0),  # over the hour
+    ]
+    cells = [("zs", r) for r in zero_shot] + [("ppl", r) for r in perplexity_only]
+    rows = headline.pick_rows(cells, 0.8)
+    assert [(label, d, r[wiki]) for label, d, r in rows] == [
+        ("sparsegpt", "zs", 580.0),  # SparseGPT is the best one-shot method; its zero-shot cell is shown
+        ("ELSA, 32 steps", "ppl", 220.0),
+        ("ELSA, 300 steps", "zs", 300.0),
+    ]
+    rows = headline.pick_rows([c for c in cells if c[0] == "ppl"], 0.8)
+    assert rows[-1][0] == "ELSA, 600 steps" and rows[0][2][wiki] == 575.0
+    assert headline.pick_rows(cells, 0.5) == []
