@@ -19,6 +19,7 @@ from tune.results import SparsityOutcome, best_row, trial_rows
 from tune.search import DivergenceStopper, make_scheduler, make_searcher
 from tune.seed import SeedPoint, seed_points
 from tune.space import SearchSpace, trial_config
+from tune.starts import start_variants, variant_key
 from tune.trial import TrialContext, run_trial
 
 
@@ -51,21 +52,21 @@ def search_one(search: Search, base: dict, sparsity: float, entry: dict) -> Spar
     if entry.get("status") == "done" and entry.get("parent_run_id"):
         search.echo(f"{key}: already finished (MLflow parent run {entry['parent_run_id']}); reading its results")
         grid = ray_tune.ResultGrid(ray_tune.ExperimentAnalysis(experiment_path))
-        seeds = _seeds(search, base, sparsity, _start_location(search, base, sparsity))
+        seeds = _seeds(search, base, sparsity, _any_start(_start_locations(search, base, sparsity)))
         return _summarise(search, grid, base, sparsity, entry["parent_run_id"], experiment_path, seeds)
     parent = _open_parent(search, base, sparsity, entry)
     search.echo(f"{key}: MLflow parent run {parent} ({search.uri}, experiment {request.experiment!r})")
     started = time.perf_counter()
     try:
-        init_location = _shared_start(search, base, sparsity, parent)
-        seeds = _seeds(search, base, sparsity, init_location)
+        init_locations = _shared_start(search, base, sparsity, parent)
+        seeds = _seeds(search, base, sparsity, _any_start(init_locations))
         if not entry.get("seeds_logged"):  # parameters are written once; a resumed search has them
             tracking.log_params(search.uri, parent, _seed_params(seeds))
             entry["seeds_logged"] = True
             state.write(search.root, search.saved)
         for seed in seeds:
             search.echo(f"{key}: seed {seed.source}: {seed.point}")
-        grid = _tuner(search, base, sparsity, parent, seeds, experiment_path, init_location).fit()
+        grid = _tuner(search, base, sparsity, parent, seeds, experiment_path, init_locations).fit()
     except BaseException as err:
         status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
         runs.finish(search.uri, parent, status, {"error": f"{type(err).__name__}: {err}"})
@@ -97,41 +98,50 @@ def _open_parent(search: Search, base: dict, sparsity: float, entry: dict) -> st
     return parent
 
 
-# fields that decide the one-shot start: searching any of them gives every trial its own start
-START_FIELDS = frozenset(
-    {"model", "sparsity", "pattern", "sparsity_map", "init", "method_args", "data", "seqlen", "calib_blocks", "seed"}
-)
-
-
-def _start_location(search: Search, base: dict, sparsity: float) -> str | None:
-    """Where the sparsity's shared warm start lives (None: the trials have none to share)."""
+def _start_locations(search: Search, base: dict, sparsity: float) -> dict[str, str] | None:
+    """Where the sparsity's shared warm starts live, by :func:`tune.starts.variant_key` (None: the
+    trials have none to share)."""
+    variants = start_variants(search.space)
     cfg = trial_config(base, search.space.overrides({}, base))
-    if cfg.init == "none" or START_FIELDS & set(search.space.dimensions):
+    if cfg.init == "none" or variants is None:
         return None
-    return state.join(search.root, "init", sparsity_key(sparsity))
+    folder = state.join(search.root, "init", sparsity_key(sparsity))
+    return {variant_key(v): state.join(folder, variant_key(v)) if v else folder for v in variants}
 
 
-def _shared_start(search: Search, base: dict, sparsity: float, parent: str) -> str | None:
-    """The warm start every trial begins from, computed once per sparsity (None: each trial's own).
+def _any_start(locations: dict[str, str] | None) -> str | None:
+    """One of the starts (they share the dense model, hence its weight scale), or None."""
+    return next(iter(locations.values())) if locations else None
+
+
+def _shared_start(search: Search, base: dict, sparsity: float, parent: str) -> dict[str, str] | None:
+    """The warm starts the trials begin from, each computed once per sparsity (None: each trial's own).
 
     Why: the one-shot start (SparseGPT by the budget rule) depends on none of the searched
-    settings (lr, lambda, penalty, rho), yet computed in each trial it cost every trial its
-    minutes again. Written to the search's folder; a resumed search reuses it.
+    settings (lr, lambda, penalty, rho) but the start's own (tune/starts.py), yet computed in each
+    trial it cost every trial its minutes again. Written to the search's folder; a resumed search
+    reuses them.
     """
+    locations = _start_locations(search, base, sparsity)
+    for variant in start_variants(search.space) or []:
+        _write_start(search, base, sparsity, parent, variant, locations[variant_key(variant)])
+    return locations
+
+
+def _write_start(search: Search, base: dict, sparsity: float, parent: str, variant: dict, location: str) -> None:
     from elsa.weight_scale import WEIGHT_SCALE_FILE
     from pipelines.run.oneshot import run_one_shot
     from pipelines.run.progress import BlockLine, ProgressPrinter
     from pipelines.run.storage import holds
 
-    location = _start_location(search, base, sparsity)
-    if location is None or (holds(location, "config.json") and holds(location, WEIGHT_SCALE_FILE)):
-        return location  # complete: the weight scale is uploaded with the model (an upload cut short lacks one)
-    cfg = trial_config(base, search.space.overrides({}, base))
+    if holds(location, "config.json") and holds(location, WEIGHT_SCALE_FILE):
+        return  # complete: the weight scale is uploaded with the model (an upload cut short lacks one)
+    cfg = trial_config(base, search.space.overrides(variant, base))
     request = search.request
-    key = sparsity_key(sparsity)
-    search.echo(f"{key}: {cfg.init} start for every trial: one-shot pruning of {cfg.model}, block by block")
+    name = " ".join(filter(None, (sparsity_key(sparsity), variant_key(variant))))
+    search.echo(f"{name}: {cfg.init} start for every trial: one-shot pruning of {cfg.model}, block by block")
     started = time.perf_counter()  # before any trial: the machine's cores are the one-shot pass's
-    with ProgressPrinter(BlockLine(f"{key}: {cfg.init} start")) as printer:  # minutes: never silent
+    with ProgressPrinter(BlockLine(f"{name}: {cfg.init} start")) as printer:  # minutes: never silent
         run_one_shot(
             {**cfg.model_dump(mode="json"), "method": cfg.init},
             location,
@@ -142,12 +152,14 @@ def _shared_start(search: Search, base: dict, sparsity: float, parent: str) -> s
             progress=printer.sink(),
         )
     seconds = time.perf_counter() - started
-    tracking.log_metrics(search.uri, parent, {"init_s": seconds})
-    search.echo(f"{key}: {cfg.init} start for every trial written in {seconds:.0f} s ({location})")
-    return location
+    suffix = "/" + variant_key(variant).replace("=", ":").replace(",", "/") if variant else ""  # MLflow's charset
+    tracking.log_metrics(search.uri, parent, {f"init_s{suffix}": seconds})
+    search.echo(f"{name}: {cfg.init} start for every trial written in {seconds:.0f} s ({location})")
 
 
-def _trial_context(search: Search, base: dict, sparsity: float, parent: str, init_location: str | None) -> TrialContext:
+def _trial_context(
+    search: Search, base: dict, sparsity: float, parent: str, init_locations: dict[str, str] | None
+) -> TrialContext:
     from pipelines.run.ray_session import local_cores_per_task
 
     request = search.request
@@ -167,7 +179,7 @@ def _trial_context(search: Search, base: dict, sparsity: float, parent: str, ini
         threads_per_worker=local_cores_per_task(
             search.where.address, request.gpu, search.concurrency * request.workers_per_trial
         ),
-        init_location=init_location,
+        init_locations=init_locations,
         user={**request.config, "model": request.model, "sparsity": sparsity},
     )
 
@@ -179,14 +191,14 @@ def _tuner(
     parent: str,
     seeds: list[SeedPoint],
     experiment_path: str,
-    init_location,
+    init_locations: dict[str, str] | None,
 ):
     """A new Tuner for the sparsity, or the interrupted one restored (resume only)."""
     from ray import tune as ray_tune
 
     request, key = search.request, sparsity_key(sparsity)
     trainable = ray_tune.with_resources(
-        ray_tune.with_parameters(run_trial, context=_trial_context(search, base, sparsity, parent, init_location)),
+        ray_tune.with_parameters(run_trial, context=_trial_context(search, base, sparsity, parent, init_locations)),
         ray_tune.PlacementGroupFactory([dict(request.trial_resources)]),
     )
     if ray_tune.Tuner.can_restore(experiment_path):

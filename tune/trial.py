@@ -21,6 +21,7 @@ from elsa.loop import DivergedError, NonFiniteLossError
 from tune import runs
 from tune.search import METRIC, NONFINITE_LOSS
 from tune.space import SearchSpace, trial_config
+from tune.starts import trial_start_key
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,8 @@ class TrialContext:
     export: bool = False  # keep each trial's pruned model as its Train run's last checkpoint (costly)
     train_env: dict | None = None  # RAY_TRAIN_* settings of the search's environment (see run_trial)
     threads_per_worker: int | None = None  # torch threads of each worker (None: Ray's OMP default)
-    init_location: str | None = None  # the warm start all trials share, written once (tune.one_sparsity)
+    # the warm starts the trials share, written once (tune.one_sparsity), by tune.starts.variant_key
+    init_locations: dict[str, str] | None = None
     # the user's own settings (model, sparsity, --config, flags) before the budget rule: each trial's
     # config is built from them and its sample, so the rule fills the rest for the sampled penalty,
     # exactly as `elsa prune` with the same flags and the trial's preset entry does
@@ -157,8 +159,8 @@ def run_trial(config: dict, context: TrialContext) -> None:
         "export": context.export,
         "threads": context.threads_per_worker,
     }
-    if context.init_location:
-        loop_config["init_location"] = context.init_location
+    if context.init_locations:
+        loop_config["init_location"] = context.init_locations[trial_start_key(context.space, config)]
     trainer = build_trainer(
         train_worker,
         loop_config,

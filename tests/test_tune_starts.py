@@ -1,0 +1,78 @@
+"""Shared warm starts in a search (tune/starts.py): a trial begins from a start pruned with its own
+start settings. Unit tests of the grouping, then a real search on the tiny model whose two trials
+sample different OWL allocations and must each load the start of theirs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from test_tune import _runs, _search, fast_reports, write_space  # noqa: F401 (a fixture)
+from tune.space import parse_space
+from tune.starts import MAX_STARTS, start_variants, trial_start_key, variant_key
+
+
+def test_one_start_when_no_start_setting_is_searched():
+    space = parse_space({"lr": {"loguniform": [1e-4, 1e-3]}, "allocation": "uniform"})  # fixed: one start
+    assert start_variants(space) == [{}] and variant_key({}) == ""
+    assert trial_start_key(space, {"lr": 3e-4}) == ""
+
+
+def test_one_start_per_combination_of_searched_choices():
+    space = parse_space(
+        {
+            "lr": {"loguniform": [1e-4, 1e-3]},
+            "allocation": {"choice": ["owl", "uniform"]},
+            "owl_lambda": {"choice": [0.04, 0.08]},
+        }
+    )
+    variants = start_variants(space)
+    assert len(variants) == 4 <= MAX_STARTS
+    keys = {variant_key(v) for v in variants}
+    assert "allocation=uniform,owl_lambda=0.04" in keys and len(keys) == 4
+    sample = {"lr": 2e-4, "owl_lambda": 0.08, "allocation": "owl"}
+    assert trial_start_key(space, sample) == "allocation=owl,owl_lambda=0.08" and trial_start_key(space, sample) in keys
+
+
+@pytest.mark.parametrize(
+    "dims",
+    [
+        {"owl_lambda": {"uniform": [0.02, 0.1]}},  # a range: every value its own start
+        {"owl_lambda": {"choice": [0.02, 0.04, 0.06]}, "allocation": {"choice": ["owl", "uniform"]}},  # 6 > 4
+    ],
+)
+def test_trials_compute_their_own_starts_when_they_cannot_share(dims):
+    assert start_variants(parse_space({"lr": {"loguniform": [1e-4, 1e-3]}, **dims})) is None
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_each_trial_loads_the_start_of_its_own_allocation(tmp_path, tiny_model_dir, ray_session, fast_reports):  # noqa: F811
+    # Two trials, deterministic: the budget rule's seed (allocation owl) and Table 5's (the space
+    # searches lmda, so the paper's point is evaluated; it sets no allocation and takes the first
+    # choice, uniform). Before tune/starts.py both loaded one OWL start.
+    space = write_space(
+        tmp_path / "space.yaml",
+        {"allocation": {"choice": ["uniform", "owl"]}, "lmda": {"loguniform": [1e-4, 1e-2]}, "penalty": "decoupled"},
+    )
+    report = _search(
+        tmp_path,
+        tiny_model_dir,
+        ["--sparsity", "0.8", "--trials", "2", "--steps", "2", "--eval-interval", "1", "--space", space]
+        + ["--scheduler", "none", "--name", "starts"],
+    )
+    (outcome,) = report.outcomes
+    assert {row.sample["allocation"] for row in outcome.rows} == {"owl", "uniform"}
+    folder = Path(report.root) / "init" / "sparsity-0.8"
+    owl, uniform = folder / "allocation=owl", folder / "allocation=uniform"
+    assert (owl / "config.json").is_file() and (uniform / "config.json").is_file()
+    assert (owl / "sparsity_map.json").is_file() and not (uniform / "sparsity_map.json").exists()
+
+    client, runs = _runs(report.tracking_uri)
+    parent = client.get_run(outcome.parent_run_id)
+    assert parent.data.metrics["init_s/allocation:owl"] > 0 and parent.data.metrics["init_s/allocation:uniform"] > 0
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    start_loss = {r.data.params["allocation"]: r.data.metrics["init_val_loss"] for r in children}
+    assert set(start_loss) == {"owl", "uniform"}
+    assert start_loss["owl"] != start_loss["uniform"]  # two different starts were loaded
