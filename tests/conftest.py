@@ -168,3 +168,9 @@ def _wait_group_gone(pgid: int, timeout: float = 20.0) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+@pytest.fixture
+def fast_reports(monkeypatch):
+    """Ray Train's controller polls its workers every 2 s, so each report of a tiny trial costs 2 s."""
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from test_tune import _runs, _search, fast_reports, write_space  # noqa: F401 (a fixture)
+from tune_helpers import tiny_search, tune_runs, write_space
 from tune.space import parse_space
 from tune.starts import MAX_STARTS, start_variants, trial_start_key, variant_key
 
@@ -48,7 +48,7 @@ def test_trials_compute_their_own_starts_when_they_cannot_share(dims):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_each_trial_loads_the_start_of_its_own_allocation(tmp_path, tiny_model_dir, ray_session, fast_reports):  # noqa: F811
+def test_each_trial_loads_the_start_of_its_own_allocation(tmp_path, tiny_model_dir, ray_session, fast_reports):
     # Two trials, deterministic: the budget rule's seed (allocation owl) and Table 5's (the space
     # searches lmda, so the paper's point is evaluated; it sets no allocation and takes the first
     # choice, uniform). Before tune/starts.py both loaded one OWL start.
@@ -56,7 +56,7 @@ def test_each_trial_loads_the_start_of_its_own_allocation(tmp_path, tiny_model_d
         tmp_path / "space.yaml",
         {"allocation": {"choice": ["uniform", "owl"]}, "lmda": {"loguniform": [1e-4, 1e-2]}, "penalty": "decoupled"},
     )
-    report = _search(
+    report = tiny_search(
         tmp_path,
         tiny_model_dir,
         ["--sparsity", "0.8", "--trials", "2", "--steps", "2", "--eval-interval", "1", "--space", space]
@@ -69,7 +69,7 @@ def test_each_trial_loads_the_start_of_its_own_allocation(tmp_path, tiny_model_d
     assert (owl / "config.json").is_file() and (uniform / "config.json").is_file()
     assert (owl / "sparsity_map.json").is_file() and not (uniform / "sparsity_map.json").exists()
 
-    client, runs = _runs(report.tracking_uri)
+    client, runs = tune_runs(report.tracking_uri)
     parent = client.get_run(outcome.parent_run_id)
     assert parent.data.metrics["init_s/allocation:owl"] > 0 and parent.data.metrics["init_s/allocation:uniform"] > 0
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
