@@ -46,6 +46,30 @@ def test_trials_compute_their_own_starts_when_they_cannot_share(dims):
     assert start_variants(parse_space({"lr": {"loguniform": [1e-4, 1e-3]}, **dims})) is None
 
 
+@pytest.mark.parametrize("init", ["none", "sparsegpt"])
+def test_where_the_starts_live_and_none_without_a_start(tmp_path, init):
+    """Without a start (init: none) a search shares none and writes none; with one, the single
+    start keeps its folder of before (a resumed search finds it) and variants live beneath it."""
+    from types import SimpleNamespace
+
+    from tune import one_sparsity
+
+    base = {"model": "smollm2-135m", "sparsity": 0.8, "init": init, "steps": 4}
+    single = SimpleNamespace(space=parse_space({"lr": {"loguniform": [1e-4, 1e-3]}}), root=str(tmp_path))
+    varied = SimpleNamespace(space=parse_space({"allocation": {"choice": ["owl", "uniform"]}}), root=str(tmp_path))
+    if init == "none":
+        assert one_sparsity._shared_start(single, base, 0.8, "parent") is None
+        assert one_sparsity._start_locations(varied, base, 0.8) is None
+        assert not any(tmp_path.iterdir())
+        return
+    folder = str(tmp_path / "init" / "sparsity-0.8")
+    assert one_sparsity._start_locations(single, base, 0.8) == {"": folder}
+    assert one_sparsity._start_locations(varied, base, 0.8) == {
+        "allocation=owl": f"{folder}/allocation=owl",
+        "allocation=uniform": f"{folder}/allocation=uniform",
+    }
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_each_trial_loads_the_start_of_its_own_allocation(tmp_path, tiny_model_dir, ray_session, fast_reports):

@@ -123,7 +123,9 @@ def _shared_start(search: Search, base: dict, sparsity: float, parent: str) -> d
     reuses them.
     """
     locations = _start_locations(search, base, sparsity)
-    for variant in start_variants(search.space) or []:
+    if locations is None:  # no start (init: none) or none shared: each trial computes its own
+        return None
+    for variant in start_variants(search.space):
         _write_start(search, base, sparsity, parent, variant, locations[variant_key(variant)])
     return locations
 
