@@ -30,11 +30,13 @@ if str(REPO) not in sys.path:
 from elsa.optim.projection import topk_mask  # noqa: E402
 
 
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=REPO, check=True, capture_output=True, text=True).stdout
+
+
 def projection_at(commit: str):
     """``elsa/optim/projection.py`` as of ``commit``, imported as a module of its own."""
-    source = subprocess.run(
-        ["git", "show", f"{commit}:elsa/optim/projection.py"], cwd=REPO, check=True, capture_output=True, text=True
-    ).stdout
+    source = _git("show", f"{commit}:elsa/optim/projection.py")
     path = Path(tempfile.mkdtemp()) / "projection_base.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("projection_base", path)
@@ -89,12 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     record = {
         "command": "python " + " ".join([Path(__file__).relative_to(REPO).as_posix(), *(argv or sys.argv[1:])]),
         "model": args.model,
-        "base": subprocess.run(
-            ["git", "rev-parse", "--short", args.base], cwd=REPO, capture_output=True, text=True
-        ).stdout.strip(),
-        "now": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
-        ).stdout.strip(),
+        "base": _git("rev-parse", "--short", args.base).strip(),
+        "now": _git("rev-parse", "--short", "HEAD").strip(),
         "matrices": len(weights),
         "weights": sum(w.numel() for w in weights),
         "torch_threads": torch.get_num_threads(),
