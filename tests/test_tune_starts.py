@@ -46,6 +46,25 @@ def test_trials_compute_their_own_starts_when_they_cannot_share(dims):
     assert start_variants(parse_space({"lr": {"loguniform": [1e-4, 1e-3]}, **dims})) is None
 
 
+def test_the_rules_setting_is_seeded_from_every_shared_start():
+    """A space searching OWL against uniform evaluates the rule's setting from both starts first
+    (the start question answered at equal settings), then the sampled trials."""
+    from tune.seed import RULE, seed_points
+
+    base = {"steps": 64, "allocation": "owl", "rho": 0.005, "rho_final": 0.05, "rho_schedule": "linear"}
+    space = parse_space({"lr": {"loguniform": [1e-5, 1e-2]}, "allocation": {"choice": ["uniform", "owl"]}})
+    rule, other = seed_points(space, base, "m", 0.8, median_rms=0.0395)
+    assert (rule.kind, other.kind) == (RULE, "rule/allocation:uniform")
+    assert rule.point == {"lr": 1.2e-4, "allocation": "owl"} and other.point == {"lr": 1.2e-4, "allocation": "uniform"}
+    assert other.source == "rule:steps=64,allocation=uniform"
+    two = parse_space({"allocation": {"choice": ["owl", "uniform"]}, "owl_lambda": {"choice": [0.04, 0.08]}})
+    kinds = [seed.kind for seed in seed_points(two, {**base, "owl_lambda": 0.08}, "m", 0.8, None)]
+    assert kinds == [RULE, "rule/allocation:owl/owl_lambda:0.04", "rule/allocation:uniform/owl_lambda:0.04"] + [
+        "rule/allocation:uniform/owl_lambda:0.08"
+    ]
+    assert len(seed_points(parse_space({"lr": {"loguniform": [1e-5, 1e-2]}}), base, "m", 0.8, 0.19)) == 1
+
+
 @pytest.mark.parametrize("init", ["none", "sparsegpt"])
 def test_where_the_starts_live_and_none_without_a_start(tmp_path, init):
     """Without a start (init: none) a search shares none and writes none; with one, the single
@@ -73,12 +92,11 @@ def test_where_the_starts_live_and_none_without_a_start(tmp_path, init):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_each_trial_loads_the_start_of_its_own_allocation(tmp_path, tiny_model_dir, ray_session, fast_reports):
-    # Two trials, deterministic: the budget rule's seed (allocation owl) and Table 5's (the space
-    # searches lmda, so the paper's point is evaluated; it sets no allocation and takes the first
-    # choice, uniform). Before tune/starts.py both loaded one OWL start.
+    # Two trials, deterministic: the budget rule's setting (allocation owl), then the same from
+    # the uniform start (tune/seed.py). Before tune/starts.py both loaded one OWL start.
     space = write_space(
         tmp_path / "space.yaml",
-        {"allocation": {"choice": ["uniform", "owl"]}, "lmda": {"loguniform": [1e-4, 1e-2]}, "penalty": "decoupled"},
+        {"allocation": {"choice": ["uniform", "owl"]}, "lr": {"loguniform": [1e-5, 1e-2]}, "penalty": "decoupled"},
     )
     report = tiny_search(
         tmp_path,
@@ -87,7 +105,10 @@ def test_each_trial_loads_the_start_of_its_own_allocation(tmp_path, tiny_model_d
         + ["--scheduler", "none", "--name", "starts"],
     )
     (outcome,) = report.outcomes
-    assert {row.sample["allocation"] for row in outcome.rows} == {"owl", "uniform"}
+    seeds = {row.seed: row.sample for row in outcome.rows}
+    assert set(seeds) == {"rule", "rule/allocation:uniform"}
+    assert (seeds["rule"]["allocation"], seeds["rule/allocation:uniform"]["allocation"]) == ("owl", "uniform")
+    assert seeds["rule"]["lr"] == seeds["rule/allocation:uniform"]["lr"]  # equal settings, two starts
     folder = Path(report.root) / "init" / "sparsity-0.8"
     owl, uniform = folder / "allocation=owl", folder / "allocation=uniform"
     assert (owl / "config.json").is_file() and (uniform / "config.json").is_file()

@@ -19,7 +19,7 @@ from tune.results import SparsityOutcome, best_row, trial_rows
 from tune.search import DivergenceStopper, make_scheduler, make_searcher
 from tune.seed import SeedPoint, seed_points
 from tune.space import SearchSpace, trial_config
-from tune.starts import start_variants, variant_key
+from tune.starts import start_variants, variant_key, variant_label
 from tune.trial import TrialContext, run_trial
 
 
@@ -154,8 +154,7 @@ def _write_start(search: Search, base: dict, sparsity: float, parent: str, varia
             progress=printer.sink(),
         )
     seconds = time.perf_counter() - started
-    suffix = "/" + variant_key(variant).replace("=", ":").replace(",", "/") if variant else ""  # MLflow's charset
-    tracking.log_metrics(search.uri, parent, {f"init_s{suffix}": seconds})
+    tracking.log_metrics(search.uri, parent, {f"init_s{variant_label(variant)}": seconds})
     search.echo(f"{name}: {cfg.init} start for every trial written in {seconds:.0f} s ({location})")
 
 

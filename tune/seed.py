@@ -128,12 +128,31 @@ def rule_seed(space: SearchSpace, base: dict, median_rms: float | None) -> SeedP
     return SeedPoint(point, f"{RULE}:steps={base.get('steps')}", tuple(notes), RULE)
 
 
+def rule_from_other_starts(space: SearchSpace, rule: SeedPoint) -> list[SeedPoint]:
+    """The rule's setting again from each other shared start the space pays for (tune/starts.py).
+
+    Why: a space that searches OWL against a uniform allocation asks which start suits the model;
+    only the rule's setting from both starts answers that at equal settings (a sampled trial
+    changes lr and rho too). Their kinds are ``rule/allocation:uniform`` and the like.
+    """
+    from tune.starts import start_variants, variant_key, variant_label
+
+    seeds = []
+    for values in start_variants(space) or []:
+        if all(rule.point.get(name) == value for name, value in values.items()):  # the rule's own start
+            continue
+        point = {**rule.point, **values}
+        seeds.append(SeedPoint(point, f"{rule.source},{variant_key(values)}", rule.notes, RULE + variant_label(values)))
+    return seeds
+
+
 def seed_points(
     space: SearchSpace, base: dict, model: str, sparsity: float, median_rms: float | None
 ) -> list[SeedPoint]:
-    """The points every search evaluates first, in order: the rule's, then the paper's where the
-    space searches the paper's penalty (``lmda``)."""
-    seeds = [rule_seed(space, base, median_rms)]
+    """The points every search evaluates first, in order: the rule's, the rule's from each other
+    shared start, then the paper's where the space searches the paper's penalty (``lmda``)."""
+    rule = rule_seed(space, base, median_rms)
+    seeds = [rule, *(rule_from_other_starts(space, rule) if rule is not None else [])]
     if "lmda" in space.dimensions:
         seeds.append(paper_seed(space, model, sparsity))
     return [seed for seed in seeds if seed is not None]

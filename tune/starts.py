@@ -53,6 +53,12 @@ def variant_key(values: dict) -> str:
     return ",".join(f"{name}={values[name]}" for name in sorted(values))
 
 
+def variant_label(values: dict) -> str:
+    """``variant_key`` in MLflow's key charset (no ``=`` or ``,``): ``/allocation:uniform``, or
+    ``""`` for the only start; the suffix of the start's metric and of its rule seed's kind."""
+    return "/" + variant_key(values).replace("=", ":").replace(",", "/") if values else ""
+
+
 def trial_start_key(space: SearchSpace, sample: dict) -> str:
     """The key of the start a trial with ``sample`` (its searched values) begins from."""
     return variant_key({name: sample[name] for name in space.dimensions if name in START_FIELDS})
