@@ -78,7 +78,8 @@ def search(args, out: Path) -> dict:
         "seeds": entry.get("seeds", []),
         "parent_run_id": parent_id,
         "trials": {k: v for k, v in parent.data.metrics.items() if k.startswith("trials_")},
-        "init_s": parent.data.metrics.get("init_s"),
+        # one start, or one per searched start setting (init_s/allocation:uniform, tune/starts.py)
+        "init_s": sum(v for k, v in parent.data.metrics.items() if k == "init_s" or k.startswith("init_s/")) or None,
     }
     record.write_text(json.dumps(found, indent=1, default=str))
     return found
