@@ -127,7 +127,9 @@ def test_fake_cluster_scales_up_for_trainer_work_and_back_down(capsys):
     assert wanted in results["stdout"], results["stdout"][-3000:]
     entries = (results["preset"] or {}).get("presets") or []
     assert [e["sparsity"] for e in entries] == [0.7], results["preset"]
-    assert entries[0]["config"].get("penalty") in ("coupled", "decoupled"), entries[0]
+    # the best trial's settings, or none where the rule's own seed won (it fills them in at any budget)
+    assert entries[0]["config"].get("penalty", "decoupled") in ("coupled", "decoupled"), entries[0]
+    assert entries[0]["trial_id"] and (entries[0]["config"] or entries[0].get("best_seed") == "rule"), entries[0]
     assert prune.returncode == 0, prune_log
     assert "waiting up to 300 s (--resource-timeout)" in prune.stdout, prune.stdout[-3000:]
     assert any(s["workers"] for s in during_prune), "no worker node was added for the waiting prune run"

@@ -65,6 +65,24 @@ def test_the_rules_setting_is_seeded_from_every_shared_start():
     assert len(seed_points(parse_space({"lr": {"loguniform": [1e-5, 1e-2]}}), base, "m", 0.8, 0.19)) == 1
 
 
+@pytest.mark.parametrize(
+    ("seed", "kept"),
+    [("rule", {}), ("rule/allocation:uniform", {"allocation": "uniform"}), ("", {"lr": 2e-4, "allocation": "uniform"})],
+)
+def test_a_rule_seeds_preset_keeps_only_what_it_changed(seed, kept):
+    """The rule's seed is the rule at the trial budget (its interval, rho schedule): a preset from it
+    holds only the seed's own changes, so `elsa prune --preset` at another budget runs that
+    budget's rule; a sampled winner's preset holds every searched value."""
+    from tune.results import SparsityOutcome, TrialRow, preset_entry
+
+    space = parse_space({"lr": {"loguniform": [1e-5, 1e-2]}, "allocation": {"choice": ["owl", "uniform"]}})
+    best = TrialRow("t1", {"lr": 2e-4, "allocation": "uniform"}, 4.8, 64, "completed", "run1", seed)
+    outcome = SparsityOutcome(0.8, "parent", "/exp", rows=[best], best=best, seeds=[best] if seed else [])
+    entry = preset_entry("m", outcome, space, {"steps": 64, "allocation": "owl"}, "s")
+    assert entry["config"] == kept and entry.get("best_seed", "") == seed
+    assert entry["val_loss_projected"] == 4.8 and entry["trial_id"] == "t1"
+
+
 @pytest.mark.parametrize("init", ["none", "sparsegpt"])
 def test_where_the_starts_live_and_none_without_a_start(tmp_path, init):
     """Without a start (init: none) a search shares none and writes none; with one, the single

@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from tune.search import METRIC, diverged
+from tune.seed import RULE
 from tune.space import SearchSpace
 
 
@@ -117,7 +118,7 @@ def preset_entry(model: str, outcome: SparsityOutcome, space: SearchSpace, base:
     """The preset-file entry for the best trial (the format ``elsa prune --preset FILE`` reads)."""
     best = outcome.best
     overrides = space.overrides(best.sample, base)
-    config = {k: _plain(v) for k, v in overrides.items() if v is not None}
+    config = {k: _plain(v) for k, v in overrides.items() if v is not None and k in kept_keys(best, overrides)}
     entry = {
         "model": model,
         "sparsity": float(outcome.sparsity),
@@ -126,6 +127,7 @@ def preset_entry(model: str, outcome: SparsityOutcome, space: SearchSpace, base:
         "trial_id": best.trial_id,
         "mlflow_run_id": best.mlflow_run_id,
         "search": search_name,
+        **({"best_seed": best.seed} if best.seed else {}),  # a rule seed's preset holds its changes only
         "budget": {k: base.get(k) for k in ("steps", "seqlen", "batch_size", "grad_accum", "data", "val_blocks")},
     }
     entry["seeds"] = [
@@ -138,6 +140,16 @@ def preset_entry(model: str, outcome: SparsityOutcome, space: SearchSpace, base:
         for row in outcome.seeds
     ]
     return entry
+
+
+def kept_keys(best: TrialRow, overrides: dict) -> set[str]:
+    """The keys a preset keeps of the best trial: all of them, but of a budget-rule seed only what
+    the seed changed from the rule (``rule/allocation:uniform`` keeps ``allocation``; ``rule``
+    nothing). Why: a rule seed's point is the rule *at the trial budget* (interval 2 at 64 steps);
+    ``elsa prune --preset`` at another budget must get the rule's values for that budget."""
+    if best.seed != RULE and not best.seed.startswith(RULE + "/"):
+        return set(overrides)
+    return {part.split(":", 1)[0] for part in best.seed.split("/")[1:]}
 
 
 def _plain(value):

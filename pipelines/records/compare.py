@@ -26,7 +26,8 @@ DEFAULT_PPL_METRIC = "ppl_wikitext2-bundled"
 HELD_OUT = "val_loss_projected"  # its latest value: the run's own measure, what a search ranks by
 STEP_METRICS = ("primal_residual", HELD_OUT)
 # what searches vary (tune/spaces): a column in the table wherever the runs differ in it
-SETTINGS = ("lr", "lmda", "lmda_final", "lmda_schedule", "rho", "rho_final", "rho_schedule", "interval", "steps")
+SETTINGS = ("lr", "lmda", "lmda_final", "lmda_schedule", "rho", "rho_final", "rho_schedule", "interval")
+SETTINGS += ("allocation", "owl_lambda", "steps")  # start settings a search may vary too (tune/starts.py)
 # tags of a run's record (elsa/provenance.py): versions, machine, text hashes, window protocol
 PROVENANCE_PREFIXES = ("version.", "machine.", "data_sha256.", "eval_sha256.", "windows.")
 PENALISED = ("elsa",)  # methods whose runs differ by ADMM penalty mode (coupled / decoupled)
