@@ -92,8 +92,10 @@ def test_rule_seed_is_exactly_what_elsa_prune_runs(steps, median_rms, lr):
     space = load_space()
     user = {"model": "m", "sparsity": 0.8, "steps": steps}  # what a trial's config is built from (tune/trial.py)
     base = make_config(user).model_dump(mode="json")
-    (seed,) = seed_points(space, base, "m", 0.8, median_rms)  # no lmda searched: no Table 5 point
-    assert seed.kind == RULE and seed.notes == () and seed.point["lr"] == lr
+    # no lmda searched: no Table 5 point; the allocation is: the rule again from the uniform start
+    seed, uniform = seed_points(space, base, "m", 0.8, median_rms)
+    assert seed.kind == RULE and seed.notes == () and seed.point["lr"] == lr and seed.point["allocation"] == "owl"
+    assert uniform.kind == "rule/allocation:uniform" and uniform.point == {**seed.point, "allocation": "uniform"}
     assert all(space.dimensions[name].contains(value) for name, value in seed.point.items())  # inside every range
     trial = trial_config(user, space.overrides(seed.point, base)).model_dump(mode="json")
     expected = {**base, "lr": lr}
