@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from elsa.config import make_config
+from elsa.config import ConfigError, make_config
 from pipelines.records import tracking
 from pipelines.run.capacity import RESOURCE_TIMEOUT_S, CapacityError, run_bundles, timeout_problem, wait_for_capacity
 from pipelines.run.storage import run_storage
@@ -26,7 +26,7 @@ from tune.errors import SearchError
 from tune.one_sparsity import Search, search_one, sparsity_key
 from tune.results import SparsityOutcome, merge_entries, preset_entry
 from tune.search import DEFAULT_MAX_VAL_LOSS, TRIAL_RETRIES, make_scheduler
-from tune.space import load_space, parse_space
+from tune.space import Dimension, SearchSpace, load_space, parse_space, trial_config
 
 DEFAULT_EXPERIMENT = "elsa-tune"
 PRESET_FILE = "best_presets.yaml"
@@ -103,6 +103,40 @@ def _base_config(request: SearchRequest, sparsity: float) -> dict:
     return make_config(request.config, {"model": request.model, "sparsity": sparsity}).model_dump(mode="json")
 
 
+def feasible_space(space: SearchSpace, request: SearchRequest, echo) -> SearchSpace:
+    """``space`` without the choice values the user's config refuses, so no trial fails on them.
+
+    Why: the default space searches ``allocation`` (OWL or uniform), and OWL sets each block's
+    sparsity itself, which an N:M pattern or a sparsity map forbid; such a search runs uniform
+    only. The config (elsa/config.py) decides, as it does for ``elsa prune``. A choice left with one
+    value becomes a fixed field; with none, the search is refused.
+    """
+    user = {**request.config, "model": request.model, "sparsity": request.sparsities[0]}
+    base = make_config(user).model_dump(mode="json")
+    dimensions, fixed = dict(space.dimensions), dict(space.fixed)
+    for name, dim in space.dimensions.items():
+        if dim.kind != "choice":
+            continue
+        kept, refused = [], []
+        for value in dim.args:
+            try:  # built as a trial's config is (tune/trial.py), this one value on the user's config
+                trial_config(user, space.overrides({name: value}, base))
+                kept.append(value)
+            except ConfigError as err:
+                refused.append((value, str(err)))
+        if not refused:
+            continue
+        if not kept:
+            raise SearchError(f"the space's {name} choices {list(dim.args)} are all refused: {refused[0][1]}")
+        del dimensions[name]
+        if len(kept) == 1:
+            fixed[name] = kept[0]
+        else:
+            dimensions[name] = Dimension(name, "choice", tuple(kept))
+        echo(f"note: {name}={', '.join(str(v) for v, _ in refused)} is not searched: {refused[0][1]}")
+    return dataclasses.replace(space, dimensions=dimensions, fixed=fixed)
+
+
 def trial_bundles(request: SearchRequest) -> list[dict]:
     """What one trial places at once: its driver's resources, then each Ray Train worker's."""
     driver = [dict(request.trial_resources)] if any(request.trial_resources.values()) else []
@@ -168,6 +202,7 @@ def run_search(request: SearchRequest, where: Where, echo=print, extra_callbacks
     if where.trial_retries < 0:
         raise SearchError(f"--trial-retries {where.trial_retries} must be >= 0 (0: a trial that raises stays failed)")
     bases = {s: _base_config(request, s) for s in request.sparsities}  # every config error, before Ray
+    space = feasible_space(space, request, echo)
     batch = next(iter(bases.values()))["batch_size"]
     if batch % request.workers_per_trial:
         raise SearchError(
