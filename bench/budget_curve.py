@@ -1,14 +1,15 @@
 """The budget curve: perplexity against wall seconds for ELSA's defaults and the one-shot methods.
 
-Reads a results directory written by ``bench/run_bench.py`` (ELSA cells of the ``elsa`` method,
-one per ``--steps``, and the one-shot cells) and writes, for one sparsity, ``budget_curve.md``
+Reads results directories written by ``bench/run_bench.py`` (ELSA cells of the ``elsa`` method,
+one per ``--steps``, and the one-shot cells; a cell already read from an earlier directory is not
+taken again from a later one) and writes into the first, for one sparsity, ``budget_curve.md``
 (a table) and ``budget_curve.png`` (log-log: wall seconds of the whole prune, warm start
 included, against WikiText-2 perplexity); cells from before the ``allocation`` field ran
 uniform. The 0-step point is the warm start alone (its
 one-shot cell). Wall times are only comparable when every cell ran alone on the machine:
 ``torch_threads`` of each cell is in the table.
 
-    python bench/budget_curve.py --results bench/results-budget --sparsity 0.8
+    python bench/budget_curve.py --results bench/results bench/results-zeroshot --sparsity 0.8
 """
 
 from __future__ import annotations
@@ -50,11 +51,24 @@ def _curve(row: dict) -> str:
     return f"{row.get('allocation', 'uniform')} allocation, embeddings {_embeddings(row)}, lr {_lr(row)}"
 
 
+def merged_results(folders: list[Path]) -> list[dict]:
+    """The cells of every folder, each (method, steps, sparsity) once: the first folder's wins,
+    and each row says where it came from (``folder``)."""
+    seen, rows = set(), []
+    for folder in folders:
+        for row in json.loads((folder / "results.json").read_text())["results"]:
+            key = (row["method"], row.get("steps"), row.get("sparsity"))
+            if key not in seen:
+                seen.add(key)
+                rows.append({**row, "folder": folder.name})
+    return rows
+
+
 def table(rows: list[dict], dense: float | None) -> str:
     lines = [
         "| method | steps | allocation | embeddings | lr | wall s (prune, warm start included) | ppl | ppl / dense "
-        "| kept | threads |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| kept | threads | folder |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ratio = f"{r[METRIC] / dense:.2f}" if dense else "-"
@@ -64,7 +78,7 @@ def table(rows: list[dict], dense: float | None) -> str:
             f"| {r['prune_s']:.0f} "
             f"| {r[METRIC]:.1f} "
             f"| {ratio} | {r.get('kept', '-')} "
-            f"| {r.get('torch_threads', '-')} |"
+            f"| {r.get('torch_threads', '-')} | {r.get('folder', '-')} |"
         )
     return "\n".join(lines)
 
@@ -98,11 +112,13 @@ def plot(rows: list[dict], out_png: Path, sparsity: float) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--results", default="bench/results-budget")
+    parser.add_argument(
+        "--results", nargs="+", default=["bench/results"], help="results folders; written into the first"
+    )
     parser.add_argument("--sparsity", type=float, default=0.8)
     args = parser.parse_args(argv)
-    out = Path(args.results)
-    results = json.loads((out / "results.json").read_text())["results"]
+    out = Path(args.results[0])
+    results = merged_results([Path(folder) for folder in args.results])
     dense = next((r[METRIC] for r in results if r["method"] == "dense" and "error" not in r), None)
     rows = curve_rows(results, args.sparsity)
     text = table(rows, dense)

@@ -157,3 +157,32 @@ def test_headline_picks_the_best_one_shot_the_short_run_and_the_best_run_within_
     rows = headline.pick_rows([c for c in cells if c[0] == "ppl"], 0.8)
     assert rows[-1][0] == "ELSA, 600 steps" and rows[0][2][wiki] == 575.0
     assert headline.pick_rows(cells, 0.5) == []
+
+
+def test_the_budget_curve_reads_several_folders_each_cell_once(tmp_path):
+    """An hour cell written to another folder joins the curve; a cell both folders hold is the
+    first folder's, and the table says where each row came from."""
+    curve = _load("budget_curve")
+    cell = {"sparsity": 0.8, "prune_s": 100.0, "ppl_wikitext2-bundled": 200.0, "allocation": "owl", "lr": 6e-4}
+    first, second = tmp_path / "results", tmp_path / "results-zeroshot"
+    for folder, rows in {
+        first: [
+            {**cell, "method": "elsa", "steps": 32},
+            {**cell, "method": "sparsegpt", "ppl_wikitext2-bundled": 999.0},
+        ],
+        second: [
+            {**cell, "method": "elsa", "steps": 32, "ppl_wikitext2-bundled": 201.0},
+            {**cell, "method": "elsa", "steps": 1300, "prune_s": 3205.0},
+        ],
+    }.items():
+        folder.mkdir()
+        (folder / "results.json").write_text(json.dumps({"results": rows}))
+    merged = curve.merged_results([first, second])
+    assert [(r["method"], r.get("steps"), r["ppl_wikitext2-bundled"], r["folder"]) for r in merged] == [
+        ("elsa", 32, 200.0, "results"),
+        ("sparsegpt", None, 999.0, "results"),
+        ("elsa", 1300, 200.0, "results-zeroshot"),
+    ]
+    rows = curve.curve_rows(merged, 0.8)
+    assert [r.get("steps") for r in rows] == [None, 32, 1300]
+    assert curve.table(rows, None).splitlines()[-1].endswith("| results-zeroshot |")
