@@ -2,8 +2,8 @@
 
 Reads results directories written by ``bench/run_bench.py`` (ELSA cells of the ``elsa`` method,
 one per ``--steps``, and the one-shot cells; a cell already read from an earlier directory is not
-taken again from a later one) and writes into the first, for one sparsity, ``budget_curve.md``
-(a table) and ``budget_curve.png`` (log-log: wall seconds of the whole prune, warm start
+taken again from a later one) and writes into the first, for one sparsity S%, ``budget_curve-S.md``
+(a table) and ``budget_curve-S.png`` (log-log: wall seconds of the whole prune, warm start
 included, against WikiText-2 perplexity); cells from before the ``allocation`` field ran
 uniform. The 0-step point is the warm start alone (its
 one-shot cell). Wall times are only comparable when every cell ran alone on the machine:
@@ -122,8 +122,9 @@ def main(argv: list[str] | None = None) -> None:
     dense = next((r[METRIC] for r in results if r["method"] == "dense" and "error" not in r), None)
     rows = curve_rows(results, args.sparsity)
     text = table(rows, dense)
-    (out / "budget_curve.md").write_text(f"# Budget curve at {args.sparsity:.0%}\n\n{text}\n")
-    plot(rows, out / "budget_curve.png", args.sparsity)
+    name = f"budget_curve-{round(args.sparsity * 100)}"
+    (out / f"{name}.md").write_text(f"# Budget curve at {args.sparsity:.0%}\n\n{text}\n")
+    plot(rows, out / f"{name}.png", args.sparsity)
     print(text)
 
 
