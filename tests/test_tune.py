@@ -129,17 +129,20 @@ def test_choices_the_config_refuses_are_not_searched():
     """The default space searches OWL against uniform; with 2:4 the config refuses OWL, so the
     search runs uniform only (fixed), says why, and keeps every other dimension."""
     from tune.errors import SearchError
-    from tune.runner import SearchRequest, feasible_space
+    from tune.runner import SearchRequest, _base_config, feasible_space
+
+    def base(sparsity, **config):
+        return _base_config(SearchRequest("m", [sparsity], config=config), sparsity)
 
     said = []
     space = load_space()
-    nm = feasible_space(space, SearchRequest("m", [0.5], config={"pattern": "2:4"}), said.append)
+    nm = feasible_space(space, base(0.5, pattern="2:4"), said.append)
     assert "allocation" not in nm.dimensions and nm.fixed["allocation"] == "uniform"
     assert set(nm.dimensions) == set(space.dimensions) - {"allocation"} and "allocation=owl" in said[0]
-    assert feasible_space(space, SearchRequest("m", [0.8]), said.append) == space and len(said) == 1
+    assert feasible_space(space, base(0.8), said.append) == space and len(said) == 1
     only_owl = parse_space({"allocation": {"choice": ["owl"]}, "lr": {"loguniform": [1e-4, 1e-3]}})
     with pytest.raises(SearchError, match="allocation choices \\['owl'\\] are all refused"):
-        feasible_space(only_owl, SearchRequest("m", [0.5], config={"pattern": "2:4"}), said.append)
+        feasible_space(only_owl, base(0.5, pattern="2:4"), said.append)
 
 
 def test_bundled_spaces_by_name_and_an_unknown_one_named():

@@ -16,6 +16,7 @@ import yaml
 from tune.search import METRIC, diverged
 from tune.seed import RULE
 from tune.space import SearchSpace
+from tune.starts import label_fields
 
 
 @dataclass
@@ -149,7 +150,7 @@ def kept_keys(best: TrialRow, overrides: dict) -> set[str]:
     ``elsa prune --preset`` at another budget must get the rule's values for that budget."""
     if best.seed != RULE and not best.seed.startswith(RULE + "/"):
         return set(overrides)
-    return {part.split(":", 1)[0] for part in best.seed.split("/")[1:]}
+    return label_fields(best.seed.removeprefix(RULE))  # the kind is RULE + variant_label (tune/seed.py)
 
 
 def _plain(value):

@@ -103,24 +103,23 @@ def _base_config(request: SearchRequest, sparsity: float) -> dict:
     return make_config(request.config, {"model": request.model, "sparsity": sparsity}).model_dump(mode="json")
 
 
-def feasible_space(space: SearchSpace, request: SearchRequest, echo) -> SearchSpace:
+def feasible_space(space: SearchSpace, base: dict, echo) -> SearchSpace:
     """``space`` without the choice values the user's config refuses, so no trial fails on them.
 
     Why: the default space searches ``allocation`` (OWL or uniform), and OWL sets each block's
     sparsity itself, which an N:M pattern or a sparsity map forbid; such a search runs uniform
     only. The config (elsa/config.py) decides, as it does for ``elsa prune``. A choice left with one
-    value becomes a fixed field; with none, the search is refused.
+    value becomes a fixed field; with none, the search is refused. ``base``: the user's config at
+    a sparsity of the search (``_base_config``).
     """
-    user = {**request.config, "model": request.model, "sparsity": request.sparsities[0]}
-    base = make_config(user).model_dump(mode="json")
     dimensions, fixed = dict(space.dimensions), dict(space.fixed)
     for name, dim in space.dimensions.items():
         if dim.kind != "choice":
             continue
         kept, refused = [], []
         for value in dim.args:
-            try:  # built as a trial's config is (tune/trial.py), this one value on the user's config
-                trial_config(user, space.overrides({name: value}, base))
+            try:  # built as a shared start's config is (tune/one_sparsity.py), with this one value
+                trial_config(base, space.overrides({name: value}, base))
                 kept.append(value)
             except ConfigError as err:
                 refused.append((value, str(err)))
@@ -202,7 +201,7 @@ def run_search(request: SearchRequest, where: Where, echo=print, extra_callbacks
     if where.trial_retries < 0:
         raise SearchError(f"--trial-retries {where.trial_retries} must be >= 0 (0: a trial that raises stays failed)")
     bases = {s: _base_config(request, s) for s in request.sparsities}  # every config error, before Ray
-    space = feasible_space(space, request, echo)
+    space = feasible_space(space, next(iter(bases.values())), echo)
     batch = next(iter(bases.values()))["batch_size"]
     if batch % request.workers_per_trial:
         raise SearchError(

@@ -59,6 +59,11 @@ def variant_label(values: dict) -> str:
     return "/" + variant_key(values).replace("=", ":").replace(",", "/") if values else ""
 
 
+def label_fields(label: str) -> set[str]:
+    """The start settings a ``variant_label`` names: ``/allocation:uniform`` -> ``{"allocation"}``."""
+    return {part.split(":", 1)[0] for part in label.split("/")[1:]}
+
+
 def trial_start_key(space: SearchSpace, sample: dict) -> str:
     """The key of the start a trial with ``sample`` (its searched values) begins from."""
     return variant_key({name: sample[name] for name in space.dimensions if name in START_FIELDS})
