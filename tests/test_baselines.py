@@ -3,10 +3,10 @@
 - Wanda's mask is compared with a brute-force computation written with plain Python loops.
 - SparseGPT's update is checked against the least-squares optimum where OBS is exact (one pruned
   column), and its reconstruction error against magnitude's and Wanda's on correlated inputs.
-- The layer-by-layer pass is checked to feed every layer exactly the inputs it would see in a
-  plain forward of the model whose earlier blocks are already pruned.
 - Every method on tiny Llama, OPT and GPT-2: exact per-matrix sparsity, 2:4, untouched
   non-target parameters, finite loss.
+
+The layer-by-layer pass they share: test_layerwise_pass.py.
 """
 
 from __future__ import annotations
@@ -17,10 +17,13 @@ import math
 
 import pytest
 import torch
+from baseline_helpers import VOCAB
+from baseline_helpers import calib_ids as _calib
+from baseline_helpers import method_cfg as _cfg
 
 from elsa.config import ConfigError, make_config
 from elsa.methods import get_method
-from elsa.methods.layerwise import CHUNK, module_of, prune_layerwise, rows_view
+from elsa.methods.layerwise import module_of, rows_view
 from elsa.methods.magnitude import Magnitude
 from elsa.methods.sparsegpt import SparseGPT, sparsegpt_prune
 from elsa.methods.wanda import Wanda, wanda_mask
@@ -28,17 +31,7 @@ from elsa.optim.projection import nm_mask, topk_mask
 from elsa.targets import Target, config_targets, find_targets, nm_satisfied, verify_sparsity
 from elsa.tiny import tiny_model
 
-VOCAB = 256
 METHODS = ("magnitude", "wanda", "sparsegpt")
-
-
-def _calib(n: int = 4, seqlen: int = 32, seed: int = 0) -> torch.Tensor:
-    return torch.randint(2, VOCAB, (n, seqlen), generator=torch.Generator().manual_seed(seed))
-
-
-def _cfg(method: str, pattern: str = "unstructured", sparsity: float | None = 0.7, **extra):
-    sparsity = sparsity if pattern == "unstructured" else None  # N:M implies its own sparsity
-    return make_config({"method": method, "pattern": pattern, "sparsity": sparsity, **extra})
 
 
 def _correlated_inputs(tokens: int, features: int, seed: int = 0) -> torch.Tensor:
@@ -188,92 +181,6 @@ def test_sparsegpt_reconstructs_better_than_magnitude_and_wanda(pattern, sparsit
 def test_sparsegpt_refuses_a_hessian_of_the_wrong_size():
     with pytest.raises(ValueError, match="Hessian shape"):
         sparsegpt_prune(torch.randn(4, 8), torch.eye(6), keep=16)
-
-
-# ---------------------------------------------------------------------------------------------
-# the layer-by-layer pass
-
-
-class _Recorder:
-    def __init__(self):
-        self.chunks = []
-
-    def add(self, x):
-        self.chunks.append(x.clone())
-
-
-@pytest.mark.parametrize("arch,seqlen", [("llama", 24), ("opt", 24), ("gpt2", 24), ("gemma2", 136)])
-def test_layerwise_feeds_each_layer_the_inputs_of_the_pruned_prefix(arch, seqlen):
-    """Layers of block i see what a plain forward would show them with blocks < i already pruned.
-
-    Gemma-2 alternates sliding-window (128) and global attention: at 136 tokens a mask recorded
-    for one block and reused for the other would give different inputs.
-    """
-    model = tiny_model(arch, VOCAB, seed=0)
-    original = copy.deepcopy(model)
-    calib = _calib(2, seqlen)
-    targets = config_targets(model, _cfg("magnitude", sparsity=0.5))
-    recorded: dict[str, torch.Tensor] = {}
-
-    def prune(target, stats):
-        recorded[target.name] = torch.cat(stats.chunks)
-        weight = target.param.detach()
-        target.param.data.mul_(topk_mask(weight.abs(), target.keep).to(weight.dtype))
-
-    summary = prune_layerwise(model, calib, targets, lambda t: _Recorder(), prune)
-    assert summary["calib_tokens"] == calib.numel()
-
-    prefix = "transformer.h" if arch == "gpt2" else ("model.decoder.layers" if arch == "opt" else "model.layers")
-    pruned_state = model.state_dict()
-    for block in range(model.config.num_hidden_layers):
-        reference = copy.deepcopy(original)
-        earlier = {k: v for k, v in pruned_state.items() if any(k.startswith(f"{prefix}.{j}.") for j in range(block))}
-        reference.load_state_dict(earlier, strict=False)
-        seen = {}
-        handles = []
-        for target in targets:
-            if target.name.startswith(f"{prefix}.{block}."):
-
-                def hook(m, i, o, name=target.name):
-                    seen[name] = i[0].reshape(-1, i[0].shape[-1])
-
-                handles.append(module_of(reference, target).register_forward_hook(hook))
-        with torch.no_grad():
-            reference(input_ids=calib, use_cache=False)
-        for handle in handles:
-            handle.remove()
-        assert seen
-        for name, x in seen.items():
-            assert torch.allclose(recorded[name], x, atol=1e-5, rtol=1e-4), name
-
-
-def test_layers_on_one_input_share_one_accumulator():
-    """q, k, v (and gate, up) read the same tensor: one accumulator each group, fed once per call."""
-    model = tiny_model("llama", VOCAB, seed=0)
-    calib = _calib(2, 24)
-    targets = config_targets(model, _cfg("magnitude", sparsity=0.5))
-    used: dict[str, _Recorder] = {}
-
-    def prune(target, stats):
-        used[target.name] = stats
-        target.param.data.mul_(topk_mask(target.param.detach().abs(), target.keep).to(target.param.dtype))
-
-    prune_layerwise(model, calib, targets, lambda t: _Recorder(), prune)
-    layer = "model.layers.0."
-    groups = [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")]
-    for group in groups:
-        first = used[layer + group[0] + ".weight"]
-        assert all(used[layer + name + ".weight"] is first for name in group), group
-    distinct = {id(used[name]) for name in used if name.startswith(layer)}
-    assert len(distinct) == 4  # attention input, o_proj's, MLP input, down_proj's
-    calls = -(-calib.shape[0] // CHUNK)
-    assert all(len(used[name].chunks) == calls for name in used), "an input fed twice"
-
-
-def test_layerwise_refuses_bad_calibration():
-    model = tiny_model("llama", VOCAB, seed=0)
-    with pytest.raises(ValueError, match="LongTensor"):
-        get_method("wanda").run(model, None, _cfg("wanda"), torch.zeros(4, 8), lambda m, s: None)
 
 
 # ---------------------------------------------------------------------------------------------
