@@ -145,7 +145,8 @@ def rule_won(found: dict) -> bool:
 def tuned_entry(result: dict, out: Path) -> dict | None:
     """The bundled table's entry for the search's best setting, with what found and measured it;
     an empty config where the rule's own setting won (``--preset tuned`` then runs the rule and
-    says so); None when the tuned cell (b) does not beat the defaults (a) at the budget."""
+    says so); None when the tuned cell (b) does not beat the defaults (a) at the budget, or was
+    not run (``--search-only``)."""
     found = result["search"]
     won = rule_won(found)
     entry = {
@@ -162,6 +163,8 @@ def tuned_entry(result: dict, out: Path) -> dict | None:
     }
     if won:  # the entry says so; the rule's setting at B is cell (a) itself
         return entry
+    if not result["cells"]:  # --search-only: a sampled winner enters the table only once measured at B
+        return None
     defaults, tuned, longer = result["cells"].values()
     metric = "ppl_wikitext2-bundled"
     if not tuned[metric] < defaults[metric]:
@@ -182,6 +185,11 @@ def promote(result: dict, out: Path, table: Path = TUNED_TABLE) -> str:
     from tune.results import merge_entries
 
     entry = tuned_entry(result, out)
+    if entry is None and not result["cells"]:
+        return (
+            "not promoted: a sampled setting won the search, and the cells at the budget were not run; "
+            "run this script again without --search-only (the search is read back) to measure it"
+        )
     if entry is None:
         return "not promoted: the search's best does not beat the defaults at the budget (see the table)"
     header = "".join(line for line in table.read_text().splitlines(keepends=True) if line.startswith("#"))

@@ -90,6 +90,8 @@ def test_a_search_winner_is_shipped_only_where_it_beats_the_defaults_at_the_budg
     search |= {"trial_steps": 64, "wall_s": 1500.0, "seeds": []}
     search["best"] = {"config": {"lr": 1e-3}, "val_loss_projected": 4.8}
     result = {"model": "m", "sparsity": 0.8, "search": search}
+    result["cells"] = {}  # --search-only with a sampled winner: nothing measured at the budget yet
+    assert "without --search-only" in tune_value.promote(result, tmp_path, table)
     result["cells"] = {"a": cell, "b": {**cell, "ppl_wikitext2-bundled": 170.0}, "c": {**cell, "steps": 900}}
     assert tune_value.promote(result, tmp_path, table).startswith("not promoted")
     assert table.read_text() == "# header kept\npresets: []\n"
