@@ -165,7 +165,7 @@ def tuned_entry(result: dict, out: Path) -> dict | None:
         return entry
     if not result["cells"]:  # --search-only: a sampled winner enters the table only once measured at B
         return None
-    defaults, tuned, longer = result["cells"].values()
+    defaults, tuned, *longer = result["cells"].values()  # (c) absent with --skip-longer
     metric = "ppl_wikitext2-bundled"
     if not tuned[metric] < defaults[metric]:
         return None
@@ -173,8 +173,12 @@ def tuned_entry(result: dict, out: Path) -> dict | None:
         **entry,
         "measured": {
             "budget": tuned["steps"],
-            "wikitext2": {"defaults": defaults[metric], "tuned": tuned[metric], "defaults_longer": longer[metric]},
-            "defaults_longer_steps": longer["steps"],
+            "wikitext2": {
+                "defaults": defaults[metric],
+                "tuned": tuned[metric],
+                "defaults_longer": longer[0][metric] if longer else None,
+            },
+            "defaults_longer_steps": longer[0]["steps"] if longer else None,
             "results": str(out.relative_to(REPO) if out.is_relative_to(REPO) else out),
         },
     }
@@ -214,6 +218,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tracking-uri", default=None)
     parser.add_argument("--promote", action="store_true", help="write the winner into elsa/tables/tuned.yaml")
     parser.add_argument("--search-only", action="store_true", help="stop after the search (no cells)")
+    parser.add_argument(
+        "--skip-longer", action="store_true", help="cells (a) and (b) only: decide promotion without (c)'s long run"
+    )
     parser.add_argument("tune_args", nargs="*", help="more elsa tune flags, after --")
     args = parser.parse_args(argv)
     from pipelines.records import tracking
@@ -231,18 +238,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     defaults = cell(args, out, "elsa", args.budget)
     tuned = cell(args, out, "elsa-preset", args.budget, found["preset_file"])
-    extra = round(found["wall_s"] / seconds_a_step(defaults))
-    longer = cell(args, out, "elsa", args.budget + extra)
-    result = {
-        "model": args.model,
-        "sparsity": args.sparsity,
-        "search": found,
-        "cells": {
-            f"(a) defaults, B = {args.budget}": defaults,
-            f"(b) best of the search, B = {args.budget}": tuned,
-            f"(c) defaults, B + the search's compute ({extra} steps)": longer,
-        },
-    }
+    cells = {f"(a) defaults, B = {args.budget}": defaults, f"(b) best of the search, B = {args.budget}": tuned}
+    if not args.skip_longer:
+        extra = round(found["wall_s"] / seconds_a_step(defaults))
+        cells[f"(c) defaults, B + the search's compute ({extra} steps)"] = cell(args, out, "elsa", args.budget + extra)
+    result = {"model": args.model, "sparsity": args.sparsity, "search": found, "cells": cells}
     (out / "tune_value.json").write_text(json.dumps(result, indent=1, default=str))
     (out / "tune_value.md").write_text("\n".join(summary_lines(result)) + "\n")
     print((out / "tune_value.md").read_text())

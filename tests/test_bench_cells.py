@@ -101,6 +101,10 @@ def test_a_search_winner_is_shipped_only_where_it_beats_the_defaults_at_the_budg
     assert table.read_text().startswith("# header kept") and len(entries) == 1
     assert entries[0]["measured"]["wikitext2"] == {"defaults": 160.0, "tuned": 150.0, "defaults_longer": 160.0}
     assert tuned_preset("m", 0.8, entries)["lr"] == 1e-3
+    del result["cells"]["c"]  # --skip-longer: promoted on (a) and (b), the longer run recorded as not run
+    tune_value.promote(result, tmp_path, table)
+    measured = yaml.safe_load(table.read_text())["presets"][0]["measured"]
+    assert measured["wikitext2"]["defaults_longer"] is None and measured["defaults_longer_steps"] is None
     # the rule's own seed won at 0.9: recorded without overrides, whatever the cells
     rule = {"kind": "rule", "source": "rule:steps=64", "val_loss_projected": 4.8, "outcome": "completed"}
     result |= {"sparsity": 0.9, "search": {**search, "seeds": [rule]}, "cells": {}}
