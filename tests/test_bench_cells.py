@@ -113,6 +113,30 @@ def test_a_search_winner_is_shipped_only_where_it_beats_the_defaults_at_the_budg
     assert [(e["sparsity"], e["config"]) for e in entries] == [(0.8, {"lr": 1e-3}), (0.9, {})]
 
 
+def test_cells_from_different_starts_are_not_compared(tmp_path):
+    tune_value = _load("tune_value")
+    config = {"model": "smollm2-135m", "sparsity": 0.9, "steps": 300, "seqlen": 256, "seed": 0}
+    defaults = {"config": config, "init_val_loss": 8.78, "steps": 300, "prune_s": 850.0, "bench_command": "a"}
+    defaults["ppl_wikitext2-bundled"] = 497.0
+    tuned = {**defaults, "config": {**config, "lr": 8e-4, "interval": 2}, "init_val_loss": 9.47}
+    tuned["ppl_wikitext2-bundled"] = 450.0  # better, but from another start: not evidence
+    assert "different one-shot starts" in tune_value.start_mismatch(defaults, tuned)
+    assert tune_value.start_mismatch(defaults, {**tuned, "init_val_loss": 8.78}) is None
+    uniform = {**tuned, "config": {**tuned["config"], "allocation": "uniform"}}
+    assert tune_value.start_mismatch(defaults, uniform) is None  # a start setting: starts differ by design
+    table = tmp_path / "tuned.yaml"
+    table.write_text("presets: []\n")
+    search = {"command": "c", "parent_run_id": "p", "trials": {}, "trial_steps": 64, "wall_s": 1.0, "seeds": []}
+    search["best"] = {"trial_id": "t", "config": {"lr": 8e-4}, "val_loss_projected": 6.0}
+    result = {"model": "smollm2-135m", "sparsity": 0.9, "search": search, "cells": {"a": defaults, "b": tuned}}
+    assert "different one-shot starts" in tune_value.promote(result, tmp_path, table)
+    assert yaml.safe_load(table.read_text())["presets"] == []
+    assert any(
+        "different one-shot starts" in line
+        for line in tune_value.summary_lines({**result, "search": {**search, "init_s": 1.0, "seeds": []}})
+    )
+
+
 def test_decode_speed_merge_lists_only_the_earlier_runs_that_still_own_a_cell(tmp_path):
     decode_speed = _load("decode_speed")
 
