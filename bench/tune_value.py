@@ -171,9 +171,10 @@ def rule_won(found: dict) -> bool:
 
 def tuned_entry(result: dict, out: Path) -> dict | None:
     """The bundled table's entry for the search's best setting, with what found and measured it;
-    an empty config where the rule's own setting won (``--preset tuned`` then runs the rule and
-    says so); None when the tuned cell (b) does not beat the defaults (a) at the budget, or was
-    not run (``--search-only``)."""
+    an empty config where the rule's own setting won, or where the best lost to the defaults at
+    the budget (``rejected`` then keeps it, with the cells: ``--preset tuned`` runs the rule and
+    says why); None when the cells were not run (``--search-only``) or began from different
+    starts (``start_mismatch``)."""
     found = result["search"]
     won = rule_won(found)
     entry = {
@@ -194,10 +195,13 @@ def tuned_entry(result: dict, out: Path) -> dict | None:
         return None
     defaults, tuned, *longer = result["cells"].values()  # (c) absent with --skip-longer
     metric = "ppl_wikitext2-bundled"
-    if start_mismatch(defaults, tuned) or not tuned[metric] < defaults[metric]:
+    if start_mismatch(defaults, tuned):
         return None
+    beats = tuned[metric] < defaults[metric]
+    rejected = {} if beats else {"config": {}, "rejected": entry["config"]}
     return {
         **entry,
+        **rejected,
         "measured": {
             "budget": tuned["steps"],
             "wikitext2": {
@@ -221,13 +225,13 @@ def promote(result: dict, out: Path, table: Path = TUNED_TABLE) -> str:
             "not promoted: a sampled setting won the search, and the cells at the budget were not run; "
             "run this script again without --search-only (the search is read back) to measure it"
         )
-    if entry is None and (problem := start_mismatch(*list(result["cells"].values())[:2])):
-        return f"not promoted: {problem}"
     if entry is None:
-        return "not promoted: the search's best does not beat the defaults at the budget (see the table)"
+        return f"not promoted: {start_mismatch(*list(result['cells'].values())[:2])}"
     header = "".join(line for line in table.read_text().splitlines(keepends=True) if line.startswith("#"))
     entries = merge_entries(table, [entry])
     table.write_text(header + yaml.safe_dump({"presets": entries}, sort_keys=False))
+    if "rejected" in entry:
+        return f"the search's best lost to the defaults at the budget: the rule kept, recorded in {table}"
     if not entry["config"]:
         return f"the budget rule won the search; recorded in {table} as an entry without overrides"
     return f"promoted into {table}: {entry['model']} at {entry['sparsity']:g}"

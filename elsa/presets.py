@@ -102,8 +102,10 @@ def tuned_preset(model: str, sparsity: float, entries: list[dict] | None = None)
         covered = ", ".join(f"{e['sparsity']:g}" for e in mine) or "no sparsity"
         return {"preset": f"tuned:none for {model}@{sparsity:g} (searched: {covered}); budget rule"}
     chosen = _nearest_entry(near, sparsity)
-    overrides = dict(chosen["config"])  # empty where the rule's own setting won the search
+    overrides = dict(chosen["config"])  # empty where the rule won the search, or its winner lost at the budget
     won = "" if overrides else " (the budget rule won the search)"
+    if "rejected" in chosen:
+        won = f" (the budget rule: the search's best lost to it at {chosen['measured']['budget']} steps)"
     overrides["preset"] = f"tuned:{model}@{float(chosen['sparsity']):g}{won}"
     return overrides
 

@@ -93,8 +93,12 @@ def test_a_search_winner_is_shipped_only_where_it_beats_the_defaults_at_the_budg
     result["cells"] = {}  # --search-only with a sampled winner: nothing measured at the budget yet
     assert "without --search-only" in tune_value.promote(result, tmp_path, table)
     result["cells"] = {"a": cell, "b": {**cell, "ppl_wikitext2-bundled": 170.0}, "c": {**cell, "steps": 900}}
-    assert tune_value.promote(result, tmp_path, table).startswith("not promoted")
-    assert table.read_text() == "# header kept\npresets: []\n"
+    assert "the rule kept" in tune_value.promote(result, tmp_path, table)  # measured, lost: the rule stands
+    (kept,) = yaml.safe_load(table.read_text())["presets"]
+    assert kept["config"] == {} and kept["rejected"] == {"lr": 1e-3}
+    assert kept["measured"]["wikitext2"]["tuned"] == 170.0
+    assert "lost to it at 300 steps" in tuned_preset("m", 0.8, [kept])["preset"]
+    assert tuned_preset("m", 0.8, [kept]).keys() == {"preset"}
     result["cells"]["b"] = {**cell, "ppl_wikitext2-bundled": 150.0}
     assert tune_value.promote(result, tmp_path, table).startswith("promoted")
     entries = yaml.safe_load(table.read_text())["presets"]
