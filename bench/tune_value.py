@@ -221,8 +221,11 @@ def promote(result: dict, out: Path, table: Path = TUNED_TABLE) -> str:
 
     entry = tuned_entry(result, out)
     if entry is None and not result["cells"]:
+        found = result["search"]
+        seeds = [s["source"] for s in found["seeds"] if s["val_loss_projected"] == found["best"]["val_loss_projected"]]
+        winner = f"the rule's seed {seeds[0]}" if seeds else "a sampled setting"
         return (
-            "not promoted: a sampled setting won the search, and the cells at the budget were not run; "
+            f"not promoted: {winner} won the search, and the cells at the budget were not run; "
             "run this script again without --search-only (the search is read back) to measure it"
         )
     if entry is None:
