@@ -163,10 +163,16 @@ def start_mismatch(defaults: dict, tuned: dict) -> str | None:
     )
 
 
+def winning_seed(found: dict) -> dict | None:
+    """The seed trial (tune/seed.py) whose projected loss is the search's best, if one is."""
+    best = found["best"]["val_loss_projected"]
+    return next((s for s in found["seeds"] if s["outcome"] == "completed" and s["val_loss_projected"] == best), None)
+
+
 def rule_won(found: dict) -> bool:
     """Whether the search's best trial was the budget rule's own seed (tune/seed.py)."""
-    rule = [s for s in found["seeds"] if s["kind"] == "rule" and s["outcome"] == "completed"]
-    return bool(rule) and rule[0]["val_loss_projected"] == found["best"]["val_loss_projected"]
+    seed = winning_seed(found)
+    return seed is not None and seed["kind"] == "rule"
 
 
 def tuned_entry(result: dict, out: Path) -> dict | None:
@@ -221,9 +227,8 @@ def promote(result: dict, out: Path, table: Path = TUNED_TABLE) -> str:
 
     entry = tuned_entry(result, out)
     if entry is None and not result["cells"]:
-        found = result["search"]
-        seeds = [s["source"] for s in found["seeds"] if s["val_loss_projected"] == found["best"]["val_loss_projected"]]
-        winner = f"the rule's seed {seeds[0]}" if seeds else "a sampled setting"
+        seed = winning_seed(result["search"])
+        winner = f"the rule's seed {seed['source']}" if seed else "a sampled setting"
         return (
             f"not promoted: {winner} won the search, and the cells at the budget were not run; "
             "run this script again without --search-only (the search is read back) to measure it"
