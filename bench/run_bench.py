@@ -268,6 +268,8 @@ def write_reports(results: list[dict], out_dir: Path, metric: str, args) -> None
         f"{args.eval_seqlen} tokens; windows: the protocol (elsa/text/data.py); ratios to the dense cell of the same "
         "protocol",
         "",
+        machines_line(ok),
+        "",
         "| method | windows | sparsity | "
         + " | ".join(f"ppl {m.removeprefix('ppl_')} | / dense" for m in metrics)
         + " | prune time (s) | peak RSS (MB) | ELSA steps | primal residual |",
@@ -278,6 +280,15 @@ def write_reports(results: list[dict], out_dir: Path, metric: str, args) -> None
     lines += [f"| {r['method']} | | {r['sparsity']:.1f} | FAILED: {r['error'][:80]} |" for r in results if "error" in r]
     lines += _zero_shot_lines(order)
     (out_dir / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def machines_line(cells: list[dict]) -> str:
+    """Which machines the table's cells ran on: a pair is compared within one machine only."""
+    counts: dict[str, int] = {}
+    for r in cells:
+        name = f"{r['cpu']}, {r.get('torch_threads', '?')} threads" if "cpu" in r else "not recorded"
+        counts[name] = counts.get(name, 0) + 1
+    return "Machines (cells): " + "; ".join(f"{name} ({n})" for name, n in counts.items())
 
 
 def _zero_shot_lines(cells: list[dict]) -> list[str]:
@@ -341,9 +352,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lm-eval-tasks", nargs="*", default=[], help="zero-shot tasks, e.g. the paper's seven")
     parser.add_argument("--lm-eval-limit", type=int, default=None, help="examples per zero-shot task")
     parser.add_argument("--preset", default=None, help="elsa-preset cells: 'paper' or a preset file from elsa tune")
-    parser.add_argument(
-        "--windows", choices=("bos", "classic"), default="bos", help="window protocol (elsa/text/data.py)"
-    )
+    parser.add_argument("--windows", choices=("bos", "classic"), default="bos", help="protocol: elsa/text/data.py")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--experiment", default="bench")

@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     from elsa.api import evaluate_perplexity, prune_model
     from elsa.config import make_config
     from elsa.model_io.models import load_model, load_tokenizer
+    from elsa.provenance import machine
     from elsa.text.data import window_protocol
 
     fields = json.loads(args.config)
@@ -108,6 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "achieved_sparsity": sparsity,
         "torch_threads": torch.get_num_threads(),
+        "cpu": machine()["cpu"],  # cells of different machines differ in their last digits, at 90% more
         **ppl,
         "residual_curve": [(h["step"], h["primal_residual"]) for h in history if "primal_residual" in h],
         "val_curve": [(h["step"], h["val_loss_projected"]) for h in history if "val_loss_projected" in h],

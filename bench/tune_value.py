@@ -131,7 +131,8 @@ def summary_lines(result: dict) -> list[str]:
             f"{record.get('ppl_sotu', float('nan')):.2f} | {held_out:.4f} | "
             f"{record.get('init_val_loss', float('nan')):.4f} | {record['prune_s']:.0f} | {compute:.0f} |"
         )
-    if len(result["cells"]) > 1 and (problem := start_mismatch(*list(result["cells"].values())[:2])):
+    cells = list(result["cells"].values())
+    if len(cells) > 1 and (problem := start_mismatch(*cells[:2]) or machine_mismatch(*cells)):
         lines += ["", f"**{problem}**"]
     lines += ["", "Commands:", "", *[f"- `{r['bench_command']}`" for r in result["cells"].values()]]
     return lines
@@ -140,14 +141,28 @@ def summary_lines(result: dict) -> list[str]:
 TUNED_TABLE = REPO / "elsa" / "tables" / "tuned.yaml"
 
 
+def machine_mismatch(*cells: dict) -> str | None:
+    """Why cells are not comparable for their machines, or None: each records its CPU and threads
+    (bench/run_one.py; older cells do not, and pass). The Gemma-3 cells run 1.8x faster a step
+    on the Intel machine than on the AMD one, and a 90% start moves by 0.7 in held-out loss."""
+    machines = {(r["cpu"], r.get("torch_threads")) for r in cells if "cpu" in r}
+    if len(machines) < 2:
+        return None
+    named = " against ".join(f"{cpu} with {threads} threads" for cpu, threads in sorted(machines, key=str))
+    return f"cells ran on different machines ({named}); rerun them on one machine (run_bench.py --force)"
+
+
 def start_mismatch(defaults: dict, tuned: dict) -> str | None:
     """Why (a) and (b) are not a fair pair, or None. Where the search's setting leaves the one-shot
     start alone, both cells must begin from the same start; at 80-90% SparseGPT's solution moves
     with rounding (another CPU or thread count: held-out 8.36 to 9.47 at 90% on SmolLM2), so cells
-    run on different machines compare their starts, not their settings."""
+    run on different machines compare their starts, not their settings. Cells that record their
+    machine are compared only within one, whatever the start."""
     from elsa.config import PruneConfig
     from tune.starts import START_FIELDS
 
+    if machine_mismatch(defaults, tuned):
+        return machine_mismatch(defaults, tuned)
     if "config" not in defaults or "config" not in tuned:
         return None
     resolved = [PruneConfig(**record["config"]).model_dump() for record in (defaults, tuned)]
@@ -203,6 +218,7 @@ def tuned_entry(result: dict, out: Path) -> dict | None:
     metric = "ppl_wikitext2-bundled"
     if start_mismatch(defaults, tuned):
         return None
+    longer = [] if machine_mismatch(defaults, *longer) else longer  # (c) of another machine: not shown
     beats = tuned[metric] < defaults[metric]
     rejected = {} if beats else {"config": {}, "rejected": entry["config"]}
     return {

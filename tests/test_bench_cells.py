@@ -141,6 +141,35 @@ def test_cells_from_different_starts_are_not_compared(tmp_path):
     )
 
 
+def test_cells_of_different_machines_are_not_compared(tmp_path):
+    tune_value, run_bench = _load("tune_value"), _load("run_bench")
+    config = {"model": "gemma3-270m", "sparsity": 0.8, "steps": 300, "seqlen": 256, "seed": 0}
+    defaults = {"config": config, "init_val_loss": 5.78, "steps": 300, "prune_s": 950.0, "bench_command": "a"}
+    defaults.update({"ppl_wikitext2-bundled": 138.0, "cpu": "Intel Xeon", "torch_threads": 2})
+    tuned = {**defaults, "config": {**config, "allocation": "uniform"}, "init_val_loss": 5.5}
+    tuned["ppl_wikitext2-bundled"] = 132.0
+    amd = {**tuned, "cpu": "AMD EPYC"}
+    assert tune_value.start_mismatch(defaults, tuned) is None  # one machine; the start differs by design
+    assert "different machines" in tune_value.start_mismatch(defaults, amd)
+    assert "different machines" in tune_value.start_mismatch(defaults, {**tuned, "torch_threads": 1})
+    older = {k: v for k, v in amd.items() if k != "cpu"}  # cells from before the machine was recorded
+    assert tune_value.machine_mismatch(defaults, older) is None
+    search = {"command": "c", "parent_run_id": "p", "trials": {}, "trial_steps": 64, "wall_s": 1.0, "seeds": []}
+    search["best"] = {"trial_id": "t", "config": {"allocation": "uniform"}, "val_loss_projected": 4.8}
+    longer = {**defaults, "cpu": "AMD EPYC", "steps": 1000, "ppl_wikitext2-bundled": 100.0}
+    cells = {"a": defaults, "b": tuned, "c": longer}
+    result = {"model": "gemma3-270m", "sparsity": 0.8, "search": search, "cells": cells}
+    entry = tune_value.tuned_entry(result, tmp_path)
+    assert entry["config"] == {"allocation": "uniform"}  # (a) and (b) agree on the machine
+    assert entry["measured"]["wikitext2"]["defaults_longer"] is None  # (c) ran elsewhere: not shown as its rival
+    assert any(
+        "different machines" in line
+        for line in tune_value.summary_lines({**result, "search": {**search, "init_s": 1.0}})
+    )
+    line = run_bench.machines_line([defaults, tuned, amd, older])
+    assert line == "Machines (cells): Intel Xeon, 2 threads (2); AMD EPYC, 2 threads (1); not recorded (1)"
+
+
 def test_decode_speed_merge_lists_only_the_earlier_runs_that_still_own_a_cell(tmp_path):
     decode_speed = _load("decode_speed")
 
