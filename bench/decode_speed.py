@@ -24,7 +24,6 @@ import argparse
 import gzip
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -197,12 +196,9 @@ def _compare(cell: dict) -> None:
 
 
 def _machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    info = Path("/proc/cpuinfo")
-    if info.is_file():
-        names = [line.split(":", 1)[1].strip() for line in info.read_text().splitlines() if "model name" in line]
-        cpu = names[0] if names else cpu
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__}
+    from elsa.provenance import machine
+
+    return {"cpu": machine()["cpu"], "cores": os.cpu_count(), "torch": torch.__version__}
 
 
 def _cell_line(c: dict) -> str:

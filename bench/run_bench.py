@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -284,10 +285,9 @@ def write_reports(results: list[dict], out_dir: Path, metric: str, args) -> None
 
 def machines_line(cells: list[dict]) -> str:
     """Which machines the table's cells ran on: a pair is compared within one machine only."""
-    counts: dict[str, int] = {}
-    for r in cells:
-        name = f"{r['cpu']}, {r.get('torch_threads', '?')} threads" if "cpu" in r else "not recorded"
-        counts[name] = counts.get(name, 0) + 1
+    counts = Counter(
+        f"{r['cpu']}, {r.get('torch_threads', '?')} threads" if "cpu" in r else "not recorded" for r in cells
+    )
     return "Machines (cells): " + "; ".join(f"{name} ({n})" for name, n in counts.items())
 
 

@@ -161,8 +161,8 @@ def start_mismatch(defaults: dict, tuned: dict) -> str | None:
     from elsa.config import PruneConfig
     from tune.starts import START_FIELDS
 
-    if machine_mismatch(defaults, tuned):
-        return machine_mismatch(defaults, tuned)
+    if problem := machine_mismatch(defaults, tuned):
+        return problem
     if "config" not in defaults or "config" not in tuned:
         return None
     resolved = [PruneConfig(**record["config"]).model_dump() for record in (defaults, tuned)]
