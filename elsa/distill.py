@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from elsa.head_loss import fused_head_applies, next_token_loss
+
 
 def kd_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """T^2 * mean over positions of KL(softmax(teacher / T) || softmax(student / T))."""
@@ -25,7 +27,7 @@ def kd_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 def training_loss(model, ids: torch.Tensor, cfg, teacher=None) -> torch.Tensor:
     """The loss of one micro-batch under ``cfg.loss`` (the teacher is needed for kd, ntp+kd)."""
     if cfg.loss == "ntp":
-        return model(input_ids=ids, labels=ids).loss
+        return next_token_loss(model, ids) if fused_head_applies(model) else model(input_ids=ids, labels=ids).loss
     if teacher is None:
         raise ValueError(f"loss={cfg.loss} needs the dense teacher model")
     with torch.no_grad():

@@ -200,17 +200,19 @@ def _train(tmp_path: Path, name: str, workers: int, **overrides):
     return _load(result.checkpoint.path)
 
 
-def test_one_and_two_workers_give_the_same_masks(tmp_path, tiny_model_dir, ray_session):
+@pytest.mark.parametrize("loss", ["ntp+kd", "ntp"])
+def test_one_and_two_workers_give_the_same_masks(tmp_path, tiny_model_dir, ray_session, loss):
     """Sharded training and projection (FSDP2, 2 gloo workers) versus one process: same masks.
 
     One run covers both sharded paths that a single process does not have: the paper's coupled
     penalty (its objective-aware projection reads Adam's sharded second moment) and distillation
     from the frozen dense teacher, sharded like the student (fp32: the 1- and 2-worker sums differ
     only by reduction order), with the student's embedding frozen inside FSDP's root unit (the
-    budget rule's default). The decoupled penalty shares the coupled one's sharded projection."""
+    budget rule's default). The decoupled penalty shares the coupled one's sharded projection.
+    Plain ``ntp`` takes the chunked frozen-head loss (elsa/head_loss.py) through FSDP's root."""
     from elsa.model_io.models import load_model
 
-    distil = {"penalty": "coupled", "loss": "ntp+kd", "kd_temperature": 2.0, "train_embeddings": False}
+    distil = {"penalty": "coupled", "loss": loss, "kd_temperature": 2.0, "train_embeddings": False}
     single = _train(tmp_path, "one", 1, model=tiny_model_dir, **distil)
     sharded = _train(tmp_path, "two", 2, model=tiny_model_dir, **distil)
     masks_one, masks_two = _masks(single), _masks(sharded)

@@ -1,0 +1,87 @@
+"""The chunked frozen-head loss against the model's own ``labels=`` loss: value and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from elsa import head_loss
+from elsa.distill import training_loss
+from elsa.head_loss import fused_head_applies, next_token_loss
+from elsa.loop import freeze_embeddings
+from elsa.tiny import ARCHS, tiny_model
+
+PLAIN_HEADS = [arch for arch in ARCHS if arch != "gemma2"]  # gemma2 soft-caps its logits
+
+
+def _frozen(arch: str, seed: int = 0) -> torch.nn.Module:
+    model = tiny_model(arch, 96, seed=seed)
+    freeze_embeddings(model)
+    return model.eval()  # no dropout (tiny OPT and GPT-2 have some): two forwards must agree
+
+
+def _loss_and_grads(model, ids, fused: bool, bf16: bool = False):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = next_token_loss(model, ids) if fused else model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    return loss.item(), grads
+
+
+@pytest.mark.parametrize("arch", PLAIN_HEADS)
+def test_fused_loss_and_gradients_match_the_models_own_in_fp32(arch, monkeypatch):
+    """Several chunks (7 rows each, the last one short) give the model's loss and gradients."""
+    monkeypatch.setattr(head_loss, "CHUNK_ELEMENTS", 7 * 96)
+    model = _frozen(arch)
+    assert fused_head_applies(model)
+    ids = torch.randint(0, 96, (3, 17), generator=torch.Generator().manual_seed(1))
+    want_loss, want = _loss_and_grads(model, ids, fused=False)
+    got_loss, got = _loss_and_grads(model, ids, fused=True)
+    assert got_loss == pytest.approx(want_loss, rel=1e-6)
+    assert want.keys() == got.keys() and want
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert isinstance(model.get_output_embeddings(), torch.nn.Linear)  # the head is back in place
+
+
+def test_bf16_gradients_differ_from_the_models_own_by_rounding_only():
+    """Under bf16 autocast both paths round; each is as close to fp32 as the other."""
+    model = _frozen("llama")
+    ids = torch.randint(0, 96, (2, 33), generator=torch.Generator().manual_seed(2))
+    _, exact = _loss_and_grads(model, ids, fused=False)
+    _, own = _loss_and_grads(model, ids, fused=False, bf16=True)
+    _, fused = _loss_and_grads(model, ids, fused=True, bf16=True)
+
+    def error(grads):
+        return max(float((grads[n] - exact[n]).norm() / exact[n].norm()) for n in exact)
+
+    assert error(fused) < max(2 * error(own), 1e-3)
+
+
+def test_no_grad_value_matches_and_training_loss_takes_the_fused_path(monkeypatch):
+    model = _frozen("qwen2")
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = float(model(input_ids=ids, labels=ids).loss)
+        assert float(next_token_loss(model, ids)) == pytest.approx(want, rel=1e-6)
+    calls = []
+    monkeypatch.setattr("elsa.distill.next_token_loss", lambda m, i: calls.append(i) or next_token_loss(m, i))
+    cfg = type("Cfg", (), {"loss": "ntp"})()
+    assert training_loss(model, ids, cfg).item() == pytest.approx(want, rel=1e-6) and len(calls) == 1
+
+
+def test_trainable_or_transformed_heads_keep_the_models_own_loss():
+    """A head that trains needs its own gradient; a soft-capped head's output is not the logits."""
+    trainable = tiny_model("llama", 96)
+    assert not fused_head_applies(trainable)
+    capped = _frozen("gemma2")
+    assert capped.config.final_logit_softcapping is not None and not fused_head_applies(capped)
+
+
+def test_the_head_is_restored_when_the_forward_fails():
+    model = _frozen("llama")
+    head = model.get_output_embeddings()
+    with pytest.raises(IndexError):
+        next_token_loss(model, torch.full((1, 4), 10_000))
+    assert model.get_output_embeddings() is head
