@@ -51,13 +51,20 @@ class _ChunkedHeadNLL(torch.autograd.Function):
         return grad * grad_output.to(grad.dtype), None, None, None
 
 
-def fused_head_applies(model: torch.nn.Module) -> bool:
-    """The head is a frozen plain linear map whose output the model's forward uses unchanged."""
+def plain_head(model: torch.nn.Module) -> bool:
+    """The head is a bias-free linear map whose output the model's forward uses unchanged."""
+    if not hasattr(model, "get_output_embeddings") or not hasattr(model, "set_output_embeddings"):
+        return False
     head = model.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear) or head.bias is not None or head.weight.requires_grad:
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None:
         return False
     config = getattr(model, "config", None)
     return not any(getattr(config, name, None) is not None for name in _LOGIT_TRANSFORMS)
+
+
+def fused_head_applies(model: torch.nn.Module) -> bool:
+    """A plain head that is frozen: training needs no gradient for it (elsa/loop.py freeze_embeddings)."""
+    return plain_head(model) and not model.get_output_embeddings().weight.requires_grad
 
 
 class _HiddenOut(torch.nn.Module):
@@ -66,8 +73,10 @@ class _HiddenOut(torch.nn.Module):
     def __init__(self, head: torch.nn.Linear):
         super().__init__()
         self.head = head
+        self.called = False
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        self.called = True
         return hidden
 
 
@@ -79,11 +88,17 @@ def _hidden_output(model: torch.nn.Module):
     parameters (the head among them) and hooks the backward as for any output.
     """
     head = model.get_output_embeddings()
-    model.set_output_embeddings(_HiddenOut(head))
+    stand_in = _HiddenOut(head)
+    model.set_output_embeddings(stand_in)
     try:
         yield head
     finally:
         model.set_output_embeddings(head)
+    if not stand_in.called:
+        raise RuntimeError(
+            f"{type(model).__name__}'s forward does not call its output embeddings module: "
+            "the chunked head loss (elsa/head_loss.py) cannot stand in for it; report the architecture"
+        )
 
 
 def next_token_loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -100,3 +115,10 @@ def next_token_loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     with torch.autocast(hidden.device.type, enabled=False):
         loss = _ChunkedHeadNLL.apply(hidden.to(dtype), weight.detach().to(dtype), targets, rows)
     return loss
+
+
+def next_token_nll_sum(model: torch.nn.Module, ids: torch.Tensor) -> float:
+    """Summed next-token NLL over every predicted token of ``ids``, without grad (perplexity)."""
+    with torch.no_grad():
+        mean = next_token_loss(model, ids)
+    return float(mean.double()) * ids.shape[0] * (ids.shape[1] - 1)

@@ -15,6 +15,8 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from elsa.head_loss import next_token_nll_sum, plain_head
+
 
 def _model_device(model: torch.nn.Module) -> torch.device:
     for tensor in model.parameters():
@@ -72,6 +74,10 @@ def nll_sum(
     with _eval_mode(model), torch.no_grad():
         for start in starts:
             batch = windows[start : start + batch_size].to(device)
+            count += batch.shape[0] * (batch.shape[1] - 1)
+            if plain_head(model):  # no full logits (elsa/head_loss.py): 537 MB a Gemma-3 window
+                total += next_token_nll_sum(model, batch)
+                continue
             logits = _logits(model, batch)
             # shift the targets, not the logits: a view of the logits avoids copying B*L*V floats
             targets = torch.full_like(batch, -100)
@@ -83,7 +89,6 @@ def nll_sum(
                 reduction="sum",
             )
             total += float(loss.double())
-            count += batch.shape[0] * (batch.shape[1] - 1)
     return total, count
 
 

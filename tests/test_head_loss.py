@@ -85,3 +85,27 @@ def test_the_head_is_restored_when_the_forward_fails():
     with pytest.raises(IndexError):
         next_token_loss(model, torch.full((1, 4), 10_000))
     assert model.get_output_embeddings() is head
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_perplexity_sums_match_the_full_logits(arch, monkeypatch):
+    """Evaluation takes the chunked head whether or not the head trains; sums and counts agree."""
+    from elsa import perplexity
+
+    model = tiny_model(arch, 96)
+    windows = torch.randint(0, 96, (5, 12), generator=torch.Generator().manual_seed(4))
+    chunked = perplexity.nll_sum(model, windows, batch_size=2)
+    monkeypatch.setattr(perplexity, "plain_head", lambda m: False)
+    full = perplexity.nll_sum(model, windows, batch_size=2)
+    assert chunked[1] == full[1] == 5 * 11
+    assert chunked[0] == pytest.approx(full[0], rel=1e-6)
+
+
+def test_a_forward_that_bypasses_its_head_is_refused():
+    """A model whose forward never calls the module it names as its head would give no logits."""
+    model = _frozen("llama")
+    spare = {"head": torch.nn.Linear(model.config.hidden_size, 96, bias=False).requires_grad_(False)}
+    model.get_output_embeddings = lambda: spare["head"]
+    model.set_output_embeddings = lambda module: spare.update(head=module)
+    with pytest.raises(RuntimeError, match="does not call its output embeddings"):
+        next_token_loss(model, torch.randint(0, 96, (1, 6)))
