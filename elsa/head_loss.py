@@ -106,13 +106,12 @@ def next_token_loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     with _hidden_output(model) as head:
         hidden = model(input_ids=ids).logits
         weight = head.weight
-    width = hidden.shape[-1]
-    dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else None
-    dtype = dtype or weight.dtype
+    width, device = hidden.shape[-1], hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
     hidden = hidden[:, :-1].reshape(-1, width)
     targets = ids[:, 1:].reshape(-1)
     rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
-    with torch.autocast(hidden.device.type, enabled=False):
+    with torch.autocast(device, enabled=False):
         loss = _ChunkedHeadNLL.apply(hidden.to(dtype), weight.detach().to(dtype), targets, rows)
     return loss
 

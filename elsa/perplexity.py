@@ -71,11 +71,12 @@ def nll_sum(
 
         starts = tqdm(starts, desc="perplexity", unit="batch")
     total, count = 0.0, 0
+    chunked = plain_head(model)  # no full logits (elsa/head_loss.py): 537 MB a Gemma-3 window
     with _eval_mode(model), torch.no_grad():
         for start in starts:
             batch = windows[start : start + batch_size].to(device)
             count += batch.shape[0] * (batch.shape[1] - 1)
-            if plain_head(model):  # no full logits (elsa/head_loss.py): 537 MB a Gemma-3 window
+            if chunked:
                 total += next_token_nll_sum(model, batch)
                 continue
             logits = _logits(model, batch)
