@@ -190,6 +190,19 @@ def rule_won(found: dict) -> bool:
     return seed is not None and seed["kind"] == "rule"
 
 
+MEASURES = {"wikitext2": "ppl_wikitext2-bundled", "sotu": "ppl_sotu", "held_out": "final_val_loss_projected"}
+
+
+def measured_side_by_side(defaults: dict, tuned: dict, longer: dict | None) -> dict:
+    """Each measure both cells (a) and (b) hold, with (c)'s value (None when not run): promotion
+    reads WikiText-2 alone, the table shows the out-of-domain text and held-out loss beside it."""
+    return {
+        name: {"defaults": defaults[key], "tuned": tuned[key], "defaults_longer": longer.get(key) if longer else None}
+        for name, key in MEASURES.items()
+        if key in defaults and key in tuned
+    }
+
+
 def tuned_entry(result: dict, out: Path) -> dict | None:
     """The bundled table's entry for the search's best setting, with what found and measured it;
     an empty config where the rule's own setting won, or where the best lost to the defaults at
@@ -215,22 +228,17 @@ def tuned_entry(result: dict, out: Path) -> dict | None:
     if not result["cells"]:  # --search-only: a sampled winner enters the table only once measured at B
         return None
     defaults, tuned, *longer = result["cells"].values()  # (c) absent with --skip-longer
-    metric = "ppl_wikitext2-bundled"
     if start_mismatch(defaults, tuned):
         return None
     longer = [] if machine_mismatch(defaults, *longer) else longer  # (c) of another machine: not shown
-    beats = tuned[metric] < defaults[metric]
+    beats = tuned[MEASURES["wikitext2"]] < defaults[MEASURES["wikitext2"]]
     rejected = {} if beats else {"config": {}, "rejected": entry["config"]}
     return {
         **entry,
         **rejected,
         "measured": {
             "budget": tuned["steps"],
-            "wikitext2": {
-                "defaults": defaults[metric],
-                "tuned": tuned[metric],
-                "defaults_longer": longer[0][metric] if longer else None,
-            },
+            **measured_side_by_side(defaults, tuned, longer[0] if longer else None),
             "defaults_longer_steps": longer[0]["steps"] if longer else None,
             "results": str(out.relative_to(REPO) if out.is_relative_to(REPO) else out),
         },

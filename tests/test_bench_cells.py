@@ -104,6 +104,13 @@ def test_a_search_winner_is_shipped_only_where_it_beats_the_defaults_at_the_budg
     entries = yaml.safe_load(table.read_text())["presets"]
     assert table.read_text().startswith("# header kept") and len(entries) == 1
     assert entries[0]["measured"]["wikitext2"] == {"defaults": 160.0, "tuned": 150.0, "defaults_longer": 160.0}
+    assert "sotu" not in entries[0]["measured"]  # a measure the cells lack is not invented
+    result["cells"]["b"] |= {"ppl_sotu": 120.0, "final_val_loss_projected": 4.5}
+    result["cells"]["a"] = {**cell, "ppl_sotu": 130.0, "final_val_loss_projected": 4.6}
+    tune_value.promote(result, tmp_path, table)
+    measured = yaml.safe_load(table.read_text())["presets"][0]["measured"]
+    assert measured["sotu"] == {"defaults": 130.0, "tuned": 120.0, "defaults_longer": None}  # (c) lacks sotu
+    assert measured["held_out"] == {"defaults": 4.6, "tuned": 4.5, "defaults_longer": None}
     assert tuned_preset("m", 0.8, entries)["lr"] == 1e-3
     del result["cells"]["c"]  # --skip-longer: promoted on (a) and (b), the longer run recorded as not run
     tune_value.promote(result, tmp_path, table)
