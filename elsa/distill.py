@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from elsa.head_loss import fused_head_applies, next_token_loss
+from elsa.head_loss import distillation_loss, fused_head_applies, next_token_loss, plain_head
 
 
 def kd_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -30,13 +30,14 @@ def training_loss(model, ids: torch.Tensor, cfg, teacher=None) -> torch.Tensor:
         return next_token_loss(model, ids) if fused_head_applies(model) else model(input_ids=ids, labels=ids).loss
     if teacher is None:
         raise ValueError(f"loss={cfg.loss} needs the dense teacher model")
+    ntp_share, kd_share = (0.0, 1.0) if cfg.loss == "kd" else (1.0 - cfg.kd_weight, cfg.kd_weight)
+    if fused_head_applies(model) and plain_head(teacher):
+        return distillation_loss(model, teacher, ids, ntp_share, kd_share, cfg.kd_temperature)
     with torch.no_grad():
         teacher_logits = teacher(input_ids=ids).logits[:, :-1]
     out = model(input_ids=ids, labels=ids)
     kd = kd_term(out.logits[:, :-1], teacher_logits, cfg.kd_temperature)
-    if cfg.loss == "kd":
-        return kd
-    return (1.0 - cfg.kd_weight) * out.loss + cfg.kd_weight * kd
+    return kd if not ntp_share else ntp_share * out.loss + kd_share * kd
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:

@@ -1,4 +1,4 @@
-"""Next-token loss without the full logits: the frozen output head and cross-entropy by row chunks.
+"""Next-token and distillation losses without the full logits: the frozen head, by row chunks.
 
 Why: on a large-vocabulary model the logits of one micro-batch dwarf everything else a step
 touches. Gemma-3-270M (262k tokens, tied head) at 2 x 256 tokens: 268 MB of bf16 logits, their
@@ -11,11 +11,16 @@ of rows computes its logits, its share of the loss and that gradient in the forw
 the logits; the backward is one multiply. The arithmetic is the standard path's (logits in the
 autocast dtype, softmax in fp32, the gradient cast back before the matmul with W), so results
 agree with it to rounding (tests/test_head_loss.py).
+
+Distillation adds the dense teacher's logits, built chunk by chunk from its final hidden states the
+same way; KD's gradient for the student's logits is T * (softmax(z_s / T) - softmax(z_t / T)) / n.
+Without it a KD step on Gemma-3-270M built both models' full logits and took 3x an ntp step.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 
@@ -23,32 +28,83 @@ CHUNK_ELEMENTS = 1 << 24  # logits a chunk holds (64 MB in fp32): rows = CHUNK_E
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")  # applied to the head's output
 
 
-class _ChunkedHeadNLL(torch.autograd.Function):
-    """Mean NLL of ``targets`` under ``hidden @ weight.T``; the gradient for ``hidden`` only."""
+class _Mix(NamedTuple):
+    """What a chunk's loss is made of: ntp's share, KD's share, and the teacher's side of KD."""
+
+    ntp: float = 1.0
+    kd: float = 0.0
+    temperature: float = 1.0
+    teacher_hidden: torch.Tensor | None = None
+    teacher_weight: torch.Tensor | None = None
+
+
+def _ntp_chunk(logits: torch.Tensor, targets: torch.Tensor, want_grad: bool):
+    """Summed NLL of the chunk's rows and its gradient for the logits (softmax - onehot), in place of them."""
+    lse = torch.logsumexp(logits, dim=-1)
+    loss = (lse - logits.gather(1, targets[:, None]).squeeze(1)).sum()
+    if not want_grad:
+        return loss, None
+    probs = logits.sub_(lse[:, None]).exp_()
+    probs[torch.arange(targets.numel(), device=targets.device), targets] -= 1.0
+    return loss, probs
+
+
+def _kd_chunk(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, want_grad: bool):
+    """Summed T^2 * KL(q_teacher || q_student) of the chunk's rows and its gradient T * (q_s - q_t)."""
+    t = temperature
+    log_student = torch.log_softmax(logits / t, dim=-1)
+    log_teacher = torch.log_softmax(teacher_logits.div_(t), dim=-1)
+    teacher_probs = log_teacher.exp()
+    loss = (teacher_probs * (log_teacher - log_student)).sum() * (t * t)
+    if not want_grad:
+        return loss, None
+    return loss, log_student.exp_().sub_(teacher_probs).mul_(t)
+
+
+def _chunk_terms(logits, targets, teacher_logits, mix: _Mix, want_grad: bool):
+    """The chunk's summed loss under ``mix`` and, if wanted, its gradient for the logits.
+
+    KD runs first: it leaves the logits intact, which ntp then overwrites with its gradient.
+    """
+    terms = []
+    if mix.kd:
+        terms.append((mix.kd, *_kd_chunk(logits, teacher_logits, mix.temperature, want_grad)))
+    if mix.ntp:
+        terms.append((mix.ntp, *_ntp_chunk(logits, targets, want_grad)))
+    loss = sum(share * value for share, value, _ in terms)
+    if not want_grad:
+        return loss, None
+    grad = terms[0][2].mul_(terms[0][0])
+    for share, _, term_grad in terms[1:]:
+        grad.add_(term_grad, alpha=share)
+    return loss, grad
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """``mix.ntp`` * mean NLL + ``mix.kd`` * mean KD of ``hidden @ weight.T``; the gradient for ``hidden`` only."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int):
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int, mix: _Mix):
         n = targets.numel()
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        want_grad = ctx.needs_input_grad[0]
+        grad = torch.empty_like(hidden) if want_grad else None
         for start in range(0, n, rows):
-            h, t = hidden[start : start + rows], targets[start : start + rows]
-            logits = (h @ weight.T).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
-            if grad is None:
-                continue
-            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-            probs[torch.arange(t.numel(), device=t.device), t] -= 1.0
-            grad[start : start + rows] = probs.div_(n).to(weight.dtype) @ weight
-        if grad is not None:
+            chunk = slice(start, start + rows)
+            logits = (hidden[chunk] @ weight.T).float()
+            teacher_logits = (mix.teacher_hidden[chunk] @ mix.teacher_weight.T).float() if mix.kd else None
+            loss, dlogits = _chunk_terms(logits, targets[chunk], teacher_logits, mix, want_grad)
+            total += loss
+            if want_grad:
+                grad[chunk] = dlogits.div_(n).to(weight.dtype) @ weight
+        if want_grad:
             ctx.save_for_backward(grad)
         return total / n
 
     @staticmethod
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
-        return grad * grad_output.to(grad.dtype), None, None, None
+        return grad * grad_output.to(grad.dtype), None, None, None, None
 
 
 def plain_head(model: torch.nn.Module) -> bool:
@@ -101,19 +157,43 @@ def _hidden_output(model: torch.nn.Module):
         )
 
 
-def next_token_loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token NLL of ``ids`` (what ``model(input_ids=ids, labels=ids).loss`` gives)."""
+def _final_hidden(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows that predict a next token (all but each window's last) and the head's weight."""
     with _hidden_output(model) as head:
         hidden = model(input_ids=ids).logits
         weight = head.weight
-    width, device = hidden.shape[-1], hidden.device.type
+    return hidden[:, :-1].reshape(-1, hidden.shape[-1]), weight
+
+
+def _chunked_loss(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, mix: _Mix) -> torch.Tensor:
+    """The loss of ``mix`` over row chunks, in the autocast dtype where autocast is on (as the head's matmul)."""
+    device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-    hidden = hidden[:, :-1].reshape(-1, width)
-    targets = ids[:, 1:].reshape(-1)
+    if mix.kd:
+        mix = mix._replace(
+            teacher_hidden=mix.teacher_hidden.to(dtype), teacher_weight=mix.teacher_weight.detach().to(dtype)
+        )
     rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
     with torch.autocast(device, enabled=False):
-        loss = _ChunkedHeadNLL.apply(hidden.to(dtype), weight.detach().to(dtype), targets, rows)
-    return loss
+        return _ChunkedHeadLoss.apply(hidden.to(dtype), weight.detach().to(dtype), ids[:, 1:].reshape(-1), rows, mix)
+
+
+def next_token_loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL of ``ids`` (what ``model(input_ids=ids, labels=ids).loss`` gives)."""
+    hidden, weight = _final_hidden(model, ids)
+    return _chunked_loss(hidden, weight, ids, _Mix())
+
+
+def distillation_loss(model, teacher, ids: torch.Tensor, ntp: float, kd: float, temperature: float) -> torch.Tensor:
+    """``ntp`` * next-token NLL + ``kd`` * T^2 KL(teacher || student), neither model's logits built whole.
+
+    The teacher's final hidden states come from its own forward (no grad); each chunk of rows
+    builds both models' logits, takes its share of the two terms and of the gradient, and drops them.
+    """
+    with torch.no_grad():
+        teacher_hidden, teacher_weight = _final_hidden(teacher, ids)
+    hidden, weight = _final_hidden(model, ids)
+    return _chunked_loss(hidden, weight, ids, _Mix(ntp, kd, temperature, teacher_hidden, teacher_weight))
 
 
 def next_token_nll_sum(model: torch.nn.Module, ids: torch.Tensor) -> float:

@@ -209,7 +209,8 @@ def test_one_and_two_workers_give_the_same_masks(tmp_path, tiny_model_dir, ray_s
     from the frozen dense teacher, sharded like the student (fp32: the 1- and 2-worker sums differ
     only by reduction order), with the student's embedding frozen inside FSDP's root unit (the
     budget rule's default). The decoupled penalty shares the coupled one's sharded projection.
-    Plain ``ntp`` takes the chunked frozen-head loss (elsa/head_loss.py) through FSDP's root."""
+    Both losses take the chunked frozen-head path (elsa/head_loss.py) through FSDP's root, the
+    teacher's head gathered by its own forward."""
     from elsa.model_io.models import load_model
 
     distil = {"penalty": "coupled", "loss": loss, "kd_temperature": 2.0, "train_embeddings": False}
