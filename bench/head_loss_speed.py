@@ -5,9 +5,10 @@ step; elsa/head_loss.py never materialises them. This prunes the same dense mode
 one process (own, chunked, own, chunked: interleaved, so a drifting machine shows as a spread,
 not as a gain), ``--steps`` steps each from a magnitude start (no one-shot warm start, so only
 training is timed), and records every step's seconds, the training losses and the projected
-held-out loss: the two paths should agree to bf16 rounding.
+held-out loss: the two paths should agree to bf16 rounding. ``--loss ntp+kd`` times distillation
+from the dense teacher, whose logits the chunked path builds chunk by chunk too.
 
-    python bench/head_loss_speed.py --model gemma3-270m --steps 8
+    python bench/head_loss_speed.py --model gemma3-270m --steps 8 [--loss ntp+kd]
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def one_run(dense, tokenizer, args, chunked: bool) -> dict:
     distill.fused_head_applies = real if chunked else (lambda model: False)
     try:
         steps = {"steps": args.steps, "log_interval": 1, "eval_interval": args.steps}
-        cfg = PruneConfig(model=args.model, sparsity=args.sparsity, init="none", **steps)
+        cfg = PruneConfig(model=args.model, sparsity=args.sparsity, init="none", loss=args.loss, **steps)
         started = time.perf_counter()
         result = prune_model(cfg, model=copy.deepcopy(dense), tokenizer=tokenizer)
         wall = time.perf_counter() - started
@@ -59,6 +60,7 @@ def main(argv=None) -> None:
     parser.add_argument("--model", default="gemma3-270m")
     parser.add_argument("--sparsity", type=float, default=0.8)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--loss", choices=["ntp", "ntp+kd", "kd"], default="ntp")
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args(argv)
     dense, tokenizer = load_model(args.model), load_tokenizer(args.model)
@@ -72,7 +74,8 @@ def main(argv=None) -> None:
     }
     command = "python " + " ".join(sys.argv)
     record = {"command": command, "machine": machine(), "median_s_per_step": median, "runs": runs}
-    out = Path(args.out) / f"head-loss-speed-{Path(args.model).name}.json"
+    suffix = "" if args.loss == "ntp" else "-" + args.loss.replace("+", "-")
+    out = Path(args.out) / f"head-loss-speed-{Path(args.model).name}{suffix}.json"
     out.write_text(json.dumps(record, indent=1) + "\n")
     own, chunked = median["model's own"], median["chunked head"]
     print(f"median s a step: own {own:.2f}, chunked {chunked:.2f} -> {out}")
