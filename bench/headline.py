@@ -20,7 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
-from run_bench import read_results  # noqa: E402
+from bench_report import read_results  # noqa: E402
 
 MODELS = {  # model -> results directories, the zero-shot one first
     "smollm2-135m": ("bench/results-zeroshot", "bench/results"),

@@ -17,8 +17,11 @@ Run it alone on the machine: the extra steps of (c) follow the search's wall tim
 
 ``--promote`` then writes the best setting into ``elsa/tables/tuned.yaml`` (``elsa prune --preset
 tuned``) with its provenance, but only where (b) beats (a) on WikiText-2 perplexity: a setting that
-wins the search's short trials and loses at the budget is not shipped. Where the rule's own setting
-won the search, the entry has no overrides and says so. ``--search-only`` stops after the search.
+wins the search's short trials and loses at the budget is not shipped. ``--cell-seeds 0 1 2`` runs
+(a) and (b) at each seed (seed n > 0 in ``OUT/seed-n``) and compares their means: the seed alone
+moves a 300-step cell by about 6% (bench/results/NOTES.md, 2026-12-06), more than settings differ.
+Where the rule's own setting won the search, the entry has no overrides and says so.
+``--search-only`` stops after the search.
 """
 
 from __future__ import annotations
@@ -85,17 +88,36 @@ def search(args, out: Path) -> dict:
     return found
 
 
-def cell(args, out: Path, method: str, steps: int, preset: str | None = None) -> dict:
-    """One bench cell (run_bench.py skips it when ``out`` holds it already), and its record."""
+def cell(args, out: Path, method: str, steps: int, preset: str | None = None, seed: int = 0) -> dict:
+    """One bench cell (run_bench.py skips it when ``out`` holds it already), and its record; a seed
+    other than 0 in its own subfolder ``seed-<n>`` (a bench folder holds one seed's cells)."""
+    out = out if seed == 0 else out / f"seed-{seed}"
     command = [sys.executable, "bench/run_bench.py", "--model", args.model, "--out", str(out)]
     command += ["--methods", method, "--sparsities", str(args.sparsity), "--steps", str(steps)]
     command += ["--tracking-uri", args.tracking_uri, *(["--preset", preset] if preset else [])]
+    command += ["--seed", str(seed)] if seed else []
     _run(command)
     records = json.loads((out / "results.json").read_text())["results"]
     found = [r for r in records if r["method"] == method and r["sparsity"] == args.sparsity and r.get("steps") == steps]
     if not found or "error" in found[-1]:
         raise SystemExit(f"{method} at {steps} steps failed: see {out / 'results.md'}")
     return {**found[-1], "bench_command": " ".join(["python", *command[1:]])}
+
+
+def run_cells(args, out: Path, found: dict) -> dict:
+    """Cells (a) and (b) at each of ``--cell-seeds``, and (c) at the first seed unless ``--skip-longer``."""
+    budget, cells, seed_pairs = args.budget, {}, {}
+    for seed in args.cell_seeds:
+        tag = "" if seed == args.cell_seeds[0] else f", seed {seed}"
+        names = (f"(a) defaults, B = {budget}{tag}", f"(b) best of the search, B = {budget}{tag}")
+        cells[names[0]] = cell(args, out, "elsa", budget, seed=seed)
+        cells[names[1]] = cell(args, out, "elsa-preset", budget, found["preset_file"], seed=seed)
+        seed_pairs[seed] = names
+        if not tag and not args.skip_longer:
+            extra = round(found["wall_s"] / seconds_a_step(cells[names[0]]))
+            longer = cell(args, out, "elsa", budget + extra, seed=seed)
+            cells[f"(c) defaults, B + the search's compute ({extra} steps)"] = longer
+    return {"model": args.model, "sparsity": args.sparsity, "search": found, "cells": cells, "seed_pairs": seed_pairs}
 
 
 def seconds_a_step(record: dict) -> float:
@@ -132,8 +154,12 @@ def summary_lines(result: dict) -> list[str]:
             f"{record.get('init_val_loss', float('nan')):.4f} | {record['prune_s']:.0f} | {compute:.0f} |"
         )
     cells = list(result["cells"].values())
-    if len(cells) > 1 and (problem := start_mismatch(*cells[:2]) or machine_mismatch(*cells)):
+    if len(cells) > 1 and (problem := pairs_problem(cell_pairs(result)) or machine_mismatch(*cells)):
         lines += ["", f"**{problem}**"]
+    pairs = cell_pairs(result)
+    if len(pairs) > 1 and (means := measured_side_by_side(pairs, None)):
+        shown = "; ".join(f"{name} {m['defaults']:.4g} against {m['tuned']:.4g}" for name, m in means.items())
+        lines += ["", f"Means over the {len(pairs)} seeds, (a) against (b): {shown}."]
     lines += ["", "Commands:", "", *[f"- `{r['bench_command']}`" for r in result["cells"].values()]]
     return lines
 
@@ -193,14 +219,44 @@ def rule_won(found: dict) -> bool:
 MEASURES = {"wikitext2": "ppl_wikitext2-bundled", "sotu": "ppl_sotu", "held_out": "final_val_loss_projected"}
 
 
-def measured_side_by_side(defaults: dict, tuned: dict, longer: dict | None) -> dict:
-    """Each measure both cells (a) and (b) hold, with (c)'s value (None when not run): promotion
-    reads WikiText-2 alone, the table shows the out-of-domain text and held-out loss beside it."""
-    return {
-        name: {"defaults": defaults[key], "tuned": tuned[key], "defaults_longer": longer.get(key) if longer else None}
-        for name, key in MEASURES.items()
-        if key in defaults and key in tuned
-    }
+def cell_pairs(result: dict) -> list[tuple[dict, dict]]:
+    """Cells (a) and (b) of each seed: ``seed_pairs`` names them, else the first two cells are the pair."""
+    cells = result["cells"]
+    names = result.get("seed_pairs") or {0: list(cells)[:2]}
+    return [(cells[a], cells[b]) for a, b in names.values()]
+
+
+def longer_cells(result: dict) -> list[dict]:
+    """Cell (c), where it ran: the cell that is in no seed's pair."""
+    paired = {id(c) for pair in cell_pairs(result) for c in pair}
+    return [c for c in result["cells"].values() if id(c) not in paired]
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def measured_side_by_side(pairs: list[tuple[dict, dict]], longer: dict | None) -> dict:
+    """Each measure every (a) and (b) cell holds: their means over the seeds, with (c)'s value (None
+    when not run) and, for several seeds, each seed's values. Promotion reads WikiText-2 alone;
+    the table shows the out-of-domain text and held-out loss beside it."""
+    measured = {}
+    for name, key in MEASURES.items():
+        if not all(key in cell for pair in pairs for cell in pair):
+            continue
+        defaults, tuned = ([pair[i][key] for pair in pairs] for i in (0, 1))
+        measured[name] = {
+            "defaults": _mean(defaults),
+            "tuned": _mean(tuned),
+            "defaults_longer": longer.get(key) if longer else None,
+            **({"per_seed": {"defaults": defaults, "tuned": tuned}} if len(pairs) > 1 else {}),
+        }
+    return measured
+
+
+def pairs_problem(pairs: list[tuple[dict, dict]]) -> str | None:
+    """Why some seed's (a) and (b) are not a fair pair (``start_mismatch``), or None."""
+    return next((problem for pair in pairs if (problem := start_mismatch(*pair))), None)
 
 
 def tuned_entry(result: dict, out: Path) -> dict | None:
@@ -227,18 +283,21 @@ def tuned_entry(result: dict, out: Path) -> dict | None:
         return entry
     if not result["cells"]:  # --search-only: a sampled winner enters the table only once measured at B
         return None
-    defaults, tuned, *longer = result["cells"].values()  # (c) absent with --skip-longer
-    if start_mismatch(defaults, tuned):
+    pairs, longer = cell_pairs(result), longer_cells(result)  # (c) absent with --skip-longer
+    if pairs_problem(pairs):
         return None
-    longer = [] if machine_mismatch(defaults, *longer) else longer  # (c) of another machine: not shown
-    beats = tuned[MEASURES["wikitext2"]] < defaults[MEASURES["wikitext2"]]
+    longer = [] if machine_mismatch(pairs[0][0], *longer) else longer  # (c) of another machine: not shown
+    wikitext2 = MEASURES["wikitext2"]
+    beats = _mean([t[wikitext2] for _, t in pairs]) < _mean([d[wikitext2] for d, _ in pairs])  # over the seeds
     rejected = {} if beats else {"config": {}, "rejected": entry["config"]}
+    seeds = {"cell_seeds": [p[0].get("config", {}).get("seed", 0) for p in pairs]} if len(pairs) > 1 else {}
     return {
         **entry,
         **rejected,
         "measured": {
-            "budget": tuned["steps"],
-            **measured_side_by_side(defaults, tuned, longer[0] if longer else None),
+            "budget": pairs[0][1]["steps"],
+            **seeds,
+            **measured_side_by_side(pairs, longer[0] if longer else None),
             "defaults_longer_steps": longer[0]["steps"] if longer else None,
             "results": str(out.relative_to(REPO) if out.is_relative_to(REPO) else out),
         },
@@ -258,7 +317,7 @@ def promote(result: dict, out: Path, table: Path = TUNED_TABLE) -> str:
             "run this script again without --search-only (the search is read back) to measure it"
         )
     if entry is None:
-        return f"not promoted: {start_mismatch(*list(result['cells'].values())[:2])}"
+        return f"not promoted: {pairs_problem(cell_pairs(result))}"
     header = "".join(line for line in table.read_text().splitlines(keepends=True) if line.startswith("#"))
     entries = merge_entries(table, [entry])
     table.write_text(header + yaml.safe_dump({"presets": entries}, sort_keys=False))
@@ -286,6 +345,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--skip-longer", action="store_true", help="cells (a) and (b) only: decide promotion without (c)'s long run"
     )
+    parser.add_argument(
+        "--cell-seeds",
+        nargs="+",
+        type=int,
+        default=[0],
+        help="seeds of cells (a) and (b): promotion compares their means (the seed moves a 300-step cell by ~6%%)",
+    )
     parser.add_argument("tune_args", nargs="*", help="more elsa tune flags, after --")
     args = parser.parse_args(argv)
     from pipelines.records import tracking
@@ -301,13 +367,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.promote:
             print(promote(result, out))
         return
-    defaults = cell(args, out, "elsa", args.budget)
-    tuned = cell(args, out, "elsa-preset", args.budget, found["preset_file"])
-    cells = {f"(a) defaults, B = {args.budget}": defaults, f"(b) best of the search, B = {args.budget}": tuned}
-    if not args.skip_longer:
-        extra = round(found["wall_s"] / seconds_a_step(defaults))
-        cells[f"(c) defaults, B + the search's compute ({extra} steps)"] = cell(args, out, "elsa", args.budget + extra)
-    result = {"model": args.model, "sparsity": args.sparsity, "search": found, "cells": cells}
+    result = run_cells(args, out, found)
     (out / "tune_value.json").write_text(json.dumps(result, indent=1, default=str))
     (out / "tune_value.md").write_text("\n".join(summary_lines(result)) + "\n")
     print((out / "tune_value.md").read_text())

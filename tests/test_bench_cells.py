@@ -149,7 +149,7 @@ def test_cells_from_different_starts_are_not_compared(tmp_path):
 
 
 def test_cells_of_different_machines_are_not_compared(tmp_path):
-    tune_value, run_bench = _load("tune_value"), _load("run_bench")
+    tune_value = _load("tune_value")
     config = {"model": "gemma3-270m", "sparsity": 0.8, "steps": 300, "seqlen": 256, "seed": 0}
     defaults = {"config": config, "init_val_loss": 5.78, "steps": 300, "prune_s": 950.0, "bench_command": "a"}
     defaults.update({"ppl_wikitext2-bundled": 138.0, "cpu": "Intel Xeon", "torch_threads": 2})
@@ -173,7 +173,7 @@ def test_cells_of_different_machines_are_not_compared(tmp_path):
         "different machines" in line
         for line in tune_value.summary_lines({**result, "search": {**search, "init_s": 1.0}})
     )
-    line = run_bench.machines_line([defaults, tuned, amd, older])
+    line = _load("bench_report").machines_line([defaults, tuned, amd, older])
     assert line == "Machines (cells): Intel Xeon, 2 threads (2); AMD EPYC, 2 threads (1); not recorded (1)"
 
 
@@ -256,3 +256,43 @@ def test_the_budget_curve_reads_several_folders_each_cell_once(tmp_path):
     rows = curve.curve_rows(merged, 0.8)
     assert [r.get("steps") for r in rows] == [None, 32, 1300]
     assert curve.table(rows, None).splitlines()[-1].endswith("| results-zeroshot |")
+
+
+def test_promotion_over_several_seeds_reads_the_means():
+    """A setting that wins at seed 0 and loses on average over three seeds is not shipped."""
+    tune_value = _load("tune_value")
+    search = {"command": "c", "parent_run_id": "p", "trials": {}, "trial_steps": 300, "wall_s": 1.0, "seeds": []}
+    search |= {"init_s": 1.0, "best": {"trial_id": "t", "config": {"lr": 1.2e-3}, "val_loss_projected": 4.5}}
+
+    def pair(seed, defaults, tuned):
+        config = {"model": "smollm2-135m", "sparsity": 0.8, "seed": seed}
+        base = {"steps": 300, "config": config, "init_val_loss": 6.8 + seed, "final_val_loss_projected": 4.7}
+        base |= {"prune_s": 600.0, "bench_command": f"seed {seed}"}
+        return {**base, "ppl_wikitext2-bundled": defaults}, {**base, "ppl_wikitext2-bundled": tuned}
+
+    cells, seed_pairs = {}, {}
+    for seed, values in [(0, (166.0, 160.0)), (1, (156.0, 171.0)), (2, (160.0, 162.0))]:
+        names = (f"a{seed}", f"b{seed}")
+        cells.update(zip(names, pair(seed, *values)))
+        seed_pairs[seed] = names
+    result = {"model": "m", "sparsity": 0.8, "search": search, "cells": cells, "seed_pairs": seed_pairs}
+    assert tune_value.longer_cells(result) == []
+    entry = tune_value.tuned_entry(result, Path("/tmp"))
+    assert entry["config"] == {} and entry["rejected"] == {"lr": 1.2e-3}  # seed 0 alone would have shipped it
+    wikitext2 = entry["measured"]["wikitext2"]
+    assert wikitext2["defaults"] == pytest.approx(482 / 3) and wikitext2["tuned"] == pytest.approx(493 / 3)
+    assert wikitext2["per_seed"] == {"defaults": [166.0, 156.0, 160.0], "tuned": [160.0, 171.0, 162.0]}
+    assert entry["measured"]["cell_seeds"] == [0, 1, 2]
+    cells["b1"]["ppl_wikitext2-bundled"] = 150.0
+    assert tune_value.tuned_entry(result, Path("/tmp"))["config"] == {"lr": 1.2e-3}
+    assert any(line.startswith("Means over the 3 seeds") for line in tune_value.summary_lines(result))
+
+
+def test_a_bench_folder_holds_one_seeds_cells():
+    """A rerun with another --seed must not take the finished cell of seed 0 for its own."""
+    run_bench = _load("run_bench")
+    finished = [{"method": "elsa", "config": {"seed": 0}}]
+    assert run_bench.other_seed(finished, "elsa", 1) == 0
+    assert run_bench.other_seed(finished, "elsa", 0) is None
+    assert run_bench.other_seed([{"method": "elsa", "config": {}}], "elsa", 2) == 0  # older cells: seed 0
+    assert run_bench.other_seed([{"method": "dense", "config": {"seed": 0}}], "dense", 1) is None
