@@ -120,13 +120,17 @@ def _distill_loss_and_grads(model, teacher, ids, cfg):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-@pytest.mark.parametrize(("loss", "kd_weight"), [("ntp+kd", 0.3), ("kd", 0.5)])
-def test_chunked_distillation_matches_the_full_logits_path(arch, loss, kd_weight, monkeypatch):
-    """Loss and gradients of kd and ntp+kd by row chunks equal those built from both models' full logits."""
+@pytest.mark.parametrize(
+    ("loss", "kd_weight", "temperature"),
+    [("ntp+kd", 0.3, 2.0), ("kd", 0.5, 2.0), ("ntp+kd", 0.3, 1.0), ("kd", 0.5, 1.0)],
+)
+def test_chunked_distillation_matches_the_full_logits_path(arch, loss, kd_weight, temperature, monkeypatch):
+    """Loss and gradients of kd and ntp+kd by row chunks equal those built from both models' full
+    logits, at T = 2 (each term its own softmax) and T = 1 (one softmax shared)."""
     monkeypatch.setattr(head_loss, "CHUNK_ELEMENTS", 5 * 96)
     model, teacher = _frozen(arch, seed=0), _frozen(arch, seed=1).requires_grad_(False)
     ids = torch.randint(0, 96, (2, 13), generator=torch.Generator().manual_seed(5))
-    cfg = type("Cfg", (), {"loss": loss, "kd_weight": kd_weight, "kd_temperature": 2.0})()
+    cfg = type("Cfg", (), {"loss": loss, "kd_weight": kd_weight, "kd_temperature": temperature})()
     got_loss, got = _distill_loss_and_grads(model, teacher, ids, cfg)
     monkeypatch.setattr("elsa.distill.plain_head", lambda m: False)  # the full-logits path
     want_loss, want = _distill_loss_and_grads(model, teacher, ids, cfg)
@@ -136,12 +140,13 @@ def test_chunked_distillation_matches_the_full_logits_path(arch, loss, kd_weight
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_chunked_kd_is_zero_with_zero_gradient_against_itself():
+@pytest.mark.parametrize("temperature", [1.0, 1.5])
+def test_chunked_kd_is_zero_with_zero_gradient_against_itself(temperature):
     """Distilling a model into its own copy: KL 0 and no gradient, chunk by chunk."""
     from elsa.distill import frozen_teacher
 
     model = _frozen("qwen2")
-    cfg = type("Cfg", (), {"loss": "kd", "kd_weight": 0.5, "kd_temperature": 1.5})()
+    cfg = type("Cfg", (), {"loss": "kd", "kd_weight": 0.5, "kd_temperature": temperature})()
     ids = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(6))
     loss, grads = _distill_loss_and_grads(model, frozen_teacher(model), ids, cfg)
     assert abs(loss) < 1e-6
