@@ -105,7 +105,9 @@ def tuned_preset(model: str, sparsity: float, entries: list[dict] | None = None)
     overrides = dict(chosen["config"])  # empty where the rule won the search, or its winner lost at the budget
     won = "" if overrides else " (the budget rule won the search)"
     if "rejected" in chosen:
-        won = f" (the budget rule: the search's best lost to it at {chosen['measured']['budget']} steps)"
+        measured = chosen["measured"]
+        seeds = f", mean of {len(measured['cell_seeds'])} seeds" if "cell_seeds" in measured else ""
+        won = f" (the budget rule: the search's best lost to it at {measured['budget']} steps{seeds})"
     overrides["preset"] = f"tuned:{model}@{float(chosen['sparsity']):g}{won}"
     return overrides
 
