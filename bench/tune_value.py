@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -153,10 +154,9 @@ def summary_lines(result: dict) -> list[str]:
             f"{record.get('ppl_sotu', float('nan')):.2f} | {held_out:.4f} | "
             f"{record.get('init_val_loss', float('nan')):.4f} | {record['prune_s']:.0f} | {compute:.0f} |"
         )
-    cells = list(result["cells"].values())
-    if len(cells) > 1 and (problem := pairs_problem(cell_pairs(result)) or machine_mismatch(*cells)):
+    cells, pairs = list(result["cells"].values()), cell_pairs(result)
+    if len(cells) > 1 and (problem := pairs_problem(pairs) or machine_mismatch(*cells)):
         lines += ["", f"**{problem}**"]
-    pairs = cell_pairs(result)
     if len(pairs) > 1 and (means := measured_side_by_side(pairs, None)):
         shown = "; ".join(f"{name} {m['defaults']:.4g} against {m['tuned']:.4g}" for name, m in means.items())
         lines += ["", f"Means over the {len(pairs)} seeds, (a) against (b): {shown}."]
@@ -232,10 +232,6 @@ def longer_cells(result: dict) -> list[dict]:
     return [c for c in result["cells"].values() if id(c) not in paired]
 
 
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
-
-
 def measured_side_by_side(pairs: list[tuple[dict, dict]], longer: dict | None) -> dict:
     """Each measure every (a) and (b) cell holds: their means over the seeds, with (c)'s value (None
     when not run) and, for several seeds, each seed's values. Promotion reads WikiText-2 alone;
@@ -246,8 +242,8 @@ def measured_side_by_side(pairs: list[tuple[dict, dict]], longer: dict | None) -
             continue
         defaults, tuned = ([pair[i][key] for pair in pairs] for i in (0, 1))
         measured[name] = {
-            "defaults": _mean(defaults),
-            "tuned": _mean(tuned),
+            "defaults": statistics.mean(defaults),
+            "tuned": statistics.mean(tuned),
             "defaults_longer": longer.get(key) if longer else None,
             **({"per_seed": {"defaults": defaults, "tuned": tuned}} if len(pairs) > 1 else {}),
         }
@@ -287,8 +283,8 @@ def tuned_entry(result: dict, out: Path) -> dict | None:
     if pairs_problem(pairs):
         return None
     longer = [] if machine_mismatch(pairs[0][0], *longer) else longer  # (c) of another machine: not shown
-    wikitext2 = MEASURES["wikitext2"]
-    beats = _mean([t[wikitext2] for _, t in pairs]) < _mean([d[wikitext2] for d, _ in pairs])  # over the seeds
+    measured = measured_side_by_side(pairs, longer[0] if longer else None)
+    beats = measured["wikitext2"]["tuned"] < measured["wikitext2"]["defaults"]  # means over the seeds
     rejected = {} if beats else {"config": {}, "rejected": entry["config"]}
     seeds = {"cell_seeds": [p[0].get("config", {}).get("seed", 0) for p in pairs]} if len(pairs) > 1 else {}
     return {
@@ -297,7 +293,7 @@ def tuned_entry(result: dict, out: Path) -> dict | None:
         "measured": {
             "budget": pairs[0][1]["steps"],
             **seeds,
-            **measured_side_by_side(pairs, longer[0] if longer else None),
+            **measured,
             "defaults_longer_steps": longer[0]["steps"] if longer else None,
             "results": str(out.relative_to(REPO) if out.is_relative_to(REPO) else out),
         },
