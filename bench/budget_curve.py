@@ -47,8 +47,16 @@ def _lr(row: dict) -> str:
     return "-" if _one_shot(row) or lr is None else f"{lr:g}"
 
 
+def _machine(row: dict) -> str:
+    """The CPU a cell ran on: wall times of different machines do not share a line. The ``cpu``
+    field dates from ff408e2 (2026-12-06); the machine was an AMD EPYC until 2026-12-05, 21:47."""
+    return row.get("cpu") or "CPU not recorded"
+
+
 def _curve(row: dict) -> str:
-    return f"{row.get('allocation', 'uniform')} allocation, embeddings {_embeddings(row)}, lr {_lr(row)}"
+    return (
+        f"{row.get('allocation', 'uniform')} allocation, embeddings {_embeddings(row)}, lr {_lr(row)}, {_machine(row)}"
+    )
 
 
 def merged_results(folders: list[Path]) -> list[dict]:
@@ -67,8 +75,8 @@ def merged_results(folders: list[Path]) -> list[dict]:
 def table(rows: list[dict], dense: float | None) -> str:
     lines = [
         "| method | steps | allocation | embeddings | lr | wall s (prune, warm start included) | ppl | ppl / dense "
-        "| kept | threads | folder |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| kept | threads | machine | folder |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ratio = f"{r[METRIC] / dense:.2f}" if dense else "-"
@@ -78,7 +86,7 @@ def table(rows: list[dict], dense: float | None) -> str:
             f"| {r['prune_s']:.0f} "
             f"| {r[METRIC]:.1f} "
             f"| {ratio} | {r.get('kept', '-')} "
-            f"| {r.get('torch_threads', '-')} | {r.get('folder', '-')} |"
+            f"| {r.get('torch_threads', '-')} | {_machine(r)} | {r.get('folder', '-')} |"
         )
     return "\n".join(lines)
 
@@ -91,7 +99,7 @@ def plot(rows: list[dict], out_png: Path, sparsity: float) -> Path:
     elsa_rows = [r for r in rows if r["method"] == "elsa"]
     for curve in dict.fromkeys(map(_curve, elsa_rows)):  # one line per default: changed in eb48eaa, 0a17552, 9950fcd
         elsa = [r for r in elsa_rows if _curve(r) == curve]
-        label = f"ELSA, {curve} (steps marked)"
+        label = f"ELSA, {curve}"
         axes.plot([r["prune_s"] for r in elsa], [r[METRIC] for r in elsa], "o-", label=label)
         for r in elsa:
             axes.annotate(
@@ -102,11 +110,11 @@ def plot(rows: list[dict], out_png: Path, sparsity: float) -> Path:
             axes.plot([r["prune_s"]], [r[METRIC]], "s", label=r["method"])
     axes.set_xscale("log")
     axes.set_yscale("log")
-    axes.set_xlabel("wall seconds of the prune (2 CPU cores)")
     axes.set_ylabel("WikiText-2 perplexity")
     axes.set_title(f"{int(round(sparsity * 100))}% sparsity: quality per unit of compute")
     axes.grid(True, which="both", alpha=0.3)
-    axes.legend(fontsize=8)
+    axes.set_xlabel("wall seconds of the prune (2 CPU cores; ELSA's steps marked)")
+    axes.legend(fontsize=6, loc="upper right")  # magnitude sits top left, the ELSA points bottom right
     return _save(figure, out_png)
 
 

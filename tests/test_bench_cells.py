@@ -255,7 +255,19 @@ def test_the_budget_curve_reads_several_folders_each_cell_once(tmp_path):
     ]
     rows = curve.curve_rows(merged, 0.8)
     assert [r.get("steps") for r in rows] == [None, 32, 1300]
-    assert curve.table(rows, None).splitlines()[-1].endswith("| results-zeroshot |")
+    assert curve.table(rows, None).splitlines()[-1].endswith("| CPU not recorded | results-zeroshot |")
+
+
+def test_the_budget_curve_draws_each_machine_on_its_own_line():
+    """Wall seconds of two CPUs are not one curve: the same settings on another machine are
+    another line, and the table names each cell's CPU."""
+    curve = _load("budget_curve")
+    cell = {"method": "elsa", "sparsity": 0.8, "allocation": "owl", "train_embeddings": False, "lr": 6e-4}
+    amd, intel = {**cell, "steps": 1300}, {**cell, "steps": 1700, "cpu": "Intel(R) Xeon(R) Processor"}
+    assert curve._curve(amd) != curve._curve(intel)
+    assert curve._curve(amd) == curve._curve({**cell, "steps": 32})
+    table = curve.table([{**r, "prune_s": 1.0, "ppl_wikitext2-bundled": 2.0} for r in (amd, intel)], 1.0)
+    assert "| Intel(R) Xeon(R) Processor |" in table.splitlines()[-1]
 
 
 def test_promotion_over_several_seeds_reads_the_means():
