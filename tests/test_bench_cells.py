@@ -229,6 +229,17 @@ def test_headline_picks_the_best_one_shot_the_short_run_and_the_best_run_within_
     assert headline.pick_rows(cells, 0.5) == []
 
 
+def test_the_readme_shows_the_headline_table_of_the_committed_results():
+    """The README's "Results at a glance" is bench/headline.py's table over the committed cells
+    (without the file column): a new cell that changes a row fails here until the README follows."""
+    headline = _load("headline")
+    readme = (BENCH.parent / "README.md").read_text(encoding="utf-8")
+    rows = ["|".join(line.split("|")[:-2]) + "|" for line in headline.table((0.7, 0.8, 0.9)).splitlines()]
+    assert len(rows) > 10
+    missing = [row for row in rows if row not in readme]
+    assert not missing, f"README's glance table differs from `python bench/headline.py`: {missing}"
+
+
 def test_the_budget_curve_reads_several_folders_each_cell_once(tmp_path):
     """An hour cell written to another folder joins the curve; a cell both folders hold is the
     first folder's, and the table says where each row came from."""
