@@ -127,16 +127,25 @@ def machines_line(cells: list[dict]) -> str:
     return "Machines (cells): " + "; ".join(f"{name} ({n})" for name, n in counts.items())
 
 
+def _examples(scored: list[dict], tasks: list[str]) -> str:
+    """Examples scored per task, from the cells' own counts: a limit above a task's size scores all
+    of it (ARC-easy's validation split has 570), so the limit alone would overstate the sample."""
+    counts = {t: sorted({r["zero_shot_n"][t] for r in scored if t in r.get("zero_shot_n", {})}) for t in tasks}
+    if not all(counts.values()):  # cells from before zero_shot_n: their limit is all they recorded
+        return "/".join(sorted({str(r.get("zero_shot_limit") or "all") for r in scored})) + " a task"
+    return ", ".join(f"{t} {'/'.join(map(str, n))}" for t, n in counts.items())
+
+
 def _zero_shot_lines(cells: list[dict]) -> list[str]:
     """A second table: accuracy per zero-shot task with its standard error, and the unweighted mean."""
     scored = [r for r in cells if "zero_shot_avg" in r]
     if not scored:
         return []
     tasks = sorted({k.removeprefix("acc_") for r in scored for k in r if k.startswith("acc_")})
-    limits = sorted({str(r.get("zero_shot_limit") or "all") for r in scored})
     lines = [
         "",
-        f"Zero-shot accuracy (lm-eval, validation splits; {'/'.join(limits)} examples a task, ± standard error)",
+        f"Zero-shot accuracy (lm-eval, validation splits; examples scored: {_examples(scored, tasks)}; "
+        "± standard error)",
         "",
         "| method | sparsity | ELSA steps | " + " | ".join(tasks) + " | mean |",
         "|---|---|---|" + "---|" * (len(tasks) + 1),

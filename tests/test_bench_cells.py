@@ -229,6 +229,18 @@ def test_headline_picks_the_best_one_shot_the_short_run_and_the_best_run_within_
     assert headline.pick_rows(cells, 0.5) == []
 
 
+def test_the_zero_shot_table_says_how_many_examples_each_task_scored():
+    """A limit of 1000 scores all 570 of ARC-easy's validation examples: the table gives the counts
+    the cells recorded, and the limit only for cells from before those counts."""
+    report = _load("bench_report")
+    cell = {"method": "elsa", "sparsity": 0.7, "steps": 32, "zero_shot_avg": 0.3, "zero_shot_limit": 1000}
+    cell |= {"acc_arc_easy": 0.38, "acc_hellaswag": 0.3, "zero_shot_n": {"arc_easy": 570, "hellaswag": 1000}}
+    header = report._zero_shot_lines([cell, {**cell, "method": "sparsegpt"}])[1]
+    assert "examples scored: arc_easy 570, hellaswag 1000;" in header
+    older = {k: v for k, v in cell.items() if k != "zero_shot_n"} | {"zero_shot_limit": 200}
+    assert "examples scored: 200 a task;" in report._zero_shot_lines([older])[1]
+
+
 def test_the_readme_shows_the_headline_table_of_the_committed_results():
     """The README's "Results at a glance" is bench/headline.py's table over the committed cells
     (without the file column): a new cell that changes a row fails here until the README follows."""
