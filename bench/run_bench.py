@@ -103,12 +103,7 @@ def run_cell(method: str, sparsity: float, args, uri: str, experiment: str) -> d
     run_id = tracking.start_run(
         uri, experiment, params, run_name=f"{method}-{sparsity}-{cfg.get('steps', 0)}", tags=tags
     )
-    name = (
-        f"{method}-{sparsity}"
-        + (f"-{args.steps}" if method in ("elsa", "elsa-preset") else "")
-        + _windows_suffix(args.windows)
-    )
-    out = Path(args.out) / "cells" / f"{name}.json"
+    out = Path(args.out) / "cells" / f"{cell_name(method, sparsity, args.steps, args.windows)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     command = _cell_command(cfg, args, {"uri": uri, "run_id": run_id}, out)
     started = time.perf_counter()
@@ -161,6 +156,12 @@ def _cell_command(cfg: dict, args, tracking_info: dict, out: Path) -> list[str]:
 def _windows_suffix(windows: str) -> str:
     """Cells on the classic window protocol are files of their own; the default's keep their names."""
     return "" if windows == "bos" else f"-{windows}"
+
+
+def cell_name(method: str, sparsity: float, steps: int | None, windows: str = "bos") -> str:
+    """The stem of a cell's file under ``cells/``: steps only for the cells that take a step budget."""
+    budget = f"-{steps}" if method in ("elsa", "elsa-preset") else ""
+    return f"{method}-{sparsity}{budget}{_windows_suffix(windows)}"
 
 
 def same_cell(record: dict, method: str, sparsity: float, steps: int, windows: str = "bos") -> bool:
