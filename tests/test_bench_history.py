@@ -60,15 +60,16 @@ def test_cells_without_the_out_of_domain_perplexity_move_to_the_history_folder(t
     assert len(json.loads((history / "results.json").read_text())["results"]) == 2
 
 
-def test_every_committed_bench_cell_has_an_out_of_domain_perplexity():
+def test_every_committed_bench_cell_names_its_model_and_has_an_out_of_domain_perplexity():
     """Each table of bench results pairs WikiText-2 with State of the Union perplexity: a cell
-    measured on one text only belongs in bench/results-history, not beside the others."""
+    measured on one text only belongs in bench/results-history, not beside the others; and each
+    row says which model it pruned (folders mix models)."""
     folders = [p.parent for p in (REPO / "bench").glob("results*/**/results.json") if "results-history" not in str(p)]
     assert folders, "no committed bench results found"
     lacking = [
         f"{folder.relative_to(REPO)}: {r['method']} @ {r['sparsity']} ({r.get('steps', '-')} steps)"
         for folder in folders
         for r in json.loads((folder / "results.json").read_text())["results"]
-        if "error" not in r and "ppl_sotu" not in r
+        if "error" not in r and ("ppl_sotu" not in r or "model" not in r)
     ]
-    assert not lacking, "cells without ppl_sotu (rerun them or bench/retire_cells.py them):\n" + "\n".join(lacking)
+    assert not lacking, "cells without ppl_sotu or model (rerun or bench/retire_cells.py them):\n" + "\n".join(lacking)
