@@ -1,7 +1,7 @@
 """The real-model benchmark: dense, magnitude, Wanda, SparseGPT and ELSA (both penalty modes).
 
-Same model, same calibration text (bundled enwiki sample, or `--data` for every cell), same evaluation windows (bundled
-WikiText-2 test, never used for calibration), sparsity 50-90%. Each cell runs in its own
+Same model, same calibration text (bundled enwiki sample, or ``--data`` for every cell), same
+evaluation windows (bundled WikiText-2 test, never used for calibration), sparsity 50-90%. Each cell runs in its own
 process (``bench/run_one.py``) so its wall time and peak memory are its own; each is an MLflow
 run of one experiment, so ``elsa compare --experiment bench`` shows the sweep. Results
 accumulate in ``results.json`` and a finished cell is skipped on a rerun (``--force`` redoes it).
@@ -24,6 +24,8 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from bench_report import read_results, write_reports  # noqa: E402
 
+from elsa.config import PruneConfig  # noqa: E402
+
 METHODS = ("dense", "magnitude", "wanda", "sparsegpt", "elsa", "elsa-preset", "elsa-coupled", "elsa-decoupled")
 
 
@@ -36,8 +38,6 @@ def cell_config(method: str, sparsity: float, args) -> dict:
     paper's Table 5 settings, ``elsa-decoupled`` the hand-chosen ones of the 150-step sweep, both
     from the dense model (init none).
     """
-    from elsa.config import PruneConfig
-
     base = {
         "model": args.model,
         "seqlen": args.seqlen,
