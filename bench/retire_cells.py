@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
 from bench_report import read_results, write_reports  # noqa: E402
-from run_bench import METHODS, cell_name  # noqa: E402
+from run_bench import METHODS, cell_name, record_steps  # noqa: E402
 
 METRIC = "ppl_wikitext2-bundled"
 
@@ -33,7 +33,7 @@ def _settings(folder: Path) -> argparse.Namespace:
 
 
 def _cell_file(folder: Path, record: dict) -> Path:
-    steps = record.get("steps", record.get("config", {}).get("steps"))
+    steps = record_steps(record)
     return (
         folder
         / "cells"
@@ -43,8 +43,10 @@ def _cell_file(folder: Path, record: dict) -> Path:
 
 def split(records: list[dict], missing: str) -> tuple[list[dict], list[dict]]:
     """(kept, retired): a failed cell stays where it is (it is no measurement of either kind)."""
-    retired = [r for r in records if "error" not in r and missing not in r]
-    return [r for r in records if r not in retired], retired
+    kept, retired = [], []
+    for r in records:
+        (retired if "error" not in r and missing not in r else kept).append(r)
+    return kept, retired
 
 
 def retire(source: Path, to: Path, missing: str) -> list[dict]:

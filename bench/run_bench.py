@@ -172,7 +172,12 @@ def same_cell(record: dict, method: str, sparsity: float, steps: int, windows: s
     Records from before the protocol was a setting were all "bos" (identical on SmolLM2)."""
     if record["method"] != method or record["sparsity"] != sparsity or record.get("windows", "bos") != windows:
         return False
-    return not method.startswith("elsa") or record.get("steps", record.get("config", {}).get("steps")) == steps
+    return not method.startswith("elsa") or record_steps(record) == steps
+
+
+def record_steps(record: dict) -> int | None:
+    """A cell's ELSA step budget: the record's own field, else its config's (older records)."""
+    return record.get("steps", record.get("config", {}).get("steps"))
 
 
 def other_setting(records: list[dict], method: str, key: str, wanted, older):
