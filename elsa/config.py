@@ -141,7 +141,7 @@ class PruneConfig(EvalSettings):
     optimizer: Literal["adam", "adamw", "sgd", "adam8bit"] = Field("adam", description="the x-update's optimiser")
     lr: float | None = Field(None, description="learning rate of the base optimiser" + _RULE)
     lr_schedule: Literal["linear", "constant"] = Field("linear", description="after warm-up: lr decays to 0, or not")
-    warmup_steps: int = Field(0, description="steps of linear lr warm-up")
+    warmup_steps: int | None = Field(None, description="steps of linear lr warm-up" + _RULE)
     betas: tuple[float, float] = Field((0.9, 0.95), description="Adam's beta1 and beta2")
     weight_decay: float = Field(0.0, description="the base optimiser's weight decay")
     max_grad_norm: float | None = Field(1.0, description="gradient clipping norm (None: no clipping)")

@@ -88,6 +88,7 @@ def test_budget_rule_fills_the_documented_settings(steps):
     assert cfg.penalty == budget.PENALTY and cfg.init == budget.INIT and cfg.loss == budget.LOSS
     assert cfg.train_embeddings is budget.TRAIN_EMBEDDINGS is False
     assert cfg.interval == (budget.INTERVAL if steps <= budget.SHORT_STEPS else budget.INTERVAL_LONG)
+    assert cfg.warmup_steps == (0 if steps <= budget.SHORT_STEPS else round(budget.WARMUP_FRACTION * steps))
     assert cfg.lr is None  # resolved on the dense model: scaled to its weights (tests/test_weight_scale.py)
     assert (cfg.rho, cfg.rho_final, cfg.rho_schedule) == (budget.RHO, budget.RHO_FINAL, budget.RHO_SCHEDULE)
 
@@ -98,6 +99,8 @@ def test_budget_rule_keeps_what_the_user_set():
     assert cfg.rho is None and cfg.rho_schedule == "constant"  # the user's derived rho, not the rule's
     coupled = make_config({"sparsity": 0.8, "penalty": "coupled"})
     assert coupled.rho is None and coupled.rho_schedule == "constant" and coupled.interval == 32
+    assert coupled.warmup_steps == 0  # the paper's: no warm-up
+    assert make_config({"sparsity": 0.8, "steps": 300, "warmup_steps": 0}).warmup_steps == 0
     assert coupled.train_embeddings is True  # the paper's: every weight trained
     assert make_config({"sparsity": 0.8, "train_embeddings": True}).train_embeddings is True
     oneshot = make_config({"sparsity": 0.8, "method": "sparsegpt"})
