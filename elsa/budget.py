@@ -41,8 +41,8 @@ at the first z/u-updates), and at 90% the outcome hung on rounding: 300 steps ga
 2026-12-06). With 30 steps of warm-up, 300 steps on SmolLM2-135M (WikiText-2, held-out loss,
 seeds 0 / 1 / 2; bench/results-warmup): at 90% 486.3 / 476.7 against 2,190 / 519.6 (5.625 / 5.706
 against 7.478 / 5.760), at 80% 161.9 / 153.6 / 168.7 against 166.3 / 155.9 / 170.1 (held-out
-loss lower at each). Runs of 100 steps or fewer keep none (not measured there; a 32-step run would
-spend 3 steps on it).
+loss lower at each), at 70% a tie (88.1 against 87.4, sotu 76.1 against 76.3, seed 0). Runs of
+100 steps or fewer keep none (not measured there; a 32-step run would spend 3 steps on it).
 
 Chosen on SmolLM2-135M at 80% on the projected model's loss on held-out calibration text
 (8 blocks of 256 tokens, never the evaluation text), bench/results/NOTES.md "The budget rule";
