@@ -18,6 +18,11 @@ def read_results(out_dir: Path) -> list[dict]:
     return json.loads(path.read_text())["results"] if path.is_file() else []
 
 
+def record_steps(record: dict) -> int | None:
+    """A cell's ELSA step budget: the record's own field, else its config's (older records)."""
+    return record.get("steps", record.get("config", {}).get("steps"))
+
+
 def residual_curve_text(curve: list | None, points: int = 8) -> str:
     """``0.43 > 0.21 > 0.09`` from ``[[step, residual], ...]`` (z/u-updates), or ``-``.
 

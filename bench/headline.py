@@ -20,7 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
-from bench_report import read_results  # noqa: E402
+from bench_report import read_results, record_steps  # noqa: E402
 
 MODELS = {  # model -> results directories, the zero-shot one first
     "smollm2-135m": ("bench/results-zeroshot", "bench/results"),
@@ -43,10 +43,6 @@ def _first(cells, **match) -> tuple[str, dict] | None:
     return next(((d, r) for d, r in cells if all(r.get(k) == v for k, v in match.items())), None)
 
 
-def _steps(record: dict):
-    return record.get("steps", record.get("config", {}).get("steps"))
-
-
 def pick_rows(cells: list[tuple[str, dict]], sparsity: float) -> list[tuple[str, str, dict]]:
     """(label, directory, record) for the best one-shot cell, ELSA at 32 steps and ELSA's best
     run within the hour, at one sparsity; a row is left out where no cell was measured."""
@@ -57,13 +53,13 @@ def pick_rows(cells: list[tuple[str, dict]], sparsity: float) -> list[tuple[str,
         d, r = _first(cells, method=best, sparsity=sparsity)
         rows.append((best, d, r))
     elsa = [(d, r) for d, r in cells if r["method"] == "elsa" and r["sparsity"] == sparsity]
-    short = next(((d, r) for d, r in elsa if _steps(r) == 32), None)
+    short = next(((d, r) for d, r in elsa if record_steps(r) == 32), None)
     if short:
         rows.append(("ELSA, 32 steps", *short))
-    longer = [(d, r) for d, r in elsa if (_steps(r) or 0) > 32 and r["prune_s"] <= HOUR_S]
+    longer = [(d, r) for d, r in elsa if (record_steps(r) or 0) > 32 and r["prune_s"] <= HOUR_S]
     if longer:  # the zero-shot directory's best run (it has accuracies), else the best anywhere
         top = min(longer, key=lambda c: (c[0] != cells[0][0], c[1].get(WIKI, float("inf"))))
-        rows.append((f"ELSA, {_steps(top[1])} steps", *top))
+        rows.append((f"ELSA, {record_steps(top[1])} steps", *top))
     return rows
 
 

@@ -20,8 +20,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
-from bench_report import read_results, write_reports  # noqa: E402
-from run_bench import METHODS, cell_name, record_steps  # noqa: E402
+from bench_report import read_results, record_steps, write_reports  # noqa: E402
+from run_bench import METHODS, cell_name  # noqa: E402
 
 METRIC = "ppl_wikitext2-bundled"
 

@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
-from bench_report import read_results, write_reports  # noqa: E402
+from bench_report import read_results, record_steps, write_reports  # noqa: E402
 
 from elsa.config import PruneConfig  # noqa: E402
 
@@ -173,11 +173,6 @@ def same_cell(record: dict, method: str, sparsity: float, steps: int, windows: s
     if record["method"] != method or record["sparsity"] != sparsity or record.get("windows", "bos") != windows:
         return False
     return not method.startswith("elsa") or record_steps(record) == steps
-
-
-def record_steps(record: dict) -> int | None:
-    """A cell's ELSA step budget: the record's own field, else its config's (older records)."""
-    return record.get("steps", record.get("config", {}).get("steps"))
 
 
 def other_setting(records: list[dict], method: str, key: str, wanted, older):

@@ -96,8 +96,13 @@ def budget_settings(steps: int, sparsity: float | None, method: str, penalty: st
     chosen: dict = {"init": INIT, "loss": LOSS, "penalty": PENALTY, "allocation": ALLOCATION}
     chosen["eval_interval"] = eval_interval(steps)
     if (penalty or PENALTY) == "coupled":  # the paper's settings: every weight trained
-        coupled = {"lr": COUPLED_LR, "rho_schedule": "constant", "interval": PAPER_INTERVAL, "train_embeddings": True}
-        coupled["warmup_steps"] = 0
+        coupled = {
+            "lr": COUPLED_LR,
+            "rho_schedule": "constant",
+            "interval": PAPER_INTERVAL,
+            "train_embeddings": True,
+            "warmup_steps": 0,
+        }
         return {**chosen, **coupled}
     short = steps <= SHORT_STEPS
     return {
