@@ -47,6 +47,13 @@ def _lr(row: dict) -> str:
     return "-" if _one_shot(row) or lr is None else f"{lr:g}"
 
 
+def _warmup(row: dict) -> str:
+    """The lr warm-up of an ELSA cell as a share of its steps: the rule has one since c9ad3c9
+    (2026-12-06) above 100 steps; cells without the field ran without one."""
+    steps, warmup = row.get("steps"), row.get("warmup_steps") or 0
+    return "-" if _one_shot(row) else f"{warmup / steps:.0%}" if steps else "0%"
+
+
 def _machine(row: dict) -> str:
     """The CPU a cell ran on: wall times of different machines do not share a line. The ``cpu``
     field dates from ff408e2 (2026-12-06); the machine was an AMD EPYC until 2026-12-05, 21:47."""
@@ -55,17 +62,18 @@ def _machine(row: dict) -> str:
 
 def _curve(row: dict) -> str:
     return (
-        f"{row.get('allocation', 'uniform')} allocation, embeddings {_embeddings(row)}, lr {_lr(row)}, {_machine(row)}"
+        f"{row.get('allocation', 'uniform')} allocation, embeddings {_embeddings(row)}, lr {_lr(row)}, "
+        f"warm-up {_warmup(row)}, {_machine(row)}"
     )
 
 
 def merged_results(folders: list[Path]) -> list[dict]:
-    """The cells of every folder, each (method, steps, sparsity) once: the first folder's wins,
-    and each row says where it came from (``folder``)."""
+    """The cells of every folder, each (method, steps, sparsity, warm-up) once: the first folder's
+    wins, and each row says where it came from (``folder``)."""
     seen, rows = set(), []
     for folder in folders:
         for row in json.loads((folder / "results.json").read_text())["results"]:
-            key = (row["method"], row.get("steps"), row.get("sparsity"))
+            key = (row["method"], row.get("steps"), row.get("sparsity"), row.get("warmup_steps") or 0)
             if key not in seen:
                 seen.add(key)
                 rows.append({**row, "folder": folder.name})
@@ -74,16 +82,16 @@ def merged_results(folders: list[Path]) -> list[dict]:
 
 def table(rows: list[dict], dense: float | None) -> str:
     lines = [
-        "| method | steps | allocation | embeddings | lr | wall s (prune, warm start included) | ppl | ppl / dense "
-        "| kept | threads | machine | folder |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | steps | allocation | embeddings | lr | warm-up | wall s (prune, warm start included) | ppl "
+        "| ppl / dense | kept | threads | machine | folder |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ratio = f"{r[METRIC] / dense:.2f}" if dense else "-"
         steps = r.get("steps", "-")
         lines.append(
             f"| {r['method']} | {steps} | {r.get('allocation', 'uniform')} | {_embeddings(r)} | {_lr(r)} "
-            f"| {r['prune_s']:.0f} "
+            f"| {_warmup(r)} | {r['prune_s']:.0f} "
             f"| {r[METRIC]:.1f} "
             f"| {ratio} | {r.get('kept', '-')} "
             f"| {r.get('torch_threads', '-')} | {_machine(r)} | {r.get('folder', '-')} |"

@@ -26,6 +26,7 @@ def _elsa_fields(cfg, summary: dict) -> dict:
         "allocation": cfg.allocation,
         "train_embeddings": cfg.train_embeddings,
         "lr": cfg.lr,
+        "warmup_steps": cfg.warmup_steps,
         **{k: summary[k] for k in kept if k in summary},
     }
 

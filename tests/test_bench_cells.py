@@ -293,6 +293,24 @@ def test_the_budget_curve_draws_each_machine_on_its_own_line():
     assert "| Intel(R) Xeon(R) Processor |" in table.splitlines()[-1]
 
 
+def test_a_cell_records_the_rules_warm_up_and_the_curve_keeps_both_runs_of_one_length(tmp_path):
+    """The rule's lr warm-up (c9ad3c9) changes a long run's result: the cell says how many steps it
+    warmed up, and a run with it and one without, at the same steps, are two points on two lines."""
+    fields = _load("run_one")._elsa_fields
+    config = {"model": "smollm2-135m", "method": "elsa", "sparsity": 0.8}
+    assert fields(make_config(config, {"steps": 1700}), {})["warmup_steps"] == 170
+    assert fields(make_config(config, {"steps": 32}), {})["warmup_steps"] == 0
+    curve = _load("budget_curve")
+    cell = {"method": "elsa", "sparsity": 0.8, "steps": 1700, "prune_s": 1.0, "ppl_wikitext2-bundled": 2.0}
+    for name, row in {"new": {**cell, "warmup_steps": 170}, "old": cell}.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps({"results": [row]}))
+    merged = curve.merged_results([tmp_path / "new", tmp_path / "old"])
+    assert [r["folder"] for r in merged] == ["new", "old"]
+    assert curve._curve(merged[0]) != curve._curve(merged[1])
+    assert [line.split(" | ")[5] for line in curve.table(merged, None).splitlines()[2:]] == ["10%", "0%"]
+
+
 def test_promotion_over_several_seeds_reads_the_means():
     """A setting that wins at seed 0 and loses on average over three seeds is not shipped."""
     tune_value = _load("tune_value")
