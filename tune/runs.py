@@ -184,12 +184,14 @@ class TrialRunsCallback(ray_tune.Callback):
     def on_trial_recover(self, iteration, trials, trial, **info):
         """An attempt raised (its node lost, a worker killed) and Tune starts the trial again: the run
         keeps what the attempt logged, records why it ended, and frees the attempt's workers; the next
-        attempt reopens it (``attempts`` + 1)."""
+        attempt reopens it (``attempts`` + 1). Tune schedules that restart before it calls this, so
+        the run may already be reopened: the attempt that ended is Tune's count of the trial's
+        failures, not the run's tag, and the run is found whatever its status."""
         try:
-            run = self._open_child(trial)
+            run = find_child(self.uri, self.experiment, self.parent_run_id, trial.trial_id)
             if run is not None:
                 self._release(run)
-                attempt = run.data.tags.get("attempts", "1")
+                attempt = getattr(trial, "num_failures", 0) or run.data.tags.get("attempts", "1")
                 mlflow_client = tracking.client(self.uri)
                 mlflow_client.set_tag(run.info.run_id, f"attempt_{attempt}_error", _error_text(trial))
         except Exception as err:
