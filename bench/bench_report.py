@@ -74,9 +74,9 @@ def _ppl_cells(r: dict, dense: dict | None, metrics: list[str]) -> str:
 
 def _table_line(r: dict, dense: dict | None, metrics: list[str]) -> str:
     steps = r.get("config", {}).get("steps", "-") if r["method"].startswith("elsa") else "-"
-    frozen = ", embeddings frozen" if r.get("train_embeddings") is False else ""
-    frozen += f", warm-up {r['warmup_steps']}" if r.get("warmup_steps") else ""
-    steps = f"{steps} ({r['init']}, {r['loss']}{frozen}, kept {r['kept']})" if r.get("kept") else steps
+    details = ", embeddings frozen" if r.get("train_embeddings") is False else ""
+    details += f", warm-up {r['warmup_steps']}" if r.get("warmup_steps") else ""
+    steps = f"{steps} ({r['init']}, {r['loss']}{details}, kept {r['kept']})" if r.get("kept") else steps
     return (
         f"| {r['method']} | {r.get('window_protocol', r.get('windows', 'bos'))} | {r['sparsity']:.1f} | "
         f"{_ppl_cells(r, dense, metrics)} | {r['prune_s']:.0f} | {r['peak_rss_mb']:.0f} "
