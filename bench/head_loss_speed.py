@@ -43,8 +43,7 @@ def variants(args) -> list[tuple[str, bool, str]]:
     """(label, chunked head, loss) of the two settings ``--compare`` sets against each other."""
     if args.compare == "head":
         return [("model's own", False, args.loss), ("chunked head", True, args.loss)]
-    other = "ntp+kd" if args.loss == "ntp" else args.loss
-    return [("ntp", True, "ntp"), (other, True, other)]
+    return [("ntp", True, "ntp"), (args.loss, True, args.loss)]  # main() made --loss a distilling one
 
 
 def one_run(dense, tokenizer, args, variant: tuple[str, bool, str]) -> dict:
