@@ -80,12 +80,13 @@ def test_ntp_plus_kd_mixes_the_two_losses(tiny_model_dir):
 # --------------------------------------------------------------------------------- budget rule
 
 
-@pytest.mark.parametrize("steps", [8, 32, 64, 150, 900])
+@pytest.mark.parametrize("steps", [8, 32, 64, 150, 900, 1000, 1700])
 def test_budget_rule_fills_the_documented_settings(steps):
     from elsa import budget
 
     cfg = make_config({"sparsity": 0.8, "steps": steps})
-    assert cfg.penalty == budget.PENALTY and cfg.init == budget.INIT and cfg.loss == budget.LOSS
+    assert cfg.penalty == budget.PENALTY and cfg.init == budget.INIT
+    assert cfg.loss == ("ntp+kd" if steps >= budget.KD_STEPS == 1000 else "ntp")  # distillation on long runs
     assert cfg.train_embeddings is budget.TRAIN_EMBEDDINGS is False
     assert cfg.interval == (budget.INTERVAL if steps <= budget.SHORT_STEPS else budget.INTERVAL_LONG)
     assert cfg.warmup_steps == (0 if steps <= budget.SHORT_STEPS else round(budget.WARMUP_FRACTION * steps))
