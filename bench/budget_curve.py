@@ -54,6 +54,12 @@ def _warmup(row: dict) -> str:
     return "-" if _one_shot(row) else f"{warmup / steps:.0%}" if steps else "0%"
 
 
+def _loss(row: dict) -> str:
+    """An ELSA cell's training loss: the rule distils from 1,000 steps on since db72ad0 (2026-12-07);
+    earlier cells trained on next-token."""
+    return "-" if _one_shot(row) else row.get("loss") or "ntp"
+
+
 def _machine(row: dict) -> str:
     """The CPU a cell ran on: wall times of different machines do not share a line. The ``cpu``
     field dates from ff408e2 (2026-12-06); the machine was an AMD EPYC until 2026-12-05, 21:47."""
@@ -63,17 +69,17 @@ def _machine(row: dict) -> str:
 def _curve(row: dict) -> str:
     return (
         f"{row.get('allocation', 'uniform')} allocation, embeddings {_embeddings(row)}, lr {_lr(row)}, "
-        f"warm-up {_warmup(row)}, {_machine(row)}"
+        f"warm-up {_warmup(row)}, loss {_loss(row)}, {_machine(row)}"
     )
 
 
 def merged_results(folders: list[Path]) -> list[dict]:
-    """The cells of every folder, each (method, steps, sparsity, warm-up) once: the first folder's
-    wins, and each row says where it came from (``folder``)."""
+    """The cells of every folder, each (method, steps, sparsity, warm-up, loss) once: the first
+    folder's wins, and each row says where it came from (``folder``)."""
     seen, rows = set(), []
     for folder in folders:
         for row in json.loads((folder / "results.json").read_text())["results"]:
-            key = (row["method"], row.get("steps"), row.get("sparsity"), row.get("warmup_steps") or 0)
+            key = (row["method"], row.get("steps"), row.get("sparsity"), row.get("warmup_steps") or 0, _loss(row))
             if key not in seen:
                 seen.add(key)
                 rows.append({**row, "folder": folder.name})
@@ -82,16 +88,16 @@ def merged_results(folders: list[Path]) -> list[dict]:
 
 def table(rows: list[dict], dense: float | None) -> str:
     lines = [
-        "| method | steps | allocation | embeddings | lr | warm-up | wall s (prune, warm start included) | ppl "
-        "| ppl / dense | kept | threads | machine | folder |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | steps | allocation | embeddings | lr | warm-up | loss | wall s (prune, warm start included) "
+        "| ppl | ppl / dense | kept | threads | machine | folder |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ratio = f"{r[METRIC] / dense:.2f}" if dense else "-"
         steps = r.get("steps", "-")
         lines.append(
             f"| {r['method']} | {steps} | {r.get('allocation', 'uniform')} | {_embeddings(r)} | {_lr(r)} "
-            f"| {_warmup(r)} | {r['prune_s']:.0f} "
+            f"| {_warmup(r)} | {_loss(r)} | {r['prune_s']:.0f} "
             f"| {r[METRIC]:.1f} "
             f"| {ratio} | {r.get('kept', '-')} "
             f"| {r.get('torch_threads', '-')} | {_machine(r)} | {r.get('folder', '-')} |"

@@ -355,3 +355,34 @@ def test_a_bench_folder_holds_one_seeds_and_one_calibration_texts_cells():
     assert run_bench.other_setting(older, "sparsegpt", "data", "enwiki-sample", "enwiki-sample") is None
     assert run_bench.cell_config("sparsegpt", 0.8, _args([]))["data"] == "enwiki-sample"
     assert run_bench.cell_config("elsa", 0.8, _args(["--data", "sotu"]))["data"] == "sotu"
+
+
+@pytest.mark.parametrize(("sparsity", "steps"), [(0.7, 1100), (0.8, 1100), (0.9, 1500)])
+def test_the_distillation_hour_cells_are_the_rules_cells(sparsity, steps):
+    """The one-hour distillation cells of 2026-12-07 ran as presets (the rule plus ``loss: ntp+kd``);
+    since the rule distils from 1,000 steps on, each resolves to what ``elsa prune --sparsity S
+    --steps N`` runs, so the README reports them as the defaults' cells."""
+    run_bench = _load("run_bench")
+    preset = BENCH / "results-hour" / "smollm2-135m-intel-kd" / "presets-kd.yaml"
+    args = _args(["--steps", str(steps), "--preset", str(preset)])
+    as_preset = make_config(run_bench.cell_config("elsa-preset", sparsity, args))
+    as_rule = make_config(run_bench.cell_config("elsa", sparsity, args))
+    assert as_preset.loss == "ntp+kd" and as_preset.preset.startswith("presets-kd.yaml")  # its label ...
+    assert as_preset.model_dump(exclude={"preset"}) == as_rule.model_dump(exclude={"preset"})  # ... alone differs
+    short = make_config(run_bench.cell_config("elsa", sparsity, _args(["--steps", "300"])))
+    assert short.loss == "ntp"  # below KD_STEPS the rule trains on next-token
+
+
+def test_the_budget_curve_draws_each_loss_on_its_own_line(tmp_path):
+    """A distilled cell and a next-token cell of the same length are two points on two lines;
+    cells from before the ``loss`` field trained on next-token."""
+    curve = _load("budget_curve")
+    cell = {"method": "elsa", "sparsity": 0.8, "steps": 1100, "prune_s": 1.0, "ppl_wikitext2-bundled": 2.0}
+    kd, old = {**cell, "loss": "ntp+kd"}, cell
+    assert curve._curve(kd) != curve._curve(old) == curve._curve({**cell, "loss": "ntp"})
+    for name, row in {"kd": kd, "old": old}.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps({"results": [row]}))
+    merged = curve.merged_results([tmp_path / "kd", tmp_path / "old"])
+    assert [r["folder"] for r in merged] == ["kd", "old"]
+    assert "| ntp+kd |" in curve.table(merged, 1.0).splitlines()[2]
