@@ -1,12 +1,12 @@
 """The budget curve: perplexity against wall seconds for ELSA's defaults and the one-shot methods.
 
 Reads results directories written by ``bench/run_bench.py`` (ELSA cells of the ``elsa`` method,
-one per ``--steps``, and the one-shot cells; a cell already read from an earlier directory is not
-taken again from a later one) and writes into the first, for one sparsity S%, ``budget_curve-S.md``
-(a table) and ``budget_curve-S.png`` (log-log: wall seconds of the whole prune, warm start
-included, against WikiText-2 perplexity); cells from before the ``allocation`` field ran
-uniform. The 0-step point is the warm start alone (its
-one-shot cell). Wall times are only comparable when every cell ran alone on the machine:
+one per ``--steps``, ``elsa-preset`` cells on their own line, and the one-shot cells; a cell
+already read from an earlier directory is not taken again from a later one) and writes into the
+first, for one sparsity S%, ``budget_curve-S.md`` (a table) and ``budget_curve-S.png`` (log-log:
+wall seconds of the whole prune, warm start included, against WikiText-2 perplexity); cells from
+before the ``allocation`` field ran uniform. The 0-step point is the warm start alone (its one-shot
+cell). Wall times are only comparable when every cell ran alone on the machine:
 ``torch_threads`` of each cell is in the table.
 
     python bench/budget_curve.py --results bench/results bench/results-zeroshot --sparsity 0.8
@@ -19,6 +19,9 @@ import json
 from pathlib import Path
 
 METRIC = "ppl_wikitext2-bundled"
+# ELSA's cells on the curve: the rule's, and preset cells (their own line: a preset file may hold
+# the rule plus one change, as bench/results-hour/smollm2-135m-intel-kd/presets-kd.yaml does)
+RULE_METHODS = ("elsa", "elsa-preset")
 
 
 def _one_shot(row: dict) -> bool:
@@ -29,7 +32,7 @@ def curve_rows(results: list[dict], sparsity: float) -> list[dict]:
     """The cells at ``sparsity``: one-shot methods first, then ELSA by steps."""
     cells = [r for r in results if "error" not in r and r["sparsity"] == sparsity]
     oneshot = sorted(filter(_one_shot, cells), key=lambda r: r["prune_s"])
-    elsa = sorted((r for r in cells if r["method"] == "elsa"), key=lambda r: r["steps"])
+    elsa = sorted((r for r in cells if r["method"] in RULE_METHODS), key=lambda r: r["steps"])
     return oneshot + elsa
 
 
@@ -67,8 +70,9 @@ def _machine(row: dict) -> str:
 
 
 def _curve(row: dict) -> str:
+    preset = "preset, " if row["method"] == "elsa-preset" else ""
     return (
-        f"{row.get('allocation', 'uniform')} allocation, embeddings {_embeddings(row)}, lr {_lr(row)}, "
+        f"{preset}{row.get('allocation', 'uniform')} allocation, embeddings {_embeddings(row)}, lr {_lr(row)}, "
         f"warm-up {_warmup(row)}, loss {_loss(row)}, {_machine(row)}"
     )
 
@@ -110,7 +114,7 @@ def plot(rows: list[dict], out_png: Path, sparsity: float) -> Path:
 
     figure = _new_figure(6.0, 4.2)
     axes = figure.add_subplot(1, 1, 1)
-    elsa_rows = [r for r in rows if r["method"] == "elsa"]
+    elsa_rows = [r for r in rows if r["method"] in RULE_METHODS]
     for curve in dict.fromkeys(map(_curve, elsa_rows)):  # one line per default: changed in eb48eaa, 0a17552, 9950fcd
         elsa = [r for r in elsa_rows if _curve(r) == curve]
         label = f"ELSA, {curve}"
@@ -120,7 +124,7 @@ def plot(rows: list[dict], out_png: Path, sparsity: float) -> Path:
                 str(r["steps"]), (r["prune_s"], r[METRIC]), textcoords="offset points", xytext=(4, 4), fontsize=8
             )
     for r in rows:
-        if r["method"] != "elsa":
+        if r["method"] not in RULE_METHODS:
             axes.plot([r["prune_s"]], [r[METRIC]], "s", label=r["method"])
     axes.set_xscale("log")
     axes.set_yscale("log")

@@ -386,3 +386,5 @@ def test_the_budget_curve_draws_each_loss_on_its_own_line(tmp_path):
     merged = curve.merged_results([tmp_path / "kd", tmp_path / "old"])
     assert [r["folder"] for r in merged] == ["kd", "old"]
     assert "| ntp+kd |" in curve.table(merged, 1.0).splitlines()[2]
+    preset = {**kd, "method": "elsa-preset"}  # on the curve, on a line of its own
+    assert curve.curve_rows([preset, kd], 0.8) == [preset, kd] and curve._curve(preset) != curve._curve(kd)
