@@ -5,6 +5,7 @@ sample different OWL allocations and must each load the start of theirs."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -139,3 +140,21 @@ def test_each_trial_loads_the_start_of_its_own_allocation(tmp_path, tiny_model_d
     start_loss = {r.data.params["allocation"]: r.data.metrics["init_val_loss"] for r in children}
     assert set(start_loss) == {"owl", "uniform"}
     assert start_loss["owl"] != start_loss["uniform"]  # two different starts were loaded
+
+
+def test_a_searched_loss_seeds_the_rule_with_each_loss():
+    """``loss: {choice: [ntp, ntp+kd]}`` evaluates the rule's setting with both losses first, so the
+    search answers "does distillation pay at this budget" at equal settings; a preset from the
+    distilled rule seed keeps only the loss (the rest is the rule's at the prune's budget)."""
+    from tune.results import kept_keys
+    from tune.seed import RULE, seed_points
+
+    base = {"steps": 300, "loss": "ntp", "allocation": "owl", "rho": 0.005, "rho_final": 0.05}
+    space = parse_space({"lr": {"loguniform": [1e-4, 1e-3]}, "loss": {"choice": ["ntp", "ntp+kd"]}})
+    rule, kd = seed_points(space, base, "m", 0.8, median_rms=0.19)
+    assert (rule.kind, kd.kind) == (RULE, "rule/loss:ntp+kd") and kd.source == "rule:steps=300,loss=ntp+kd"
+    assert rule.point == {"lr": 6e-4, "loss": "ntp"} and kd.point == {"lr": 6e-4, "loss": "ntp+kd"}
+    long_rule, ntp = seed_points(space, {**base, "steps": 1100, "loss": "ntp+kd"}, "m", 0.8, median_rms=0.19)
+    assert (long_rule.point["loss"], ntp.kind) == ("ntp+kd", "rule/loss:ntp")  # from 1,000 steps the rule distils
+    best = SimpleNamespace(seed=kd.kind)
+    assert kept_keys(best, {"lr": 6e-4, "loss": "ntp+kd"}) == {"loss"}

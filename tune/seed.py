@@ -22,6 +22,9 @@ from tune.space import SearchSpace
 log = logging.getLogger(__name__)
 
 RULE, PAPER = "rule", "paper"  # the kinds of seed point, in the order they are evaluated
+# Searched choices whose every value is also tried with the rule's setting otherwise (besides the
+# start's fields, tune/starts.py): "does distillation pay at this budget" is one such question.
+RULE_ALTERNATIVES = ("loss",)
 
 
 @dataclass(frozen=True)
@@ -146,13 +149,34 @@ def rule_from_other_starts(space: SearchSpace, rule: SeedPoint) -> list[SeedPoin
     return seeds
 
 
+def rule_alternatives(space: SearchSpace, rule: SeedPoint) -> list[SeedPoint]:
+    """The rule's setting with each other value of a searched choice in ``RULE_ALTERNATIVES``.
+
+    Why: ``loss: {choice: [ntp, ntp+kd]}`` asks whether distillation pays at the search's budget (the
+    rule distils from 1,000 steps on, elsa/budget.py); a sampled trial changes lr and rho as well,
+    so only the rule with the other loss answers it at equal settings. Kinds: ``rule/loss:ntp+kd``.
+    """
+    from tune.starts import variant_key, variant_label
+
+    seeds = []
+    for name in RULE_ALTERNATIVES:
+        dim = space.dimensions.get(name)
+        for value in dim.args if dim is not None and dim.kind == "choice" else ():
+            if value != rule.point.get(name):
+                values = {name: value}
+                source = f"{rule.source},{variant_key(values)}"
+                seeds.append(SeedPoint({**rule.point, **values}, source, rule.notes, RULE + variant_label(values)))
+    return seeds
+
+
 def seed_points(
     space: SearchSpace, base: dict, model: str, sparsity: float, median_rms: float | None
 ) -> list[SeedPoint]:
     """The points every search evaluates first, in order: the rule's, the rule's from each other
-    shared start, then the paper's where the space searches the paper's penalty (``lmda``)."""
+    shared start, the rule's with each other value of a ``RULE_ALTERNATIVES`` choice, then the
+    paper's where the space searches the paper's penalty (``lmda``)."""
     rule = rule_seed(space, base, median_rms)
-    seeds = [rule, *(rule_from_other_starts(space, rule) if rule is not None else [])]
+    seeds = [rule, *(rule_from_other_starts(space, rule) + rule_alternatives(space, rule) if rule is not None else [])]
     if "lmda" in space.dimensions:
         seeds.append(paper_seed(space, model, sparsity))
     return [seed for seed in seeds if seed is not None]
