@@ -15,10 +15,12 @@ every budget:
   smollm2-135m-intel-kd) distillation beat next-token at every sparsity in less wall time: 70%
   1,100 steps WikiText-2 72.43 against next-token's best 84.36 (600 steps; 1,300 gave 87.13), 80%
   125.46 against 134.36 (1,700 steps), 90% 1,500 steps 282.96 against 312.10 (1,700): next-token
-  past a few hundred steps drifts towards the calibration text, the teacher anchors it. A step
-  costs 1.25x (1.5x on Gemma-3-270M's 262k vocabulary), and at 300 steps it was about a tie per
-  second (SmolLM2 80%: 160.66 against ntp 166.25 at 300 and 155.34 at 450 steps; Gemma: ntp
-  needs 1.2x KD's time to tie), so short runs keep next-token;
+  past a few hundred steps drifts towards the calibration text, the teacher anchors it; on this
+  rule 1,600 steps at 90% reach 277.61 (9.87x dense). A step costs 1.25-1.3x (1.5x on
+  Gemma-3-270M's 262k vocabulary) and holds the dense teacher (+0.5-0.85 GB). At 300 steps it is a
+  tie per second (SmolLM2 80%, seed 0, bench/results-kd300: 156.93 / sotu 126.26 against 375 ntp
+  steps' 154.11 / 132.53 in 5% less time; Gemma: ntp needs 1.2x KD's time to tie), so short runs
+  keep next-token;
 * the token embedding and output head (tied in SmolLM2, never pruned) frozen: trained on the
   calibration text, the run's held-out loss falls less and its evaluation perplexity is higher.
   300 steps from the OWL SparseGPT start, frozen against trained: at 90% 5.589 against 5.769
