@@ -138,14 +138,13 @@ def rule_from_other_starts(space: SearchSpace, rule: SeedPoint) -> list[SeedPoin
     only the rule's setting from both starts answers that at equal settings (a sampled trial
     changes lr and rho too). Their kinds are ``rule/allocation:uniform`` and the like.
     """
-    from tune.starts import start_variants, variant_key, variant_label
+    from tune.starts import start_variants
 
     seeds = []
     for values in start_variants(space) or []:
         if all(rule.point.get(name) == value for name, value in values.items()):  # the rule's own start
             continue
-        point = {**rule.point, **values}
-        seeds.append(SeedPoint(point, f"{rule.source},{variant_key(values)}", rule.notes, RULE + variant_label(values)))
+        seeds.append(_rule_with(rule, values))
     return seeds
 
 
@@ -156,17 +155,22 @@ def rule_alternatives(space: SearchSpace, rule: SeedPoint) -> list[SeedPoint]:
     rule distils from 1,000 steps on, elsa/budget.py); a sampled trial changes lr and rho as well,
     so only the rule with the other loss answers it at equal settings. Kinds: ``rule/loss:ntp+kd``.
     """
-    from tune.starts import variant_key, variant_label
-
     seeds = []
     for name in RULE_ALTERNATIVES:
         dim = space.dimensions.get(name)
         for value in dim.args if dim is not None and dim.kind == "choice" else ():
             if value != rule.point.get(name):
-                values = {name: value}
-                source = f"{rule.source},{variant_key(values)}"
-                seeds.append(SeedPoint({**rule.point, **values}, source, rule.notes, RULE + variant_label(values)))
+                seeds.append(_rule_with(rule, {name: value}))
     return seeds
+
+
+def _rule_with(rule: SeedPoint, values: dict) -> SeedPoint:
+    """The rule's seed with ``values`` changed: its kind ``rule`` + ``variant_label`` (e.g.
+    ``rule/allocation:uniform``), which is what tune/results.py reads back to keep only them."""
+    from tune.starts import variant_key, variant_label
+
+    point = {**rule.point, **values}
+    return SeedPoint(point, f"{rule.source},{variant_key(values)}", rule.notes, RULE + variant_label(values))
 
 
 def seed_points(
