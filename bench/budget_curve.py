@@ -21,7 +21,7 @@ from pathlib import Path
 METRIC = "ppl_wikitext2-bundled"
 # ELSA's cells on the curve: the rule's, and preset cells (their own line: a preset file may hold
 # the rule plus one change, as bench/results-hour/smollm2-135m-intel-kd/presets-kd.yaml does)
-RULE_METHODS = ("elsa", "elsa-preset")
+ELSA_METHODS = ("elsa", "elsa-preset")
 
 
 def _one_shot(row: dict) -> bool:
@@ -32,7 +32,7 @@ def curve_rows(results: list[dict], sparsity: float) -> list[dict]:
     """The cells at ``sparsity``: one-shot methods first, then ELSA by steps."""
     cells = [r for r in results if "error" not in r and r["sparsity"] == sparsity]
     oneshot = sorted(filter(_one_shot, cells), key=lambda r: r["prune_s"])
-    elsa = sorted((r for r in cells if r["method"] in RULE_METHODS), key=lambda r: r["steps"])
+    elsa = sorted((r for r in cells if r["method"] in ELSA_METHODS), key=lambda r: r["steps"])
     return oneshot + elsa
 
 
@@ -114,7 +114,7 @@ def plot(rows: list[dict], out_png: Path, sparsity: float) -> Path:
 
     figure = _new_figure(6.0, 4.2)
     axes = figure.add_subplot(1, 1, 1)
-    elsa_rows = [r for r in rows if r["method"] in RULE_METHODS]
+    elsa_rows = [r for r in rows if r["method"] in ELSA_METHODS]
     for curve in dict.fromkeys(map(_curve, elsa_rows)):  # one line per default: changed in eb48eaa, 0a17552, 9950fcd
         elsa = [r for r in elsa_rows if _curve(r) == curve]
         label = f"ELSA, {curve}"
@@ -124,7 +124,7 @@ def plot(rows: list[dict], out_png: Path, sparsity: float) -> Path:
                 str(r["steps"]), (r["prune_s"], r[METRIC]), textcoords="offset points", xytext=(4, 4), fontsize=8
             )
     for r in rows:
-        if r["method"] not in RULE_METHODS:
+        if r["method"] not in ELSA_METHODS:
             axes.plot([r["prune_s"]], [r[METRIC]], "s", label=r["method"])
     axes.set_xscale("log")
     axes.set_yscale("log")
