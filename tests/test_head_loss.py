@@ -151,3 +151,29 @@ def test_chunked_kd_is_zero_with_zero_gradient_against_itself(temperature):
     loss, grads = _distill_loss_and_grads(model, frozen_teacher(model), ids, cfg)
     assert abs(loss) < 1e-6
     assert max(float(g.abs().max()) for g in grads.values()) < 1e-6
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_lean_teacher_gives_the_same_loss_and_gradients_under_bf16_autocast(arch):
+    """A teacher whose linear layers are stored in bf16 gives the fp32 teacher's ntp+kd loss and
+    student gradients bit for bit under bf16 autocast (which casts those weights anyway); what
+    autocast keeps in fp32 (norms, embeddings, a head tied to them) stays fp32."""
+    import copy
+
+    from elsa.distill import frozen_teacher, lean_teacher
+
+    model, teacher = _frozen(arch, seed=0), frozen_teacher(_frozen(arch, seed=1))
+    lean = lean_teacher(copy.deepcopy(teacher))
+    cfg = type("Cfg", (), {"loss": "ntp+kd", "kd_weight": 0.5, "kd_temperature": 1.0})()
+    ids = torch.randint(0, 96, (2, 13), generator=torch.Generator().manual_seed(7))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want_loss, want = _distill_loss_and_grads(model, teacher, ids, cfg)
+        got_loss, got = _distill_loss_and_grads(model, lean, ids, cfg)
+    assert got_loss == want_loss and want_loss > 0.01
+    assert want.keys() == got.keys() and all(torch.equal(got[n], want[n]) for n in want)
+    tied = {id(p) for m in lean.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    linear = [m.weight for m in lean.modules() if isinstance(m, torch.nn.Linear)]
+    assert arch == "gpt2" or any(w.dtype == torch.bfloat16 for w in linear)  # GPT-2's blocks are Conv1D
+    assert all((w.dtype == torch.float32) == (id(w) in tied) for w in linear)
+    others = [p for m in lean.modules() if not isinstance(m, torch.nn.Linear) for p in m.parameters(recurse=False)]
+    assert others and all(p.dtype == torch.float32 for p in others)

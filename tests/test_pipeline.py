@@ -225,6 +225,22 @@ def test_one_and_two_workers_give_the_same_masks(tmp_path, tiny_model_dir, ray_s
     assert torch.equal(sharded.get_input_embeddings().weight, start)
 
 
+def test_a_workers_teacher_is_lean_only_alone_under_bf16_autocast(tiny_model_dir):
+    """One worker under bf16 autocast stores the teacher's linear layers in bf16 (the same logits,
+    half their memory: tests/test_head_loss.py); in fp32, or for no teacher at all, nothing changes."""
+    from pipelines.run.train_job import _teacher
+
+    def dtypes(**overrides) -> set:
+        cfg = make_config({"model": str(tiny_model_dir), "sparsity": 0.7, "steps": 4, "loss": "ntp+kd", **overrides})
+        teacher = _teacher(cfg, torch.device("cpu"), 1)
+        assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+        return {m.weight.dtype for m in teacher.modules() if isinstance(m, torch.nn.Linear)}
+
+    assert dtypes(bf16=True) == {torch.bfloat16}  # this tiny model's head is not tied
+    assert dtypes(bf16=False) == {torch.float32}
+    assert _teacher(make_config({"model": str(tiny_model_dir), "sparsity": 0.7, "loss": "ntp"}), "cpu", 1) is None
+
+
 def _run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cli", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from elsa.distill import frozen_teacher
-from elsa.loop import BatchSampler, LoopHooks, build_admm, train
+from elsa.loop import BatchSampler, LoopHooks, build_admm, train, use_bf16
 from elsa.methods import register
 from elsa.methods.warm_start import kept_solution, one_shot_start, snapshot
 from elsa.perplexity import mean_nll
@@ -25,7 +25,8 @@ class ELSA:
         started = time.perf_counter()
         sampler = BatchSampler(tokenizer, cfg)
         val_blocks = sampler.validation()
-        teacher = frozen_teacher(model) if cfg.loss != "ntp" else None
+        bf16 = use_bf16(cfg, next(model.parameters()).device)
+        teacher = frozen_teacher(model, bf16) if cfg.loss != "ntp" else None
         summary: dict = {"init": cfg.init, "loss": cfg.loss}
         start = None
         if cfg.init != "none":

@@ -25,10 +25,10 @@ from elsa.config import PruneConfig
 from pipelines.run.storage import run_storage
 from pipelines.run.worker_state import STATE_FILE, STEP_PREFIX, load_state, newest_checkpoint, save_state
 from elsa.model_io.export import export_pruned
-from elsa.loop import BatchSampler, LoopHooks, build_admm, lr_factor, train
+from elsa.loop import BatchSampler, LoopHooks, build_admm, lr_factor, train, use_bf16
 from elsa.model_io.models import load_model, load_tokenizer
 from elsa.perplexity import nll_sum
-from elsa.distill import freeze
+from elsa.distill import freeze, lean_teacher
 from elsa.methods.warm_start import kept_solution, one_shot_start
 from elsa.targets import decoder_blocks, sparsity_report
 
@@ -220,13 +220,18 @@ def _starting_model(cfg: PruneConfig, init_location: str | None, device, world: 
 
 
 def _teacher(cfg: PruneConfig, device, world: int):
-    """The dense starting model, frozen and sharded like the student, for kd losses (else None)."""
+    """The dense starting model, frozen and sharded like the student, for kd losses (else None);
+    on one worker under bf16 autocast its linear layers are stored in bf16 (``lean_teacher``), cast
+    before it moves to the device."""
     if cfg.loss == "ntp":
         return None
-    teacher = load_model(cfg.model).to(device)
+    teacher = freeze(load_model(cfg.model))
+    if world == 1 and use_bf16(cfg, device):
+        lean_teacher(teacher)
+    teacher.to(device)
     if world > 1:
         shard_model(teacher, device)
-    return freeze(teacher)
+    return teacher
 
 
 _LOGGERS: list = []  # this worker's queued loggers, closed by _worker_entry
