@@ -158,3 +158,29 @@ def test_a_searched_loss_seeds_the_rule_with_each_loss():
     assert (long_rule.point["loss"], ntp.kind) == ("ntp+kd", "rule/loss:ntp")  # from 1,000 steps the rule distils
     best = SimpleNamespace(seed=kd.kind)
     assert kept_keys(best, {"lr": 6e-4, "loss": "ntp+kd"}) == {"loss"}
+
+
+def test_a_seed_kind_mlflow_refuses_in_a_key_reaches_the_parent_run_spelled_out(tmp_path):
+    """The distilled rule seed's kind has a ``+``, which MLflow refuses in a key, rejecting the whole
+    batch (a real search failed so on 2026-12-07): its parameters reach the run under a key with
+    ``_`` for the ``+``, every value kept."""
+    import mlflow
+    from mlflow.entities import Param
+
+    from pipelines.records import tracking
+    from tune.one_sparsity import _seed_params
+    from tune.seed import seed_points
+
+    base = {"steps": 300, "loss": "ntp", "allocation": "owl", "rho": 0.005, "rho_final": 0.05}
+    space = parse_space({"loss": {"choice": ["ntp", "ntp+kd"]}})
+    params = _seed_params(seed_points(space, base, "m", 0.8, median_rms=0.19))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    run_id = client.create_run(client.create_experiment("seeds")).info.run_id
+    with pytest.raises(mlflow.exceptions.MlflowException, match="Names may only contain"):
+        client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+    tracking.log_params(uri, run_id, params)
+    logged = client.get_run(run_id).data.params
+    assert len(logged) == len(params) and logged["seed.rule.loss"] == "ntp"
+    assert logged["seed.rule/loss:ntp_kd.loss"] == "ntp+kd"
+    assert logged["seed.rule/loss:ntp_kd.source"] == "rule:steps=300,loss=ntp+kd"

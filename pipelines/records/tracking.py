@@ -9,6 +9,7 @@ checked for reachability before any work starts, so a typo costs seconds, not a 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import urllib.error
 import urllib.request
@@ -17,6 +18,7 @@ from pathlib import Path
 from pipelines.records.redact import redact
 
 DEFAULT_EXPERIMENT = "elsa"
+_KEY_REFUSED = re.compile(r"[^\w.\- :/]")  # what MLflow refuses in a param or metric key
 
 
 class TrackingError(RuntimeError):
@@ -106,10 +108,19 @@ def start_run(
     return run.info.run_id
 
 
+def mlflow_key(name: str) -> str:
+    """``name`` with each character MLflow refuses in a key spelled ``_``.
+
+    Why: MLflow rejects a whole batch for one such key, and every other value of the call is lost
+    with it; a searched value can carry one (the seed kind ``rule/loss:ntp+kd`` has a ``+``).
+    """
+    return _KEY_REFUSED.sub("_", name)
+
+
 def log_params(uri: str, run_id: str, params: dict) -> None:
     from mlflow.entities import Param
 
-    items = [Param(k, _param_text(v)) for k, v in sorted(params.items())]
+    items = [Param(mlflow_key(k), _param_text(v)) for k, v in sorted(params.items())]
     client(uri).log_batch(run_id, params=items)
 
 
@@ -126,7 +137,7 @@ def log_metrics(uri: str, run_id: str, metrics: dict, step: int | None = None) -
 
     now = int(time.time() * 1000)
     items = [
-        Metric(key, float(value), now, step or 0)
+        Metric(mlflow_key(key), float(value), now, step or 0)
         for key, value in metrics.items()
         if isinstance(value, (int, float)) and not isinstance(value, bool)
     ]
