@@ -162,12 +162,13 @@ def test_a_searched_loss_seeds_the_rule_with_each_loss():
 
 def test_a_seed_kind_mlflow_refuses_in_a_key_reaches_the_parent_run_spelled_out(tmp_path):
     """The distilled rule seed's kind has a ``+``, which MLflow refuses in a key, rejecting the whole
-    batch (a real search failed so on 2026-12-07): its parameters reach the run under a key with
-    ``_`` for the ``+``, every value kept."""
+    batch (a real search failed so twice on 2026-12-07): its parameters and the search's closing tags
+    reach the run under a key with ``_`` for the ``+``, every value kept."""
     import mlflow
     from mlflow.entities import Param
 
     from pipelines.records import tracking
+    from tune import runs
     from tune.one_sparsity import _seed_params
     from tune.seed import seed_points
 
@@ -184,3 +185,7 @@ def test_a_seed_kind_mlflow_refuses_in_a_key_reaches_the_parent_run_spelled_out(
     assert len(logged) == len(params) and logged["seed.rule.loss"] == "ntp"
     assert logged["seed.rule/loss:ntp_kd.loss"] == "ntp+kd"
     assert logged["seed.rule/loss:ntp_kd.source"] == "rule:steps=300,loss=ntp+kd"
+    runs.finish(uri, run_id, "FINISHED", {"seed_rule/loss:ntp+kd_source": "rule:steps=300,loss=ntp+kd"})
+    finished = client.get_run(run_id)  # the search's closing tags, as tune/one_sparsity.py sets them
+    assert finished.info.status == "FINISHED"
+    assert finished.data.tags["seed_rule/loss:ntp_kd_source"] == "rule:steps=300,loss=ntp+kd"

@@ -97,7 +97,7 @@ def open_child(
 def finish(uri: str, run_id: str, status: str, tags: dict | None = None) -> None:
     mlflow_client = tracking.client(uri)
     for key, value in (tags or {}).items():
-        mlflow_client.set_tag(run_id, key, str(value)[:5000])
+        mlflow_client.set_tag(run_id, tracking.mlflow_key(key), str(value)[:5000])
     tracking.end_run(uri, run_id, status)
 
 

@@ -103,6 +103,7 @@ def start_run(
     }
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
+    all_tags = {mlflow_key(k): v for k, v in all_tags.items()}
     run = mlflow_client.create_run(experiment_id(uri, experiment), run_name=run_name, tags=all_tags)
     log_params(uri, run.info.run_id, cfg_dict)
     return run.info.run_id
