@@ -146,23 +146,23 @@ def test_a_searchs_trials_show_their_settings_best_first_under_their_parent(stor
     base = {"model": "m", "method": "elsa", "sparsity": "0.8", "penalty": "decoupled", "steps": "64"}
     parent = client.create_run(experiment_id, run_name="search@0.8").info.run_id
     client.log_batch(parent, params=[Param(k, v) for k, v in base.items()])
-    trials = {"rule": ("0.0006", "2", "owl", 4.9995, 64), "wide": ("0.0021", "2", "owl", 6.49, 16)}
-    trials["close"] = ("0.00042", "1", "uniform", 5.037, 64)
-    for name, (lr, interval, allocation, loss, step) in trials.items():
+    trials = {"rule": ("0.0006", "2", "owl", "ntp", 4.9995, 64), "wide": ("0.0021", "2", "owl", "ntp", 6.49, 16)}
+    trials["close"] = ("0.00042", "1", "uniform", "ntp+kd", 5.037, 64)
+    for name, (lr, interval, allocation, objective, loss, step) in trials.items():
         run = client.create_run(experiment_id, run_name=name, tags={"mlflow.parentRunId": parent}).info.run_id
-        settings = {"lr": lr, "interval": interval, "allocation": allocation}
+        settings = {"lr": lr, "interval": interval, "allocation": allocation, "loss": objective}
         params = [Param(k, v) for k, v in {**base, **settings}.items()]
         history = [Metric("val_loss_projected", loss + 1.0, 0, 8), Metric("val_loss_projected", loss, 0, step)]
         client.log_batch(run, metrics=history, params=params)
     lines = format_table(collect_runs("search", uri)).splitlines()
     header, body = lines[0].split(), lines[2:]
     # steps: the same in all, no column; the wide trial was stopped at step 16, so the step shows
-    assert header[8:] == ["parent", "lr", "interval", "allocation", "val_loss_projected", "at_step"]
+    assert header[8:] == ["parent", "lr", "interval", "allocation", "loss", "val_loss_projected", "at_step"]
     assert [line.split()[9:] for line in body] == [
-        ["0.0006", "2", "owl", "4.9995", "64"],
-        ["0.00042", "1", "uniform", "5.0370", "64"],
-        ["0.0021", "2", "owl", "6.4900", "16"],
-        ["-", "-", "-", "-", "-"],  # the parent run: no trial settings of its own, listed last
+        ["0.0006", "2", "owl", "ntp", "4.9995", "64"],
+        ["0.00042", "1", "uniform", "ntp+kd", "5.0370", "64"],
+        ["0.0021", "2", "owl", "ntp", "6.4900", "16"],
+        ["-", "-", "-", "-", "-", "-"],  # the parent run: no trial settings of its own, listed last
     ]
     assert all(line.split()[8] == parent[:8] for line in body[:3])
 

@@ -28,6 +28,7 @@ STEP_METRICS = ("primal_residual", HELD_OUT)
 # what searches vary (tune/spaces): a column in the table wherever the runs differ in it
 SETTINGS = ("lr", "lmda", "lmda_final", "lmda_schedule", "rho", "rho_final", "rho_schedule", "interval")
 SETTINGS += ("allocation", "owl_lambda", "steps")  # start settings a search may vary too (tune/starts.py)
+SETTINGS += ("loss", "kd_weight", "warmup_steps")  # the training loss and lr warm-up (bench/spaces/loss.yaml)
 # tags of a run's record (elsa/provenance.py): versions, machine, text hashes, window protocol
 PROVENANCE_PREFIXES = ("version.", "machine.", "data_sha256.", "eval_sha256.", "windows.")
 PENALISED = ("elsa",)  # methods whose runs differ by ADMM penalty mode (coupled / decoupled)
