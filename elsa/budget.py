@@ -1,10 +1,10 @@
 """The budget rule: what an ELSA run uses for the settings its user left unset.
 
 Why a rule and not fixed defaults: the best penalty, learning rate and its warm-up, interval,
-loss and start depend on how many steps the run has. The paper's settings assume 4096 steps of 8 x 2048 tokens; on a
-few hundred steps Adam cannot move weights far enough for the coupled penalty to prune them, and
-on a few dozen steps ADMM from the dense model loses to a three-minute one-shot method. So, for
-every budget:
+loss and start depend on how many steps the run has. The paper's settings assume 4096 steps of
+8 x 2048 tokens; on a few hundred steps Adam cannot move weights far enough for the coupled
+penalty to prune them, and on a few dozen steps ADMM from the dense model loses to a
+three-minute one-shot method. So, for every budget:
 
 * ``init`` SparseGPT: ADMM starts from its mask and reconstructed weights (x0 = z0, u0 = 0) and
   the run keeps the better of (its final projection, that start) by held-out loss;

@@ -87,10 +87,10 @@ def test_outbox_delivers_in_order_once_after_an_outage(tmp_path, server):
     # a resumed worker re-logging steps 5-6 adds nothing; the journal is the memory
     again = QueuedRunLogger(server.uri, run_id, str(tmp_path / "queue"))
     again({"train_loss": 4.5}, 5)
-    again({"train_loss": 4.4, "lr": 0.1}, 6)
+    again({"train_loss": 4.4, "lr": 0.1, "seed_rule/loss:ntp+kd": 4.3}, 6)  # a key MLflow refuses as written
     assert again.close(30) == 0
     assert _steps(client, run_id) == [1, 2, 3, 4, 5, 6]
-    assert _steps(client, run_id, "lr") == [6]
+    assert _steps(client, run_id, "lr") == [6] and _steps(client, run_id, "seed_rule/loss:ntp_kd") == [6]
 
 
 def test_a_writer_journals_each_metric_and_step_once(tmp_path):

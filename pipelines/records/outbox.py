@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from pipelines.records.redact import redact
+from pipelines.records.tracking import mlflow_key
 
 WRITERS = ("worker", "driver")  # delivery order: the run's end (driver) comes last
 META = "meta.json"
@@ -139,10 +140,10 @@ def _send(client, run_id: str, record: dict) -> None:
 
     kind = record["kind"]
     if kind == "metrics":
-        items = [Metric(k, v, record["ts"], record["step"]) for k, v in record["values"].items()]
+        items = [Metric(mlflow_key(k), v, record["ts"], record["step"]) for k, v in record["values"].items()]
         client.log_batch(run_id, metrics=items)
     elif kind == "tags":
-        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in record["values"].items()])
+        client.log_batch(run_id, tags=[RunTag(mlflow_key(k), v) for k, v in record["values"].items()])
     elif kind == "artifacts":
         path = Path(record["local_path"])
         if path.is_dir():
